@@ -1,0 +1,23 @@
+"""Build the native kernels: native/*.pyx -> transfer._native.<name>.
+
+Metadata lives in pyproject.toml; this file only lists the Cython extensions,
+which setuptools cannot yet declare there without an experimental table.
+"""
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+CFLAGS = ["-O3", "-Wall", "-Wno-unused-function"]
+
+extensions = [
+    Extension(f"transfer._native.{name}", [f"native/{name}.pyx"], extra_compile_args=CFLAGS)
+    for name in ("zeroscan", "blockhash", "fileops")
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+    ),
+)

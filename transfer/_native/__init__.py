@@ -1,0 +1,81 @@
+"""The native kernels, chosen explicitly.
+
+TRANSFER_NATIVE=cython (the default) loads the compiled modules built from
+native/*.pyx; TRANSFER_NATIVE=python loads their pure-Python twins from
+_reference.py. A missing compiled module is an error that says how to build
+it, never a silent fallback to the twins: a benchmark of the twins would be a
+measurement of something else. The choice is read on first use (not at
+import), so a bad value is reported as a clear error, and it is recorded in
+every report ("native").
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable
+
+from ..errors import BadInput, NativeMissing
+
+ENV = "TRANSFER_NATIVE"
+MODULES = ("zeroscan", "blockhash", "fileops")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    implementation: str  # "cython" or "python"
+    zero_blocks: Callable[..., int]
+    hash_blocks: Callable[..., int]
+    fallocate: Callable[[int, int, int, int], None]
+    blkzeroout: Callable[[int, int, int], None]
+    blksszget: Callable[[int], int]
+
+    def describe(self) -> dict[str, str]:
+        return {name: self.implementation for name in MODULES}
+
+
+_loaded: dict[str, Kernels] = {}
+
+
+def _compiled() -> dict[str, Any]:
+    mods: dict[str, ModuleType] = {}
+    for name in MODULES:
+        try:
+            mods[name] = __import__(f"transfer._native.{name}", fromlist=[name])
+        except ImportError as e:
+            raise NativeMissing(
+                f"native kernel transfer._native.{name} is not built ({e}); run tools/setup, "
+                f"or set {ENV}=python to run the pure-Python twins on purpose"
+            ) from None
+    return {
+        "zero_blocks": mods["zeroscan"].zero_blocks,
+        "hash_blocks": mods["blockhash"].hash_blocks,
+        "fallocate": mods["fileops"].fallocate,
+        "blkzeroout": mods["fileops"].blkzeroout,
+        "blksszget": mods["fileops"].blksszget,
+    }
+
+
+def _reference() -> dict[str, Any]:
+    from . import _reference as ref
+
+    return {
+        "zero_blocks": ref.zero_blocks,
+        "hash_blocks": ref.hash_blocks,
+        "fallocate": ref.fallocate,
+        "blkzeroout": ref.blkzeroout,
+        "blksszget": ref.blksszget,
+    }
+
+
+def kernels(choice: str | None = None) -> Kernels:
+    """The kernels named by choice, else by $TRANSFER_NATIVE, else the compiled ones."""
+    if choice is None:
+        choice = os.environ.get(ENV, "cython") or "cython"
+    if choice not in ("cython", "python"):
+        raise BadInput(f"{ENV}={choice!r}: expected 'cython' or 'python'")
+    if choice not in _loaded:
+        funcs = _compiled() if choice == "cython" else _reference()
+        _loaded[choice] = Kernels(implementation=choice, **funcs)
+    return _loaded[choice]

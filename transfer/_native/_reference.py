@@ -1,0 +1,83 @@
+"""Pure-Python twins of the native kernels: their specification.
+
+Each function here gives the same output as its compiled namesake in
+native/*.pyx for every input (tests/native_test.py proves it on random
+inputs). They run when TRANSFER_NATIVE=python asks for them, never as a
+silent fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import os
+import struct
+
+import xxhash
+
+_BLKZEROOUT = 0x127F  # _IO(0x12, 127), linux/fs.h
+_BLKSSZGET = 0x1268  # _IO(0x12, 104)
+
+
+def zero_blocks(buf, block_size: int, out) -> int:
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    view = memoryview(buf).cast("B")
+    n = len(view)
+    nblocks = (n + block_size - 1) // block_size
+    if len(out) < nblocks:
+        raise ValueError(f"out holds {len(out)} flags, {nblocks} needed")
+    zeros = 0
+    for i in range(nblocks):
+        block = view[i * block_size : (i + 1) * block_size]
+        is_zero = block.tobytes().count(0) == len(block)
+        out[i] = 1 if is_zero else 0
+        zeros += is_zero
+    return zeros
+
+
+def hash_blocks(buf, block_size: int, out, zero=None, zero_digest=None) -> int:
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    view = memoryview(buf).cast("B")
+    n = len(view)
+    nblocks = (n + block_size - 1) // block_size
+    if len(out) < 16 * nblocks:
+        raise ValueError(f"out holds {len(out)} bytes, {16 * nblocks} needed")
+    if zero is not None:
+        if len(zero) < nblocks:
+            raise ValueError(f"zero holds {len(zero)} flags, {nblocks} needed")
+        if zero_digest is None or len(zero_digest) != 16:
+            raise ValueError("zero flags need the 16-byte zero_digest")
+    for i in range(nblocks):
+        block = view[i * block_size : (i + 1) * block_size]
+        if zero is not None and zero[i] and len(block) == block_size:
+            digest = bytes(zero_digest)
+        else:
+            digest = xxhash.xxh3_128(block).digest()
+        out[16 * i : 16 * i + 16] = digest
+    return nblocks
+
+
+_libc = None
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        raise OSError(ctypes.get_errno(), "fallocate failed")
+
+
+def blkzeroout(fd: int, offset: int, length: int) -> None:
+    fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("=QQ", offset, length))
+
+
+def blksszget(fd: int) -> int:
+    return struct.unpack("=i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
+
+
+__all__ = ["zero_blocks", "hash_blocks", "fallocate", "blkzeroout", "blksszget"]

@@ -1,0 +1,9 @@
+from collections.abc import Buffer
+
+def hash_blocks(
+    buf: Buffer,
+    block_size: int,
+    out: Buffer,
+    zero: Buffer | None = ...,
+    zero_digest: Buffer | None = ...,
+) -> int: ...

@@ -1,0 +1,3 @@
+from collections.abc import Buffer
+
+def zero_blocks(buf: Buffer, block_size: int, out: Buffer) -> int: ...

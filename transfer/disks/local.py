@@ -1,0 +1,343 @@
+"""Local disks: a regular file or a block device, both roles.
+
+Reads are synchronous preadv calls into the worker's buffer (the GIL is
+released in the call); they complete inside start_read. Holes of a regular
+file source come from SEEK_DATA/SEEK_HOLE.
+
+A block-device target is opened O_EXCL and the descriptor is held for the
+whole run: the kernel then refuses a mount, and we are refused (EBUSY) when
+it is mounted or claimed (RELIABILITY.md T5). Whole aligned requests are
+written with O_DIRECT (2.6 CPU-s/GiB against 4.2 buffered, measured here, and
+the cache is not filled with data nobody reads); an unaligned tail goes
+through a buffered descriptor. Regular files are written buffered, as
+nbdcopy writes them; both are fsynced at the end.
+
+Zeroing is tried in order and the first "not supported" answer is
+remembered: files punch a hole (then ZERO_RANGE), block devices BLKZEROOUT,
+and only then zero buffers are written.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Any
+
+from .. import _native
+from ..errors import BadInput, SourceError, TargetError, TargetRefused
+from ..ranges import STATE_HOLE, STATE_ZERO, Extent
+from ..url import Address
+from .base import NOT_SUPPORTED, Conn, Disk, zero_buffer
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+DIRECT_ALIGN = 4096  # our buffers are page-aligned; offsets are 64 KiB-aligned but for a tail
+MAX_CONNECTIONS = 8
+
+_INPUT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
+                 errno.ELOOP, errno.ENAMETOOLONG, errno.EROFS}
+
+
+def _sysfs(st: os.stat_result) -> str:
+    return f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+def _loop_backing(st: os.stat_result) -> tuple | None:
+    try:
+        with open(_sysfs(st) + "/loop/backing_file") as f:
+            backing = f.read().strip()
+        b = os.stat(backing)
+    except OSError:
+        return None
+    return ("inode", b.st_dev, b.st_ino)
+
+
+def _mountpoint(st: os.stat_result) -> str | None:
+    dev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[2] == dev:
+                    return fields[4]
+    except OSError:
+        pass
+    return None
+
+
+class LocalDisk(Disk):
+    def __init__(self, addr: Address, role: str) -> None:
+        self.path = addr.url
+        self.display = addr.display
+        self.role = role
+        self.kernels = _native.kernels()
+        self.fd = -1
+        self.direct_fd = -1
+        self.sector = 512
+        self.max_connections = MAX_CONNECTIONS
+        if role == "source":
+            self._open_source()
+        else:
+            self._open_target()
+
+    def _error(self, what: str, e: OSError, cls: type | None = None) -> Exception:
+        if cls is None:
+            if e.errno in _INPUT_ERRNOS:
+                cls = BadInput
+            else:
+                cls = SourceError if self.role == "source" else TargetError
+        return cls(f"{what}: {os.strerror(e.errno) if e.errno else e}", disk=self.display,
+                   errno=e.errno)
+
+    def _open_source(self) -> None:
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.st = os.fstat(self.fd)
+        except OSError as e:
+            raise self._error("cannot open the source", e) from None
+        if stat.S_ISREG(self.st.st_mode):
+            self.kind = "file"
+            self.size = self.st.st_size
+            self.can_extents = True
+        elif stat.S_ISBLK(self.st.st_mode):
+            self.kind = "block"
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        else:
+            self.close()
+            raise BadInput("the source is not a regular file or a block device", disk=self.display)
+
+    def _open_target(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self.kind = "file"
+            self.size = None  # created at the source's size by create()
+            return
+        except OSError as e:
+            raise self._error("cannot stat the target", e) from None
+        if stat.S_ISREG(st.st_mode):
+            self.kind = "file"
+            try:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise self._error("cannot open the target", e) from None
+            self.st = os.fstat(self.fd)
+            self.size = self.st.st_size
+            self.zero_method = "punch-hole"
+        elif stat.S_ISBLK(st.st_mode):
+            self.kind = "block"
+            self._open_block_target()
+        else:
+            raise BadInput("the target is not a regular file or a block device", disk=self.display)
+
+    def _open_block_target(self) -> None:
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise TargetRefused("the block device is in use (mounted, or held by another "
+                                    "process or device)", disk=self.display) from None
+            raise self._error("cannot open the target", e) from None
+        try:
+            self.st = os.fstat(self.fd)
+            mounted = _mountpoint(self.st)
+            if mounted:
+                raise TargetRefused(f"the block device is mounted at {mounted}", disk=self.display)
+            try:
+                holders = os.listdir(_sysfs(self.st) + "/holders")
+            except OSError:
+                holders = []
+            if holders:
+                raise TargetRefused(f"the block device is held by {', '.join(holders)}",
+                                    disk=self.display)
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+            self.sector = self.kernels.blksszget(self.fd)
+            self.direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            self.zero_method = "blkzeroout"
+        except OSError as e:
+            self.close()
+            raise self._error("cannot open the target", e) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def create(self, size: int) -> None:
+        """Create the missing target file at size; it then reads as zeroes."""
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            os.ftruncate(self.fd, size)
+            self.st = os.fstat(self.fd)
+        except OSError as e:
+            raise self._error("cannot create the target", e) from None
+        self.size = size
+        self.created = True
+        self.reads_zero = True
+        self.zero_method = "punch-hole"
+
+    def connect(self) -> Conn | None:
+        return LocalConn(self)
+
+    def identities(self) -> set[tuple]:
+        if self.fd < 0:
+            return set()
+        if self.kind == "file":
+            return {("inode", self.st.st_dev, self.st.st_ino)}
+        ids: set[tuple] = {("blockdev", self.st.st_rdev)}
+        backing = _loop_backing(self.st)
+        if backing:
+            ids.add(backing)
+        return ids
+
+    def signature(self) -> str | None:
+        if self.created or self.fd < 0:
+            return None
+        from .probe import blkid_signature
+
+        try:
+            return blkid_signature(self.path)
+        except RuntimeError as e:
+            raise TargetRefused(str(e), disk=self.display) from None
+
+    def close(self) -> None:
+        for name in ("direct_fd", "fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        if self.role == "target" and self.kind == "block":
+            d["direct_io"] = True
+        return d
+
+
+class LocalConn(Conn):
+    def __init__(self, disk: LocalDisk) -> None:
+        self.disk = disk
+        self._done: list[tuple[Any, BaseException | None]] = []
+        self.inflight = 0
+
+    # source
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        if not self.disk.can_extents:
+            return [(offset, length, 0)]
+        fd, end = self.disk.fd, offset + length
+        out: list[Extent] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: no data after pos
+                    return [(offset, length, 0)]  # unknown: read it all
+                data = end
+            data = min(data, end)
+            if data > pos:
+                out.append((pos, data - pos, STATE_HOLE | STATE_ZERO))
+            if data >= end:
+                break
+            try:
+                hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            except OSError:
+                hole = end
+            out.append((data, hole - data, 0))
+            pos = hole
+        return out
+
+    def start_read(self, view: memoryview, offset: int, tag: Any) -> None:
+        done = 0
+        try:
+            while done < len(view):
+                n = os.preadv(self.disk.fd, [view[done:]], offset + done)
+                if n == 0:
+                    raise SourceError("unexpected end of file (did the source shrink?)",
+                                      disk=self.disk.display, offset=offset + done)
+                done += n
+        except OSError as e:
+            self._done.append((tag, e))
+        else:
+            self._done.append((tag, None))
+        self.inflight += 1
+
+    def reap(self) -> list[tuple[Any, BaseException | None]]:
+        done, self._done = self._done, []
+        self.inflight -= len(done)
+        return done
+
+    # target
+
+    def write(self, view: memoryview, offset: int) -> None:
+        d = self.disk
+        fd = d.fd
+        if d.direct_fd >= 0 and offset % DIRECT_ALIGN == 0 and len(view) % DIRECT_ALIGN == 0:
+            fd = d.direct_fd
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as e:
+            raise TargetError(f"write failed: {os.strerror(e.errno)}", disk=d.display,
+                              offset=offset + done, length=len(view) - done, errno=e.errno) from None
+
+    def zero(self, offset: int, length: int) -> None:
+        d = self.disk
+        k = d.kernels
+        try:
+            if d.zero_method == "punch-hole":
+                if self._try(k.fallocate, d.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                             offset, length):
+                    return
+                d.zero_method = "zero-range"
+            if d.zero_method == "zero-range":
+                if self._try(k.fallocate, d.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                             offset, length):
+                    return
+                d.zero_method = "write"
+            if d.zero_method == "blkzeroout":
+                head = -offset % d.sector
+                body = (length - head) // d.sector * d.sector if length > head else 0
+                if body and self._try(k.blkzeroout, d.fd, offset + head, body):
+                    self._write_zeros(offset, head)
+                    self._write_zeros(offset + head + body, length - head - body)
+                    return
+                if body:
+                    d.zero_method = "write"
+        except OSError as e:
+            raise TargetError(f"zeroing failed: {os.strerror(e.errno)}", disk=d.display,
+                              offset=offset, length=length, errno=e.errno) from None
+        self._write_zeros(offset, length)
+
+    @staticmethod
+    def _try(fn: Any, *args: int) -> bool:
+        """Run a zeroing call: True when done, False when "not supported"; else raise."""
+        try:
+            fn(*args)
+        except OSError as e:
+            if e.errno in NOT_SUPPORTED:
+                return False
+            raise
+        return True
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        zeros = zero_buffer()
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            self.write(zeros[:n], offset)
+            offset += n
+
+    def flush(self) -> None:
+        d = self.disk
+        for fd in (d.direct_fd, d.fd):
+            if fd < 0:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                # Never retried: a second fsync can succeed with the data gone (RELIABILITY.md R6).
+                raise TargetError(f"fsync failed: {os.strerror(e.errno)}", disk=d.display,
+                                  errno=e.errno) from None

@@ -1,0 +1,264 @@
+"""NBD disks through libnbd (Debian's python3-libnbd), both roles.
+
+One libnbd handle per worker thread. Reads are asynchronous: aio_pread into
+the worker's own buffers (pread would allocate and zero-fill a new buffer
+per call), completions collected by a callback that only records them, and
+the handle's poll() driving the socket on the worker's thread. Writes, zeroing
+and flush are synchronous calls on the worker's handle.
+
+Extra connections are opened only when the server advertises multi-conn:
+qemu-nbd -r does not, and with its default --shared=1 a second handshake
+just waits (measured: it hangs until our connect timeout). Every connect has
+a deadline, because libnbd has none.
+
+Facts of libnbd 1.14 this module relies on (DESIGN.md): nbd.Error.errnum is
+the number and .errno a string; a completion callback gets the error as an
+object with .value and retires the command by returning 1; a handle has no
+close(), so it is shut down and dropped; block status replies are not
+validated by libnbd (transfer.ranges does that).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from typing import Any
+
+from ..errors import BadInput, SourceError, TargetError, TargetRefused
+from ..ranges import Extent, clip_extents
+from ..url import Address
+from .base import NOT_SUPPORTED, Conn, Disk, zero_buffer
+
+try:
+    import nbd
+except ImportError:  # reported when an NBD disk is opened, not at import
+    nbd = None
+
+CONNECT_TIMEOUT = 30.0  # seconds for one handshake
+IO_TIMEOUT = 120.0  # seconds without any reply while requests are in flight
+MAX_ZERO = 1 << 30  # one NBD zero request; the protocol's count is 32 bits
+MAX_BLOCK_STATUS = 1 << 30  # one block status request (count must stay below 2^32)
+MAX_SIZE = 1 << 62  # a larger export size is rejected as absurd (RELIABILITY.md S9)
+MAX_CONNECTIONS = 8
+
+
+def _errnum(e: Exception) -> int | None:
+    return getattr(e, "errnum", None) or None
+
+
+def _why(e: Exception) -> str:
+    s = getattr(e, "string", None) or str(e) or type(e).__name__
+    name = getattr(e, "errno", None)
+    return f"{s} ({name})" if name and name not in s else s
+
+
+class NbdDisk(Disk):
+    kind = "nbd"
+
+    def __init__(self, addr: Address, role: str, *, connect_timeout: float = CONNECT_TIMEOUT,
+                 io_timeout: float = IO_TIMEOUT) -> None:
+        if nbd is None:
+            raise BadInput("NBD disks need libnbd's Python bindings (Debian: python3-libnbd); "
+                           "run tools/setup")
+        self.addr = addr
+        self.display = addr.display
+        self.role = role
+        self.io_timeout = io_timeout
+        self._error = SourceError if role == "source" else TargetError
+        self._handles: list[Any] = []
+        h = self._open(connect_timeout)
+        try:
+            self._check(h)
+        except BaseException:
+            self.close()
+            raise
+        self._spare: Any | None = h
+
+    def _open(self, timeout: float) -> Any:
+        h = nbd.NBD()
+        self._handles.append(h)
+        try:
+            h.set_pread_initialize(False)  # our buffers are never read after a failed read
+            if self.role == "source":
+                h.add_meta_context("base:allocation")
+            h.aio_connect_uri(self.addr.url)
+            deadline = time.monotonic() + timeout
+            while h.aio_is_connecting():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._error(f"no NBD handshake within {timeout:g} s", disk=self.display)
+                h.poll(int(min(left, 1.0) * 1000) + 1)
+            if not h.aio_is_ready():
+                raise self._error("NBD connection failed", disk=self.display)
+        except nbd.Error as e:
+            raise self._error(f"cannot connect: {_why(e)}", disk=self.display,
+                              errno=_errnum(e)) from None
+        return h
+
+    def _check(self, h: Any) -> None:
+        try:
+            size = h.get_size()
+        except nbd.Error as e:  # libnbd raises for sizes >= 2^63 (RELIABILITY.md S9)
+            raise self._error(f"export size is out of range: {_why(e)}", disk=self.display) from None
+        if size < 0 or size > MAX_SIZE:
+            raise self._error(f"export size {size} is out of range", disk=self.display)
+        self.size = size
+        self.max_connections = MAX_CONNECTIONS if h.can_multi_conn() else 1
+        if self.role == "source":
+            self.can_extents = bool(h.can_meta_context("base:allocation"))
+        else:
+            if h.is_read_only():
+                raise TargetRefused("the export is read-only, cannot write to it", disk=self.display)
+            if not h.can_flush():
+                raise TargetRefused("the export cannot flush, so the copy could not be made "
+                                    "durable", disk=self.display)
+            self.can_zero = bool(h.can_zero())
+            self.zero_method = "nbd-zero" if self.can_zero else "write"
+
+    def connect(self) -> Conn | None:
+        if self._spare is not None:
+            h, self._spare = self._spare, None
+            return NbdConn(self, h)
+        if len(self._handles) >= self.max_connections:
+            return None
+        h = self._open(CONNECT_TIMEOUT)
+        return NbdConn(self, h)
+
+    def identities(self) -> set[tuple]:
+        return {("nbd", self.addr.url)}
+
+    def signature(self) -> str | None:
+        from .probe import probe_signature
+
+        h = self._handles[0]
+
+        def read(offset: int, length: int) -> bytes:
+            length = min(length, self.size - offset)
+            return h.pread(length, offset) if length > 0 else b""
+
+        try:
+            return probe_signature(read)
+        except nbd.Error as e:
+            raise TargetError(f"cannot read to check for signatures: {_why(e)}",
+                              disk=self.display) from None
+
+    def close(self) -> None:
+        for h in self._handles:
+            try:
+                h.shutdown()
+            except Exception:
+                pass  # a dead handle cannot shut down; dropping it closes the socket
+        self._handles.clear()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "multi_conn": self.max_connections > 1}
+
+
+class NbdConn(Conn):
+    def __init__(self, disk: NbdDisk, h: Any) -> None:
+        self.disk = disk
+        self.h = h
+        self.inflight = 0
+        # Completions, appended by libnbd's callbacks during poll(); never rebound, since the
+        # callbacks of reads in flight hold a reference to this very deque.
+        self._done: collections.deque[tuple[Any, int]] = collections.deque()
+
+    def _fail(self, cls: type, what: str, e: Exception, offset: int | None = None,
+              length: int | None = None) -> Exception:
+        return cls(f"{what} failed: {_why(e)}", disk=self.disk.display, offset=offset,
+                   length=length, errno=_errnum(e))
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        if not self.disk.can_extents:
+            return [(offset, length, 0)]
+        length = min(length, MAX_BLOCK_STATUS)
+        replies: list[list[int]] = []
+
+        def cb(metacontext: str, off: int, entries: list[int], err: Any) -> int:
+            if metacontext == "base:allocation" and off == offset:
+                replies.append(list(entries))
+            return 0
+
+        try:
+            self.h.block_status(length, offset, cb)
+        except nbd.Error as e:
+            if self.h.aio_is_dead():
+                raise self._fail(SourceError, "block status", e, offset, length) from None
+            # A per-command error: read the range as data (what CDI does); never as zero.
+            return [(offset, length, 0)]
+        if not replies:
+            return [(offset, length, 0)]
+        return clip_extents(replies[0], offset, offset + length, disk=self.disk.display)
+
+    def start_read(self, view: memoryview, offset: int, tag: Any) -> None:
+        done = self._done
+
+        def completed(err: Any) -> int:
+            done.append((tag, err.value))
+            return 1
+
+        try:
+            self.h.aio_pread(view, offset, completed)
+        except nbd.Error as e:
+            raise self._fail(SourceError, "read", e, offset, len(view)) from None
+        self.inflight += 1
+
+    def reap(self) -> list[tuple[Any, BaseException | None]]:
+        deadline = time.monotonic() + self.disk.io_timeout
+        while not self._done:
+            if self.inflight == 0:
+                return []
+            if time.monotonic() > deadline:
+                raise SourceError(f"no reply from the server for {self.disk.io_timeout:g} s with "
+                                  f"{self.inflight} reads in flight", disk=self.disk.display)
+            try:
+                self.h.poll(1000)
+            except nbd.Error as e:
+                raise self._fail(SourceError, "connection", e) from None
+        out = []
+        while self._done:
+            tag, err = self._done.popleft()
+            out.append((tag, OSError(err, os.strerror(err)) if err else None))
+        self.inflight -= len(out)
+        return out
+
+    def write(self, view: memoryview, offset: int) -> None:
+        try:
+            self.h.pwrite(view, offset)
+        except nbd.Error as e:
+            raise self._fail(TargetError, "write", e, offset, len(view)) from None
+
+    def zero(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            n = min(MAX_ZERO, end - offset)
+            if self.disk.can_zero:
+                try:
+                    self.h.zero(n, offset)
+                    offset += n
+                    continue
+                except nbd.Error as e:
+                    if _errnum(e) not in NOT_SUPPORTED:
+                        raise self._fail(TargetError, "zero", e, offset, n) from None
+                    self.disk.can_zero = False
+                    self.disk.zero_method = "write"
+            self._write_zeros(offset, n)
+            offset += n
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        zeros = zero_buffer()
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            self.write(zeros[:n], offset)
+            offset += n
+
+    def flush(self) -> None:
+        try:
+            self.h.flush()
+        except nbd.Error as e:
+            raise self._fail(TargetError, "flush", e) from None
+
+
+__all__ = ["NbdDisk", "NbdConn"]

@@ -1,0 +1,93 @@
+"""One error tree for the engine: each class carries the exit code the CLI uses.
+
+Library code raises these and never prints or exits; the CLI prints the
+message on one line and exits with the class's code. Messages name the disk
+by its redacted URL (no passwords, no query values) and the offset where there
+is one.
+"""
+
+from __future__ import annotations
+
+
+class TransferError(Exception):
+    """Base of every expected failure."""
+
+    exit_code = 1
+    kind = "error"
+
+    def __init__(self, message: str, *, disk: str | None = None, offset: int | None = None,
+                 length: int | None = None, errno: int | None = None) -> None:
+        self.message = message
+        self.disk = disk
+        self.offset = offset
+        self.length = length
+        self.errno = errno
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        parts = []
+        if self.disk:
+            parts.append(f"{self.kind} {self.disk}")
+        text = self.message
+        if self.offset is not None:
+            where = f"at offset {self.offset}"
+            if self.length is not None:
+                where += f" (length {self.length})"
+            text = f"{text} {where}"
+        parts.append(text)
+        return ": ".join(parts)
+
+
+class BadInput(TransferError, ValueError):
+    """The caller's input is wrong: a URL, an option, a file. Nothing was written."""
+
+    exit_code = 2
+
+
+class NativeMissing(BadInput):
+    """The compiled kernels are not built and the twins were not asked for."""
+
+
+class TargetRefused(BadInput):
+    """The target failed a safety check before the first write; it is untouched."""
+
+    kind = "target"
+
+
+class SourceError(TransferError):
+    """Reading the source failed."""
+
+    exit_code = 3
+    kind = "source"
+
+
+class TargetError(TransferError):
+    """Writing, zeroing or flushing the target failed."""
+
+    exit_code = 4
+    kind = "target"
+
+
+class Interrupted(TransferError):
+    """Stopped by a signal or a cancellation before the end; nothing is claimed done."""
+
+    exit_code = 5
+    kind = "interrupted"
+
+
+class VerifyFailed(TransferError):
+    """The target does not hold what the source holds."""
+
+    exit_code = 6
+    kind = "verify"
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "internal error (a bug: the message has a traceback)",
+    BadInput.exit_code: "bad input or refused target (nothing was written)",
+    SourceError.exit_code: "source I/O failure",
+    TargetError.exit_code: "target I/O failure",
+    Interrupted.exit_code: "interrupted (SIGINT/SIGTERM)",
+    VerifyFailed.exit_code: "verification failed: the target differs",
+}

@@ -1,0 +1,1 @@
+"""The copy pipeline: plan (pure), buffers, and the asyncio engine."""

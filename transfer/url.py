@@ -1,0 +1,77 @@
+"""Disk addresses: parse what the user gave, and redact it for messages.
+
+A disk is named by an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://),
+by `null:` (a sink that discards writes) or by a local path. Messages, logs,
+progress and reports only ever carry redact(url): the password in the
+userinfo and every query value except the socket path are replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from dataclasses import dataclass
+
+from .errors import BadInput
+
+NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
+_PUBLIC_QUERY_KEYS = {"socket"}
+
+
+@dataclass(frozen=True)
+class Address:
+    kind: str  # "nbd", "local" or "null"
+    url: str  # as given (may hold secrets: never print it)
+    display: str  # redacted, for every message
+
+    @property
+    def path(self) -> str:
+        return self.url
+
+
+def redact(url: str) -> str:
+    """The URL with its secrets replaced by '***' (see the module docstring)."""
+    if "://" not in url:
+        return url
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        scheme = url.split(":", 1)[0]
+        return f"{scheme}://***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
+    query = "&".join(
+        f"{k}={v if k in _PUBLIC_QUERY_KEYS else '***'}"
+        for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
+def parse(url: str) -> Address:
+    """Classify url; raise BadInput naming what is wrong (without its secrets)."""
+    if not isinstance(url, str) or not url:
+        raise BadInput("empty disk address")
+    if url == "null:":
+        return Address("null", url, url)
+    if "://" in url:
+        scheme = url.split("://", 1)[0].lower()
+        shown = redact(url)
+        if scheme not in NBD_SCHEMES:
+            raise BadInput(
+                f"unsupported scheme {scheme!r} in {shown}: expected one of "
+                f"{', '.join(s + '://' for s in NBD_SCHEMES)}, null: or a local path"
+            )
+        if scheme.endswith("+unix"):
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+            sock = query.get("socket")
+            if not sock:
+                raise BadInput(f"{shown}: a unix-socket NBD URI needs ?socket=PATH")
+            if not os.path.exists(sock):
+                raise BadInput(f"{shown}: socket {sock} does not exist")
+        return Address("nbd", url, shown)
+    if ":" in url.split("/", 1)[0] and not os.path.exists(url):
+        raise BadInput(f"unsupported disk address {url!r}: expected an NBD URI, null: or a local path")
+    return Address("local", url, url)
