@@ -1,0 +1,158 @@
+"""The command line: argparse -> api; TransferError -> one line and its exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import traceback
+from typing import Any, Coroutine
+
+from . import api
+from .errors import EXIT_CODES, Interrupted, TransferError
+from .observe import human_bytes, make_renderer
+
+_SIZE = re.compile(r"^(\d+)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'1048576', '256K', '1M', '1MiB' -> bytes (powers of 1024)."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 65536, 256K, 1M)")
+    return int(m.group(1)) << (10 * "_kmgt".index(m.group(2).lower() or "_"))
+
+
+def _epilog() -> str:
+    codes = "\n".join(f"  {code}  {what}" for code, what in sorted(EXIT_CODES.items()))
+    return f"exit codes:\n{codes}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="transfer", description="Block-level disk transfer engine for moving VM disks.",
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser(
+        "copy", help="copy a whole disk (cold migration)", epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Copy the whole disk SOURCE onto TARGET: only allocated data is read, zero "
+                    "runs are not written as data, every block is hashed, and the target is "
+                    "flushed before success is reported.")
+    c.add_argument("source", metavar="SOURCE",
+                   help="nbd://host[:port]/export, nbd+unix:///export?socket=PATH, or a file or "
+                        "block device")
+    c.add_argument("target", metavar="TARGET",
+                   help="a file (created at the source's size when missing), a block device, a "
+                        "writable NBD URI, or null: (discard)")
+    c.add_argument("--report", metavar="FILE", help="write a JSON report to FILE")
+    c.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto",
+                   help="a bar on a terminal (auto, bar), JSON lines on stdout once a second "
+                        "(json), or nothing (none); default: auto")
+    c.add_argument("--connections", type=int, metavar="N",
+                   help=f"NBD connections, one thread each, when the server allows multi-conn "
+                        f"(default {api.DEFAULT_CONNECTIONS})")
+    c.add_argument("--requests", type=int, metavar="N", dest="in_flight",
+                   help="reads in flight per connection (default 16, or 64 on a single-connection "
+                        "server)")
+    c.add_argument("--request-size", type=parse_size, metavar="SIZE",
+                   help="bytes per read, a multiple of 64K (default 1M, or 256K on a "
+                        "single-connection server such as qemu-nbd)")
+    c.add_argument("--target-is-zero", action="store_true",
+                   help="the target already reads as zeroes: do not write zero runs")
+    c.add_argument("--force", action="store_true",
+                   help="overwrite a target that carries a filesystem or partition-table signature")
+
+    d = sub.add_parser("demo", help="copy a built-in synthetic disk from nbdkit and prove the copy")
+    d.add_argument("--size", type=parse_size, default=256 << 20, metavar="SIZE",
+                   help="size of the synthetic disk (default 256M)")
+    d.add_argument("--seed", type=int, default=1, help="seed of the synthetic disk (default 1)")
+    d.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
+    return p
+
+
+def _write_report(path: str, data: dict[str, Any]) -> None:
+    """Write atomically: a reader never sees half a report."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".report-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _summary(r: api.Report) -> str:
+    rate = human_bytes(r.size / r.seconds) + "/s" if r.seconds > 0 else "-"
+    return (f"copied {human_bytes(r.bytes_copied)}, zeroed {human_bytes(r.bytes_zeroed)}, "
+            f"skipped {human_bytes(r.bytes_skipped)} of {human_bytes(r.size)} in "
+            f"{r.seconds:.2f} s ({rate}); digest {r.digest}")
+
+
+async def _run_cancellable(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run coro; SIGINT and SIGTERM cancel it (the engine drains, then raises Interrupted)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(coro)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        raise Interrupted("stopped by a signal before the end; the target is incomplete") from None
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    renderer = make_renderer(args.progress)
+    report = asyncio.run(_run_cancellable(api.copy_async(
+        args.source, args.target, connections=args.connections, in_flight=args.in_flight,
+        request_size=args.request_size, target_is_zero=args.target_is_zero, force=args.force,
+        on_progress=renderer)))
+    if args.report:
+        _write_report(args.report, report.to_dict())
+    if args.progress != "none":
+        print(f"transfer: {_summary(report)}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    say = (lambda s: None) if args.progress == "none" else (lambda s: print(s, file=sys.stderr))
+    report = run_demo(size=args.size, seed=args.seed, say=say, on_progress=make_renderer(args.progress))
+    print(report.to_json())
+    say(f"transfer: {_summary(report)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"copy": cmd_copy, "demo": cmd_demo}[args.command](args)
+    except TransferError as e:
+        print(f"transfer: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("transfer: interrupted", file=sys.stderr)
+        return Interrupted.exit_code
+    except Exception:
+        traceback.print_exc()
+        print("transfer: internal error (this is a bug)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Run real NBD servers (nbdkit, qemu-nbd) on a unix socket, for the demo, tests and benchmarks.
+
+Each server runs in the foreground as our child, so it is stopped by its own
+pid and nothing else; `with` stops it even when the body fails. Readiness is
+the socket accepting a connection.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from typing import Sequence
+
+START_TIMEOUT = 20.0
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class Server:
+    """A server process listening on `sock`; `uri` is its NBD address."""
+
+    program = ""
+
+    def __init__(self, argv: Sequence[str], sock: str, export: str = "") -> None:
+        self.argv = list(argv)
+        self.sock = sock
+        self.uri = f"nbd+unix:///{export}?socket={sock}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def available(cls) -> bool:
+        return shutil.which(cls.program) is not None
+
+    def start(self) -> "Server":
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise ServerError(f"{self.argv[0]} exited with {self.proc.returncode}: {err.strip()}")
+            if self._ready():
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise ServerError(f"{self.argv[0]} did not listen on {self.sock} within {START_TIMEOUT:g} s")
+
+    def _ready(self) -> bool:
+        if not os.path.exists(self.sock):
+            return False
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(self.sock)
+            except OSError:
+                return False
+        return True
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Nbdkit(Server):
+    """nbdkit [filters] PLUGIN [args...] on a unix socket, e.g. Nbdkit(sock, "memory", "64M")."""
+
+    program = "nbdkit"
+
+    def __init__(self, sock: str, plugin: str, *args: str, readonly: bool = False,
+                 filters: Sequence[str] = (), options: Sequence[str] = ()) -> None:
+        argv = ["nbdkit", "-f", "--exit-with-parent", "-U", sock, *options]
+        if readonly:
+            argv.append("-r")
+        for f in filters:
+            argv.append(f"--filter={f}")
+        argv += [plugin, *args]
+        super().__init__(argv, sock)
+
+
+class QemuNbd(Server):
+    """qemu-nbd serving an image file (qcow2 or raw) on a unix socket."""
+
+    program = "qemu-nbd"
+
+    def __init__(self, sock: str, image: str, *, fmt: str = "qcow2", readonly: bool = True,
+                 options: Sequence[str] = ()) -> None:
+        # --persistent: without it qemu-nbd exits when its first client (our readiness probe)
+        # disconnects.
+        argv = ["qemu-nbd", "--persistent", "-k", sock, "-f", fmt, *options]
+        if readonly:
+            argv.append("-r")
+        argv.append(image)
+        super().__init__(argv, sock)
