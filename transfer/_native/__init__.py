@@ -57,7 +57,7 @@ def _compiled() -> dict[str, Any]:
     }
 
 
-def _reference() -> dict[str, Any]:
+def _twins() -> dict[str, Any]:
     from . import _reference as ref
 
     return {
@@ -76,6 +76,6 @@ def kernels(choice: str | None = None) -> Kernels:
     if choice not in ("cython", "python"):
         raise BadInput(f"{ENV}={choice!r}: expected 'cython' or 'python'")
     if choice not in _loaded:
-        funcs = _compiled() if choice == "cython" else _reference()
+        funcs = _compiled() if choice == "cython" else _twins()
         _loaded[choice] = Kernels(implementation=choice, **funcs)
     return _loaded[choice]

@@ -1,0 +1,91 @@
+"""Untrusted extents: clipping, rejection, block rounding, and the plan built on them."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transfer.errors import SourceError
+from transfer.pipeline.plan import Plan, requests
+from transfer.ranges import STATE_HOLE, STATE_ZERO, block_runs, clip_extents, walk_extents
+
+B = 64 * 1024
+Z = STATE_HOLE | STATE_ZERO
+
+
+def test_extent_past_the_request_is_clipped():
+    assert clip_extents([4 << 30, 0], 0, 1 << 20, disk="d") == [(0, 1 << 20, 0)]
+
+
+def test_adjacent_extents_of_one_kind_merge():
+    assert clip_extents([B, 0, B, 0, B, Z], 0, 3 * B, disk="d") == [(0, 2 * B, 0), (2 * B, B, Z)]
+
+
+@pytest.mark.parametrize("pairs, match", [
+    ([0, 0], "length 0"),
+    ([B, 0, -5, 0], "length -5"),
+    ([B], "odd number"),
+    ([], "covers nothing"),
+])
+def test_bad_replies_are_rejected(pairs, match):
+    with pytest.raises(SourceError, match=match):
+        clip_extents(pairs, 0, 4 * B, disk="nbd://x")
+
+
+def test_short_replies_are_asked_again_from_where_they_ended():
+    calls = []
+
+    def fetch(offset, length):
+        calls.append(offset)
+        return [(offset, min(B, length), 0)]
+
+    assert [e[0] for e in walk_extents(fetch, 0, 3 * B)] == [0, B, 2 * B]
+    assert calls == [0, B, 2 * B]
+
+
+def test_data_is_rounded_outward_to_blocks():
+    # data at [B+100, B+200) and a 1-byte extent at the very end: both round out to whole blocks
+    ext = [(0, B + 100, Z), (B + 100, 100, 0), (B + 200, 3 * B - 201, Z), (4 * B - 1, 1, 0)]
+    assert list(block_runs(ext, 0, 4 * B, B)) == [(0, B, False), (B, B, True), (2 * B, B, False),
+                                                  (3 * B, B, True)]
+
+
+def test_a_hole_without_the_zero_flag_is_data():
+    assert list(block_runs([(0, 2 * B, STATE_HOLE)], 0, 2 * B, B)) == [(0, 2 * B, True)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 5 * B), st.sampled_from([0, Z, STATE_HOLE])), min_size=1,
+                max_size=30), st.integers(1, 4) .map(lambda k: k * B))
+def test_requests_cover_the_disk_exactly_once(raw, request_size):
+    size = sum(n for n, _ in raw)
+    pairs = [x for pair in raw for x in pair]
+    ext = clip_extents(pairs, 0, size, disk="d")
+    reqs = list(requests(ext, 0, size, request_size=request_size))
+    pos = 0
+    for r in reqs:
+        assert r.offset == pos and r.length > 0
+        assert r.offset % B == 0
+        if r.data:
+            assert r.length <= request_size
+        pos += r.length
+    assert pos == size
+    # every byte of a data extent is inside a data request
+    for off, n, flags in ext:
+        if not flags & STATE_ZERO:
+            assert all(any(r.data and r.offset <= b < r.offset + r.length for r in reqs)
+                       for b in (off, off + n - 1))
+
+
+def test_plan_walks_windows_and_ends():
+    plan = Plan(5 * B + 7, request_size=2 * B, window=2 * B)
+    seen = []
+    while (r := plan.next(lambda o, n: [(o, n, 0)])) is not None:
+        seen.append((r.offset, r.length))
+    assert seen == [(0, 2 * B), (2 * B, 2 * B), (4 * B, B + 7)]
+
+
+def test_plan_rejects_unaligned_request_size():
+    with pytest.raises(ValueError):
+        Plan(B, request_size=B + 1)
