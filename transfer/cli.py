@@ -109,7 +109,7 @@ async def _run_cancellable(coro: Coroutine[Any, Any, Any]) -> Any:
     try:
         return await task
     except asyncio.CancelledError:
-        raise Interrupted("stopped by a signal before the end; the target is incomplete") from None
+        raise Interrupted("interrupted by a signal before the end") from None
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -16,7 +16,10 @@ class TransferError(Exception):
     kind = "error"
 
     def __init__(self, message: str, *, disk: str | None = None, offset: int | None = None,
-                 length: int | None = None, errno: int | None = None) -> None:
+                 length: int | None = None, errno: int | None = None,
+                 kind: str | None = None) -> None:
+        if kind is not None:
+            self.kind = kind  # the disk's role ("source", "target") where the class has none
         self.message = message
         self.disk = disk
         self.offset = offset

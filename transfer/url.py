@@ -61,17 +61,18 @@ def parse(url: str) -> Address:
         shown = redact(url)
         if scheme not in NBD_SCHEMES:
             raise BadInput(
-                f"unsupported scheme {scheme!r} in {shown}: expected one of "
-                f"{', '.join(s + '://' for s in NBD_SCHEMES)}, null: or a local path"
-            )
+                f"unsupported scheme {scheme!r}: expected one of "
+                f"{', '.join(s + '://' for s in NBD_SCHEMES)}, null: or a local path", disk=shown)
         if scheme.endswith("+unix"):
             query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
             sock = query.get("socket")
             if not sock:
-                raise BadInput(f"{shown}: a unix-socket NBD URI needs ?socket=PATH")
+                raise BadInput("a unix-socket NBD URI needs ?socket=PATH", disk=shown)
             if not os.path.exists(sock):
-                raise BadInput(f"{shown}: socket {sock} does not exist")
+                raise BadInput(f"socket {sock} does not exist", disk=shown)
         return Address("nbd", url, shown)
     if ":" in url.split("/", 1)[0] and not os.path.exists(url):
-        raise BadInput(f"unsupported disk address {url!r}: expected an NBD URI, null: or a local path")
+        scheme = url.split(":", 1)[0]
+        raise BadInput(f"unsupported disk address {scheme}:...: expected an NBD URI, null: or a "
+                       "local path")
     return Address("local", url, url)

@@ -11,7 +11,11 @@ def open_disk(url: str, role: str) -> Disk:
     """Open url as a source or target disk; BadInput names what is wrong."""
     if role not in ("source", "target"):
         raise ValueError(f"role must be 'source' or 'target', not {role!r}")
-    addr: Address = parse(url)
+    try:
+        addr: Address = parse(url)
+    except BadInput as e:
+        e.kind = role
+        raise
     if addr.kind == "null":
         if role == "source":
             raise BadInput("null: is a target only (it discards what is written)")

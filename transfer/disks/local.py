@@ -89,7 +89,7 @@ class LocalDisk(Disk):
             else:
                 cls = SourceError if self.role == "source" else TargetError
         return cls(f"{what}: {os.strerror(e.errno) if e.errno else e}", disk=self.display,
-                   errno=e.errno)
+                   errno=e.errno, kind=self.role)
 
     def _open_source(self) -> None:
         try:
@@ -106,7 +106,7 @@ class LocalDisk(Disk):
             self.size = os.lseek(self.fd, 0, os.SEEK_END)
         else:
             self.close()
-            raise BadInput("the source is not a regular file or a block device", disk=self.display)
+            raise BadInput("not a regular file or a block device", disk=self.display, kind="source")
 
     def _open_target(self) -> None:
         try:
@@ -130,7 +130,7 @@ class LocalDisk(Disk):
             self.kind = "block"
             self._open_block_target()
         else:
-            raise BadInput("the target is not a regular file or a block device", disk=self.display)
+            raise BadInput("not a regular file or a block device", disk=self.display, kind="target")
 
     def _open_block_target(self) -> None:
         try:

@@ -23,7 +23,12 @@ class BufferPool:
         self.free = list(range(count))
 
     def close(self) -> None:
-        for v in self.slots:
-            v.release()
-        self._view.release()
-        self._map.close()
+        try:
+            for v in self.slots:
+                v.release()
+            self._view.release()
+            self._map.close()
+        except BufferError:
+            # A slice of a slot is still referenced (say by a traceback after an error);
+            # the map is unmapped when the last reference goes.
+            pass

@@ -229,7 +229,7 @@ async def run(source: Disk, target: Disk, manifest: Manifest, kernels: Kernels, 
                 break
             report()
         if interrupted or shared.error is None and shared.stop.is_set():
-            raise Interrupted("stopped before the end; the target is incomplete")
+            raise Interrupted(f"interrupted before the end; {target.display} is incomplete")
         if shared.error is not None:
             raise shared.error
         await asyncio.to_thread(_flush, pairs)

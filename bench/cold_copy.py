@@ -1,0 +1,776 @@
+"""cold-copy: the engine against nbdcopy and qemu-img convert, copying a whole disk from nbdkit.
+
+A synthetic image (transfer.synth, reproducible from a seed: random data, text-like data,
+zero-filled allocated blocks and holes, half of it allocated) is served read-only by nbdkit's
+file plugin on a unix socket, with the image hot in the page cache. Each tool copies it to
+`null:`, a regular file and a loop device, ending with the data durable:
+
+  engine    transfer copy URI TARGET --progress=none --report R   (hashing is always on; flushes)
+  nbdcopy   nbdcopy --flush URI TARGET                            (its defaults)
+  qemu-img  qemu-img convert -n -f raw -O raw URI TARGET, then fsync(TARGET) inside the timed
+            region (qemu-img convert never flushes); to null: a null-co target instead
+
+Every run is a child process timed from spawn to reaping (os.wait4 gives its CPU, GNU time its
+peak RSS) against a fresh nbdkit (its CPU read from /proc before it stops). One warm-up run per tool and
+target, checked for correctness (qemu-img compare, and the engine's digest against one computed
+here), then --reps runs interleaved engine, nbdcopy, qemu-img, engine, ... Results are JSON lines
+(one per run, one summary per target, one verdict) and a markdown table on stdout. See
+bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import errno
+import hashlib
+import json
+import os
+import platform
+import select
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from transfer.cli import parse_size
+from transfer.demo import file_digest
+from transfer.servers import Nbdkit
+from transfer.synth import make_image
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINE = ROOT / ".venv" / "bin" / "transfer"
+TIME = "/usr/bin/time"  # GNU time, for each tool's own peak RSS (see Bench._spawn_and_reap)
+GiB = 1 << 30
+MiB = 1 << 20
+TOOLS = ("engine", "nbdcopy", "qemu-img")
+TARGETS = ("null", "file", "loop")
+QUICK_SIZE = 256 * MiB
+DEFAULT_SIZE = 4 * GiB
+ALLOCATED = 0.5
+# Bars from the issue: engine >= 1.0x nbdcopy on each target, >= 2x qemu-img, peak RSS <= 200 MiB.
+BAR_NBDCOPY = 1.0
+BAR_QEMU_IMG = 2.0
+BAR_RSS_MIB = 200
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Invalid(Exception):
+    """A run whose result cannot be trusted (a tool failed, or a correctness check did)."""
+
+
+# ---------------------------------------------------------------- small helpers
+
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def _size_text(n: int) -> str:
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def _cmd_output(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable: {e}"
+    return (out.stdout or out.stderr).strip()
+
+
+def allocated_bytes(path: str) -> int:
+    """Bytes of the file that are not holes, from SEEK_DATA/SEEK_HOLE."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = total = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            total += hole - data
+            pos = hole
+        return total
+    finally:
+        os.close(fd)
+
+
+def warm_cache(path: str) -> None:
+    """Read the whole file once so the page cache holds it (cat path > /dev/null)."""
+    buf = bytearray(4 * MiB)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
+def cache_resident(path: str) -> int | None:
+    """Bytes of path in the page cache (fincore), or None when fincore is missing."""
+    if not shutil.which("fincore"):
+        return None
+    out = _cmd_output(["fincore", "--bytes", "--noheadings", "--output", "RES", path])
+    try:
+        return int(out.split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """user + system CPU of a live process, all its threads (also exited ones), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs have spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def wait_quiet(limit: float = 30.0, sample: float = 0.25, busy_max: float = 0.15) -> float:
+    """Wait (up to limit seconds) until the machine is idle: under busy_max of one CPU busy over
+    a sample. Other people's work on a shared machine is the main source of noise. Returns the
+    seconds waited beyond the first sample."""
+    t0 = time.perf_counter()
+    while True:
+        b0 = machine_busy_seconds()
+        time.sleep(sample)
+        if (machine_busy_seconds() - b0) / sample <= busy_max:
+            break
+        if time.perf_counter() - t0 > limit:
+            break
+    return max(0.0, time.perf_counter() - t0 - sample)
+
+
+def engine_fingerprint() -> str:
+    """sha256 over the engine's sources and built modules, to notice edits during a run."""
+    h = hashlib.sha256()
+    for base in ("transfer", "native"):
+        for p in sorted((ROOT / base).rglob("*")):
+            if "__pycache__" in p.parts or not p.is_file():
+                continue
+            h.update(str(p.relative_to(ROOT)).encode() + b"\0")
+            try:
+                h.update(p.read_bytes())
+            except OSError:
+                pass
+    return h.hexdigest()[:16]
+
+
+def engine_commit() -> str:
+    commit = _cmd_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    # Dirty means the engine's own files differ from HEAD (bench/ itself is not counted).
+    # --no-optional-locks: never write the index while others work in the tree.
+    status = _cmd_output(["git", "--no-optional-locks", "-C", str(ROOT), "status", "--porcelain",
+                          "--", "transfer", "native", "setup.py", "pyproject.toml"])
+    return commit + ("-dirty" if status else "")
+
+
+def provenance(image: dict[str, Any], workdir: str) -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return {
+        "engine_commit": engine_commit(),
+        "engine_fingerprint": engine_fingerprint(),
+        "nbdcopy": "; ".join(_cmd_output(["nbdcopy", "--version"]).splitlines()),
+        "qemu_img": _cmd_output(["qemu-img", "--version"]).splitlines()[0],
+        "nbdkit": _cmd_output(["nbdkit", "--version"]),
+        "kernel": platform.release(),
+        "cpu_model": cpu,
+        "nproc": len(os.sched_getaffinity(0)),
+        "mem_total_bytes": mem,
+        "python": platform.python_version(),
+        "workdir_fs": _cmd_output(["stat", "-f", "-c", "%T", workdir]),
+        "cache": "hot",
+        "image": image,
+    }
+
+
+# ---------------------------------------------------------------- the loop device
+
+class LoopDevice:
+    """A loop device over a sparse backing file, attached by us and detached by its own path."""
+
+    def __init__(self, backing: str, size: int) -> None:
+        self.backing = os.path.realpath(backing)
+        self.size = size
+        self.dev: str | None = None
+
+    def attach(self) -> str:
+        with open(self.backing, "wb") as f:
+            f.truncate(self.size)
+        out = subprocess.run(["losetup", "-f", "--show", self.backing], capture_output=True,
+                             text=True, check=True)
+        self.dev = out.stdout.strip()
+        return self.dev
+
+    def reset(self) -> None:
+        """Every run starts from the same state: the device discarded (reads zeroes, all holes)."""
+        assert self.dev is not None
+        subprocess.run(["blkdiscard", self.dev], check=True, capture_output=True)
+
+    def detach(self) -> None:
+        if self.dev is None:
+            return
+        name = os.path.basename(self.dev)
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                ours = os.path.realpath(f.read().strip()) == self.backing
+        except OSError:
+            ours = False
+        if ours:
+            subprocess.run(["losetup", "-d", self.dev], capture_output=True)
+        self.dev = None
+
+
+# ---------------------------------------------------------------- one run
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: str, image: str, size: int,
+                 alloc: int, ref_digest: str, prov: dict[str, Any], out: TextIO) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.image = image
+        self.size = size
+        self.alloc = alloc
+        self.ref_digest = ref_digest
+        self.prov = prov
+        self.out = out
+        self.sock = os.path.join(workdir, "nbd.sock")
+        self.file_target = os.path.join(workdir, "target.img")
+        self.loop: LoopDevice | None = None
+        self.timeout = max(120.0, 60.0 * size / GiB)
+        self.runs: list[dict[str, Any]] = []
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self.out.write(json.dumps(record, sort_keys=True) + "\n")
+        self.out.flush()
+
+    def target_path(self, target: str) -> str:
+        if target == "null":
+            return "null:"
+        if target == "file":
+            return self.file_target
+        assert self.loop is not None and self.loop.dev is not None
+        return self.loop.dev
+
+    def prepare(self, target: str) -> None:
+        """The same starting state for every tool: an empty sparse file, or a discarded device."""
+        if target == "file":
+            try:
+                os.unlink(self.file_target)
+            except FileNotFoundError:
+                pass
+            fd = os.open(self.file_target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.ftruncate(fd, self.size)
+            finally:
+                os.close(fd)
+        elif target == "loop":
+            assert self.loop is not None
+            self.loop.reset()
+        if target != "null":
+            os.sync()  # nothing of the previous run (unlink, discard) left to write back
+
+    def argv(self, tool: str, target: str, uri: str, report: str) -> list[str]:
+        dst = self.target_path(target)
+        if tool == "engine":
+            return [str(ENGINE), "copy", uri, dst, "--progress=none", "--report", report]
+        if tool == "nbdcopy":
+            return ["nbdcopy", "--flush", uri, dst]
+        if tool == "qemu-img":
+            if target == "null":
+                return ["qemu-img", "convert", "-n", "-f", "raw", "--target-image-opts", uri,
+                        f"driver=null-co,size={self.size}"]
+            return ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", uri, dst]
+        raise ValueError(tool)
+
+    def _spawn_and_reap(self, argv: list[str], log: str) -> tuple[int, Any, bool, int | None]:
+        """Run argv under GNU time as our child; return (exit code, rusage, timed out, peak RSS).
+
+        CPU comes from os.wait4 on time(1), which includes its reaped child, the tool (time's
+        own share is about a millisecond). Peak RSS comes from time's %M, not from wait4: a
+        child spawned straight from this process inherits our (large) high-water mark, since
+        exec records the old address space's peak and subprocess uses vfork, whereas time(1)
+        forks the tool from its own ~1 MiB.
+        """
+        timed_out = False
+        rss_file = os.path.join(self.workdir, "maxrss.txt")
+        wrapped = [TIME, "-f", "%M", "-o", rss_file, *argv]
+        with open(log, "wb") as logf:
+            proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+            try:
+                poller = select.poll()
+                poller.register(pidfd, select.POLLIN)
+                if not poller.poll(int(self.timeout * 1000)):
+                    timed_out = True
+                    proc.kill()  # our own child, not yet reaped: its pid is still ours
+            finally:
+                os.close(pidfd)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        except BaseException:
+            if proc.returncode is None:
+                proc.kill()
+                _, status, _ = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+            raise
+        maxrss = None
+        try:
+            with open(rss_file) as f:
+                maxrss = int(f.read().split()[-1])  # KiB; a line before it tells a failure
+        except (OSError, ValueError, IndexError):
+            pass
+        return proc.returncode, usage, timed_out, maxrss
+
+    def run(self, tool: str, target: str, rep: int | None) -> dict[str, Any]:
+        """One timed copy; rep None is the warm-up, which is also checked for correctness."""
+        warmup = rep is None
+        label = "warm-up" if warmup else f"rep {rep + 1}/{self.args.reps}"
+        report = os.path.join(self.workdir, "report.json")
+        log = os.path.join(self.workdir, "child.log")
+        if os.path.exists(report):
+            os.unlink(report)
+        self.prepare(target)
+        rec: dict[str, Any] = {"type": "run", "scenario": "cold-copy", "target": target,
+                               "tool": tool, "rep": rep, "warmup": warmup}
+        post_sync = 0.0
+        with Nbdkit(self.sock, "file", self.image, readonly=True) as server:
+            argv = self.argv(tool, target, server.uri, report)
+            idle_wait = wait_quiet()
+            with open("/proc/loadavg") as f:
+                rec["loadavg_before"] = f.read().split()[0]
+            server_cpu0 = proc_cpu_seconds(server.pid)
+            busy0 = machine_busy_seconds()
+            t0 = time.perf_counter()
+            code, usage, timed_out, maxrss_kib = self._spawn_and_reap(argv, log)
+            if tool == "qemu-img" and target != "null" and code == 0:
+                # qemu-img convert never flushes: make its data durable inside the timed region,
+                # as nbdcopy --flush and the engine do.
+                s0 = time.perf_counter()
+                fd = os.open(self.target_path(target), os.O_WRONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                post_sync = time.perf_counter() - s0
+            wall = time.perf_counter() - t0
+            server_cpu = proc_cpu_seconds(server.pid) - server_cpu0
+            busy = machine_busy_seconds() - busy0
+        rec.update({
+            "argv": argv, "exit": code, "timed_out": timed_out, "wall_s": round(wall, 6),
+            "post_sync_s": round(post_sync, 6),
+            "client_user_s": round(usage.ru_utime, 6), "client_sys_s": round(usage.ru_stime, 6),
+            "client_cpu_s": round(usage.ru_utime + usage.ru_stime, 6),
+            "client_maxrss_mib": None if maxrss_kib is None else round(maxrss_kib / 1024, 1),
+            "server_cpu_s": round(server_cpu, 3),
+            # Everything else the machine did meanwhile: kernel threads working for the copy
+            # (writeback, the loop device's workers) and other people's processes.
+            "machine_busy_cpu_s": round(busy, 3),
+            "other_cpu_s": round(busy - usage.ru_utime - usage.ru_stime - server_cpu, 3),
+            "idle_wait_s": round(idle_wait, 2),
+            "alloc_gib_per_s": round(self.alloc / GiB / wall, 4),
+            "virtual_gib_per_s": round(self.size / GiB / wall, 4),
+        })
+        problems: list[str] = []
+        if code != 0:
+            with open(log, "rb") as f:
+                tail = f.read()[-2000:].decode(errors="replace")
+            rec["output_tail"] = tail
+            problems.append(f"exit {code}" + (" (timed out)" if timed_out else ""))
+        if tool == "engine":
+            rec["engine_fingerprint"] = engine_fingerprint()
+        if tool == "engine" and code == 0:
+            with open(report) as f:
+                rep_data = json.load(f)
+            rec["engine_report"] = {k: rep_data.get(k) for k in (
+                "seconds", "bytes_copied", "bytes_zeroed", "bytes_skipped", "bytes_read",
+                "connections", "requests", "zero_requests", "request_size", "in_flight",
+                "zero_method", "target_created", "flushed", "digest", "native")}
+            if warmup and rep_data.get("digest") != self.ref_digest:
+                problems.append(f"engine digest {rep_data.get('digest')} != image digest "
+                                f"{self.ref_digest}")
+        if warmup and code == 0:
+            checks: dict[str, Any] = {}
+            if target != "null":
+                t = time.perf_counter()
+                cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", self.image,
+                                      self.target_path(target)], capture_output=True, text=True)
+                checks["qemu_img_compare"] = {"exit": cmp.returncode,
+                                              "output": (cmp.stdout + cmp.stderr).strip()[-500:],
+                                              "seconds": round(time.perf_counter() - t, 3)}
+                if cmp.returncode != 0:
+                    problems.append("qemu-img compare: " + (cmp.stdout + cmp.stderr).strip())
+            if tool == "engine":
+                checks["engine_digest"] = {"expected": self.ref_digest,
+                                           "reported": rec["engine_report"]["digest"]}
+            rec["checks"] = checks
+        rec["valid"] = not problems
+        rec["problems"] = problems
+        rec["provenance"] = self.prov
+        self.emit(rec)
+        self.runs.append(rec)
+        extra = ""
+        if tool == "engine" and "engine_report" in rec:
+            extra = f", engine's own {rec['engine_report']['seconds']:.2f} s"
+        if post_sync:
+            extra += f", fsync {post_sync:.2f} s"
+        _say(f"  {target:4} {tool:8} {label:9} {wall:7.2f} s  {rec['alloc_gib_per_s']:5.2f} GiB/s  "
+             f"cpu {rec['client_cpu_s']:5.2f} + server {server_cpu:5.2f} + other "
+             f"{rec['other_cpu_s']:5.2f} s  "
+             f"rss {_fmt(rec['client_maxrss_mib'], '6.1f')} MiB{extra}"
+             + ("" if not problems else "  INVALID: " + "; ".join(problems)))
+        return rec
+
+
+# ---------------------------------------------------------------- summaries
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def summarize(bench: Bench, target: str, tools: list[str], resident: int | None
+              ) -> dict[str, Any]:
+    alloc_gib = bench.alloc / GiB
+    per_tool: dict[str, Any] = {}
+    reps = {t: [r for r in bench.runs if r["target"] == target and r["tool"] == t and not r["warmup"]]
+            for t in tools}
+    for tool in tools:
+        runs = reps[tool]
+        good = [r for r in runs if r["valid"]]
+        walls = [r["wall_s"] for r in good]
+        med = _median(walls)
+        cpu = _median([r["client_cpu_s"] for r in good])
+        srv = _median([r["server_cpu_s"] for r in good])
+        other = _median([r["other_cpu_s"] for r in good])
+        warm = [r for r in bench.runs if r["target"] == target and r["tool"] == tool and r["warmup"]]
+        checked = [r for r in warm if r.get("checks")]
+        s: dict[str, Any] = {
+            "reps": len(runs), "valid_reps": len(good),
+            "warmup_valid": all(r["valid"] for r in warm) and bool(warm),
+            "checked": bool(checked and (checked[0]["checks"])),
+            "wall_s_median": med, "wall_s_min": min(walls) if walls else None,
+            "wall_s_max": max(walls) if walls else None,
+            "alloc_gib_per_s": round(alloc_gib / med, 4) if med else None,
+            "virtual_gib_per_s": round(bench.size / GiB / med, 4) if med else None,
+            "client_cpu_s_per_gib": round(cpu / alloc_gib, 4) if cpu is not None else None,
+            "server_cpu_s_per_gib": round(srv / alloc_gib, 4) if srv is not None else None,
+            "other_cpu_s_per_gib": round(other / alloc_gib, 4) if other is not None else None,
+            "peak_rss_mib": max((r["client_maxrss_mib"] for r in runs + warm
+                                 if r["client_maxrss_mib"] is not None), default=None),
+        }
+        if tool == "engine":
+            s["engine_own_seconds_median"] = _median(
+                [r["engine_report"]["seconds"] for r in good if "engine_report" in r])
+        if tool == "qemu-img" and target != "null":
+            s["post_sync_s_median"] = _median([r["post_sync_s"] for r in good])
+        per_tool[tool] = s
+    ratios: dict[str, Any] = {}
+    if "engine" in tools:
+        eng = {r["rep"]: r for r in reps["engine"] if r["valid"]}
+        for peer in tools:
+            if peer == "engine":
+                continue
+            pairs = [bench_peer["wall_s"] / eng[bench_peer["rep"]]["wall_s"]
+                     for bench_peer in reps[peer] if bench_peer["valid"] and bench_peer["rep"] in eng]
+            ratios[peer] = {"engine_over_peer_median": round(statistics.median(pairs), 4)
+                            if pairs else None,
+                            "pairs": [round(x, 4) for x in pairs]}
+    return {"type": "summary", "scenario": "cold-copy", "target": target,
+            "alloc_bytes": bench.alloc, "size": bench.size,
+            "image_cache_resident_bytes": resident, "tools": per_tool,
+            "throughput_ratio": ratios, "provenance": bench.prov}
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def table(summaries: list[dict[str, Any]]) -> str:
+    head = ("| target | tool | median s (min–max) | GiB/s alloc | GiB/s virtual | engine ÷ tool "
+            "| CPU-s/GiB client | CPU-s/GiB server | CPU-s/GiB other | peak RSS MiB | check |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for s in summaries:
+        for tool, t in s["tools"].items():
+            if tool == "engine":
+                ratio = "1.00" if t["wall_s_median"] else "–"
+            else:
+                ratio = _fmt(s["throughput_ratio"].get(tool, {}).get("engine_over_peer_median"),
+                             ".2f")
+            med = (f"{t['wall_s_median']:.2f} ({t['wall_s_min']:.2f}–{t['wall_s_max']:.2f})"
+                   if t["wall_s_median"] else "–")
+            if not t["warmup_valid"] or t["valid_reps"] < t["reps"]:
+                check = "FAIL"
+            elif s["target"] == "null" and tool != "engine":
+                check = "exit 0"
+            else:
+                check = "ok"
+            lines.append(
+                f"| {s['target']} | {tool} | {med} | {_fmt(t['alloc_gib_per_s'], '.2f')} | "
+                f"{_fmt(t['virtual_gib_per_s'], '.2f')} | {ratio} | "
+                f"{_fmt(t['client_cpu_s_per_gib'], '.2f')} | "
+                f"{_fmt(t['server_cpu_s_per_gib'], '.2f')} | "
+                f"{_fmt(t['other_cpu_s_per_gib'], '.2f')} | "
+                f"{_fmt(t['peak_rss_mib'], '.0f')} | {check} |")
+    return "\n".join(lines)
+
+
+def bars(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for s in summaries:
+        for peer, bar in (("nbdcopy", BAR_NBDCOPY), ("qemu-img", BAR_QEMU_IMG)):
+            r = s["throughput_ratio"].get(peer)
+            if r is None:
+                continue
+            v = r["engine_over_peer_median"]
+            out.append({"bar": f"{s['target']}: engine ÷ {peer} ≥ {bar:g}", "value": v,
+                         "met": v is not None and v >= bar})
+    rss = [s["tools"]["engine"]["peak_rss_mib"] for s in summaries
+           if "engine" in s["tools"] and s["tools"]["engine"]["peak_rss_mib"] is not None]
+    if rss:
+        out.append({"bar": f"engine peak RSS ≤ {BAR_RSS_MIB} MiB", "value": max(rss),
+                    "met": max(rss) <= BAR_RSS_MIB})
+    return out
+
+
+# ---------------------------------------------------------------- the scenario
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench cold-copy",
+        description="Copy a synthetic disk served by nbdkit with the engine, nbdcopy and qemu-img "
+                    "convert, to null:, a file and a loop device; print a table of medians.")
+    p.add_argument("--size", type=parse_size, help="image size (default 4G; 256M with --quick)")
+    p.add_argument("--seed", type=int, default=1, help="image seed (default 1)")
+    p.add_argument("--reps", type=int, help="timed runs per tool and target, after one warm-up "
+                                            "(default 5; 1 with --quick)")
+    p.add_argument("--targets", default=",".join(TARGETS),
+                   help="comma-separated, of null,file,loop (default all)")
+    p.add_argument("--tools", default=",".join(TOOLS),
+                   help="comma-separated, of engine,nbdcopy,qemu-img (default all)")
+    p.add_argument("--workdir", help="directory for the image, targets and sockets (default: a "
+                                     "fresh directory under /var/tmp); an image made there with "
+                                     "--keep and the same size and seed is reused")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--out", help="JSON lines output (default bench/out/cold-copy-<time>.jsonl)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 256 MiB image, 1 rep")
+    p.add_argument("--require-bars", action="store_true",
+                   help="exit 3 when a valid run misses one of the issue's bars")
+    a = p.parse_args(argv)
+    a.size = a.size if a.size is not None else (QUICK_SIZE if a.quick else DEFAULT_SIZE)
+    a.reps = a.reps if a.reps is not None else (1 if a.quick else 5)
+    a.targets = [t for t in a.targets.split(",") if t]
+    a.tools = [t for t in a.tools.split(",") if t]
+    bad = [t for t in a.targets if t not in TARGETS] + [t for t in a.tools if t not in TOOLS]
+    if bad:
+        p.error(f"unknown target or tool: {', '.join(bad)}")
+    if a.reps < 1 or a.size < MiB or a.size % (64 << 10):
+        p.error("--reps must be at least 1 and --size a multiple of 64K, at least 1M")
+    a.tools = [t for t in TOOLS if t in a.tools]  # interleave in the canonical order
+    return a
+
+
+def reproduce_command(a: argparse.Namespace) -> str:
+    parts = ["cd", shlex.quote(str(ROOT)), "&&", ".venv/bin/python", "-m", "bench", "cold-copy",
+             "--size", _size_text(a.size), "--seed", str(a.seed), "--reps", str(a.reps),
+             "--targets", ",".join(a.targets), "--tools", ",".join(a.tools)]
+    return " ".join(parts)
+
+
+def _preflight(a: argparse.Namespace) -> list[str]:
+    missing = []
+    need = ["nbdkit"] + (["nbdcopy"] if "nbdcopy" in a.tools else []) + ["qemu-img"]
+    if "loop" in a.targets:
+        need += ["losetup", "blkdiscard"]
+        if os.geteuid() != 0:
+            missing.append("root (for the loop device)")
+    missing += [n for n in need if not shutil.which(n)]
+    if not os.access(TIME, os.X_OK):
+        missing.append(f"{TIME} (GNU time: apt-get install time)")
+    if "engine" in a.tools and not ENGINE.exists():
+        missing.append(f"{ENGINE} (run tools/setup)")
+    return missing
+
+
+def _prepare_image(workdir: str, a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    image = os.path.join(workdir, "source.img")
+    meta_path = os.path.join(workdir, "source.json")
+    want = {"size": a.size, "seed": a.seed, "allocated_fraction": ALLOCATED}
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if {k: meta.get(k) for k in want} == want and os.path.getsize(image) == a.size:
+            _say(f"reusing {image} (size {_size_text(a.size)}, seed {a.seed})")
+            return image, meta
+    except (OSError, ValueError):
+        pass
+    t = time.perf_counter()
+    _say(f"making {_size_text(a.size)} image, seed {a.seed}, half allocated ...")
+    layout = make_image(image, a.size, a.seed, allocated=ALLOCATED)
+    meta = dict(want, layout=layout, alloc_bytes=allocated_bytes(image))
+    _say(f"  made in {time.perf_counter() - t:.1f} s: "
+         + ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in layout.items()))
+    t = time.perf_counter()
+    meta["digest"] = file_digest(image)
+    _say(f"  digest {meta['digest']} in {time.perf_counter() - t:.1f} s")
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    return image, meta
+
+
+def main(argv: list[str]) -> int:
+    a = parse_args(argv)
+    missing = _preflight(a)
+    if missing:
+        print("cold-copy: missing " + ", ".join(missing), file=sys.stderr)
+        return 2
+    started = time.time()
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_path = a.out or str(ROOT / "bench" / "out" / f"cold-copy-{stamp}.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+
+    made_dir = a.workdir is None or not os.path.exists(a.workdir)
+    if a.workdir is None:
+        workdir = tempfile.mkdtemp(prefix="bench-cold-copy-", dir="/var/tmp")
+    else:
+        workdir = os.path.abspath(a.workdir)
+        os.makedirs(workdir, exist_ok=True)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    loop: LoopDevice | None = None
+    code = 0
+    try:
+        image, meta = _prepare_image(workdir, a)
+        alloc = meta["alloc_bytes"]
+        t = time.perf_counter()
+        warm_cache(image)
+        resident = cache_resident(image)
+        _say(f"image hot in the page cache ({time.perf_counter() - t:.1f} s; fincore: "
+             f"{'?' if resident is None else f'{resident / MiB:.0f} MiB'} resident); "
+             f"allocated {alloc / MiB:.0f} MiB of {a.size / MiB:.0f} MiB")
+        image_info = {"size": a.size, "seed": a.seed, "allocated_fraction": ALLOCATED,
+                      "alloc_bytes": alloc, "layout": meta["layout"], "digest": meta["digest"]}
+        prov = provenance(image_info, workdir)
+        _say(f"engine {prov['engine_commit']} (fingerprint {prov['engine_fingerprint']}), "
+             f"{prov['nbdcopy']}, {prov['qemu_img']}, {prov['nbdkit']}, kernel {prov['kernel']}, "
+             f"{prov['cpu_model']} x {prov['nproc']}")
+        summaries: list[dict[str, Any]] = []
+        with open(out_path, "w") as out:
+            bench = Bench(a, workdir, image, a.size, alloc, meta["digest"], prov, out)
+            if "loop" in a.targets:
+                loop = LoopDevice(os.path.join(workdir, "loop-backing.img"), a.size)
+                bench.loop = loop
+                _say(f"loop device {loop.attach()} over {loop.backing}")
+            for target in a.targets:
+                resident = cache_resident(image)
+                _say(f"target {target}: warm-up and check, then {a.reps} interleaved reps")
+                for tool in a.tools:
+                    bench.run(tool, target, None)
+                for rep in range(a.reps):
+                    for tool in a.tools:
+                        bench.run(tool, target, rep)
+                if target == "file" and os.path.exists(bench.file_target):
+                    os.unlink(bench.file_target)
+                s = summarize(bench, target, a.tools, resident)
+                bench.emit(s)
+                summaries.append(s)
+            fp_end = engine_fingerprint()
+            fps = sorted({r["engine_fingerprint"] for r in bench.runs if "engine_fingerprint" in r}
+                         | {prov["engine_fingerprint"], fp_end})
+            verdict_bars = bars(summaries)
+            valid = all(r["valid"] for r in bench.runs)
+            duration = time.time() - started
+            bench.emit({"type": "verdict", "scenario": "cold-copy", "valid": valid,
+                        "bars": verdict_bars, "duration_s": round(duration, 1),
+                        "engine_changed_during_run": len(fps) > 1, "engine_fingerprints": fps,
+                        "command": reproduce_command(a), "provenance": prov})
+        _say()
+        _say(f"cold-copy: {_size_text(a.size)} image ({alloc / GiB:.2f} GiB allocated), seed "
+             f"{a.seed}, {a.reps} reps after a warm-up, nbdkit file plugin on a unix socket, "
+             f"page cache hot; engine {prov['engine_commit']}")
+        _say()
+        _say(table(summaries))
+        _say()
+        _say("GiB/s alloc: allocated (non-hole) GiB / median wall s; engine ÷ tool: median of "
+             "per-rep ratios tool wall / engine wall (> 1: engine faster); CPU-s/GiB per "
+             "allocated GiB, medians; server = nbdkit; other = the rest of the machine meanwhile "
+             "(kernel writeback and loop workers, and anyone else's processes).")
+        for s in summaries:
+            e = s["tools"].get("engine", {})
+            if e.get("engine_own_seconds_median"):
+                _say(f"  {s['target']}: engine's own reported seconds (without interpreter start) "
+                     f"median {e['engine_own_seconds_median']:.2f} s of "
+                     f"{e['wall_s_median']:.2f} s wall")
+            q = s["tools"].get("qemu-img", {})
+            if q.get("post_sync_s_median") is not None:
+                _say(f"  {s['target']}: qemu-img's wall includes our fsync of the target, median "
+                     f"{q['post_sync_s_median']:.2f} s")
+        _say()
+        for b in verdict_bars:
+            _say(f"  {'met   ' if b['met'] else 'MISSED'} {b['bar']}: {_fmt(b['value'], '.2f')}")
+        if len(fps) > 1:
+            _say(f"WARNING: the engine's files changed during the run ({len(fps)} versions: "
+                 f"{', '.join(fps)}); each engine run's JSON line has its engine_fingerprint")
+        if not valid:
+            _say("INVALID: a run failed or a correctness check failed (see 'problems' in the "
+                 "JSON lines)")
+            code = 1
+        elif a.require_bars and not all(b["met"] for b in verdict_bars):
+            code = 3
+        _say(f"duration {duration / 60:.1f} min; JSON lines: {out_path}")
+        _say(f"reproduce: {reproduce_command(a)}")
+        return code
+    except KeyboardInterrupt:
+        print("cold-copy: interrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        if loop is not None:
+            loop.detach()
+        if a.keep:
+            print(f"work directory kept: {workdir}", file=sys.stderr)
+        elif made_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            for name in ("source.img", "source.json", "target.img", "loop-backing.img",
+                         "nbd.sock", "report.json", "child.log", "maxrss.txt"):
+                try:
+                    os.unlink(os.path.join(workdir, name))
+                except OSError:
+                    pass
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,190 @@
+"""The command line as a user and a pod see it: exit codes, one-line errors, progress, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import compare, expected_digest_of_file, run_cli
+
+MiB = 1 << 20
+
+
+def one_line_error(p, code, *needles):
+    assert p.returncode == code, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = str(tmp_path / "src.img")
+    with open(path, "wb") as f:
+        f.write(os.urandom(3 * MiB))
+        f.truncate(16 * MiB)
+    return path
+
+
+def test_help_documents_the_exit_codes():
+    p = run_cli("copy", "--help")
+    assert p.returncode == 0
+    for code in ("0  success", "2  bad input", "3  source I/O", "4  target I/O", "5  interrupted"):
+        assert code in p.stdout
+
+
+@pytest.mark.parametrize("source, needle", [
+    ("http://host/disk", "unsupported scheme 'http'"),
+    ("nbd+unix:///?socket=/nonexistent/x.sock", "socket /nonexistent/x.sock does not exist"),
+    ("nbd+unix:///export", "needs ?socket=PATH"),
+    ("/nonexistent/disk.img", "No such file or directory"),
+    ("/", "not a regular file or a block device"),
+])
+def test_bad_source_addresses(source, needle):
+    one_line_error(run_cli("copy", source, "null:"), 2, "transfer: source", needle)
+
+
+def test_unreadable_source_file(tmp_path, image):
+    os.chmod(image, 0)
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        sys.executable, "-m", "transfer.cli", "copy", image, "null:"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    one_line_error(p, 2, "transfer: source", "Permission denied")
+
+
+def test_secrets_never_reach_the_output(tmp_path, image):
+    p = run_cli("copy", "nbd://admin:CANARY1@127.0.0.1:1/exp?tls-psk-file=CANARY2",
+                str(tmp_path / "t.img"))
+    line = one_line_error(p, 3, "admin:***@127.0.0.1:1")
+    assert "CANARY" not in p.stderr + p.stdout, line
+    p = run_cli("copy", image, "nbd+unix://u:CANARY3@/x?socket=/nonexistent&tls-psk-file=CANARY4")
+    assert p.returncode == 2 and "CANARY" not in p.stderr + p.stdout, p.stderr
+
+
+def test_source_read_error_names_the_offset_and_writes_nothing_there(nbdkit, tmp_path, image):
+    # EIO on every read from 2 MiB on: the request holding 2 MiB fails, exit 3
+    src = nbdkit("file", image, "error-pread=EIO", "error-pread-rate=100%", readonly=True,
+                 filters=["error"])
+    target = str(tmp_path / "t.img")
+    line = one_line_error(run_cli("copy", src.uri, target, "--connections=1"), 3,
+                          "transfer: source nbd+unix", "read failed", "at offset")
+    assert "EIO" in line or "Input/output error" in line
+
+
+def test_bad_sector_at_an_exact_offset(nbdkit, tmp_path, image):
+    """RELIABILITY.md S1c: only the request covering the bad sector fails, and it is named."""
+    bad = 2 * MiB + 4096
+    script = (f'BAD={bad}; if [ $4 -le $BAD ] && [ $(($4+$3)) -gt $BAD ]; then echo EIO >&2; '
+              f'exit 1; fi; dd if={image} skip=$4 count=$3 iflag=count_bytes,skip_bytes status=none')
+    src = nbdkit("eval", f"get_size=stat -Lc %s {image}", f"pread={script}", readonly=True)
+    line = one_line_error(run_cli("copy", src.uri, str(tmp_path / "t.img"), "--request-size=1M"),
+                          3, "read failed")
+    assert f"at offset {2 * MiB} (length {MiB})" in line
+
+
+def test_target_write_error(nbdkit, image):
+    dst = nbdkit("memory", str(16 * MiB), "error-pwrite=EIO", "error-pwrite-rate=100%",
+                 filters=["error"])
+    one_line_error(run_cli("copy", image, dst.uri), 4, "transfer: target", "write failed",
+                   "at offset")
+
+
+def test_target_out_of_space(tmp_path, image):
+    """A file on a 4 MiB tmpfs: ENOSPC on write is a target failure, not a success."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], check=True)
+    try:
+        one_line_error(run_cli("copy", image, str(mnt / "t.img")), 4, "transfer: target",
+                       "No space left on device")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _slow_source(nbdkit, tmp_path):
+    """96 MiB of data at 25 MiB/s (the rate filter counts bits): about 4 s to copy."""
+    image = str(tmp_path / "big.img")
+    with open(image, "wb") as f:
+        for _ in range(96):
+            f.write(os.urandom(MiB))
+    return nbdkit("file", image, "rate=200M", readonly=True, filters=["rate"])
+
+
+def _wait_for_progress(proc):
+    line = proc.stdout.readline()  # the first JSON progress line: the copy is under way
+    assert json.loads(line)["event"] == "progress"
+
+
+def test_server_dying_mid_copy(nbdkit, tmp_path):
+    src = _slow_source(nbdkit, tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "transfer.cli", "copy", src.uri,
+                             str(tmp_path / "t.img"), "--progress=json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_progress(proc)
+        os.kill(src.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+    one_line_error(p, 3, "transfer: source nbd+unix")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_interrupts_with_its_own_exit_code(nbdkit, tmp_path, sig):
+    src = _slow_source(nbdkit, tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "transfer.cli", "copy", src.uri,
+                             str(tmp_path / "t.img"), "--progress=json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_progress(proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+    one_line_error(p, 5, "interrupted")
+    assert src.proc.poll() is None  # the server is still fine: we drained before leaving
+
+
+def test_json_progress_and_report(nbdkit, tmp_path, image):
+    src = nbdkit("file", image, readonly=True)
+    target, report = str(tmp_path / "t.img"), str(tmp_path / "report.json")
+    p = run_cli("copy", src.uri, target, "--progress=json", "--report", report)
+    assert p.returncode == 0, p.stderr
+    events = [json.loads(line) for line in p.stdout.splitlines()]
+    assert events and all(e["event"] == "progress" for e in events)
+    done = [e["bytes_done"] for e in events]
+    assert done == sorted(done)
+    assert events[-1]["final"] and events[-1]["bytes_done"] == events[-1]["bytes_total"] == 16 * MiB
+    r = json.load(open(report))
+    for key in ("size", "bytes_copied", "bytes_zeroed", "bytes_skipped", "seconds", "digest",
+                "connections", "requests", "native"):
+        assert key in r
+    assert r["size"] == 16 * MiB and r["bytes_copied"] == 3 * MiB
+    assert r["bytes_skipped"] == 13 * MiB  # the new file reads as zeroes: nothing written there
+    assert r["digest"] == expected_digest_of_file(image)
+    assert r["native"] == {"zeroscan": "cython", "blockhash": "cython", "fileops": "cython"}
+    compare(image, target, size=16 * MiB)
+
+
+def test_progress_none_is_silent(tmp_path, image):
+    p = run_cli("copy", image, str(tmp_path / "t.img"), "--progress=none")
+    assert p.returncode == 0 and p.stdout == "" and p.stderr == ""
+
+
+def test_demo(tmp_path):
+    p = run_cli("demo", "--size=32M", "--progress=none", cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["size"] == 32 * MiB and report["digest"].startswith("xxh3-128:64k:")
+    assert os.listdir(tmp_path) == []  # the demo leaves nothing behind
