@@ -9,8 +9,12 @@ from setuptools import Extension, setup
 
 CFLAGS = ["-O3", "-Wall", "-Wno-unused-function"]
 
+# blockhash links Debian's libxxhash (libxxhash-dev) for its run-time SIMD dispatch.
+LIBRARIES = {"blockhash": ["xxhash"]}
+
 extensions = [
-    Extension(f"transfer._native.{name}", [f"native/{name}.pyx"], extra_compile_args=CFLAGS)
+    Extension(f"transfer._native.{name}", [f"native/{name}.pyx"], extra_compile_args=CFLAGS,
+              libraries=LIBRARIES.get(name, []))
     for name in ("zeroscan", "blockhash", "fileops")
 ]
 
