@@ -1,8 +1,8 @@
 # cython: language_level=3
 """System calls the standard library lacks, run without the GIL.
 
-fallocate(2) with a mode (punch hole, zero range) and the block-device
-ioctls BLKZEROOUT and BLKSSZGET. They can take long on a large range, so the
+fallocate(2) with a mode (punch hole, zero range), sync_file_range(2), and
+the block-device ioctls BLKZEROOUT and BLKSSZGET. They can take long on a large range, so the
 GIL is released around each call.
 
 Pure-Python twins (ctypes and fcntl): transfer._native._reference.
@@ -13,6 +13,8 @@ from libc.stdint cimport uint64_t
 
 cdef extern from "<fcntl.h>" nogil:
     int c_fallocate "fallocate" (int fd, int mode, long long offset, long long length)
+    int c_sync_file_range "sync_file_range" (int fd, long long offset, long long nbytes,
+                                             unsigned int flags)
 
 cdef extern from "<sys/ioctl.h>" nogil:
     int ioctl(int fd, unsigned long request, ...)
@@ -31,6 +33,17 @@ def fallocate(int fd, int mode, long long offset, long long length):
             err = errno
     if rc != 0:
         raise OSError(err, "fallocate failed")
+
+
+def sync_file_range(int fd, long long offset, long long nbytes, unsigned int flags):
+    """sync_file_range(2); raises OSError with the errno on failure."""
+    cdef int rc, err = 0
+    with nogil:
+        rc = c_sync_file_range(fd, offset, nbytes, flags)
+        if rc != 0:
+            err = errno
+    if rc != 0:
+        raise OSError(err, "sync_file_range failed")
 
 
 def blkzeroout(int fd, uint64_t offset, uint64_t length):

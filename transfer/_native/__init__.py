@@ -28,6 +28,7 @@ class Kernels:
     zero_blocks: Callable[..., int]
     hash_blocks: Callable[..., int]
     fallocate: Callable[[int, int, int, int], None]
+    sync_file_range: Callable[[int, int, int, int], None]
     blkzeroout: Callable[[int, int, int], None]
     blksszget: Callable[[int], int]
 
@@ -52,6 +53,7 @@ def _compiled() -> dict[str, Any]:
         "zero_blocks": mods["zeroscan"].zero_blocks,
         "hash_blocks": mods["blockhash"].hash_blocks,
         "fallocate": mods["fileops"].fallocate,
+        "sync_file_range": mods["fileops"].sync_file_range,
         "blkzeroout": mods["fileops"].blkzeroout,
         "blksszget": mods["fileops"].blksszget,
     }
@@ -64,6 +66,7 @@ def _twins() -> dict[str, Any]:
         "zero_blocks": ref.zero_blocks,
         "hash_blocks": ref.hash_blocks,
         "fallocate": ref.fallocate,
+        "sync_file_range": ref.sync_file_range,
         "blkzeroout": ref.blkzeroout,
         "blksszget": ref.blksszget,
     }

@@ -63,13 +63,25 @@ def hash_blocks(buf, block_size: int, out, zero=None, zero_digest=None) -> int:
 _libc = None
 
 
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+def _load_libc() -> ctypes.CDLL:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    if _libc.fallocate(fd, mode, offset, length) != 0:
+        lib = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        lib.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+        lib.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
+                                        ctypes.c_uint]
+        _libc = lib
+    return _libc
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _load_libc().fallocate(fd, mode, offset, length) != 0:
         raise OSError(ctypes.get_errno(), "fallocate failed")
+
+
+def sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> None:
+    if _load_libc().sync_file_range(fd, offset, nbytes, flags) != 0:
+        raise OSError(ctypes.get_errno(), "sync_file_range failed")
 
 
 def blkzeroout(fd: int, offset: int, length: int) -> None:
@@ -80,4 +92,4 @@ def blksszget(fd: int) -> int:
     return struct.unpack("=i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
 
 
-__all__ = ["zero_blocks", "hash_blocks", "fallocate", "blkzeroout", "blksszget"]
+__all__ = ["zero_blocks", "hash_blocks", "fallocate", "sync_file_range", "blkzeroout", "blksszget"]

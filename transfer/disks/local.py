@@ -6,11 +6,17 @@ file source come from SEEK_DATA/SEEK_HOLE.
 
 A block-device target is opened O_EXCL and the descriptor is held for the
 whole run: the kernel then refuses a mount, and we are refused (EBUSY) when
-it is mounted or claimed (RELIABILITY.md T5). Whole aligned requests are
-written with O_DIRECT (2.6 CPU-s/GiB against 4.2 buffered, measured here, and
-the cache is not filled with data nobody reads); an unaligned tail goes
-through a buffered descriptor. Regular files are written buffered, as
-nbdcopy writes them; both are fsynced at the end.
+it is mounted or claimed (RELIABILITY.md T5). Whole aligned requests
+are written with O_DIRECT (buffered writes cost 4.2 CPU-s/GiB there against
+2.6, measured here), an unaligned tail through a second, buffered descriptor.
+Regular files are written buffered and pushed to the disk as they go
+(sync_file_range, then evicted from the cache: see LocalConn._push); a file
+written buffered with a single fsync at the end took 6.3 s for 1.6 GiB here
+against 1.3-1.4 s pushed as it goes. Everything is fsynced at the end.
+
+An existing regular file with no data at all (SEEK_DATA finds none, as for a
+PVC's fresh sparse disk.img) reads as zeroes, so zero runs are skipped on it
+as on a file this run created.
 
 Zeroing is tried in order and the first "not supported" answer is
 remembered: files punch a hole (then ZERO_RANGE), block devices BLKZEROOUT,
@@ -19,6 +25,7 @@ and only then zero buffers are written.
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import stat
@@ -33,6 +40,10 @@ from .base import NOT_SUPPORTED, Conn, Disk, zero_buffer
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+SYNC_FILE_RANGE_WAIT_BEFORE = 1
+SYNC_FILE_RANGE_WRITE = 2
+SYNC_FILE_RANGE_WAIT_AFTER = 4
+WRITEBACK_WINDOW = 32 << 20  # buffered bytes per connection under writeback before we wait for them
 DIRECT_ALIGN = 4096  # our buffers are page-aligned; offsets are 64 KiB-aligned but for a tail
 MAX_CONNECTIONS = 8
 
@@ -75,6 +86,7 @@ class LocalDisk(Disk):
         self.kernels = _native.kernels()
         self.fd = -1
         self.direct_fd = -1
+        self.writeback = False  # buffered writes pushed out as they go (regular files)
         self.sector = 512
         self.max_connections = MAX_CONNECTIONS
         if role == "source":
@@ -126,6 +138,8 @@ class LocalDisk(Disk):
             self.st = os.fstat(self.fd)
             self.size = self.st.st_size
             self.zero_method = "punch-hole"
+            self.reads_zero = self._all_hole()
+            self.writeback = True
         elif stat.S_ISBLK(st.st_mode):
             self.kind = "block"
             self._open_block_target()
@@ -154,7 +168,7 @@ class LocalDisk(Disk):
                                     disk=self.display)
             self.size = os.lseek(self.fd, 0, os.SEEK_END)
             self.sector = self.kernels.blksszget(self.fd)
-            self.direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            self._open_direct()
             self.zero_method = "blkzeroout"
         except OSError as e:
             self.close()
@@ -162,6 +176,26 @@ class LocalDisk(Disk):
         except BaseException:
             self.close()
             raise
+
+    def _open_direct(self) -> None:
+        """A second descriptor with O_DIRECT for aligned writes, where the file system has it."""
+        try:
+            self.direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: no O_DIRECT here (tmpfs): buffered writes
+                raise
+
+    def _all_hole(self) -> bool:
+        """True when the file has no data at all (SEEK_DATA finds none): it reads as zeroes.
+
+        A file system without SEEK_DATA reports all of the file as data, so the answer is
+        never wrongly True.
+        """
+        try:
+            os.lseek(self.fd, 0, os.SEEK_DATA)
+        except OSError as e:
+            return e.errno == errno.ENXIO
+        return False
 
     def create(self, size: int) -> None:
         """Create the missing target file at size; it then reads as zeroes."""
@@ -171,6 +205,7 @@ class LocalDisk(Disk):
             self.st = os.fstat(self.fd)
         except OSError as e:
             raise self._error("cannot create the target", e) from None
+        self.writeback = True
         self.size = size
         self.created = True
         self.reads_zero = True
@@ -219,6 +254,8 @@ class LocalConn(Conn):
         self.disk = disk
         self._done: list[tuple[Any, BaseException | None]] = []
         self.inflight = 0
+        self._written: collections.deque[tuple[int, int]] = collections.deque()
+        self._written_bytes = 0
 
     # source
 
@@ -279,9 +316,32 @@ class LocalConn(Conn):
         try:
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
+            if d.writeback:
+                self._push(offset, len(view))
         except OSError as e:
             raise TargetError(f"write failed: {os.strerror(e.errno)}", disk=d.display,
                               offset=offset + done, length=len(view) - done, errno=e.errno) from None
+
+    def _push(self, offset: int, length: int) -> None:
+        """Start writeback of what was just written; wait for, and evict, the oldest ranges.
+
+        nbdcopy's file_page_cache_evict, pipelined: the page cache never holds more
+        than WRITEBACK_WINDOW of our dirty data per connection, the final fsync has
+        little left to do, and the disk always has writes queued. Measured here
+        writing 1.6 GiB to a file: 1.3-1.4 s, against 1.47 s with O_DIRECT and 6.3 s
+        buffered with one fsync at the end.
+        """
+        d = self.disk
+        sfr = d.kernels.sync_file_range
+        sfr(d.fd, offset, length, SYNC_FILE_RANGE_WRITE)
+        self._written.append((offset, length))
+        self._written_bytes += length
+        while self._written_bytes > WRITEBACK_WINDOW:
+            off, n = self._written.popleft()
+            self._written_bytes -= n
+            sfr(d.fd, off, n, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                SYNC_FILE_RANGE_WAIT_AFTER)
+            os.posix_fadvise(d.fd, off, n, os.POSIX_FADV_DONTNEED)
 
     def zero(self, offset: int, length: int) -> None:
         d = self.disk

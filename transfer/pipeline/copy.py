@@ -16,8 +16,10 @@ the workers, ticks progress, and turns the first error or a cancellation into
 a stop; each worker keeps its own reads in flight, inspects each buffer in
 native code with the GIL released, and writes it.
 
-Bounds: each worker holds at most `in_flight` reads and `in_flight` buffers
-of `request_size` bytes (backpressure by requests and by bytes). First error
+Bounds: each worker holds at most `in_flight` buffers of `request_size`
+bytes, each either being read or waiting for its write (backpressure by
+requests and by bytes); each worker's Writer thread applies its buffers to the
+target in order. First error
 wins: it is recorded, every worker stops issuing, drains what it has in
 flight (nbdkit aborts when a client leaves with reads in flight) and returns;
 the caller gets that first error. Progress counts completed writes.
@@ -26,6 +28,7 @@ the caller gets that first error. Progress counts completed writes.
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,16 +74,106 @@ class Shared:
         self.stop.set()
 
 
+class Writer:
+    """Applies one worker's inspected buffers to the target, in order, on its own thread.
+
+    Writing on the reading thread stalled the reads behind every write: measured
+    here to a regular file with O_DIRECT, 1.9-2.0 s against nbdcopy's 1.5-1.7 s,
+    while reading alone takes 0.8 s and writing alone 1.4 s (the disk's ~1.1 GiB/s).
+    With a writer beside each reader the two overlap. A buffer's slot goes back
+    to the reader only after its write completed, so progress and the bytes
+    counted are completed writes. A null target is applied inline (nothing to
+    overlap). The target Conn is used by this thread only.
+    """
+
+    def __init__(self, dst: Conn, stats: Stats, shared: Shared, *, target_zero: bool,
+                 inline: bool) -> None:
+        self.dst = dst
+        self.stats = stats
+        self.shared = shared
+        self.target_zero = target_zero
+        self.inline = inline
+        self.returned: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        if not inline:
+            self._thread = threading.Thread(target=self._loop, name="transfer-write", daemon=True)
+            self._thread.start()
+
+    def submit(self, offset: int, length: int, view: memoryview | None, flags: bytes | None,
+               slot: int | None) -> None:
+        """Write view (flags: per-block zero flags; None: all data) or zero [offset, +length)."""
+        item = (offset, length, view, flags, slot)
+        if self.inline:
+            self._apply(item)
+        else:
+            self._queue.put(item)
+
+    def close(self) -> None:
+        """Finish every submitted item, then stop the thread."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            self._apply(item)
+
+    def _apply(self, item: tuple) -> None:
+        offset, length, view, flags, slot = item
+        try:
+            if not self.shared.stop.is_set():
+                if view is None:
+                    self._zero(offset, length)
+                else:
+                    self._write(offset, length, view, flags)
+        except BaseException as e:
+            self.shared.fail(e)
+        finally:
+            if slot is not None:
+                self.returned.put(slot)
+
+    def _zero(self, offset: int, length: int) -> None:
+        if self.target_zero:
+            self.stats.bytes_skipped += length
+        else:
+            self.dst.zero(offset, length)
+            self.stats.bytes_zeroed += length
+
+    def _write(self, offset: int, length: int, view: memoryview, flags: bytes | None) -> None:
+        st = self.stats
+        if flags is None:
+            self.dst.write(view, offset)
+            st.bytes_copied += length
+            return
+        pos, nblocks = 0, len(flags)
+        while pos < nblocks:
+            is_zero = flags[pos]
+            end = flags.find(b"\x00" if is_zero else b"\x01", pos)
+            if end < 0:
+                end = nblocks
+            start, stop = pos * BLOCK, min(end * BLOCK, length)
+            if is_zero:
+                self._zero(offset + start, stop - start)
+            else:
+                self.dst.write(view[start:stop], offset + start)
+                st.bytes_copied += stop - start
+            pos = end
+
+
 class Worker:
+    """Reads one connection's share of the plan and inspects each buffer; its Writer writes."""
+
     def __init__(self, src: Conn, dst: Conn, plan: Plan, manifest: Manifest, kernels: Kernels,
-                 *, target_zero: bool, in_flight: int, request_size: int, shared: Shared,
-                 source_name: str) -> None:
+                 *, target_zero: bool, inline_writes: bool, in_flight: int, request_size: int,
+                 shared: Shared, source_name: str) -> None:
         self.src = src
         self.dst = dst
         self.plan = plan
         self.manifest = manifest
         self.k = kernels
         self.target_zero = target_zero
+        self.inline_writes = inline_writes
         self.in_flight = in_flight
         self.request_size = request_size
         self.shared = shared
@@ -91,10 +184,13 @@ class Worker:
 
     def run(self) -> None:
         pool = BufferPool(self.in_flight, self.request_size)
+        writer = Writer(self.dst, self.stats, self.shared, target_zero=self.target_zero,
+                        inline=self.inline_writes)
         inflight = 0
         try:
             exhausted = False
             while not self.shared.stop.is_set():
+                self._reclaim(pool, writer, block=False)
                 while pool.free and not exhausted and not self.shared.stop.is_set():
                     req = self.plan.next(self.src.extents)
                     if req is None:
@@ -105,10 +201,14 @@ class Worker:
                         self.src.start_read(pool.slots[slot][: req.length], req.offset, (slot, req))
                         self.stats.requests += 1
                     else:
-                        self._zero(req)
+                        self.manifest.set_zero(req.offset, req.length)
+                        writer.submit(req.offset, req.length, None, None, None)
+                        self.stats.zero_requests += 1
                 if inflight == 0:
                     if exhausted:
                         break
+                    if not pool.free:  # every buffer is with the writer: wait for one
+                        self._reclaim(pool, writer, block=True)
                     continue
                 for (slot, req), err in self.src.reap():
                     inflight -= 1
@@ -116,13 +216,22 @@ class Worker:
                         raise SourceError(f"read failed: {err.strerror or err}", disk=self.source_name,
                                           offset=req.offset, length=req.length,
                                           errno=getattr(err, "errno", None))
-                    self._process(req, pool.slots[slot][: req.length])
-                    pool.free.append(slot)
+                    view = pool.slots[slot][: req.length]
+                    writer.submit(req.offset, req.length, view, self._inspect(req, view), slot)
         except BaseException as e:
             self.shared.fail(e)
         finally:
             self._drain(inflight)
+            writer.close()
             pool.close()
+
+    @staticmethod
+    def _reclaim(pool: BufferPool, writer: Writer, *, block: bool) -> None:
+        """Take back the slots whose writes completed (waiting for one when block)."""
+        if block:
+            pool.free.append(writer.returned.get())
+        while not writer.returned.empty():
+            pool.free.append(writer.returned.get_nowait())
 
     def _drain(self, inflight: int) -> None:
         """Wait for reads still in flight; their buffers must not be freed under them."""
@@ -135,42 +244,16 @@ class Worker:
         except TransferError:
             pass  # a dead connection has nothing more in flight
 
-    def _zero(self, req: Request) -> None:
-        if self.target_zero:
-            self.stats.bytes_skipped += req.length
-        else:
-            self.dst.zero(req.offset, req.length)
-            self.stats.bytes_zeroed += req.length
-            self.stats.zero_requests += 1
-        self.manifest.set_zero(req.offset, req.length)
-
-    def _process(self, req: Request, view: memoryview) -> None:
-        k, flags, st = self.k, self.flags, self.stats
-        st.bytes_read += req.length
-        nblocks = (req.length + BLOCK - 1) // BLOCK
+    def _inspect(self, req: Request, view: memoryview) -> bytes | None:
+        """Zero scan and hash (native, GIL released); the zero flags, or None when all data."""
+        k, flags = self.k, self.flags
+        self.stats.bytes_read += req.length
         zeros = k.zero_blocks(view, BLOCK, flags)
         k.hash_blocks(view, BLOCK, self.manifest.slice(req.offset, req.length), flags,
                       self.zero_digest)
         if zeros == 0:
-            self.dst.write(view, req.offset)
-            st.bytes_copied += req.length
-            return
-        pos = 0
-        while pos < nblocks:
-            is_zero = flags[pos]
-            end = flags.find(b"\x00" if is_zero else b"\x01", pos, nblocks)
-            if end < 0:
-                end = nblocks
-            start, stop = pos * BLOCK, min(end * BLOCK, req.length)
-            if not is_zero:
-                self.dst.write(view[start:stop], req.offset + start)
-                st.bytes_copied += stop - start
-            elif self.target_zero:
-                st.bytes_skipped += stop - start
-            else:
-                self.dst.zero(req.offset + start, stop - start)
-                st.bytes_zeroed += stop - start
-            pos = end
+            return None
+        return bytes(flags[: (req.length + BLOCK - 1) // BLOCK])
 
 
 @dataclass
@@ -204,8 +287,10 @@ async def run(source: Disk, target: Disk, manifest: Manifest, kernels: Kernels, 
     plan = Plan(size, request_size=request_size)
     shared = Shared()
     pairs = await asyncio.to_thread(_connect, source, target, connections)
-    workers = [Worker(s, d, plan, manifest, kernels, target_zero=target_zero, in_flight=in_flight,
-                      request_size=request_size, shared=shared, source_name=source.display)
+    inline = target.kind == "null"
+    workers = [Worker(s, d, plan, manifest, kernels, target_zero=target_zero, inline_writes=inline,
+                      in_flight=in_flight, request_size=request_size, shared=shared,
+                      source_name=source.display)
                for s, d in pairs]
     start = time.monotonic()
 
