@@ -189,3 +189,29 @@ def test_pure_python_twins_give_the_same_copy(make_source, tmp_path):
     assert a.native == {"zeroscan": "python", "blockhash": "python", "fileops": "python"}
     assert b.native == {"zeroscan": "cython", "blockhash": "cython", "fileops": "cython"}
     assert a.digest == b.digest == expected_digest_of_file(reference)
+
+
+def test_async_api_inside_a_running_loop(make_source, tmp_path):
+    """copy_async() runs on the caller's loop; progress events arrive and end with a final one."""
+    import asyncio
+
+    uri, reference = make_source("file", 8 * MiB)
+    events = []
+
+    async def main():
+        ticker_ran = []
+
+        async def ticker():  # the caller's loop stays responsive during the copy
+            while True:
+                ticker_ran.append(1)
+                await asyncio.sleep(0.01)
+
+        t = asyncio.create_task(ticker())
+        report = await transfer.copy_async(uri, str(tmp_path / "t.img"), on_progress=events.append)
+        t.cancel()
+        return report, ticker_ran
+
+    report, ticker_ran = asyncio.run(main())
+    check(report, reference, str(tmp_path / "t.img"), 8 * MiB)
+    assert ticker_ran
+    assert events[-1].final and events[-1].done == events[-1].total == 8 * MiB
