@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -119,39 +118,31 @@ def _slow_source(nbdkit, tmp_path):
     return nbdkit("file", image, "rate=200M", readonly=True, filters=["rate"])
 
 
-def _wait_for_progress(proc):
-    line = proc.stdout.readline()  # the first JSON progress line: the copy is under way
-    assert json.loads(line)["event"] == "progress"
-
-
-def test_server_dying_mid_copy(nbdkit, tmp_path):
-    src = _slow_source(nbdkit, tmp_path)
+def _copy_and_then(src, tmp_path, action) -> subprocess.CompletedProcess:
+    """Start a copy from src, run action(proc) once it reports progress, let it finish."""
     proc = subprocess.Popen([sys.executable, "-m", "transfer.cli", "copy", src.uri,
                              str(tmp_path / "t.img"), "--progress=json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_progress(proc)
-        os.kill(src.pid, signal.SIGKILL)
+        line = proc.stdout.readline()  # the first JSON progress line: the copy is under way
+        assert json.loads(line)["event"] == "progress"
+        action(proc)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    p = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+
+
+def test_server_dying_mid_copy(nbdkit, tmp_path):
+    src = _slow_source(nbdkit, tmp_path)
+    p = _copy_and_then(src, tmp_path, lambda proc: os.kill(src.pid, signal.SIGKILL))
     one_line_error(p, 3, "transfer: source nbd+unix")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_interrupts_with_its_own_exit_code(nbdkit, tmp_path, sig):
     src = _slow_source(nbdkit, tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "transfer.cli", "copy", src.uri,
-                             str(tmp_path / "t.img"), "--progress=json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for_progress(proc)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    p = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+    p = _copy_and_then(src, tmp_path, lambda proc: proc.send_signal(sig))
     one_line_error(p, 5, "interrupted")
     assert src.proc.poll() is None  # the server is still fine: we drained before leaving
 

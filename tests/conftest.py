@@ -27,37 +27,31 @@ def require(program: str) -> None:
         pytest.skip(f"{program} is not installed (tools/setup installs it)")
 
 
-@pytest.fixture
-def nbdkit(tmp_path) -> Iterator[Callable[..., Server]]:
-    """nbdkit(plugin, *args, readonly=False, filters=(), options=()) -> a started server."""
-    require("nbdkit")
+def _servers(tmp_path, program: str, make: Callable[..., Server]) -> Iterator[Callable[..., Server]]:
+    """A factory fixture body: start servers of one kind on sockets in tmp_path, stop them all."""
+    require(program)
     servers: list[Server] = []
 
-    def start(plugin: str, *args: str, **kw) -> Server:
-        sock = str(tmp_path / f"nbdkit{len(servers)}.sock")
-        server = Nbdkit(sock, plugin, *args, **kw)
+    def start(*args, **kw) -> Server:
+        server = make(str(tmp_path / f"{program}{len(servers)}.sock"), *args, **kw)
         servers.append(server)
         return server.start()
 
     yield start
     for s in servers:
         s.stop()
+
+
+@pytest.fixture
+def nbdkit(tmp_path) -> Iterator[Callable[..., Server]]:
+    """nbdkit(plugin, *args, readonly=False, filters=(), options=()) -> a started server."""
+    yield from _servers(tmp_path, "nbdkit", Nbdkit)
 
 
 @pytest.fixture
 def qemu_nbd(tmp_path) -> Iterator[Callable[..., Server]]:
-    require("qemu-nbd")
-    servers: list[Server] = []
-
-    def start(image: str, **kw) -> Server:
-        sock = str(tmp_path / f"qemu-nbd{len(servers)}.sock")
-        server = QemuNbd(sock, image, **kw)
-        servers.append(server)
-        return server.start()
-
-    yield start
-    for s in servers:
-        s.stop()
+    """qemu_nbd(image, fmt="qcow2", readonly=True) -> a started server."""
+    yield from _servers(tmp_path, "qemu-nbd", QemuNbd)
 
 
 @pytest.fixture
@@ -91,7 +85,10 @@ def run_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProce
 
 
 def expected_digest_of_file(path: str) -> str:
-    """The disk digest per DESIGN.md, computed here with the xxhash package alone."""
+    """The disk digest per DESIGN.md, computed here with the xxhash package alone.
+
+    Deliberately not transfer.demo.file_digest: the oracle shares no code with the project.
+    """
     h = xxhash.xxh3_128()
     size = 0
     with open(path, "rb") as f:
