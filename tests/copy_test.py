@@ -215,3 +215,21 @@ def test_async_api_inside_a_running_loop(make_source, tmp_path):
     check(report, reference, str(tmp_path / "t.img"), 8 * MiB)
     assert ticker_ran
     assert events[-1].final and events[-1].done == events[-1].total == 8 * MiB
+
+
+def test_an_existing_sparse_file_reads_as_zero(make_source, tmp_path):
+    """A fresh sparse disk.img (no data at all) gets no zeroing; one byte of data changes that."""
+    uri, reference = make_source("data", 8 * MiB)
+    target = tmp_path / "disk.img"
+    with open(target, "wb") as f:
+        f.truncate(8 * MiB)
+    report = transfer.copy(uri, str(target))
+    assert not report.target_created
+    assert report.bytes_zeroed == 0 and report.bytes_skipped > 0
+    check(report, reference, str(target), 8 * MiB)
+    with open(target, "r+b") as f:  # now it holds data: zero runs must be written
+        f.seek(7 * MiB)
+        f.write(b"\x01")
+    report = transfer.copy(uri, str(target))
+    assert report.bytes_zeroed > 0 and report.bytes_skipped == 0
+    check(report, reference, str(target), 8 * MiB)
