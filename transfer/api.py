@@ -19,14 +19,14 @@ from .integrity import BLOCK, Manifest
 from .pipeline import copy as engine
 from .pipeline.copy import Progress
 
-# Defaults measured on the 2-core machines (DESIGN.md "What fast means here"): two connections,
-# one reader thread each, against a multi-conn server (nbdkit) 8 reads of 2 MiB in flight: hot,
-# to null:, client CPU 0.69 s for the 4 GiB bench image against 0.79 with 16 x 1 MiB and 0.85
-# with 32 x 512 KiB (nbdkit's own CPU falls too); one connection was slower (1.2-2.0 s against
-# 1.0), four no better. qemu-nbd spends twice the server CPU on reads of 1 MiB or more and allows
-# one connection, so 64 x 256 KiB there.
+# Defaults measured on the 2-core machines (DESIGN.md "What fast means here"), 4 GiB bench image
+# hot on nbdkit to null:, 5 runs each, CPU-s of client + server: 16 x 1 MiB reads in flight per
+# connection 0.60 + 0.82 (nbdcopy 0.60 + 0.86); 8 x 2 MiB 0.56 + 0.95 (nbdkit's buffers outgrow
+# the L2 cache: perf shows its pread copy costing more); 32 x 512 KiB 0.65 + 0.82; 64 x 256 KiB
+# 0.83 + 1.09. Two connections, one reader thread each; one was slower, four no better. qemu-nbd
+# spends twice the server CPU on reads of 1 MiB or more and allows one connection: 64 x 256 KiB.
 DEFAULT_CONNECTIONS = 2
-MULTI_CONN_REQUEST = (2 << 20, 8)
+MULTI_CONN_REQUEST = (1 << 20, 16)
 SINGLE_CONN_REQUEST = (256 << 10, 64)
 MAX_REQUEST_SIZE = 32 << 20
 MAX_BUFFER_BYTES = 256 << 20

@@ -59,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"NBD connections, one thread each, when the server allows multi-conn "
                         f"(default {api.DEFAULT_CONNECTIONS})")
     c.add_argument("--requests", type=int, metavar="N", dest="in_flight",
-                   help="reads in flight per connection (default 8, or 64 on a single-connection "
+                   help="reads in flight per connection (default 16, or 64 on a single-connection "
                         "server)")
     c.add_argument("--request-size", type=parse_size, metavar="SIZE",
-                   help="bytes per read, a multiple of 64K (default 2M, or 256K on a "
+                   help="bytes per read, a multiple of 64K (default 1M, or 256K on a "
                         "single-connection server such as qemu-nbd)")
     c.add_argument("--target-is-zero", action="store_true",
                    help="the target already reads as zeroes: do not write zero runs")
