@@ -7,8 +7,12 @@ from ..url import Address, parse
 from .base import Conn, Disk
 
 
-def open_disk(url: str, role: str) -> Disk:
-    """Open url as a source or target disk; BadInput names what is wrong."""
+def open_disk(url: str, role: str, *, direct: bool = False) -> Disk:
+    """Open url as a source or target disk; BadInput names what is wrong.
+
+    direct: a local source is read with O_DIRECT, bypassing the page cache, so
+    that what is read is what the device holds (verification).
+    """
     if role not in ("source", "target"):
         raise ValueError(f"role must be 'source' or 'target', not {role!r}")
     try:
@@ -28,7 +32,7 @@ def open_disk(url: str, role: str) -> Disk:
         return NbdDisk(addr, role)
     from .local import LocalDisk
 
-    return LocalDisk(addr, role)
+    return LocalDisk(addr, role, direct=direct)
 
 
 __all__ = ["Conn", "Disk", "open_disk"]

@@ -9,17 +9,21 @@ written "xxh3-128:64k:<32 hex digits>". It depends only on the bytes, so a
 raw file, a qcow2 behind qemu-nbd and a block device holding the same bytes
 have the same digest.
 
-Digests live in an anonymous memory map (16 bytes per 64 KiB: 256 MiB for
-1 TiB); pipeline workers write disjoint slices of it without locking.
+Digests live in a memory map, anonymous or of a manifest file (16 bytes per
+64 KiB: 256 MiB for 1 TiB); pipeline workers write disjoint slices of it
+without locking.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from functools import lru_cache
 
 import xxhash
+
+from ..errors import BadInput
 
 BLOCK = 64 * 1024
 DIGEST_SIZE = 16
@@ -37,15 +41,94 @@ def digest_string(raw: bytes) -> str:
     return PREFIX + raw.hex()
 
 
+class ManifestError(BadInput):
+    """A manifest file that is not one, or not for this disk."""
+
+
+# A manifest file: this 64-byte header, then one 16-byte digest per block.
+#   magic "TRMANIF\0", u32 version, u32 block, u64 size, 32 reserved zero bytes,
+#   u64 xxh3-64 of the 56 bytes before it.
+_HEADER = struct.Struct("<8sIIQ32sQ")
+MAGIC = b"TRMANIF\0"
+VERSION = 1
+HEADER_SIZE = _HEADER.size
+_COMPARE_BLOCKS = 1 << 20  # digests compared per numpy step: 16 MiB of each manifest
+
+
 class Manifest:
-    def __init__(self, size: int, block: int = BLOCK) -> None:
+    """Digests of a disk's blocks, in memory (anonymous map) or in a memory-mapped file.
+
+    A file-backed manifest costs disk, not RAM (256 MiB for a 1 TiB disk), and
+    a later pass can rewrite only the blocks it copies. Files are validated on
+    open (magic, version, block size, size, header checksum, length); a
+    manifest written by create() appears under its name only once save()
+    has made it durable.
+    """
+
+    def __init__(self, size: int, block: int = BLOCK, *, _map: mmap.mmap | None = None,
+                 _offset: int = 0, _path: str | None = None, _tmp: str | None = None) -> None:
         if size < 0:
             raise ValueError(f"negative disk size {size}")
         self.size = size
         self.block = block
         self.blocks = (size + block - 1) // block
-        self._map = mmap.mmap(-1, max(1, self.blocks * DIGEST_SIZE))
-        self.view = memoryview(self._map)[: self.blocks * DIGEST_SIZE]
+        self.path = _path
+        self._tmp = _tmp
+        self._map = _map if _map is not None else mmap.mmap(-1, max(1, self.blocks * DIGEST_SIZE))
+        self._full = memoryview(self._map)
+        self.view = self._full[_offset : _offset + self.blocks * DIGEST_SIZE]
+
+    @classmethod
+    def create(cls, path: str, size: int) -> "Manifest":
+        """A new file-backed manifest; it takes the name path when save() succeeds."""
+        blocks = (size + BLOCK - 1) // BLOCK
+        tmp = f"{path}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, HEADER_SIZE + blocks * DIGEST_SIZE)
+            os.pwrite(fd, _header(size, BLOCK), 0)
+            m = mmap.mmap(fd, HEADER_SIZE + blocks * DIGEST_SIZE)
+        finally:
+            os.close(fd)
+        return cls(size, _map=m, _offset=HEADER_SIZE, _path=path, _tmp=tmp)
+
+    @classmethod
+    def open(cls, path: str, *, writable: bool = False) -> "Manifest":
+        """Open and validate a manifest file; ManifestError names what is wrong."""
+        try:
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        except OSError as e:
+            raise ManifestError(f"cannot open the manifest: {os.strerror(e.errno)}",
+                                disk=path, kind="manifest") from None
+        try:
+            length = os.fstat(fd).st_size
+            head = os.pread(fd, HEADER_SIZE, 0)
+            size = _check_header(head, length, path)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            m = mmap.mmap(fd, length, prot=prot) if length else mmap.mmap(-1, 1)
+        finally:
+            os.close(fd)
+        return cls(size, _map=m, _offset=HEADER_SIZE, _path=path)
+
+    def save(self) -> None:
+        """Make a file-backed manifest durable, then give it its name (tmp, fsync, rename)."""
+        if self.path is None:
+            raise ValueError("an in-memory manifest has no file to save")
+        self._map.flush()
+        src = self._tmp or self.path
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self._tmp is not None:
+            os.replace(self._tmp, self.path)
+            self._tmp = None
+            dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
     def block_length(self, index: int) -> int:
         return min(self.block, self.size - index * self.block)
@@ -77,6 +160,60 @@ class Manifest:
     def digest_string(self) -> str:
         return digest_string(self.digest())
 
+    def differences(self, other: "Manifest", limit: int) -> tuple[int, list[int]]:
+        """How many blocks differ from other's, and the offsets of the first `limit` of them.
+
+        Both must describe disks of one size; compared in slices, so memory stays
+        bounded for any disk size.
+        """
+        import numpy as np  # here, not at import: numpy costs a CLI start tens of milliseconds
+
+        if (self.size, self.block) != (other.size, other.block):
+            raise ValueError(f"manifests of different disks: {self.size} and {other.size} bytes")
+        count, offsets = 0, []
+        for first in range(0, self.blocks, _COMPARE_BLOCKS):
+            n = min(_COMPARE_BLOCKS, self.blocks - first)
+            a = np.frombuffer(self.view, np.uint8, n * DIGEST_SIZE, first * DIGEST_SIZE)
+            b = np.frombuffer(other.view, np.uint8, n * DIGEST_SIZE, first * DIGEST_SIZE)
+            bad = np.flatnonzero((a.reshape(n, DIGEST_SIZE) != b.reshape(n, DIGEST_SIZE)).any(1))
+            count += len(bad)
+            offsets.extend(int(first + i) * self.block for i in bad[: max(0, limit - len(offsets))])
+        return count, offsets
+
     def close(self) -> None:
         self.view.release()
+        self._full.release()
         self._map.close()
+        if self._tmp is not None:  # never saved: leave no half-written manifest behind
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+
+
+def _header(size: int, block: int) -> bytes:
+    body = _HEADER.pack(MAGIC, VERSION, block, size, bytes(32), 0)[:-8]
+    return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+
+
+def _check_header(head: bytes, length: int, path: str) -> int:
+    def bad(why: str) -> ManifestError:
+        return ManifestError(f"not a valid manifest: {why}", disk=path, kind="manifest")
+
+    if len(head) < HEADER_SIZE:
+        raise bad(f"{len(head)} bytes, shorter than its header")
+    magic, version, block, size, reserved, check = _HEADER.unpack(head)
+    if magic != MAGIC:
+        raise bad("wrong magic")
+    if xxhash.xxh3_64_intdigest(head[:-8]) != check:
+        raise bad("header checksum mismatch")
+    if version != VERSION:
+        raise bad(f"version {version}, this engine reads version {VERSION}")
+    if block != BLOCK:
+        raise bad(f"block size {block}, expected {BLOCK}")
+    if reserved != bytes(32):
+        raise bad("reserved header bytes are not zero")
+    expected = HEADER_SIZE + (size + block - 1) // block * DIGEST_SIZE
+    if length != expected:
+        raise bad(f"{length} bytes, expected {expected} for a {size}-byte disk")
+    return size
