@@ -1,11 +1,13 @@
 """transfer: a block-level disk transfer engine for moving VM disks into KubeVirt."""
 
-from .api import Report, copy, copy_async
+from .api import (ChecksumReport, Report, VerifyReport, checksum, checksum_async, copy,
+                  copy_async, verify, verify_async)
 from .errors import (BadInput, Interrupted, SourceError, TargetError, TargetRefused,
                      TransferError, VerifyFailed)
 
 __all__ = [
     "BadInput",
+    "ChecksumReport",
     "Interrupted",
     "Report",
     "SourceError",
@@ -13,6 +15,11 @@ __all__ = [
     "TargetRefused",
     "TransferError",
     "VerifyFailed",
+    "VerifyReport",
+    "checksum",
+    "checksum_async",
     "copy",
     "copy_async",
+    "verify",
+    "verify_async",
 ]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from . import _native
 from .disks import Disk, open_disk
-from .errors import BadInput, TargetRefused
+from .errors import BadInput, TargetRefused, VerifyFailed
 from .integrity import BLOCK, Manifest
 from .pipeline import copy as engine
 from .pipeline.copy import Progress
@@ -30,6 +32,7 @@ MULTI_CONN_REQUEST = (1 << 20, 16)
 SINGLE_CONN_REQUEST = (256 << 10, 64)
 MAX_REQUEST_SIZE = 32 << 20
 MAX_BUFFER_BYTES = 256 << 20
+VERIFY_OFFSETS = 1000  # differing offsets kept for a report (the count is always exact)
 
 
 @dataclass
@@ -53,6 +56,10 @@ class Report:
     target_created: bool
     flushed: bool
     native: dict[str, str] = field(default_factory=dict)
+    manifest: str | None = None
+    verified: bool = False  # read back and compared block by block (copy --verify)
+    verify_seconds: float | None = None
+    verify_bytes_read: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,46 +103,95 @@ def _shape(src: Disk, connections: int | None, in_flight: int | None,
     return connections, in_flight, request_size
 
 
+async def _scan(disk: Disk, manifest: Manifest, kernels: _native.Kernels, *, size: int,
+                connections: int | None, in_flight: int | None, request_size: int | None,
+                on_progress: Callable[[Progress], None] | None) -> engine.Result:
+    """Read and hash the first size bytes of disk into manifest (the copy engine, to null:)."""
+    conns, flight, req_size = _shape(disk, connections, in_flight, request_size)
+    sink = open_disk("null:", "target")
+    sink.create(size)
+    return await engine.run(disk, sink, manifest, kernels, connections=conns, in_flight=flight,
+                            request_size=req_size, target_zero=True, on_progress=on_progress,
+                            size=size)
+
+
+async def _read_back(target: str, manifest: Manifest, kernels: _native.Kernels, *,
+                     on_progress: Callable[[Progress], None] | None) -> tuple[int, list[int], int]:
+    """Read target back (O_DIRECT where local) and compare with manifest: (count, offsets, bytes)."""
+    disk = await asyncio.to_thread(open_disk, target, "source", direct=True)
+    back = Manifest(manifest.size)
+    try:
+        result = await _scan(disk, back, kernels, size=manifest.size, connections=None,
+                             in_flight=None, request_size=None, on_progress=on_progress)
+        count, offsets = manifest.differences(back, VERIFY_OFFSETS)
+        return count, offsets, result.stats.bytes_read
+    finally:
+        back.close()
+        disk.close()
+
+
 async def copy_async(source: str, target: str, *, connections: int | None = None,
                      in_flight: int | None = None, request_size: int | None = None,
-                     target_is_zero: bool = False, force: bool = False,
+                     target_is_zero: bool = False, force: bool = False, verify: bool = False,
+                     manifest: str | None = None,
                      on_progress: Callable[[Progress], None] | None = None,
                      native: str | None = None) -> Report:
     """Copy the whole disk at source onto target and return what was done.
 
     source: an NBD URI or a local file or block device. target: the same, a
     missing file (created at the source's size) or "null:". The target is
-    durable (flushed) when this returns.
+    durable (flushed) when this returns. verify: read the target back (O_DIRECT
+    where local) and compare every block with the digests taken while copying;
+    a difference raises VerifyFailed. manifest: also write the per-block digests
+    to this file.
     """
     kernels = _native.kernels(native)
     src = await asyncio.to_thread(open_disk, source, "source")
     dst: Disk | None = None
-    manifest: Manifest | None = None
+    digests: Manifest | None = None
     try:
         dst = await asyncio.to_thread(open_disk, target, "target")
+        if verify and dst.kind == "null":
+            raise BadInput("null: keeps nothing to verify", disk=dst.display, kind="target")
         _check_target(src, dst, force=force)
         conns, flight, req_size = _shape(src, connections, in_flight, request_size)
         if dst.size is None:
             dst.create(src.size)
-        manifest = Manifest(src.size)
-        result = await engine.run(src, dst, manifest, kernels, connections=conns,
+        digests = Manifest.create(manifest, src.size) if manifest else Manifest(src.size)
+        result = await engine.run(src, dst, digests, kernels, connections=conns,
                                   in_flight=flight, request_size=req_size,
                                   target_zero=dst.reads_zero or target_is_zero,
                                   on_progress=on_progress)
         st = result.stats
-        return Report(
+        report = Report(
             source=src.display, target=dst.display, size=src.size, target_size=dst.size,
             bytes_copied=st.bytes_copied, bytes_zeroed=st.bytes_zeroed,
             bytes_skipped=st.bytes_skipped, bytes_read=st.bytes_read,
-            seconds=round(result.seconds, 6), digest=manifest.digest_string(),
+            seconds=round(result.seconds, 6), digest=digests.digest_string(),
             connections=result.connections, requests=st.requests,
             zero_requests=st.zero_requests, request_size=result.request_size,
             in_flight=result.in_flight, zero_method=dst.zero_method,
             target_created=dst.created, flushed=True, native=kernels.describe(),
         )
+        if manifest:
+            digests.save()
+            report.manifest = manifest
+        if verify:
+            if dst.kind == "nbd":  # a single-connection server would make a second one wait
+                dst.close()  # (a local target stays open: O_EXCL keeps holding the device)
+            started = time.monotonic()
+            count, offsets, read = await _read_back(target, digests, kernels,
+                                                    on_progress=on_progress)
+            report.verify_seconds = round(time.monotonic() - started, 6)
+            report.verify_bytes_read = read
+            if count:
+                raise VerifyFailed(f"{count} blocks of {BLOCK} bytes read back differ from what "
+                                   f"was copied; the first", disk=dst.display, offset=offsets[0])
+            report.verified = True
+        return report
     finally:
-        if manifest is not None:
-            manifest.close()
+        if digests is not None:
+            digests.close()
         if dst is not None:
             dst.close()
         src.close()
@@ -144,3 +200,131 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
 def copy(source: str, target: str, **options: Any) -> Report:
     """Blocking form of copy_async() for callers without an event loop."""
     return asyncio.run(copy_async(source, target, **options))
+
+
+@dataclass
+class ChecksumReport:
+    disk: str
+    size: int
+    digest: str
+    seconds: float
+    bytes_read: int
+    connections: int
+    native: dict[str, str] = field(default_factory=dict)
+    manifest: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def checksum_async(disk: str, *, connections: int | None = None,
+                         in_flight: int | None = None, request_size: int | None = None,
+                         manifest: str | None = None,
+                         on_progress: Callable[[Progress], None] | None = None,
+                         native: str | None = None) -> ChecksumReport:
+    """The disk digest of disk (holes and zero extents hashed without reading).
+
+    Local disks are read with O_DIRECT: the digest is of what the device holds,
+    not of what the page cache holds. manifest: also write the per-block
+    digests to this file.
+    """
+    kernels = _native.kernels(native)
+    d = await asyncio.to_thread(open_disk, disk, "source", direct=True)
+    digests: Manifest | None = None
+    try:
+        digests = Manifest.create(manifest, d.size) if manifest else Manifest(d.size)
+        result = await _scan(d, digests, kernels, size=d.size, connections=connections,
+                             in_flight=in_flight, request_size=request_size,
+                             on_progress=on_progress)
+        if manifest:
+            digests.save()
+        return ChecksumReport(disk=d.display, size=d.size, digest=digests.digest_string(),
+                              seconds=round(result.seconds, 6),
+                              bytes_read=result.stats.bytes_read,
+                              connections=result.connections, native=kernels.describe(),
+                              manifest=manifest)
+    finally:
+        if digests is not None:
+            digests.close()
+        d.close()
+
+
+def checksum(disk: str, **options: Any) -> ChecksumReport:
+    return asyncio.run(checksum_async(disk, **options))
+
+
+@dataclass
+class VerifyReport:
+    equal: bool
+    source: str | None
+    target: str
+    size: int
+    target_size: int
+    blocks: int
+    differing_blocks: int | None  # None: compared with a digest only, which cannot say which
+    first_differences: list[int]
+    source_digest: str
+    target_digest: str
+    seconds: float
+    bytes_read: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_DIGEST = re.compile(r"^xxh3-128:64k:[0-9a-f]{32}$")
+
+
+async def verify_async(source: str | None, target: str, *, expect: str | None = None,
+                       on_progress: Callable[[Progress], None] | None = None,
+                       native: str | None = None) -> VerifyReport:
+    """Compare target with source block by block (both read at once), or with a digest.
+
+    The conversion migration type: someone else populated target. Local disks
+    are read with O_DIRECT. A target larger than the source is compared over
+    the source's size (a PVC is often larger); a smaller one differs. Never
+    retried: a difference is reported, and verify() callers get equal=False.
+    """
+    if (source is None) == (expect is None):
+        raise BadInput("verify needs a source disk or an expected digest (not both)")
+    if expect is not None and not _DIGEST.match(expect):
+        raise BadInput(f"--expect {expect!r} is not a digest of the form xxh3-128:64k:<32 hex>")
+    kernels = _native.kernels(native)
+    started = time.monotonic()
+    disks: list[Disk] = []
+    manifests: list[Manifest] = []
+    try:
+        for url in ([source] if source is not None else []) + [target]:
+            disks.append(await asyncio.to_thread(open_disk, url, "source", direct=True))
+        tgt = disks[-1]
+        size = disks[0].size
+        if tgt.size < size:
+            raise VerifyFailed(f"the target is smaller than the source ({tgt.size} < {size} "
+                               "bytes)", disk=tgt.display)
+        manifests = [Manifest(size) for _ in disks]
+        results = await asyncio.gather(*(
+            _scan(d, m, kernels, size=size, connections=None, in_flight=None, request_size=None,
+                  on_progress=on_progress if d is tgt else None)
+            for d, m in zip(disks, manifests)))
+        target_digest = manifests[-1].digest_string()
+        if source is not None:
+            count, offsets = manifests[0].differences(manifests[-1], VERIFY_OFFSETS)
+            source_digest = manifests[0].digest_string()
+        else:
+            source_digest = expect
+            count, offsets = (0, []) if target_digest == expect else (None, [])
+        return VerifyReport(
+            equal=count == 0, source=disks[0].display if source is not None else None,
+            target=tgt.display, size=size, target_size=tgt.size, blocks=manifests[-1].blocks,
+            differing_blocks=count, first_differences=offsets, source_digest=source_digest,
+            target_digest=target_digest, seconds=round(time.monotonic() - started, 6),
+            bytes_read=sum(r.stats.bytes_read for r in results))
+    finally:
+        for m in manifests:
+            m.close()
+        for d in disks:
+            d.close()
+
+
+def verify(source: str | None, target: str, **options: Any) -> VerifyReport:
+    return asyncio.run(verify_async(source, target, **options))

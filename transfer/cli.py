@@ -14,7 +14,7 @@ import traceback
 from typing import Any, Coroutine
 
 from . import api
-from .errors import EXIT_CODES, Interrupted, TransferError
+from .errors import EXIT_CODES, BadInput, Interrupted, TransferError, VerifyFailed
 from .observe import human_bytes, make_renderer
 
 _SIZE = re.compile(r"^(\d+)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
@@ -68,6 +68,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the target already reads as zeroes: do not write zero runs")
     c.add_argument("--force", action="store_true",
                    help="overwrite a target that carries a filesystem or partition-table signature")
+    c.add_argument("--verify", action="store_true",
+                   help="read the target back (bypassing the page cache) and compare every block "
+                        "with the digests taken while copying; a difference exits 6")
+    c.add_argument("--manifest", metavar="FILE",
+                   help="write the per-block digests (16 bytes per 64 KiB) to FILE")
+
+    k = sub.add_parser(
+        "checksum", help="print the disk digest of a disk", epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print the disk digest (xxh3-128:64k:<hex>) of DISK, like sha256sum: the same "
+                    "bytes give the same digest whether raw, qcow2 behind qemu-nbd or a block "
+                    "device. Holes are hashed without reading; local disks are read with "
+                    "O_DIRECT.")
+    k.add_argument("disk", metavar="DISK", help="an NBD URI, or a file or block device")
+    k.add_argument("--json", action="store_true",
+                   help="print a JSON object: digest, size, seconds, bytes_read")
+    k.add_argument("--manifest", metavar="FILE", help="also write the per-block digests to FILE")
+    k.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
+
+    v = sub.add_parser(
+        "verify", help="prove a target equal to a source, or to a digest (conversion)",
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compare TARGET with SOURCE block by block, reading both at once, or TARGET "
+                    "with --expect DIGEST. Exit 0 when equal, 6 when they differ (with how many "
+                    "64 KiB blocks differ and the first offsets). A target larger than the source "
+                    "is compared over the source's size.")
+    v.add_argument("disks", nargs="+", metavar="DISK", help="SOURCE TARGET, or TARGET with --expect")
+    v.add_argument("--expect", metavar="DIGEST", help="the digest TARGET must have")
+    v.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    v.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
 
     d = sub.add_parser("demo", help="copy a built-in synthetic disk from nbdkit and prove the copy")
     d.add_argument("--size", type=parse_size, default=256 << 20, metavar="SIZE",
@@ -120,12 +150,48 @@ def cmd_copy(args: argparse.Namespace) -> int:
     report = asyncio.run(_run_cancellable(api.copy_async(
         args.source, args.target, connections=args.connections, in_flight=args.in_flight,
         request_size=args.request_size, target_is_zero=args.target_is_zero, force=args.force,
-        on_progress=renderer)))
+        verify=args.verify, manifest=args.manifest, on_progress=renderer)))
     if args.report:
         _write_report(args.report, report.to_dict())
     if args.progress != "none":
         print(f"transfer: {_summary(report)}", file=sys.stderr)
     return 0
+
+
+def cmd_checksum(args: argparse.Namespace) -> int:
+    # With --json the object is stdout's only content, so JSON progress would go to stderr.
+    renderer = make_renderer(args.progress, json_stream=sys.stderr if args.json else None)
+    r = asyncio.run(_run_cancellable(api.checksum_async(args.disk, manifest=args.manifest,
+                                                        on_progress=renderer)))
+    if args.json:
+        print(json.dumps(r.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(f"{r.digest}  {r.disk}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    disks = args.disks
+    if args.expect is None and len(disks) != 2 or args.expect is not None and len(disks) != 1:
+        raise BadInput("verify takes SOURCE TARGET, or TARGET --expect DIGEST")
+    source, target = (None, disks[0]) if args.expect else (disks[0], disks[1])
+    renderer = make_renderer(args.progress, json_stream=sys.stderr if args.json else None)
+    r = asyncio.run(_run_cancellable(api.verify_async(source, target, expect=args.expect,
+                                                      on_progress=renderer)))
+    if args.json:
+        print(json.dumps(r.to_dict(), indent=2, sort_keys=True))
+    elif r.equal and r.source is None:
+        print(f"equal: {r.target} has the expected digest {r.target_digest}")
+    elif r.equal:
+        print(f"equal: {r.target} holds what {r.source} holds ({human_bytes(r.size)}, "
+              f"{r.target_digest})")
+    elif r.differing_blocks is None:
+        print(f"DIFFER: {r.target} has digest {r.target_digest}, expected {r.source_digest}")
+    else:
+        first = ", ".join(str(o) for o in r.first_differences[:10])
+        print(f"DIFFER: {r.differing_blocks} of {r.blocks} blocks of 64 KiB differ between "
+              f"{r.source} and {r.target}; first at offsets {first}")
+    return 0 if r.equal else VerifyFailed.exit_code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -141,7 +207,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"copy": cmd_copy, "demo": cmd_demo}[args.command](args)
+        commands = {"copy": cmd_copy, "checksum": cmd_checksum, "verify": cmd_verify,
+                    "demo": cmd_demo}
+        return commands[args.command](args)
     except TransferError as e:
         print(f"transfer: {e}", file=sys.stderr)
         return e.exit_code

@@ -60,14 +60,15 @@ class JsonProgress:
         self.stream.flush()
 
 
-def make_renderer(mode: str) -> Callable[[Progress], None] | None:
-    """auto: a bar when stderr is a terminal, else nothing; bar; json; none."""
+def make_renderer(mode: str, *, json_stream: TextIO | None = None) -> Callable[[Progress], None] | None:
+    """auto: a bar when stderr is a terminal, else nothing; bar; json (on stdout, or
+    json_stream where stdout carries something else); none."""
     if mode == "auto":
         mode = "bar" if sys.stderr.isatty() else "none"
     if mode == "bar":
         return TerminalBar()
     if mode == "json":
-        return JsonProgress()
+        return JsonProgress(json_stream or sys.stdout)
     if mode == "none":
         return None
     raise ValueError(f"unknown progress mode {mode!r}")

@@ -280,10 +280,13 @@ class Result:
 async def run(source: Disk, target: Disk, manifest: Manifest, kernels: Kernels, *,
               connections: int, in_flight: int, request_size: int, target_zero: bool,
               on_progress: Callable[[Progress], None] | None = None,
-              interval: float = 1.0) -> Result:
-    """Copy source onto target; flush the target only when every request succeeded."""
+              interval: float = 1.0, size: int | None = None) -> Result:
+    """Copy source onto target; flush the target only when every request succeeded.
+
+    size: copy only the first size bytes of the source (default: all of it).
+    """
     loop = asyncio.get_running_loop()
-    size = source.size
+    size = source.size if size is None else size
     plan = Plan(size, request_size=request_size)
     shared = Shared()
     pairs = await asyncio.to_thread(_connect, source, target, connections)
