@@ -3,19 +3,22 @@
 A synthetic image (transfer.synth, reproducible from a seed: random data, text-like data,
 zero-filled allocated blocks and holes, half of it allocated) is served read-only by nbdkit's
 file plugin on a unix socket, with the image hot in the page cache. Each tool copies it to
-`null:`, a regular file and a loop device, ending with the data durable:
+`null:`, a regular file and a loop device, ending with the data durable (or, for checksum, reads
+and hashes it):
 
-  engine    transfer copy URI TARGET --progress=none --report R   (hashing is always on; flushes)
-  nbdcopy   nbdcopy --flush URI TARGET                            (its defaults)
-  qemu-img  qemu-img convert -n -f raw -O raw URI TARGET, then fsync(TARGET) inside the timed
-            region (qemu-img convert never flushes); to null: a null-co target instead
+  engine         transfer copy URI TARGET --progress=none --report R   (hashing always on; flushes)
+  engine-verify  the same with --verify: then reads the target back and compares (file, loop)
+  checksum       transfer checksum URI --json --progress=none            (null only: no target)
+  nbdcopy        nbdcopy --flush URI TARGET                              (its defaults)
+  qemu-img       qemu-img convert -n -f raw -O raw URI TARGET, then fsync(TARGET) inside the
+                 timed region (qemu-img convert never flushes); to null: a null-co target instead
 
 Every run is a child process timed from spawn to reaping (os.wait4 gives its CPU, GNU time its
 peak RSS) against a fresh nbdkit (its CPU read from /proc before it stops). One warm-up run per tool and
 target, checked for correctness (qemu-img compare, and the engine's digest against one computed
-here), then --reps runs interleaved engine, nbdcopy, qemu-img, engine, ... Results are JSON lines
-(one per run, one summary per target, one verdict) and a markdown table on stdout. See
-bench/README.md.
+here), then --reps runs interleaved engine, engine-verify, checksum, nbdcopy, qemu-img, engine, ...
+Results are JSON lines (one per run, one summary per target, one verdict) and a markdown table on
+stdout. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -49,15 +53,44 @@ ENGINE = ROOT / ".venv" / "bin" / "transfer"
 TIME = "/usr/bin/time"  # GNU time, for each tool's own peak RSS (see Bench._spawn_and_reap)
 GiB = 1 << 30
 MiB = 1 << 20
-TOOLS = ("engine", "nbdcopy", "qemu-img")
 TARGETS = ("null", "file", "loop")
 QUICK_SIZE = 256 * MiB
 DEFAULT_SIZE = 4 * GiB
 ALLOCATED = 0.5
-# Bars from the issue: engine >= 1.0x nbdcopy on each target, >= 2x qemu-img, peak RSS <= 200 MiB.
+# Bars from the issue: engine >= 1.0x nbdcopy on each target, >= 2x qemu-img, peak RSS <= 200 MiB;
+# checksum >= 1.0x nbdcopy to null (hashing nearly free); copy --verify reads back at most the
+# allocated data once.
 BAR_NBDCOPY = 1.0
 BAR_QEMU_IMG = 2.0
 BAR_RSS_MIB = 200
+BAR_CHECKSUM = 1.0
+BAR_VERIFY_READ = 1.0
+COPY_FIELDS = ("seconds", "bytes_copied", "bytes_zeroed", "bytes_skipped", "bytes_read",
+               "connections", "requests", "zero_requests", "request_size", "in_flight",
+               "zero_method", "target_created", "flushed", "digest", "native")
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One measured command: the targets it runs against and what it tells about itself."""
+    targets: tuple[str, ...] = TARGETS
+    engine: bool = False        # an engine command (.venv/bin/transfer): its fingerprint is recorded
+    result: str | None = None   # where its JSON result is: "report" (--report R) or "stdout"
+    fields: tuple[str, ...] = ()  # the result's fields kept in the run's JSON line
+    expect: tuple[tuple[str, Any], ...] = ()  # result fields checked on every run
+
+
+# The canonical order is the interleaving order.
+TOOLS: dict[str, Tool] = {
+    "engine": Tool(engine=True, result="report", fields=COPY_FIELDS),
+    "engine-verify": Tool(targets=("file", "loop"), engine=True, result="report",
+                          fields=COPY_FIELDS + ("verified", "verify_seconds", "verify_bytes_read"),
+                          expect=(("verified", True),)),
+    "checksum": Tool(targets=("null",), engine=True, result="stdout",
+                     fields=("seconds", "bytes_read", "size", "connections", "digest", "native")),
+    "nbdcopy": Tool(),
+    "qemu-img": Tool(),
+}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -301,8 +334,11 @@ class Bench:
 
     def argv(self, tool: str, target: str, uri: str, report: str) -> list[str]:
         dst = self.target_path(target)
-        if tool == "engine":
-            return [str(ENGINE), "copy", uri, dst, "--progress=none", "--report", report]
+        if tool in ("engine", "engine-verify"):
+            verify = ["--verify"] if tool == "engine-verify" else []
+            return [str(ENGINE), "copy", uri, dst, *verify, "--progress=none", "--report", report]
+        if tool == "checksum":
+            return [str(ENGINE), "checksum", uri, "--json", "--progress=none"]
         if tool == "nbdcopy":
             return ["nbdcopy", "--flush", uri, dst]
         if tool == "qemu-img":
@@ -312,8 +348,10 @@ class Bench:
             return ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", uri, dst]
         raise ValueError(tool)
 
-    def _spawn_and_reap(self, argv: list[str], log: str) -> tuple[int, Any, bool, int | None]:
-        """Run argv under GNU time as our child; return (exit code, rusage, timed out, peak RSS).
+    def _spawn_and_reap(self, argv: list[str], stdout: str, log: str
+                        ) -> tuple[int, Any, bool, int | None]:
+        """Run argv under GNU time as our child, its stdout to one file and stderr to another;
+        return (exit code, rusage, timed out, peak RSS).
 
         CPU comes from os.wait4 on time(1), which includes its reaped child, the tool (time's
         own share is about a millisecond). Peak RSS comes from time's %M, not from wait4: a
@@ -324,8 +362,8 @@ class Bench:
         timed_out = False
         rss_file = os.path.join(self.workdir, "maxrss.txt")
         wrapped = [TIME, "-f", "%M", "-o", rss_file, *argv]
-        with open(log, "wb") as logf:
-            proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        with open(stdout, "wb") as outf, open(log, "wb") as logf:
+            proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=outf, stderr=logf)
         try:
             pidfd = os.pidfd_open(proc.pid)
             try:
@@ -353,10 +391,12 @@ class Bench:
         return proc.returncode, usage, timed_out, maxrss
 
     def run(self, tool: str, target: str, rep: int | None) -> dict[str, Any]:
-        """One timed copy; rep None is the warm-up, which is also checked for correctness."""
+        """One timed run; rep None is the warm-up, which is also checked for correctness."""
+        spec = TOOLS[tool]
         warmup = rep is None
         label = "warm-up" if warmup else f"rep {rep + 1}/{self.args.reps}"
         report = os.path.join(self.workdir, "report.json")
+        stdout = os.path.join(self.workdir, "child.out")
         log = os.path.join(self.workdir, "child.log")
         if os.path.exists(report):
             os.unlink(report)
@@ -372,7 +412,7 @@ class Bench:
             server_cpu0 = proc_cpu_seconds(server.pid)
             busy0 = machine_busy_seconds()
             t0 = time.perf_counter()
-            code, usage, timed_out, maxrss_kib = self._spawn_and_reap(argv, log)
+            code, usage, timed_out, maxrss_kib = self._spawn_and_reap(argv, stdout, log)
             if tool == "qemu-img" and target != "null" and code == 0:
                 # qemu-img convert never flushes: make its data durable inside the timed region,
                 # as nbdcopy --flush and the engine do.
@@ -403,21 +443,27 @@ class Bench:
         })
         problems: list[str] = []
         if code != 0:
-            with open(log, "rb") as f:
-                tail = f.read()[-2000:].decode(errors="replace")
-            rec["output_tail"] = tail
+            tail = b""
+            for path in (stdout, log):
+                with open(path, "rb") as f:
+                    tail += f.read()[-2000:]
+            rec["output_tail"] = tail.decode(errors="replace")
             problems.append(f"exit {code}" + (" (timed out)" if timed_out else ""))
-        if tool == "engine":
+        if spec.engine:
             rec["engine_fingerprint"] = engine_fingerprint()
-        if tool == "engine" and code == 0:
-            with open(report) as f:
-                rep_data = json.load(f)
-            rec["engine_report"] = {k: rep_data.get(k) for k in (
-                "seconds", "bytes_copied", "bytes_zeroed", "bytes_skipped", "bytes_read",
-                "connections", "requests", "zero_requests", "request_size", "in_flight",
-                "zero_method", "target_created", "flushed", "digest", "native")}
+        if spec.result and code == 0:
+            try:
+                with open(report if spec.result == "report" else stdout) as f:
+                    rep_data = json.load(f)
+            except (OSError, ValueError) as e:
+                rep_data = {}
+                problems.append(f"{tool}: no JSON result ({e})")
+            # engine_report: the engine's own JSON result (the copy report, or checksum's stdout).
+            rec["engine_report"] = {k: rep_data.get(k) for k in spec.fields}
+            problems += [f"{tool}: {k} is {rep_data.get(k)!r}, expected {v!r}"
+                         for k, v in spec.expect if rep_data.get(k) != v]
             if warmup and rep_data.get("digest") != self.ref_digest:
-                problems.append(f"engine digest {rep_data.get('digest')} != image digest "
+                problems.append(f"{tool} digest {rep_data.get('digest')} != image digest "
                                 f"{self.ref_digest}")
         if warmup and code == 0:
             checks: dict[str, Any] = {}
@@ -430,7 +476,7 @@ class Bench:
                                               "seconds": round(time.perf_counter() - t, 3)}
                 if cmp.returncode != 0:
                     problems.append("qemu-img compare: " + (cmp.stdout + cmp.stderr).strip())
-            if tool == "engine":
+            if "engine_report" in rec:
                 checks["engine_digest"] = {"expected": self.ref_digest,
                                            "reported": rec["engine_report"]["digest"]}
             rec["checks"] = checks
@@ -440,11 +486,15 @@ class Bench:
         self.emit(rec)
         self.runs.append(rec)
         extra = ""
-        if tool == "engine" and "engine_report" in rec:
-            extra = f", engine's own {rec['engine_report']['seconds']:.2f} s"
+        result = rec.get("engine_report") or {}
+        if result.get("seconds") is not None:
+            extra = f", engine's own {result['seconds']:.2f} s"
+        if result.get("verify_seconds") is not None and result.get("verify_bytes_read") is not None:
+            extra += (f" (verify {result['verify_seconds']:.2f} s, read back "
+                      f"{result['verify_bytes_read'] / self.alloc:.3f} × allocated)")
         if post_sync:
             extra += f", fsync {post_sync:.2f} s"
-        _say(f"  {target:4} {tool:8} {label:9} {wall:7.2f} s  {rec['alloc_gib_per_s']:5.2f} GiB/s  "
+        _say(f"  {target:4} {tool:13} {label:9} {wall:7.2f} s  {rec['alloc_gib_per_s']:5.2f} GiB/s  "
              f"cpu {rec['client_cpu_s']:5.2f} + server {server_cpu:5.2f} + other "
              f"{rec['other_cpu_s']:5.2f} s  "
              f"rss {_fmt(rec['client_maxrss_mib'], '6.1f')} MiB{extra}"
@@ -456,6 +506,27 @@ class Bench:
 
 def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
+
+
+def _paired(reps: dict[str, list[dict[str, Any]]], a: str, b: str,
+            f: Callable[[float, float], float]) -> dict[str, Any] | None:
+    """f(wall of a, wall of b) pair by pair (rep i of a against rep i of b, both valid): the
+    median and every pair; None when a or b was not run."""
+    if a not in reps or b not in reps:
+        return None
+    walls_b = {r["rep"]: r["wall_s"] for r in reps[b] if r["valid"]}
+    pairs = [f(r["wall_s"], walls_b[r["rep"]]) for r in reps[a]
+             if r["valid"] and r["rep"] in walls_b]
+    return {"median": round(statistics.median(pairs), 4) if pairs else None,
+            "pairs": [round(x, 4) for x in pairs]}
+
+
+def _ratio(x: float, y: float) -> float:
+    return x / y
+
+
+def _difference(x: float, y: float) -> float:
+    return x - y
 
 
 def summarize(bench: Bench, target: str, tools: list[str], resident: int | None
@@ -488,27 +559,45 @@ def summarize(bench: Bench, target: str, tools: list[str], resident: int | None
             "peak_rss_mib": max((r["client_maxrss_mib"] for r in runs + warm
                                  if r["client_maxrss_mib"] is not None), default=None),
         }
-        if tool == "engine":
+        if TOOLS[tool].result:
             s["engine_own_seconds_median"] = _median(
                 [r["engine_report"]["seconds"] for r in good if "engine_report" in r])
+        if "verify_seconds" in TOOLS[tool].fields:
+            s["verify_seconds_median"] = _median(
+                [r["engine_report"]["verify_seconds"] for r in good if "engine_report" in r])
+            # Every run counts here, the warm-up too: the bar is about each run's read-back.
+            read_back = [r["engine_report"]["verify_bytes_read"] for r in runs + warm
+                         if r["valid"] and "engine_report" in r]
+            s["verify_bytes_read_max"] = max(read_back, default=None)
         if tool == "qemu-img" and target != "null":
             s["post_sync_s_median"] = _median([r["post_sync_s"] for r in good])
         per_tool[tool] = s
+    # engine ÷ peer throughput: peer wall / engine wall, rep by rep (engine-verify's is its cost).
     ratios: dict[str, Any] = {}
-    if "engine" in tools:
-        eng = {r["rep"]: r for r in reps["engine"] if r["valid"]}
-        for peer in tools:
-            if peer == "engine":
-                continue
-            pairs = [bench_peer["wall_s"] / eng[bench_peer["rep"]]["wall_s"]
-                     for bench_peer in reps[peer] if bench_peer["valid"] and bench_peer["rep"] in eng]
-            ratios[peer] = {"engine_over_peer_median": round(statistics.median(pairs), 4)
-                            if pairs else None,
-                            "pairs": [round(x, 4) for x in pairs]}
-    return {"type": "summary", "scenario": "cold-copy", "target": target,
-            "alloc_bytes": bench.alloc, "size": bench.size,
-            "image_cache_resident_bytes": resident, "tools": per_tool,
-            "throughput_ratio": ratios, "provenance": bench.prov}
+    for peer in tools:
+        r = _paired(reps, peer, "engine", _ratio) if peer != "engine" else None
+        if r is not None:
+            ratios[peer] = {"engine_over_peer_median": r["median"], "pairs": r["pairs"]}
+    summary = {"type": "summary", "scenario": "cold-copy", "target": target,
+               "alloc_bytes": bench.alloc, "size": bench.size,
+               "image_cache_resident_bytes": resident, "tools": per_tool,
+               "throughput_ratio": ratios, "provenance": bench.prov}
+    # checksum ÷ nbdcopy throughput: nbdcopy wall / checksum wall (the same allocated bytes).
+    checksum = _paired(reps, "nbdcopy", "checksum", _ratio)
+    if checksum is not None:
+        summary["checksum_over_nbdcopy"] = checksum
+    if "engine-verify" in per_tool:
+        v = per_tool["engine-verify"]
+        read_back = v["verify_bytes_read_max"]
+        summary["verify_cost"] = {
+            "wall_ratio": _paired(reps, "engine-verify", "engine", _ratio),
+            "extra_s": _paired(reps, "engine-verify", "engine", _difference),
+            "verify_seconds_median": v["verify_seconds_median"],
+            "verify_bytes_read_max": read_back,
+            "verify_bytes_read_over_alloc": None if read_back is None
+            else round(read_back / bench.alloc, 4),
+        }
+    return summary
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -530,8 +619,8 @@ def table(summaries: list[dict[str, Any]]) -> str:
                    if t["wall_s_median"] else "–")
             if not t["warmup_valid"] or t["valid_reps"] < t["reps"]:
                 check = "FAIL"
-            elif s["target"] == "null" and tool != "engine":
-                check = "exit 0"
+            elif not t["checked"]:
+                check = "exit 0"  # nothing to compare: nbdcopy, qemu-img to null
             else:
                 check = "ok"
             lines.append(
@@ -554,8 +643,18 @@ def bars(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             v = r["engine_over_peer_median"]
             out.append({"bar": f"{s['target']}: engine ÷ {peer} ≥ {bar:g}", "value": v,
                          "met": v is not None and v >= bar})
-    rss = [s["tools"]["engine"]["peak_rss_mib"] for s in summaries
-           if "engine" in s["tools"] and s["tools"]["engine"]["peak_rss_mib"] is not None]
+        if "checksum_over_nbdcopy" in s:
+            v = s["checksum_over_nbdcopy"]["median"]
+            out.append({"bar": f"{s['target']}: checksum ÷ nbdcopy ≥ {BAR_CHECKSUM:g}",
+                        "value": v, "met": v is not None and v >= BAR_CHECKSUM})
+        if "verify_cost" in s:
+            v = s["verify_cost"]["verify_bytes_read_over_alloc"]
+            out.append({"bar": f"{s['target']}: engine-verify verify_bytes_read ÷ allocated ≤ "
+                               f"{BAR_VERIFY_READ:g}", "value": v, "format": ".3f",
+                        "met": v is not None and v <= BAR_VERIFY_READ})
+    # Every engine command counts: copy, copy --verify and checksum are all the engine.
+    rss = [t["peak_rss_mib"] for s in summaries for name, t in s["tools"].items()
+           if TOOLS[name].engine and t["peak_rss_mib"] is not None]
     if rss:
         out.append({"bar": f"engine peak RSS ≤ {BAR_RSS_MIB} MiB", "value": max(rss),
                     "met": max(rss) <= BAR_RSS_MIB})
@@ -567,8 +666,9 @@ def bars(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench cold-copy",
-        description="Copy a synthetic disk served by nbdkit with the engine, nbdcopy and qemu-img "
-                    "convert, to null:, a file and a loop device; print a table of medians.")
+        description="Copy a synthetic disk served by nbdkit with the engine (also with --verify), "
+                    "nbdcopy and qemu-img convert, to null:, a file and a loop device, and checksum "
+                    "it with the engine; print a table of medians.")
     p.add_argument("--size", type=parse_size, help="image size (default 4G; 256M with --quick)")
     p.add_argument("--seed", type=int, default=1, help="image seed (default 1)")
     p.add_argument("--reps", type=int, help="timed runs per tool and target, after one warm-up "
@@ -576,7 +676,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--targets", default=",".join(TARGETS),
                    help="comma-separated, of null,file,loop (default all)")
     p.add_argument("--tools", default=",".join(TOOLS),
-                   help="comma-separated, of engine,nbdcopy,qemu-img (default all)")
+                   help=f"comma-separated, of {','.join(TOOLS)} (default all; engine-verify runs "
+                        "to file and loop only, checksum to null only)")
     p.add_argument("--workdir", help="directory for the image, targets and sockets (default: a "
                                      "fresh directory under /var/tmp); an image made there with "
                                      "--keep and the same size and seed is reused")
@@ -593,6 +694,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bad = [t for t in a.targets if t not in TARGETS] + [t for t in a.tools if t not in TOOLS]
     if bad:
         p.error(f"unknown target or tool: {', '.join(bad)}")
+    if not any(t in TOOLS[tool].targets for t in a.targets for tool in a.tools):
+        p.error("none of the tools runs to any of the targets (engine-verify: file, loop; "
+                "checksum: null)")
     if a.reps < 1 or a.size < MiB or a.size % (64 << 10):
         p.error("--reps must be at least 1 and --size a multiple of 64K, at least 1M")
     a.tools = [t for t in TOOLS if t in a.tools]  # interleave in the canonical order
@@ -616,7 +720,7 @@ def _preflight(a: argparse.Namespace) -> list[str]:
     missing += [n for n in need if not shutil.which(n)]
     if not os.access(TIME, os.X_OK):
         missing.append(f"{TIME} (GNU time: apt-get install time)")
-    if "engine" in a.tools and not ENGINE.exists():
+    if any(TOOLS[t].engine for t in a.tools) and not ENGINE.exists():
         missing.append(f"{ENGINE} (run tools/setup)")
     return missing
 
@@ -694,16 +798,21 @@ def main(argv: list[str]) -> int:
                 bench.loop = loop
                 _say(f"loop device {loop.attach()} over {loop.backing}")
             for target in a.targets:
+                tools = [t for t in a.tools if target in TOOLS[t].targets]
+                if not tools:
+                    _say(f"target {target}: none of the tools runs to it; skipped")
+                    continue
                 resident = cache_resident(image)
-                _say(f"target {target}: warm-up and check, then {a.reps} interleaved reps")
-                for tool in a.tools:
+                _say(f"target {target}: warm-up and check, then {a.reps} interleaved reps of "
+                     f"{', '.join(tools)}")
+                for tool in tools:
                     bench.run(tool, target, None)
                 for rep in range(a.reps):
-                    for tool in a.tools:
+                    for tool in tools:
                         bench.run(tool, target, rep)
                 if target == "file" and os.path.exists(bench.file_target):
                     os.unlink(bench.file_target)
-                s = summarize(bench, target, a.tools, resident)
+                s = summarize(bench, target, tools, resident)
                 bench.emit(s)
                 summaries.append(s)
             fp_end = engine_fingerprint()
@@ -728,18 +837,36 @@ def main(argv: list[str]) -> int:
              "allocated GiB, medians; server = nbdkit; other = the rest of the machine meanwhile "
              "(kernel writeback and loop workers, and anyone else's processes).")
         for s in summaries:
-            e = s["tools"].get("engine", {})
-            if e.get("engine_own_seconds_median"):
-                _say(f"  {s['target']}: engine's own reported seconds (without interpreter start) "
-                     f"median {e['engine_own_seconds_median']:.2f} s of "
-                     f"{e['wall_s_median']:.2f} s wall")
+            own = [f"{name} {t['engine_own_seconds_median']:.2f} s of {t['wall_s_median']:.2f} s"
+                   for name, t in s["tools"].items() if t.get("engine_own_seconds_median")]
+            if own:
+                _say(f"  {s['target']}: the engine's own reported seconds (without interpreter "
+                     f"start) against wall, medians: {'; '.join(own)}")
+            c = s.get("checksum_over_nbdcopy")
+            if c is not None and c["median"] is not None:
+                t = s["tools"]["checksum"]
+                _say(f"  {s['target']}: checksum ÷ nbdcopy throughput (nbdcopy wall / checksum "
+                     f"wall per rep): median {c['median']:.2f}, pairs "
+                     f"{', '.join(f'{x:.2f}' for x in c['pairs'])}; checksum "
+                     f"{_fmt(t['alloc_gib_per_s'], '.2f')} GiB/s alloc")
+            v = s.get("verify_cost")
+            if v is not None:
+                ratio, extra = v["wall_ratio"], v["extra_s"]
+                cost = ("no plain engine runs to compare with" if ratio is None
+                        else f"costs {_fmt(ratio['median'], '.2f')} × the plain copy's wall, "
+                             f"+{_fmt(extra['median'], '.2f')} s (medians of per-rep pairs)")
+                _say(f"  {s['target']}: copy --verify {cost}; its own verify_seconds median "
+                     f"{_fmt(v['verify_seconds_median'], '.2f')} s; read back "
+                     f"{_fmt(v['verify_bytes_read_max'] and v['verify_bytes_read_max'] / GiB, '.3f')}"
+                     f" GiB = {_fmt(v['verify_bytes_read_over_alloc'], '.3f')} × allocated (max)")
             q = s["tools"].get("qemu-img", {})
             if q.get("post_sync_s_median") is not None:
                 _say(f"  {s['target']}: qemu-img's wall includes our fsync of the target, median "
                      f"{q['post_sync_s_median']:.2f} s")
         _say()
         for b in verdict_bars:
-            _say(f"  {'met   ' if b['met'] else 'MISSED'} {b['bar']}: {_fmt(b['value'], '.2f')}")
+            _say(f"  {'met   ' if b['met'] else 'MISSED'} {b['bar']}: "
+                 f"{_fmt(b['value'], b.get('format', '.2f'))}")
         if len(fps) > 1:
             _say(f"WARNING: the engine's files changed during the run ({len(fps)} versions: "
                  f"{', '.join(fps)}); each engine run's JSON line has its engine_fingerprint")
@@ -765,7 +892,7 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             for name in ("source.img", "source.json", "target.img", "loop-backing.img",
-                         "nbd.sock", "report.json", "child.log", "maxrss.txt"):
+                         "nbd.sock", "report.json", "child.out", "child.log", "maxrss.txt"):
                 try:
                     os.unlink(os.path.join(workdir, name))
                 except OSError:
