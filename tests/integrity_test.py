@@ -133,17 +133,20 @@ def test_copy_verify_catches_a_target_that_lies(nbdkit, tmp_path):
     assert run_cli("copy", source, dst.uri, "--progress=none").returncode == 0
 
 
-def test_copy_verify_reads_back_at_most_the_allocated_data(nbdkit, tmp_path):
+@pytest.mark.parametrize("target", ["file", "loop"])
+def test_copy_verify_reads_back_at_most_the_allocated_data(nbdkit, loop_device, tmp_path, target):
     image = str(tmp_path / "src.img")
     with open(image, "wb") as f:
         f.write(os.urandom(2 * MiB))
         f.seek(20 * MiB)
-        f.write(os.urandom(MiB))
+        f.write(os.urandom(MiB) + bytes(MiB))  # data, then allocated zeros
         f.truncate(32 * MiB)
     src = nbdkit("file", image, readonly=True)
-    report = transfer.copy(src.uri, str(tmp_path / "t.img"), verify=True)
+    dst = str(tmp_path / "t.img") if target == "file" else loop_device(32 * MiB, fill=b"\xee")
+    report = transfer.copy(src.uri, dst, verify=True)
     assert report.verified and report.digest == expected_digest_of_file(image)
-    assert report.verify_bytes_read <= report.bytes_read == 3 * MiB
+    assert report.bytes_read == 4 * MiB
+    assert report.verify_bytes_read == 3 * MiB  # what was written as data, and nothing else
 
 
 def test_verify_ignores_allocation(tmp_path):

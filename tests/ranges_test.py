@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 
 from transfer.errors import SourceError
 from transfer.pipeline.plan import Plan, requests
-from transfer.ranges import STATE_HOLE, STATE_ZERO, block_runs, clip_extents, walk_extents
+from transfer.integrity import Manifest, zero_digest
+from transfer.ranges import (STATE_HOLE, STATE_ZERO, block_runs, clip_extents, mark_zero,
+                             walk_extents)
 
 B = 64 * 1024
 Z = STATE_HOLE | STATE_ZERO
@@ -89,3 +91,38 @@ def test_plan_walks_windows_and_ends():
 def test_plan_rejects_unaligned_request_size():
     with pytest.raises(ValueError):
         Plan(B, request_size=B + 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 9), st.sampled_from([0, Z])), min_size=1, max_size=12),
+       st.lists(st.tuples(st.integers(0, 9), st.integers(1, 9)), max_size=6))
+def test_mark_zero_flags_exactly_the_runs(raw, gaps):
+    ext, pos = [], 0
+    for n, flags in raw:
+        ext.append((pos, n, flags))
+        pos += n
+    runs, at = [], 0
+    for gap, n in gaps:
+        runs.append((at + gap, n))
+        at += gap + n
+    out = mark_zero(ext, runs)
+    assert out[0][0] == 0 and sum(n for _, n, _ in out) == pos
+    assert all(a[0] + a[1] == b[0] for a, b in zip(out, out[1:]))
+    for off, n, flags in out:
+        for b in (off, off + n - 1):
+            in_run = any(s <= b < s + k for s, k in runs)
+            original = next(f for o, k, f in ext if o <= b < o + k)
+            assert bool(flags & STATE_ZERO) == (in_run or bool(original & STATE_ZERO))
+
+
+def test_manifest_zero_runs():
+    m = Manifest(5 * B + 100)  # 6 blocks, the last one 100 bytes
+    m.view[:] = b"\x01" * len(m.view)
+    m.set_zero(B, 2 * B)
+    m.set_zero(5 * B, 100)
+    try:
+        assert m.zero_runs(0, 6 * B) == [(B, 2 * B), (5 * B, 100)]
+        assert m.zero_runs(2 * B, B) == [(2 * B, B)]
+        assert m.slice(5 * B, 100).tobytes() == zero_digest(100)
+    finally:
+        m.close()

@@ -105,24 +105,31 @@ def _shape(src: Disk, connections: int | None, in_flight: int | None,
 
 async def _scan(disk: Disk, manifest: Manifest, kernels: _native.Kernels, *, size: int,
                 connections: int | None, in_flight: int | None, request_size: int | None,
-                on_progress: Callable[[Progress], None] | None) -> engine.Result:
+                on_progress: Callable[[Progress], None] | None,
+                known_zero: Manifest | None = None) -> engine.Result:
     """Read and hash the first size bytes of disk into manifest (the copy engine, to null:)."""
     conns, flight, req_size = _shape(disk, connections, in_flight, request_size)
     sink = open_disk("null:", "target")
     sink.create(size)
     return await engine.run(disk, sink, manifest, kernels, connections=conns, in_flight=flight,
                             request_size=req_size, target_zero=True, on_progress=on_progress,
-                            size=size)
+                            size=size, known_zero=known_zero)
 
 
 async def _read_back(target: str, manifest: Manifest, kernels: _native.Kernels, *,
                      on_progress: Callable[[Progress], None] | None) -> tuple[int, list[int], int]:
-    """Read target back (O_DIRECT where local) and compare with manifest: (count, offsets, bytes)."""
+    """Read target back (O_DIRECT where local) and compare with manifest: (count, offsets, bytes).
+
+    Blocks the copy wrote as data are read back; blocks it zeroed or skipped (zero
+    digest) are not read again, so the read-back costs at most one read of the
+    allocated data, block devices included. `transfer verify` reads everything.
+    """
     disk = await asyncio.to_thread(open_disk, target, "source", direct=True)
     back = Manifest(manifest.size)
     try:
         result = await _scan(disk, back, kernels, size=manifest.size, connections=None,
-                             in_flight=None, request_size=None, on_progress=on_progress)
+                             in_flight=None, request_size=None, on_progress=on_progress,
+                             known_zero=manifest)
         count, offsets = manifest.differences(back, VERIFY_OFFSETS)
         return count, offsets, result.stats.bytes_read
     finally:

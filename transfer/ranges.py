@@ -99,3 +99,29 @@ def block_runs(extents: Iterable[Extent], start: int, end: int, block: int) -> I
         pos = e
     if pos < end:
         yield (pos, end - pos, False)
+
+
+def mark_zero(extents: list[Extent], zero_runs: list[tuple[int, int]]) -> list[Extent]:
+    """extents with the (offset, length) runs in zero_runs flagged as reading zero.
+
+    Both are sorted and non-overlapping; the result covers what extents cover.
+    """
+    out: list[Extent] = []
+    runs = iter(zero_runs)
+    run = next(runs, None)
+    for off, length, flags in extents:
+        end = off + length
+        pos = off
+        while pos < end:
+            while run is not None and run[0] + run[1] <= pos:
+                run = next(runs, None)
+            if run is None or run[0] >= end:
+                out.append((pos, end - pos, flags))
+                break
+            if run[0] > pos:
+                out.append((pos, run[0] - pos, flags))
+                pos = run[0]
+            stop = min(end, run[0] + run[1])
+            out.append((pos, stop - pos, flags | STATE_ZERO))
+            pos = stop
+    return out

@@ -151,6 +151,28 @@ class Manifest:
         for i in range(max(first, full_end), last):
             self.view[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] = zero_digest(self.block_length(i))
 
+    def zero_runs(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(offset, length) runs of blocks in [offset, offset+length) whose digest is a zero block's.
+
+        offset is block-aligned; runs are clipped to the disk's size.
+        """
+        import numpy as np
+
+        first = offset // self.block
+        last = min(self.blocks, (offset + length + self.block - 1) // self.block)
+        if last <= first:
+            return []
+        n = last - first
+        d = np.frombuffer(self.view, np.uint8, n * DIGEST_SIZE, first * DIGEST_SIZE)
+        d = d.reshape(n, DIGEST_SIZE)
+        zero = (d == np.frombuffer(zero_digest(self.block), np.uint8)).all(1)
+        if self.block_length(last - 1) != self.block:  # a short last block has its own digest
+            zero[-1] = bytes(d[-1]) == zero_digest(self.block_length(last - 1))
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], zero.view(np.int8), [0]))))
+        end = self.size
+        return [(int(first + a) * self.block, min(int(first + b) * self.block, end) -
+                 int(first + a) * self.block) for a, b in zip(edges[::2], edges[1::2])]
+
     def digest(self) -> bytes:
         h = xxhash.xxh3_128()
         h.update(self.view)

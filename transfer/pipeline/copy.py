@@ -1,26 +1,25 @@
-"""The copy engine: asyncio orchestrates, one thread per connection moves the bytes.
+"""The copy engine: asyncio orchestrates, threads per connection move the bytes.
 
     plan ──► worker 0 (thread): src conn 0 ──aio_pread──► buffer ──► zero scan + hash
          ├─► worker 1 (thread): src conn 1 ...                        (native, no GIL)
-         └─► ...                                       │
+         └─► ...                                       │         manifest[block] = digest
                                                        ▼
-                        dst conn i: write data runs, zero or skip zero runs
+              writer i (thread): dst conn i: write data runs, zero or skip zero runs
                                                        │
-                       progress (completed writes) ◄───┘    manifest[block] = digest
+                       progress (completed writes) ◄───┘    the buffer goes back to worker i
 
 Why threads under asyncio: on these 2-core machines one asyncio thread doing
 the socket reads of every connection topped out at 0.67-0.93x nbdcopy, while
 one thread per connection driving libnbd aio with 8-16 requests in flight
 reached 1.06x (DESIGN.md "What fast means here"). So the event loop starts
 the workers, ticks progress, and turns the first error or a cancellation into
-a stop; each worker keeps its own reads in flight, inspects each buffer in
-native code with the GIL released, and writes it.
+a stop; each worker keeps its own reads in flight and inspects each buffer in
+native code with the GIL released, and its writer applies it to the target.
 
 Bounds: each worker holds at most `in_flight` buffers of `request_size`
 bytes, each either being read or waiting for its write (backpressure by
 requests and by bytes); each worker's Writer thread applies its buffers to the
-target in order. First error
-wins: it is recorded, every worker stops issuing, drains what it has in
+target in order. First error wins: it is recorded, every worker stops issuing, drains what it has in
 flight (nbdkit aborts when a client leaves with reads in flight) and returns;
 the caller gets that first error. Progress counts completed writes.
 """
@@ -39,6 +38,7 @@ from .._native import Kernels
 from ..disks import Conn, Disk
 from ..errors import Interrupted, SourceError, TransferError
 from ..integrity import BLOCK, Manifest, zero_digest
+from ..ranges import Extent, mark_zero
 from .buffers import BufferPool
 from .plan import Plan, Request
 
@@ -166,8 +166,9 @@ class Worker:
 
     def __init__(self, src: Conn, dst: Conn, plan: Plan, manifest: Manifest, kernels: Kernels,
                  *, target_zero: bool, inline_writes: bool, in_flight: int, request_size: int,
-                 shared: Shared, source_name: str) -> None:
+                 shared: Shared, source_name: str, known_zero: Manifest | None = None) -> None:
         self.src = src
+        self.known_zero = known_zero
         self.dst = dst
         self.plan = plan
         self.manifest = manifest
@@ -192,7 +193,7 @@ class Worker:
             while not self.shared.stop.is_set():
                 self._reclaim(pool, writer, block=False)
                 while pool.free and not exhausted and not self.shared.stop.is_set():
-                    req = self.plan.next(self.src.extents)
+                    req = self.plan.next(self._extents)
                     if req is None:
                         exhausted = True
                     elif req.data:
@@ -224,6 +225,12 @@ class Worker:
             self._drain(inflight)
             writer.close()
             pool.close()
+
+    def _extents(self, offset: int, length: int) -> list[Extent]:
+        extents = self.src.extents(offset, length)
+        if self.known_zero is None:
+            return extents
+        return mark_zero(extents, self.known_zero.zero_runs(offset, length))
 
     @staticmethod
     def _reclaim(pool: BufferPool, writer: Writer, *, block: bool) -> None:
@@ -280,10 +287,13 @@ class Result:
 async def run(source: Disk, target: Disk, manifest: Manifest, kernels: Kernels, *,
               connections: int, in_flight: int, request_size: int, target_zero: bool,
               on_progress: Callable[[Progress], None] | None = None,
-              interval: float = 1.0, size: int | None = None) -> Result:
+              interval: float = 1.0, size: int | None = None,
+              known_zero: Manifest | None = None) -> Result:
     """Copy source onto target; flush the target only when every request succeeded.
 
     size: copy only the first size bytes of the source (default: all of it).
+    known_zero: a manifest whose zero-digest blocks are not read but taken as
+    zero (copy --verify reads back only what the copy wrote as data).
     """
     loop = asyncio.get_running_loop()
     size = source.size if size is None else size
@@ -293,7 +303,7 @@ async def run(source: Disk, target: Disk, manifest: Manifest, kernels: Kernels, 
     inline = target.kind == "null"
     workers = [Worker(s, d, plan, manifest, kernels, target_zero=target_zero, inline_writes=inline,
                       in_flight=in_flight, request_size=request_size, shared=shared,
-                      source_name=source.display)
+                      source_name=source.display, known_zero=known_zero)
                for s, d in pairs]
     start = time.monotonic()
 
