@@ -35,8 +35,18 @@ MAX_BUFFER_BYTES = 256 << 20
 VERIFY_OFFSETS = 1000  # differing offsets kept for a report (the count is always exact)
 
 
+class _Serializable:
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
 @dataclass
-class Report:
+class Report(_Serializable):
+    """What copy() did."""
+
     source: str
     target: str
     size: int
@@ -60,12 +70,6 @@ class Report:
     verified: bool = False  # read back and compared block by block (copy --verify)
     verify_seconds: float | None = None
     verify_bytes_read: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 def _check_target(src: Disk, dst: Disk, *, force: bool) -> None:
@@ -210,7 +214,9 @@ def copy(source: str, target: str, **options: Any) -> Report:
 
 
 @dataclass
-class ChecksumReport:
+class ChecksumReport(_Serializable):
+    """What checksum() read and the digest it found."""
+
     disk: str
     size: int
     digest: str
@@ -219,9 +225,6 @@ class ChecksumReport:
     connections: int
     native: dict[str, str] = field(default_factory=dict)
     manifest: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 async def checksum_async(disk: str, *, connections: int | None = None,
@@ -261,7 +264,9 @@ def checksum(disk: str, **options: Any) -> ChecksumReport:
 
 
 @dataclass
-class VerifyReport:
+class VerifyReport(_Serializable):
+    """Whether verify() found the target equal, and where it differs."""
+
     equal: bool
     source: str | None
     target: str
@@ -274,9 +279,6 @@ class VerifyReport:
     target_digest: str
     seconds: float
     bytes_read: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 _DIGEST = re.compile(r"^xxh3-128:64k:[0-9a-f]{32}$")

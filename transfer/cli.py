@@ -164,7 +164,7 @@ def cmd_checksum(args: argparse.Namespace) -> int:
     r = asyncio.run(_run_cancellable(api.checksum_async(args.disk, manifest=args.manifest,
                                                         on_progress=renderer)))
     if args.json:
-        print(json.dumps(r.to_dict(), indent=2, sort_keys=True))
+        print(r.to_json())
     else:
         print(f"{r.digest}  {r.disk}")
     return 0
@@ -179,7 +179,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     r = asyncio.run(_run_cancellable(api.verify_async(source, target, expect=args.expect,
                                                       on_progress=renderer)))
     if args.json:
-        print(json.dumps(r.to_dict(), indent=2, sort_keys=True))
+        print(r.to_json())
     elif r.equal and r.source is None:
         print(f"equal: {r.target} has the expected digest {r.target_digest}")
     elif r.equal:
