@@ -179,3 +179,19 @@ def test_demo(tmp_path):
     report = json.loads(p.stdout)
     assert report["size"] == 32 * MiB and report["digest"].startswith("xxh3-128:64k:")
     assert os.listdir(tmp_path) == []  # the demo leaves nothing behind
+
+
+def test_stalled_server_is_given_up_on_after_the_timeout(nbdkit, tmp_path, image):
+    """RELIABILITY.md S5/R9: libnbd has no timeout; every read gets a deadline of ours."""
+    src = nbdkit("file", image, "rdelay=60", readonly=True, filters=["delay"])
+    line = one_line_error(run_cli("copy", src.uri, str(tmp_path / "t.img"), "--timeout=1",
+                                  timeout=60), 3, "transfer: source")
+    assert "no reply from the server for 1 s" in line
+
+
+def test_absurd_export_size_is_refused_before_any_write(nbdkit, tmp_path):
+    """RELIABILITY.md S9: an export of 2^63-1 bytes is not believed."""
+    src = nbdkit("eval", "get_size=echo 9223372036854775807", "pread=exit 1", readonly=True)
+    target = tmp_path / "t.img"
+    one_line_error(run_cli("copy", src.uri, str(target)), 3, "export size", "out of range")
+    assert not target.exists()

@@ -12,6 +12,7 @@ import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 from . import _native
@@ -144,7 +145,7 @@ async def _read_back(target: str, manifest: Manifest, kernels: _native.Kernels, 
 async def copy_async(source: str, target: str, *, connections: int | None = None,
                      in_flight: int | None = None, request_size: int | None = None,
                      target_is_zero: bool = False, force: bool = False, verify: bool = False,
-                     manifest: str | None = None,
+                     manifest: str | None = None, timeout: float | None = None,
                      on_progress: Callable[[Progress], None] | None = None,
                      native: str | None = None) -> Report:
     """Copy the whole disk at source onto target and return what was done.
@@ -154,14 +155,18 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
     durable (flushed) when this returns. verify: read the target back (O_DIRECT
     where local) and compare every block with the digests taken while copying;
     a difference raises VerifyFailed. manifest: also write the per-block digests
-    to this file.
+    to this file. timeout: seconds an NBD server may stay silent (handshake, or
+    reads in flight) before the copy fails (default 30 s to connect, 120 s
+    for replies).
     """
+    if timeout is not None and timeout <= 0:
+        raise BadInput(f"timeout must be positive, not {timeout}")
     kernels = _native.kernels(native)
-    src = await asyncio.to_thread(open_disk, source, "source")
+    src = await asyncio.to_thread(partial(open_disk, source, "source", timeout=timeout))
     dst: Disk | None = None
     digests: Manifest | None = None
     try:
-        dst = await asyncio.to_thread(open_disk, target, "target")
+        dst = await asyncio.to_thread(partial(open_disk, target, "target", timeout=timeout))
         if verify and dst.kind == "null":
             raise BadInput("null: keeps nothing to verify", disk=dst.display, kind="target")
         _check_target(src, dst, force=force)

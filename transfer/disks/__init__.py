@@ -7,11 +7,13 @@ from ..url import Address, parse
 from .base import Conn, Disk
 
 
-def open_disk(url: str, role: str, *, direct: bool = False) -> Disk:
+def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | None = None) -> Disk:
     """Open url as a source or target disk; BadInput names what is wrong.
 
     direct: a local source is read with O_DIRECT, bypassing the page cache, so
-    that what is read is what the device holds (verification).
+    that what is read is what the device holds (verification). timeout: seconds
+    an NBD server may take over a handshake, or with reads in flight, before it
+    is given up on (libnbd has no timeout of its own).
     """
     if role not in ("source", "target"):
         raise ValueError(f"role must be 'source' or 'target', not {role!r}")
@@ -29,7 +31,9 @@ def open_disk(url: str, role: str, *, direct: bool = False) -> Disk:
     if addr.kind == "nbd":
         from .nbd import NbdDisk
 
-        return NbdDisk(addr, role)
+        if timeout is None:
+            return NbdDisk(addr, role)
+        return NbdDisk(addr, role, connect_timeout=timeout, io_timeout=timeout)
     from .local import LocalDisk
 
     return LocalDisk(addr, role, direct=direct)

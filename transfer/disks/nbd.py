@@ -65,6 +65,7 @@ class NbdDisk(Disk):
         self.display = addr.display
         self.role = role
         self.io_timeout = io_timeout
+        self.connect_timeout = connect_timeout
         self._error = SourceError if role == "source" else TargetError
         self._handles: list[Any] = []
         h = self._open(connect_timeout)
@@ -122,7 +123,7 @@ class NbdDisk(Disk):
             return NbdConn(self, h)
         if len(self._handles) >= self.max_connections:
             return None
-        h = self._open(CONNECT_TIMEOUT)
+        h = self._open(self.connect_timeout)
         return NbdConn(self, h)
 
     def identities(self) -> set[tuple]:
