@@ -1,0 +1,62 @@
+"""Block status replies from a server that lies (RELIABILITY.md S7, S8): clipped, rejected, or
+read as data; never taken as "zero" without a reason."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import transfer
+from transfer.errors import SourceError
+
+from .badserver import BadServer
+from .conftest import expected_digest_of_file
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def data(tmp_path):
+    raw = os.urandom(MiB) + bytes(MiB) + os.urandom(MiB)
+    path = tmp_path / "expected.raw"
+    path.write_bytes(raw)
+    return raw, str(path)
+
+
+def serve(tmp_path, raw, block_status):
+    return BadServer(str(tmp_path / "bad.sock"), raw, block_status)
+
+
+def test_an_extent_past_the_end_is_clipped(tmp_path, data):
+    raw, path = data
+    with serve(tmp_path, raw, lambda off, n: [(0xFFFFF000, 0)]) as s:  # ~4 GiB on 3 MiB
+        r = transfer.copy(s.uri, str(tmp_path / "t.img"))
+    assert r.digest == expected_digest_of_file(path) and r.bytes_read == 3 * MiB
+
+
+def test_a_zero_length_extent_is_rejected(tmp_path, data):
+    raw, _ = data
+    with serve(tmp_path, raw, lambda off, n: [(0, 0), (n, 0)]) as s:
+        with pytest.raises(SourceError, match="extent of length 0"):
+            transfer.copy(s.uri, str(tmp_path / "t.img"))
+
+
+def test_no_answer_for_the_context_means_read_everything(tmp_path, data):
+    """S7: libnbd returns success without calling back; that must not mean 'all zero'."""
+    raw, path = data
+    with serve(tmp_path, raw, lambda off, n: None) as s:
+        r = transfer.copy(s.uri, str(tmp_path / "t.img"))
+    assert r.digest == expected_digest_of_file(path) and r.bytes_read == 3 * MiB
+
+
+def test_short_replies_are_asked_again(tmp_path, data):
+    raw, path = data
+    # 4 KiB at a time, alternating data and hole+zero flags over the zero MiB only
+    def status(off, n):
+        return [(4096, 3 if MiB <= off < 2 * MiB else 0)]
+
+    with serve(tmp_path, raw, status) as s:
+        r = transfer.copy(s.uri, str(tmp_path / "t.img"))
+    assert r.digest == expected_digest_of_file(path)
+    assert r.bytes_read == 2 * MiB  # the zero MiB, reported as holes 4 KiB at a time, not read
