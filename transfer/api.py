@@ -71,6 +71,8 @@ class Report(_Serializable):
     verified: bool = False  # read back and compared block by block (copy --verify)
     verify_seconds: float | None = None
     verify_bytes_read: int | None = None
+    retries: int = 0  # reads issued again after an error (RELIABILITY.md S1b: reported)
+    reconnects: int = 0
 
 
 def _check_target(src: Disk, dst: Disk, *, force: bool) -> None:
@@ -146,6 +148,7 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
                      in_flight: int | None = None, request_size: int | None = None,
                      target_is_zero: bool = False, force: bool = False, verify: bool = False,
                      manifest: str | None = None, timeout: float | None = None,
+                     retries: int = engine.RETRIES,
                      on_progress: Callable[[Progress], None] | None = None,
                      native: str | None = None) -> Report:
     """Copy the whole disk at source onto target and return what was done.
@@ -157,10 +160,13 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
     a difference raises VerifyFailed. manifest: also write the per-block digests
     to this file. timeout: seconds an NBD server may stay silent (handshake, or
     reads in flight) before the copy fails (default 30 s to connect, 120 s
-    for replies).
+    for replies). retries: how often one failed read (or a dropped connection)
+    is tried again, with backoff, before the copy fails.
     """
     if timeout is not None and timeout <= 0:
         raise BadInput(f"timeout must be positive, not {timeout}")
+    if retries < 0:
+        raise BadInput(f"retries must be 0 or more, not {retries}")
     kernels = _native.kernels(native)
     src = await asyncio.to_thread(partial(open_disk, source, "source", timeout=timeout))
     dst: Disk | None = None
@@ -177,7 +183,7 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
         result = await engine.run(src, dst, digests, kernels, connections=conns,
                                   in_flight=flight, request_size=req_size,
                                   target_zero=dst.reads_zero or target_is_zero,
-                                  on_progress=on_progress)
+                                  on_progress=on_progress, retries=retries)
         st = result.stats
         report = Report(
             source=src.display, target=dst.display, size=src.size, target_size=dst.size,
@@ -188,6 +194,7 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
             zero_requests=st.zero_requests, request_size=result.request_size,
             in_flight=result.in_flight, zero_method=dst.zero_method,
             target_created=dst.created, flushed=True, native=kernels.describe(),
+            retries=st.retries, reconnects=st.reconnects,
         )
         if manifest:
             digests.save()

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the digests taken while copying; a difference exits 6")
     c.add_argument("--manifest", metavar="FILE",
                    help="write the per-block digests (16 bytes per 64 KiB) to FILE")
+    c.add_argument("--retries", type=int, default=8, metavar="N",
+                   help="read a failed request again, or reconnect a dropped source, up to N times "
+                        "with backoff from 0.1 s doubling to 5 s (default 8, about 16 s)")
     c.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="give up on an NBD server silent this long over a handshake or with reads "
                         "in flight (default 30 s to connect, 120 s for replies)")
@@ -153,7 +156,8 @@ def cmd_copy(args: argparse.Namespace) -> int:
     report = asyncio.run(_run_cancellable(api.copy_async(
         args.source, args.target, connections=args.connections, in_flight=args.in_flight,
         request_size=args.request_size, target_is_zero=args.target_is_zero, force=args.force,
-        verify=args.verify, manifest=args.manifest, timeout=args.timeout, on_progress=renderer)))
+        verify=args.verify, manifest=args.manifest, timeout=args.timeout, retries=args.retries,
+        on_progress=renderer)))
     if args.report:
         _write_report(args.report, report.to_dict())
     if args.progress != "none":

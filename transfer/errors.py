@@ -64,6 +64,14 @@ class SourceError(TransferError):
     kind = "source"
 
 
+class SourceChanged(SourceError):
+    """The source is not the disk it was (its size changed): never retried (RELIABILITY.md S10)."""
+
+
+class ConnectionLost(SourceError):
+    """The source's connection died; its reads in flight are lost and may be issued again."""
+
+
 class TargetError(TransferError):
     """Writing, zeroing or flushing the target failed."""
 

@@ -43,6 +43,14 @@ def zero_buffer() -> memoryview:
 class Conn:
     """One worker's handle on a disk. Default: extents say everything is data."""
 
+    dead = False  # the connection is gone; reconnect() before using it again
+
+    def drop(self) -> None:
+        """Give up on the connection; its reads in flight are lost."""
+
+    def reconnect(self) -> None:
+        raise NotImplementedError
+
     def extents(self, offset: int, length: int) -> list[Extent]:
         return [(offset, length, 0)]
 

@@ -25,7 +25,8 @@ import os
 import time
 from typing import Any
 
-from ..errors import BadInput, SourceError, TargetError, TargetRefused
+from ..errors import (BadInput, ConnectionLost, SourceChanged, SourceError, TargetError,
+                      TargetRefused)
 from ..ranges import Extent, clip_extents
 from ..url import Address
 from .base import NOT_SUPPORTED, Conn, Disk, zero_buffer
@@ -210,19 +211,49 @@ class NbdConn(Conn):
         while not self._done:
             if self.inflight == 0:
                 return []
-            if time.monotonic() > deadline:
-                raise SourceError(f"no reply from the server for {self.disk.io_timeout:g} s with "
-                                  f"{self.inflight} reads in flight", disk=self.disk.display)
+            if time.monotonic() > deadline:  # R9: treated as a lost connection
+                raise ConnectionLost(f"no reply from the server for {self.disk.io_timeout:g} s "
+                                     f"with {self.inflight} reads in flight",
+                                     disk=self.disk.display)
             try:
                 self.h.poll(1000)
             except nbd.Error as e:
-                raise self._fail(SourceError, "connection", e) from None
+                raise ConnectionLost(f"connection failed: {_why(e)}", disk=self.disk.display,
+                                     errno=_errnum(e)) from None
         out = []
         while self._done:
             tag, err = self._done.popleft()
             out.append((tag, OSError(err, os.strerror(err)) if err else None))
         self.inflight -= len(out)
         return out
+
+    @property
+    def dead(self) -> bool:
+        return self.h is None or bool(self.h.aio_is_dead()) or bool(self.h.aio_is_closed())
+
+    def drop(self) -> None:
+        """Give up on this connection (dead, or silent past the timeout); reconnect() next.
+
+        The handle is dropped, not shut down: shutdown would wait for replies to
+        its reads, which a silent server never sends. Dropping it closes the
+        socket, and libnbd writes into none of our buffers after that.
+        """
+        if self.h is not None and self.h in self.disk._handles:
+            self.disk._handles.remove(self.h)
+        self.h = None
+        self._done.clear()
+        self.inflight = 0
+
+    def reconnect(self) -> None:
+        """A new handle in place of a dropped or dead one; the export must keep its size (S10)."""
+        self.drop()
+        d = self.disk
+        h = d._open(d.connect_timeout)
+        size = h.get_size()
+        if size != d.size:
+            raise SourceChanged(f"the export's size changed from {d.size} to {size} bytes",
+                                disk=d.display)
+        self.h = h
 
     def write(self, view: memoryview, offset: int) -> None:
         try:

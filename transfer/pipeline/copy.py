@@ -22,11 +22,17 @@ requests and by bytes); each worker's Writer thread applies its buffers to the
 target in order. First error wins: it is recorded, every worker stops issuing, drains what it has in
 flight (nbdkit aborts when a client leaves with reads in flight) and returns;
 the caller gets that first error. Progress counts completed writes.
+
+A failed read is issued again after a backoff (reads are idempotent, R4),
+up to `retries` times per request; a connection the server dropped is
+reopened (and the export's size checked again) within the same budget. A
+persistent failure ends the copy with an error naming the offset (R9).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
 import time
@@ -36,11 +42,18 @@ from typing import Callable
 
 from .._native import Kernels
 from ..disks import Conn, Disk
-from ..errors import Interrupted, SourceError, TransferError
+from ..errors import ConnectionLost, Interrupted, SourceChanged, SourceError, TransferError
 from ..integrity import BLOCK, Manifest, zero_digest
 from ..ranges import Extent, mark_zero
 from .buffers import BufferPool
 from .plan import Plan, Request
+
+
+RETRIES = 8  # failed reads of one request before the copy fails: 0.1 s doubling to 5 s, ~16 s
+
+
+def backoff(attempt: int) -> float:
+    return min(0.1 * 2 ** (attempt - 1), 5.0)
 
 
 @dataclass
@@ -51,6 +64,8 @@ class Stats:
     bytes_skipped: int = 0
     requests: int = 0  # reads issued
     zero_requests: int = 0
+    retries: int = 0  # reads issued again after an error
+    reconnects: int = 0
 
     @property
     def done(self) -> int:
@@ -166,7 +181,8 @@ class Worker:
 
     def __init__(self, src: Conn, dst: Conn, plan: Plan, manifest: Manifest, kernels: Kernels,
                  *, target_zero: bool, inline_writes: bool, in_flight: int, request_size: int,
-                 shared: Shared, source_name: str, known_zero: Manifest | None = None) -> None:
+                 shared: Shared, source_name: str, known_zero: Manifest | None = None,
+                 retries: int = RETRIES) -> None:
         self.src = src
         self.known_zero = known_zero
         self.dst = dst
@@ -179,6 +195,10 @@ class Worker:
         self.request_size = request_size
         self.shared = shared
         self.source_name = source_name
+        self.retries = retries
+        self._retry: collections.deque[tuple[float, int, Request]] = collections.deque()
+        self._attempts: dict[int, int] = {}  # offset -> failed reads so far
+        self._last_error: BaseException | None = None
         self.stats = Stats()
         self.flags = bytearray(request_size // BLOCK + 1)
         self.zero_digest = zero_digest(BLOCK)
@@ -187,44 +207,93 @@ class Worker:
         pool = BufferPool(self.in_flight, self.request_size)
         writer = Writer(self.dst, self.stats, self.shared, target_zero=self.target_zero,
                         inline=self.inline_writes)
-        inflight = 0
+        outstanding: dict[int, Request] = {}  # slot -> the read in flight into it
         try:
             exhausted = False
             while not self.shared.stop.is_set():
                 self._reclaim(pool, writer, block=False)
+                self._ensure_connected()
+                now = time.monotonic()
+                while self._retry and self._retry[0][0] <= now:
+                    _, slot, req = self._retry.popleft()
+                    self._read(slot, req, pool, outstanding)
                 while pool.free and not exhausted and not self.shared.stop.is_set():
                     req = self.plan.next(self._extents)
                     if req is None:
                         exhausted = True
                     elif req.data:
-                        slot = pool.free.pop()
-                        inflight += 1
-                        self.src.start_read(pool.slots[slot][: req.length], req.offset, (slot, req))
-                        self.stats.requests += 1
+                        self._read(pool.free.pop(), req, pool, outstanding)
                     else:
                         self.manifest.set_zero(req.offset, req.length)
                         writer.submit(req.offset, req.length, None, None, None)
                         self.stats.zero_requests += 1
-                if inflight == 0:
-                    if exhausted:
+                if not outstanding:
+                    if self._retry:  # nothing in flight: sleep until the next retry is due
+                        self.shared.stop.wait(max(0.0, self._retry[0][0] - time.monotonic()))
+                    elif exhausted:
                         break
-                    if not pool.free:  # every buffer is with the writer: wait for one
+                    elif not pool.free:  # every buffer is with the writer: wait for one
                         self._reclaim(pool, writer, block=True)
                     continue
-                for (slot, req), err in self.src.reap():
-                    inflight -= 1
+                try:
+                    completions = self.src.reap()
+                except ConnectionLost as e:  # every read in flight is lost with the connection
+                    for slot, req in outstanding.items():
+                        self._schedule_retry(slot, req, e)
+                    outstanding.clear()
+                    self.src.drop()
+                    continue
+                for (slot, req), err in completions:
+                    del outstanding[slot]
                     if err is not None:
-                        raise SourceError(f"read failed: {err.strerror or err}", disk=self.source_name,
-                                          offset=req.offset, length=req.length,
-                                          errno=getattr(err, "errno", None))
+                        self._schedule_retry(slot, req, err)
+                        continue
                     view = pool.slots[slot][: req.length]
                     writer.submit(req.offset, req.length, view, self._inspect(req, view), slot)
         except BaseException as e:
             self.shared.fail(e)
         finally:
-            self._drain(inflight)
+            self._drain(len(outstanding))
             writer.close()
             pool.close()
+
+    def _read(self, slot: int, req: Request, pool: BufferPool,
+              outstanding: dict[int, Request]) -> None:
+        self.src.start_read(pool.slots[slot][: req.length], req.offset, (slot, req))
+        outstanding[slot] = req
+        self.stats.requests += 1
+
+    def _schedule_retry(self, slot: int, req: Request, err: BaseException) -> None:
+        """Read again after a backoff (reads are idempotent), or fail when the budget is spent."""
+        attempt = self._attempts.get(req.offset, 0) + 1
+        if attempt > self.retries:
+            why = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
+            raise SourceError(f"read failed ({why}), {attempt} attempts", disk=self.source_name,
+                              offset=req.offset, length=req.length,
+                              errno=getattr(err, "errno", None))
+        self._attempts[req.offset] = attempt
+        self._last_error = err
+        self.stats.retries += 1
+        self._retry.append((time.monotonic() + backoff(attempt), slot, req))
+
+    def _ensure_connected(self) -> None:
+        """Reconnect a connection the server dropped, with backoff, within the retry budget."""
+        if not self.src.dead:
+            return
+        for attempt in range(1, self.retries + 2):
+            try:
+                self.src.reconnect()
+                self.stats.reconnects += 1
+                return
+            except SourceChanged:
+                raise
+            except SourceError as e:
+                if attempt > self.retries:
+                    if self._last_error is not None:  # say what started it
+                        e.message += f", after: {self._last_error}"
+                    raise
+            if self.shared.stop.wait(backoff(attempt)):
+                return
 
     def _extents(self, offset: int, length: int) -> list[Extent]:
         extents = self.src.extents(offset, length)
@@ -288,7 +357,7 @@ async def run(source: Disk, target: Disk, manifest: Manifest, kernels: Kernels, 
               connections: int, in_flight: int, request_size: int, target_zero: bool,
               on_progress: Callable[[Progress], None] | None = None,
               interval: float = 1.0, size: int | None = None,
-              known_zero: Manifest | None = None) -> Result:
+              known_zero: Manifest | None = None, retries: int = RETRIES) -> Result:
     """Copy source onto target; flush the target only when every request succeeded.
 
     size: copy only the first size bytes of the source (default: all of it).
@@ -303,7 +372,7 @@ async def run(source: Disk, target: Disk, manifest: Manifest, kernels: Kernels, 
     inline = target.kind == "null"
     workers = [Worker(s, d, plan, manifest, kernels, target_zero=target_zero, inline_writes=inline,
                       in_flight=in_flight, request_size=request_size, shared=shared,
-                      source_name=source.display, known_zero=known_zero)
+                      source_name=source.display, known_zero=known_zero, retries=retries)
                for s, d in pairs]
     start = time.monotonic()
 
