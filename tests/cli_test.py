@@ -182,6 +182,14 @@ def test_transient_read_errors_are_retried(nbdkit, tmp_path, image):
     compare(image, str(tmp_path / "t.img"), size=16 * MiB)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_interrupts_with_its_own_exit_code(nbdkit, tmp_path, sig):
+    src = _slow_source(nbdkit, tmp_path)
+    p = _copy_and_then(src, tmp_path, lambda proc: proc.send_signal(sig))
+    one_line_error(p, 5, "interrupted")
+    assert src.proc.poll() is None  # the server is still fine: we drained before leaving
+
+
 def test_json_progress_and_report(nbdkit, tmp_path, image):
     src = nbdkit("file", image, readonly=True)
     target, report = str(tmp_path / "t.img"), str(tmp_path / "report.json")
