@@ -60,3 +60,20 @@ def test_short_replies_are_asked_again(tmp_path, data):
         r = transfer.copy(s.uri, str(tmp_path / "t.img"))
     assert r.digest == expected_digest_of_file(path)
     assert r.bytes_read == 2 * MiB  # the zero MiB, reported as holes 4 KiB at a time, not read
+
+
+def test_block_status_errors_mean_read_everything(nbdkit, tmp_path, data):
+    """S6: nbdkit's error filter fails every block status request; the copy reads it all."""
+    raw, _ = data
+    path = str(tmp_path / "sparse.img")
+    with open(path, "wb") as f:  # the zero MiB as a hole this time
+        f.write(raw[:MiB])
+        f.seek(2 * MiB)
+        f.write(raw[2 * MiB :])
+    honest = nbdkit("file", path, readonly=True)
+    assert transfer.copy(honest.uri, str(tmp_path / "a.img")).bytes_read == 2 * MiB
+    src = nbdkit("file", path, "error-extents=EIO", "error-extents-rate=100%", readonly=True,
+                 filters=["error"])
+    r = transfer.copy(src.uri, str(tmp_path / "t.img"))
+    assert r.digest == expected_digest_of_file(path)
+    assert r.bytes_read == 3 * MiB  # the hole is read too: nothing is zero unless the server says
