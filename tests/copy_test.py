@@ -233,3 +233,15 @@ def test_an_existing_sparse_file_reads_as_zero(make_source, tmp_path):
     report = transfer.copy(uri, str(target))
     assert report.bytes_zeroed > 0 and report.bytes_skipped == 0
     check(report, reference, str(target), 8 * MiB)
+
+
+def test_zero_buffers_only_when_the_target_cannot_zero(make_source, nbdkit):
+    """nbdkit's nozero filter takes zeroing away: zero runs then go as written zero buffers."""
+    size = 8 * MiB
+    uri, reference = make_source("data", size)
+    dst = nbdkit("memory", str(size), "zeromode=none", filters=["nozero"])
+    report = transfer.copy(uri, dst.uri)
+    assert report.zero_method == "write" and report.bytes_zeroed > 0
+    check(report, reference, dst.uri, size)
+    dst2 = nbdkit("memory", str(size))
+    assert transfer.copy(uri, dst2.uri).zero_method == "nbd-zero"

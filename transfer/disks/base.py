@@ -67,6 +67,15 @@ class Conn:
     def zero(self, offset: int, length: int) -> None:
         raise NotImplementedError
 
+    def write_zeros(self, offset: int, length: int) -> None:
+        """Zeroing's last resort, for targets that said "not supported": write zero buffers."""
+        zeros = zero_buffer()
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            self.write(zeros[:n], offset)
+            offset += n
+
     def flush(self) -> None:
         raise NotImplementedError
 

@@ -36,7 +36,7 @@ from .. import _native
 from ..errors import BadInput, SourceError, TargetError, TargetRefused
 from ..ranges import STATE_HOLE, STATE_ZERO, Extent
 from ..url import Address
-from .base import NOT_SUPPORTED, Conn, Disk, zero_buffer
+from .base import NOT_SUPPORTED, Conn, Disk
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -400,15 +400,15 @@ class LocalConn(Conn):
                 head = -offset % d.sector
                 body = (length - head) // d.sector * d.sector if length > head else 0
                 if body and self._try(k.blkzeroout, d.fd, offset + head, body):
-                    self._write_zeros(offset, head)
-                    self._write_zeros(offset + head + body, length - head - body)
+                    self.write_zeros(offset, head)
+                    self.write_zeros(offset + head + body, length - head - body)
                     return
                 if body:
                     d.zero_method = "write"
         except OSError as e:
             raise TargetError(f"zeroing failed: {os.strerror(e.errno)}", disk=d.display,
                               offset=offset, length=length, errno=e.errno) from None
-        self._write_zeros(offset, length)
+        self.write_zeros(offset, length)
 
     @staticmethod
     def _try(fn: Any, *args: int) -> bool:
@@ -421,13 +421,6 @@ class LocalConn(Conn):
             raise
         return True
 
-    def _write_zeros(self, offset: int, length: int) -> None:
-        zeros = zero_buffer()
-        end = offset + length
-        while offset < end:
-            n = min(len(zeros), end - offset)
-            self.write(zeros[:n], offset)
-            offset += n
 
     def flush(self) -> None:
         d = self.disk

@@ -29,7 +29,7 @@ from ..errors import (BadInput, ConnectionLost, SourceChanged, SourceError, Targ
                       TargetRefused)
 from ..ranges import Extent, clip_extents
 from ..url import Address
-from .base import NOT_SUPPORTED, Conn, Disk, zero_buffer
+from .base import NOT_SUPPORTED, Conn, Disk
 
 try:
     import nbd
@@ -275,16 +275,9 @@ class NbdConn(Conn):
                         raise self._fail(TargetError, "zero", e, offset, n) from None
                     self.disk.can_zero = False
                     self.disk.zero_method = "write"
-            self._write_zeros(offset, n)
+            self.write_zeros(offset, n)
             offset += n
 
-    def _write_zeros(self, offset: int, length: int) -> None:
-        zeros = zero_buffer()
-        end = offset + length
-        while offset < end:
-            n = min(len(zeros), end - offset)
-            self.write(zeros[:n], offset)
-            offset += n
 
     def flush(self) -> None:
         try:
