@@ -1,0 +1,104 @@
+"""The journal: durable appends, torn tails discarded, corruption refused, one engine at a time."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transfer.errors import BadInput
+from transfer.state.journal import MAGIC, Journal, JournalError, encode
+
+RECORDS = [{"pass": 0, "done": [[0, 65536]]}, {"pass": 1, "checkpoint": "b1"},
+           {"pass": 1, "done": [[131072, 65536]], "note": "x" * 300}]
+
+
+def fill(path) -> bytes:
+    with Journal.open(str(path)) as j:
+        for r in RECORDS:
+            j.append(r)
+    return path.read_bytes()
+
+
+def test_round_trip_and_sequence(tmp_path):
+    path = tmp_path / "journal"
+    data = fill(path)
+    assert data.startswith(MAGIC) and not (tmp_path / "journal.tmp").exists()
+    with Journal.open(str(path), create=False) as j:
+        assert j.records == RECORDS and j.discarded == 0
+        assert j.append({"pass": 2}) == 4
+    with Journal.open(str(path)) as j:
+        assert j.records == RECORDS + [{"pass": 2}]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000))
+def test_a_torn_tail_is_discarded_and_nothing_before_it(tmp_path_factory, cut):
+    path = tmp_path_factory.mktemp("j") / "journal"
+    data = fill(path)
+    cut = len(MAGIC) + cut % (len(data) - len(MAGIC))
+    path.write_bytes(data[:cut])
+    with Journal.open(str(path)) as j:
+        kept = list(j.records)
+        assert kept == RECORDS[: len(kept)]  # a prefix, never a guess
+        assert j.discarded == cut - len(MAGIC) - sum(len(encode(i + 1, r))
+                                                    for i, r in enumerate(kept))
+        j.append({"after": "crash"})
+    with Journal.open(str(path)) as j:  # the tail was truncated away: the append is readable
+        assert j.records == kept + [{"after": "crash"}]
+
+
+def test_a_flipped_byte_in_the_last_record_drops_only_it(tmp_path):
+    path = tmp_path / "journal"
+    data = bytearray(fill(path))
+    data[-20] ^= 0x40
+    path.write_bytes(bytes(data))
+    with Journal.open(str(path)) as j:
+        assert j.records == RECORDS[:2] and j.discarded == len(encode(3, RECORDS[2]))
+
+
+@pytest.mark.parametrize("where", ["payload", "sequence"])
+def test_corruption_before_the_end_is_refused(tmp_path, where):
+    path = tmp_path / "journal"
+    data = bytearray(fill(path))
+    first = len(MAGIC)
+    if where == "payload":
+        data[first + 14] ^= 0x01  # inside record 1's JSON: its checksum fails
+    else:
+        # a well-formed record 1 that claims to be record 7
+        good = encode(7, RECORDS[0])
+        data[first : first + len(good)] = good
+    path.write_bytes(bytes(data))
+    with pytest.raises(JournalError, match="corrupt at record 1") as e:
+        Journal.open(str(path))
+    assert isinstance(e.value, BadInput)
+    assert path.read_bytes() == bytes(data)  # refused, and left as it was for a human
+
+
+def test_not_a_journal(tmp_path):
+    path = tmp_path / "journal"
+    path.write_bytes(b"hello world")
+    with pytest.raises(JournalError, match="wrong magic"):
+        Journal.open(str(path))
+    with pytest.raises(JournalError, match="does not exist"):
+        Journal.open(str(tmp_path / "missing"), create=False)
+
+
+def test_a_second_engine_is_refused(tmp_path):
+    path = str(tmp_path / "journal")
+    with Journal.open(path):
+        with pytest.raises(JournalError, match="in use"):
+            Journal.open(path)
+        # another process too (flock is per open file description)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                Journal.open(path)
+                os._exit(0)
+            except JournalError:
+                os._exit(7)
+        assert os.waitpid(pid, 0)[1] >> 8 == 7
+    with Journal.open(path) as j:  # released on close
+        assert j.records == []

@@ -1,0 +1,170 @@
+"""An append-only journal of checksummed, sequence-numbered records (RELIABILITY.md R5-R8).
+
+    file    = MAGIC record*
+    record  = u32le length | u64le seq | payload (length bytes of JSON) | u64le xxh3_64(all before)
+
+- A record is one write(2) followed by fsync: once append() returns, it is
+  durable (R5 step 3). The file is created as a temp file, fsynced, renamed
+  and its directory fsynced, so it exists whole or not at all (T9).
+- Sequence numbers start at 1 and grow by one; a gap is corruption.
+- A torn tail, a last record cut short or failing its checksum where the
+  file ends, is what a crash mid-append leaves: it is discarded (the file is
+  truncated to the last good record, and `discarded` says how many bytes) and
+  the work it claimed is redone (R4). A record that fails its checksum, its
+  sequence number or its JSON with more records after it is not a torn tail:
+  the journal is refused as corrupt, never read past (R7, P5). A length field
+  that runs past the end of the file cannot be told from a torn tail, so it is
+  one: that direction only ever forgets work done, never invents it.
+- The journal is locked (flock, exclusive, non-blocking) while open: a second
+  engine on the same state is refused (R8).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+from typing import Any
+
+import xxhash
+
+from ..errors import BadInput
+
+MAGIC = b"TRJOURN1"
+_HEAD = struct.Struct("<IQ")
+_SUM = struct.Struct("<Q")
+MAX_RECORD = 16 << 20  # a larger declared length is garbage, not a record
+
+
+class JournalError(BadInput):
+    kind = "journal"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode(seq: int, record: dict[str, Any]) -> bytes:
+    payload = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+    body = _HEAD.pack(len(payload), seq) + payload
+    return body + _SUM.pack(xxhash.xxh3_64_intdigest(body))
+
+
+class Journal:
+    def __init__(self, path: str, fd: int, records: list[dict[str, Any]], discarded: int) -> None:
+        self.path = path
+        self._fd = fd
+        self.records = records
+        self.discarded = discarded  # bytes of torn tail dropped when opened
+
+    @classmethod
+    def open(cls, path: str, *, create: bool = True) -> "Journal":
+        """Open (creating it when allowed and missing), lock, read and validate the journal."""
+        if not os.path.exists(path):
+            if not create:
+                raise JournalError("does not exist", disk=path)
+            _create(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        except OSError as e:
+            raise JournalError(f"cannot open: {os.strerror(e.errno)}", disk=path) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise JournalError("in use by another engine (locked)", disk=path) from None
+            records, good_end, size = _read(fd, path)
+            if good_end < size:  # a torn tail: drop it, durably, before appending after it
+                os.ftruncate(fd, good_end)
+                os.fsync(fd)
+            return cls(path, fd, records, size - good_end)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def append(self, record: dict[str, Any]) -> int:
+        """Write the record and fsync; return its sequence number. A failure is final (R6)."""
+        seq = len(self.records) + 1
+        data = encode(seq, record)
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(0, f"short write of {written} of {len(data)} bytes")
+            os.fsync(self._fd)
+        except OSError as e:
+            raise JournalError(f"append failed: {e.strerror or e}", disk=self.path) from None
+        self.records.append(record)
+        return seq
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing releases the lock
+            self._fd = -1
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _create(path: str) -> None:
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, MAGIC)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    _fsync_dir(path)
+
+
+def _read(fd: int, path: str) -> tuple[list[dict[str, Any]], int, int]:
+    """(records, end of the last good record, file size); JournalError on corruption."""
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, size, 0)
+    if data[: len(MAGIC)] != MAGIC:
+        raise JournalError("not a journal (wrong magic)", disk=path)
+    records: list[dict[str, Any]] = []
+    pos = len(MAGIC)
+    while pos < size:
+        end, record, why = _parse(data, pos, len(records) + 1)
+        if why is not None:
+            # a bad record is a torn tail only if the file ends with it
+            if end is None or end >= size:
+                return records, pos, size
+            raise JournalError(f"corrupt at record {len(records) + 1} (byte {pos}): {why}",
+                               disk=path)
+        records.append(record)
+        pos = end
+    return records, pos, size
+
+
+def _parse(data: bytes, pos: int, seq: int) -> tuple[int | None, Any, str | None]:
+    """(end, record, None) for a good record at pos; (end or None, None, why) for a bad one."""
+    if pos + _HEAD.size > len(data):
+        return None, None, "cut short"
+    length, got_seq = _HEAD.unpack_from(data, pos)
+    if length > MAX_RECORD:
+        return None, None, f"record length {length}"
+    end = pos + _HEAD.size + length + _SUM.size
+    if end > len(data):
+        return None, None, "cut short"
+    body = data[pos : end - _SUM.size]
+    if xxhash.xxh3_64_intdigest(body) != _SUM.unpack_from(data, end - _SUM.size)[0]:
+        return end, None, "checksum mismatch"
+    if got_seq != seq:
+        return end, None, f"sequence {got_seq}, expected {seq}"
+    try:
+        record = json.loads(body[_HEAD.size :])
+    except ValueError:
+        return end, None, "payload is not JSON"
+    if not isinstance(record, dict):
+        return end, None, "payload is not an object"
+    return end, record, None
