@@ -37,7 +37,7 @@ def test_areas_in_any_order_become_the_changed_blocks(tmp_path_factory, raw, rnd
     runs = load_changed_areas(path, SIZE).tolist()
     expected = blocks_of((a["start"], a["start"] + a["length"]) for a in areas)
     assert blocks_of(runs) == expected
-    for (s1, e1), (s2, e2) in zip(runs, runs[1:]):
+    for (_, e1), (s2, _) in zip(runs, runs[1:]):
         assert e1 < s2  # sorted, merged: no overlap, no touching
     for s, e in runs:
         assert s % B == 0 and (e % B == 0 or e == SIZE) and e <= SIZE

@@ -24,10 +24,6 @@ class Address:
     url: str  # as given (may hold secrets: never print it)
     display: str  # redacted, for every message
 
-    @property
-    def path(self) -> str:
-        return self.url
-
 
 def redact(url: str) -> str:
     """The URL with its secrets replaced by '***' (see the module docstring)."""

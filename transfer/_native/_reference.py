@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import fcntl
-import os
 import struct
 
 import xxhash

@@ -433,7 +433,11 @@ def _connect(source: Disk, target: Disk, connections: int) -> list[tuple[Conn, C
 
 
 def _flush(pairs: list[tuple[Conn, Conn]]) -> None:
-    """Make the target durable; the first failure is final (never retried)."""
+    """Make the target durable; the first failure is final (never retried).
+
+    Every connection flushes, though with NBD multi-conn one flush would cover
+    all: it costs little, and leans on no server's reading of the spec.
+    """
     for _, d in pairs:
         d.flush()
 
