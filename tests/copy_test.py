@@ -182,9 +182,20 @@ def test_local_sources(tmp_path, loop_device):
     check(report, image, str(tmp_path / "b.img"), size)
 
 
-def test_pure_python_twins_give_the_same_copy(make_source, tmp_path):
+def test_pure_python_twins_give_the_same_copy(make_source, tmp_path, monkeypatch):
+    from transfer import _native
+    from transfer._native import _reference
+
+    calls, real = [], _reference.fallocate
+    monkeypatch.setattr(_native, "_loaded", {})  # load the twins afresh, with the counting one
+    monkeypatch.setattr(_reference, "fallocate", lambda *a: (calls.append(a), real(*a)))
     uri, reference = make_source("file", 6 * MiB + 100)
-    a = transfer.copy(uri, str(tmp_path / "a.img"), native="python")
+    garbage = tmp_path / "a.img"
+    garbage.write_bytes(b"\xee" * (6 * MiB + 100))  # zero runs must be punched: fileops run
+    monkeypatch.delenv("TRANSFER_NATIVE", raising=False)
+    a = transfer.copy(uri, str(garbage), native="python")
+    assert calls  # the twin did the punching, as the report says, though the default is cython
+    check(a, reference, str(garbage), 6 * MiB + 100)
     b = transfer.copy(uri, str(tmp_path / "b.img"), native="cython")
     assert a.native == {"zeroscan": "python", "blockhash": "python", "fileops": "python"}
     assert b.native == {"zeroscan": "cython", "blockhash": "cython", "fileops": "cython"}

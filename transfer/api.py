@@ -131,7 +131,7 @@ async def _read_back(target: str, manifest: Manifest, kernels: _native.Kernels, 
     digest) are not read again, so the read-back costs at most one read of the
     allocated data, block devices included. `transfer verify` reads everything.
     """
-    disk = await asyncio.to_thread(open_disk, target, "source", direct=True)
+    disk = await asyncio.to_thread(open_disk, target, "source", direct=True, kernels=kernels)
     back = Manifest(manifest.size)
     try:
         result = await _scan(disk, back, kernels, size=manifest.size, connections=None,
@@ -168,11 +168,12 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
     if retries < 0:
         raise BadInput(f"retries must be 0 or more, not {retries}")
     kernels = _native.kernels(native)
-    src = await asyncio.to_thread(partial(open_disk, source, "source", timeout=timeout))
+    opening = partial(open_disk, timeout=timeout, kernels=kernels)
+    src = await asyncio.to_thread(opening, source, "source")
     dst: Disk | None = None
     digests: Manifest | None = None
     try:
-        dst = await asyncio.to_thread(partial(open_disk, target, "target", timeout=timeout))
+        dst = await asyncio.to_thread(opening, target, "target")
         if verify and dst.kind == "null":
             raise BadInput("null: keeps nothing to verify", disk=dst.display, kind="target")
         _check_target(src, dst, force=force)
@@ -251,7 +252,7 @@ async def checksum_async(disk: str, *, connections: int | None = None,
     digests to this file.
     """
     kernels = _native.kernels(native)
-    d = await asyncio.to_thread(open_disk, disk, "source", direct=True)
+    d = await asyncio.to_thread(open_disk, disk, "source", direct=True, kernels=kernels)
     digests: Manifest | None = None
     try:
         digests = Manifest.create(manifest, d.size) if manifest else Manifest(d.size)
@@ -316,7 +317,8 @@ async def verify_async(source: str | None, target: str, *, expect: str | None = 
     manifests: list[Manifest] = []
     try:
         for url in ([source] if source is not None else []) + [target]:
-            disks.append(await asyncio.to_thread(open_disk, url, "source", direct=True))
+            disks.append(await asyncio.to_thread(open_disk, url, "source", direct=True,
+                                                 kernels=kernels))
         tgt = disks[-1]
         size = disks[0].size
         if tgt.size < size:

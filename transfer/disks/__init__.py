@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from .._native import Kernels
 from ..errors import BadInput
 from ..url import Address, parse
 from .base import Conn, Disk
 
 
-def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | None = None) -> Disk:
+def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | None = None,
+              kernels: Kernels | None = None) -> Disk:
     """Open url as a source or target disk; BadInput names what is wrong.
 
     direct: a local source is read with O_DIRECT, bypassing the page cache, so
     that what is read is what the device holds (verification). timeout: seconds
     an NBD server may take over a handshake, or with reads in flight, before it
-    is given up on (libnbd has no timeout of its own).
+    is given up on (libnbd has no timeout of its own). kernels: the native
+    kernels a local disk's system calls go through (default: $TRANSFER_NATIVE's).
     """
     if role not in ("source", "target"):
         raise ValueError(f"role must be 'source' or 'target', not {role!r}")
@@ -36,7 +39,7 @@ def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | Non
         return NbdDisk(addr, role, connect_timeout=timeout, io_timeout=timeout)
     from .local import LocalDisk
 
-    return LocalDisk(addr, role, direct=direct)
+    return LocalDisk(addr, role, direct=direct, kernels=kernels)
 
 
 __all__ = ["Conn", "Disk", "open_disk"]

@@ -80,12 +80,13 @@ def _mountpoint(st: os.stat_result) -> str | None:
 
 
 class LocalDisk(Disk):
-    def __init__(self, addr: Address, role: str, *, direct: bool = False) -> None:
+    def __init__(self, addr: Address, role: str, *, direct: bool = False,
+                 kernels: _native.Kernels | None = None) -> None:
         self.path = addr.url
         self.direct_reads = False  # reads bypass the page cache (verification: what the disk holds)
         self.display = addr.display
         self.role = role
-        self.kernels = _native.kernels()
+        self.kernels = kernels or _native.kernels()
         self.fd = -1
         self.direct_fd = -1
         self.writeback = False  # buffered writes pushed out as they go (regular files)
@@ -420,7 +421,6 @@ class LocalConn(Conn):
                 return False
             raise
         return True
-
 
     def flush(self) -> None:
         d = self.disk
