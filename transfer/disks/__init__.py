@@ -9,7 +9,7 @@ from .base import Conn, Disk
 
 
 def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | None = None,
-              kernels: Kernels | None = None) -> Disk:
+              kernels: Kernels | None = None, contexts: tuple[str, ...] = ()) -> Disk:
     """Open url as a source or target disk; BadInput names what is wrong.
 
     direct: a local source is read with O_DIRECT, bypassing the page cache, so
@@ -17,6 +17,8 @@ def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | Non
     an NBD server may take over a handshake, or with reads in flight, before it
     is given up on (libnbd has no timeout of its own). kernels: the native
     kernels a local disk's system calls go through (default: $TRANSFER_NATIVE's).
+    contexts: extra NBD metadata contexts to negotiate (a dirty bitmap's);
+    other disk kinds have none.
     """
     if role not in ("source", "target"):
         raise ValueError(f"role must be 'source' or 'target', not {role!r}")
@@ -35,8 +37,8 @@ def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | Non
         from .nbd import NbdDisk
 
         if timeout is None:
-            return NbdDisk(addr, role)
-        return NbdDisk(addr, role, connect_timeout=timeout, io_timeout=timeout)
+            return NbdDisk(addr, role, contexts=contexts)
+        return NbdDisk(addr, role, connect_timeout=timeout, io_timeout=timeout, contexts=contexts)
     from .local import LocalDisk
 
     return LocalDisk(addr, role, direct=direct, kernels=kernels)

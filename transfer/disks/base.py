@@ -101,6 +101,10 @@ class Disk:
         """Names of the storage under this disk, to refuse copying a disk onto itself."""
         return set()
 
+    def identity(self) -> dict[str, Any]:
+        """What a warm-migration state binds this disk to (RELIABILITY.md R7): JSON values."""
+        return {"kind": self.kind, "uri": self.display, "size": self.size}
+
     def signature(self) -> str | None:
         """A filesystem or partition-table signature found on the disk, if any."""
         return None

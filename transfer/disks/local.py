@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import mmap
 import os
 import stat
@@ -148,6 +149,7 @@ class LocalDisk(Disk):
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
             except OSError as e:
                 raise self._error("cannot open the target", e) from None
+            self._lock_file()
             self.st = os.fstat(self.fd)
             self.size = self.st.st_size
             self.zero_method = "punch-hole"
@@ -190,6 +192,16 @@ class LocalDisk(Disk):
             self.close()
             raise
 
+    def _lock_file(self) -> None:
+        """A regular file target is flock()ed for the run: a second engine writing it is
+        refused (RELIABILITY.md P4; a block device gets the same from O_EXCL)."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise TargetRefused("the target file is in use by another transfer (locked)",
+                                disk=self.display) from None
+
     def _open_direct(self) -> None:
         """A second descriptor with O_DIRECT for aligned writes, where the file system has it."""
         try:
@@ -214,6 +226,7 @@ class LocalDisk(Disk):
         """Create the missing target file at size; it then reads as zeroes."""
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            self._lock_file()
             os.ftruncate(self.fd, size)
             self.st = os.fstat(self.fd)
         except OSError as e:
@@ -237,6 +250,23 @@ class LocalDisk(Disk):
         if backing:
             ids.add(backing)
         return ids
+
+    def identity(self) -> dict[str, Any]:
+        """The file's device and inode, or the block device's number (and a loop device's
+        backing file), with the size: a state recorded for one target never matches another."""
+        ident: dict[str, Any] = {"kind": self.kind, "uri": self.display,
+                                 "path": os.path.abspath(self.path), "size": self.size}
+        if self.fd < 0:
+            return ident
+        st = os.fstat(self.fd)
+        if self.kind == "file":
+            ident["dev"], ident["inode"] = st.st_dev, st.st_ino
+        else:
+            ident["rdev"] = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+            backing = _loop_backing(st)
+            if backing:
+                ident["loop_backing"] = list(backing[1:])
+        return ident
 
     def signature(self) -> str | None:
         if self.created or self.fd < 0:

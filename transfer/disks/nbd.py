@@ -58,7 +58,7 @@ class NbdDisk(Disk):
     kind = "nbd"
 
     def __init__(self, addr: Address, role: str, *, connect_timeout: float = CONNECT_TIMEOUT,
-                 io_timeout: float = IO_TIMEOUT) -> None:
+                 io_timeout: float = IO_TIMEOUT, contexts: tuple[str, ...] = ()) -> None:
         if nbd is None:
             raise BadInput("NBD disks need libnbd's Python bindings (Debian: python3-libnbd); "
                            "run tools/setup")
@@ -69,6 +69,8 @@ class NbdDisk(Disk):
         self.connect_timeout = connect_timeout
         self._error = SourceError if role == "source" else TargetError
         self._handles: list[Any] = []
+        self.contexts = contexts  # extra metadata contexts asked for (qemu:dirty-bitmap:NAME)
+        self.negotiated: set[str] = set()
         h = self._open(connect_timeout)
         try:
             self._check(h)
@@ -84,6 +86,8 @@ class NbdDisk(Disk):
             h.set_pread_initialize(False)  # our buffers are never read after a failed read
             if self.role == "source":
                 h.add_meta_context("base:allocation")
+                for ctx in self.contexts:
+                    h.add_meta_context(ctx)
             h.aio_connect_uri(self.addr.url)
             deadline = time.monotonic() + timeout
             while h.aio_is_connecting():
@@ -109,6 +113,7 @@ class NbdDisk(Disk):
         self.max_connections = MAX_CONNECTIONS if h.can_multi_conn() else 1
         if self.role == "source":
             self.can_extents = bool(h.can_meta_context("base:allocation"))
+            self.negotiated = {c for c in self.contexts if h.can_meta_context(c)}
         else:
             if h.is_read_only():
                 raise TargetRefused("the export is read-only, cannot write to it", disk=self.display)
@@ -129,6 +134,34 @@ class NbdDisk(Disk):
 
     def identities(self) -> set[tuple]:
         return {("nbd", self.addr.url)}
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "nbd", "uri": self.display, "size": self.size}
+
+    def context_extents(self, context: str, offset: int, length: int) -> list[Extent] | None:
+        """Validated extents of a negotiated metadata context at [offset, ...), on the spare
+        handle (before the copy connects); None when the reply has no extents for it.
+
+        A block status error raises SourceError: for a change tracker, the caller
+        fails closed (RELIABILITY.md R2).
+        """
+        h = self._handles[0]
+        length = min(length, MAX_BLOCK_STATUS)
+        replies: list[list[int]] = []
+
+        def cb(metacontext: str, off: int, entries: list[int], err: Any) -> int:
+            if metacontext == context and off == offset:
+                replies.append(list(entries))
+            return 0
+
+        try:
+            h.block_status(length, offset, cb)
+        except nbd.Error as e:
+            raise SourceError(f"block status for {context} failed: {_why(e)}", disk=self.display,
+                              offset=offset, length=length, errno=_errnum(e)) from None
+        if not replies:
+            return None
+        return clip_extents(replies[0], offset, offset + length, disk=self.display)
 
     def signature(self) -> str | None:
         from .probe import probe_signature

@@ -130,6 +130,10 @@ class Manifest:
             finally:
                 os.close(dfd)
 
+    def sync(self) -> None:
+        """Write a file-backed manifest's changed digests to its file, durably (msync)."""
+        self._map.flush()
+
     def block_length(self, index: int) -> int:
         return min(self.block, self.size - index * self.block)
 

@@ -27,11 +27,21 @@ A failed read is issued again after a backoff (reads are idempotent, R4),
 up to `retries` times per request; a connection the server dropped is
 reopened (and the export's size checked again) within the same budget. A
 persistent failure ends the copy with an error naming the offset (R9).
+
+Warm passes (transfer.sync) add three things: a plan over some ranges only;
+compare mode, where a block whose new digest equals the manifest's old one
+is not written (unless it lies in a `force` range, whose target contents
+are unknown after a crash); and commits: every commit_bytes or
+commit_seconds the target is flushed and commit(frontier) called, so the
+caller can journal that everything planned below the frontier is durable
+(R5). On an interruption the same flush and commit happen before the
+Interrupted error; after any other error nothing more is committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import queue
 import threading
@@ -49,6 +59,7 @@ from .buffers import BufferPool
 from .plan import Plan, Request
 
 
+DATA, ZERO, SAME = 0, 1, 2  # per-block flags: write, zero, unchanged (compare mode: skip)
 RETRIES = 8  # failed reads of one request before the copy fails: 0.1 s doubling to 5 s, ~16 s
 
 
@@ -61,7 +72,8 @@ class Stats:
     bytes_read: int = 0
     bytes_copied: int = 0
     bytes_zeroed: int = 0
-    bytes_skipped: int = 0
+    bytes_skipped: int = 0  # zeroes not written: the target reads as zero there
+    bytes_unchanged: int = 0  # compare mode: digest equal to the manifest's, not written
     requests: int = 0  # reads issued
     zero_requests: int = 0
     retries: int = 0  # reads issued again after an error
@@ -69,7 +81,7 @@ class Stats:
 
     @property
     def done(self) -> int:
-        return self.bytes_copied + self.bytes_zeroed + self.bytes_skipped
+        return self.bytes_copied + self.bytes_zeroed + self.bytes_skipped + self.bytes_unchanged
 
     def add(self, other: "Stats") -> None:
         for name in self.__dataclass_fields__:
@@ -101,9 +113,10 @@ class Writer:
     overlap). The target Conn is used by this thread only.
     """
 
-    def __init__(self, dst: Conn, stats: Stats, shared: Shared, *, target_zero: bool,
+    def __init__(self, dst: Conn, stats: Stats, shared: Shared, plan: Plan, *, target_zero: bool,
                  inline: bool) -> None:
         self.dst = dst
+        self.plan = plan
         self.stats = stats
         self.shared = shared
         self.target_zero = target_zero
@@ -117,7 +130,10 @@ class Writer:
 
     def submit(self, offset: int, length: int, view: memoryview | None, flags: bytes | None,
                slot: int | None) -> None:
-        """Write view (flags: per-block zero flags; None: all data) or zero [offset, +length)."""
+        """Write view or zero [offset, +length); flags per block: DATA, ZERO or SAME (skip).
+
+        flags None: all data. offset is the request's; it is done once applied.
+        """
         item = (offset, length, view, flags, slot)
         if self.inline:
             self._apply(item)
@@ -142,6 +158,7 @@ class Writer:
                     self._zero(offset, length)
                 else:
                     self._write(offset, length, view, flags)
+                self.plan.done(offset)
         except BaseException as e:
             self.shared.fail(e)
         finally:
@@ -163,13 +180,15 @@ class Writer:
             return
         pos, nblocks = 0, len(flags)
         while pos < nblocks:
-            is_zero = flags[pos]
-            end = flags.find(b"\x00" if is_zero else b"\x01", pos)
-            if end < 0:
-                end = nblocks
+            kind = flags[pos]
+            end = pos + 1
+            while end < nblocks and flags[end] == kind:
+                end += 1
             start, stop = pos * BLOCK, min(end * BLOCK, length)
-            if is_zero:
+            if kind == ZERO:
                 self._zero(offset + start, stop - start)
+            elif kind == SAME:
+                st.bytes_unchanged += stop - start
             else:
                 self.dst.write(view[start:stop], offset + start)
                 st.bytes_copied += stop - start
@@ -182,8 +201,12 @@ class Worker:
     def __init__(self, src: Conn, dst: Conn, plan: Plan, manifest: Manifest, kernels: Kernels,
                  *, target_zero: bool, inline_writes: bool, in_flight: int, request_size: int,
                  shared: Shared, source_name: str, known_zero: Manifest | None = None,
-                 retries: int = RETRIES) -> None:
+                 retries: int = RETRIES, compare: bool = False,
+                 force: list[tuple[int, int]] | None = None) -> None:
         self.src = src
+        self.compare = compare
+        self.force = force or []
+        self._force_starts = [s for s, _ in self.force]
         self.known_zero = known_zero
         self.dst = dst
         self.plan = plan
@@ -205,8 +228,8 @@ class Worker:
 
     def run(self) -> None:
         pool = BufferPool(self.in_flight, self.request_size)
-        writer = Writer(self.dst, self.stats, self.shared, target_zero=self.target_zero,
-                        inline=self.inline_writes)
+        writer = Writer(self.dst, self.stats, self.shared, self.plan,
+                        target_zero=self.target_zero, inline=self.inline_writes)
         outstanding: dict[int, Request] = {}  # slot -> the read in flight into it
         try:
             exhausted = False
@@ -223,6 +246,10 @@ class Worker:
                         exhausted = True
                     elif req.data:
                         self._read(pool.free.pop(), req, pool, outstanding)
+                    elif self.compare and self._unchanged_zero(req):
+                        self.stats.bytes_unchanged += req.length
+                        self.stats.zero_requests += 1
+                        self.plan.done(req.offset)
                     else:
                         self.manifest.set_zero(req.offset, req.length)
                         writer.submit(req.offset, req.length, None, None, None)
@@ -320,16 +347,39 @@ class Worker:
         except TransferError:
             pass  # a dead connection has nothing more in flight
 
+    def _forced(self, offset: int, length: int) -> bool:
+        """Does [offset, +length) touch a force range (target contents unknown)?"""
+        i = bisect.bisect_right(self._force_starts, offset + length - 1) - 1
+        return i >= 0 and self.force[i][1] > offset
+
+    def _unchanged_zero(self, req: Request) -> bool:
+        """Compare mode: the manifest already says all of this zero request is zero."""
+        if self._forced(req.offset, req.length):
+            return False
+        runs = self.manifest.zero_runs(req.offset, req.length)
+        return len(runs) == 1 and runs[0] == (req.offset, min(req.length, self.manifest.size -
+                                                                req.offset))
+
     def _inspect(self, req: Request, view: memoryview) -> bytes | None:
-        """Zero scan and hash (native, GIL released); the zero flags, or None when all data."""
+        """Zero scan and hash (native, GIL released); the per-block flags, or None when all data."""
         k, flags = self.k, self.flags
         self.stats.bytes_read += req.length
+        digests = self.manifest.slice(req.offset, req.length)
+        old = bytes(digests) if self.compare and not self._forced(req.offset, req.length) else None
         zeros = k.zero_blocks(view, BLOCK, flags)
-        k.hash_blocks(view, BLOCK, self.manifest.slice(req.offset, req.length), flags,
-                      self.zero_digest)
+        k.hash_blocks(view, BLOCK, digests, flags, self.zero_digest)
+        n = (req.length + BLOCK - 1) // BLOCK
+        if old is not None:
+            same = 0
+            for i in range(n):
+                if digests[i * 16 : i * 16 + 16] == old[i * 16 : i * 16 + 16]:
+                    flags[i] = SAME
+                    same += 1
+            if same:
+                return bytes(flags[:n])
         if zeros == 0:
             return None
-        return bytes(flags[: (req.length + BLOCK - 1) // BLOCK])
+        return bytes(flags[:n])
 
 
 @dataclass
@@ -357,45 +407,85 @@ async def run(source: Disk, target: Disk, manifest: Manifest, kernels: Kernels, 
               connections: int, in_flight: int, request_size: int, target_zero: bool,
               on_progress: Callable[[Progress], None] | None = None,
               interval: float = 1.0, size: int | None = None,
-              known_zero: Manifest | None = None, retries: int = RETRIES) -> Result:
+              known_zero: Manifest | None = None, retries: int = RETRIES,
+              ranges: list[tuple[int, int]] | None = None, compare: bool = False,
+              force: list[tuple[int, int]] | None = None,
+              commit: Callable[[int], None] | None = None, commit_bytes: int = 1 << 30,
+              commit_seconds: float = 10.0) -> Result:
     """Copy source onto target; flush the target only when every request succeeded.
 
     size: copy only the first size bytes of the source (default: all of it).
     known_zero: a manifest whose zero-digest blocks are not read but taken as
     zero (copy --verify reads back only what the copy wrote as data).
+    ranges: copy only these sorted, block-aligned [start, end) ranges.
+    compare: do not write blocks whose digest equals the manifest's, except
+    in force ranges. commit(frontier): called (on a worker thread) after the
+    target was flushed with everything planned below frontier written.
     """
     loop = asyncio.get_running_loop()
     size = source.size if size is None else size
-    plan = Plan(size, request_size=request_size)
+    plan = Plan(size, request_size=request_size, ranges=ranges)
     shared = Shared()
     pairs = await asyncio.to_thread(_connect, source, target, connections)
     inline = target.kind == "null"
     workers = [Worker(s, d, plan, manifest, kernels, target_zero=target_zero, inline_writes=inline,
                       in_flight=in_flight, request_size=request_size, shared=shared,
-                      source_name=source.display, known_zero=known_zero, retries=retries)
+                      source_name=source.display, known_zero=known_zero, retries=retries,
+                      compare=compare, force=force)
                for s, d in pairs]
     start = time.monotonic()
 
     def report(final: bool = False) -> None:
         if on_progress is not None:
             done = sum(w.stats.done for w in workers)
-            on_progress(Progress(done, size, time.monotonic() - start, final))
+            on_progress(Progress(done, plan.bytes, time.monotonic() - start, final))
 
     executor = ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="transfer-io")
     futures = [loop.run_in_executor(executor, w.run) for w in workers]
     interrupted = False
+    committed, committed_at, committed_done = 0, start, 0
+    tick = min(interval, 0.1) if commit is not None else interval
+    last_report = start
     try:
         while True:
             try:
-                finished, _ = await asyncio.wait(futures, timeout=interval)
+                finished, _ = await asyncio.wait(futures, timeout=tick)
             except asyncio.CancelledError:
                 interrupted = True
                 shared.stop.set()
                 continue  # keep waiting: the workers must drain before handles close
             if len(finished) == len(futures):
                 break
-            report()
+            now = time.monotonic()
+            if now - last_report >= interval:
+                report()
+                last_report = now
+            if commit is not None and not shared.stop.is_set():
+                done = sum(w.stats.done for w in workers)
+                if done - committed_done >= commit_bytes or now - committed_at >= commit_seconds:
+                    frontier = plan.frontier()
+                    if frontier > committed:
+                        task = asyncio.ensure_future(asyncio.to_thread(_commit, pairs, commit,
+                                                                       frontier))
+                        try:
+                            await asyncio.shield(task)
+                            committed = frontier
+                        except asyncio.CancelledError:  # let the commit finish, then stop
+                            interrupted = True
+                            shared.stop.set()
+                            await asyncio.wait([task])
+                            if task.exception() is None:
+                                committed = frontier
+                            else:
+                                shared.fail(task.exception())
+                        except BaseException as e:  # a failed flush or journal: stop (R6)
+                            shared.fail(e)
+                    committed_at, committed_done = time.monotonic(), done
         if interrupted or shared.error is None and shared.stop.is_set():
+            if commit is not None and shared.error is None:  # P3: flush and commit, then stop
+                frontier = plan.frontier()
+                if frontier > committed:
+                    await asyncio.to_thread(_commit, pairs, commit, frontier)
             raise Interrupted(f"interrupted before the end; {target.display} is incomplete")
         if shared.error is not None:
             raise shared.error
@@ -430,6 +520,12 @@ def _connect(source: Disk, target: Disk, connections: int) -> list[tuple[Conn, C
             d.close()
         raise
     return pairs
+
+
+def _commit(pairs: list[tuple[Conn, Conn]], commit: Callable[[int], None], frontier: int) -> None:
+    """Flush the target (its first failure is final, R6), then let the caller journal frontier."""
+    _flush(pairs)
+    commit(frontier)
 
 
 def _flush(pairs: list[tuple[Conn, Conn]]) -> None:
