@@ -105,6 +105,53 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print the whole result as JSON")
     v.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
 
+    w = sub.add_parser(
+        "sync", help="one warm-migration pass: the whole disk first, then only what changed",
+        epilog=_epilog() + "\n\nAn interrupted pass (exit 5, or a killed process) is completed "
+        "by running the same command again.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Copy SOURCE onto TARGET as one pass of a warm migration, keeping a crash-safe "
+                    "journal and the per-block manifest in --state DIR. The first pass copies "
+                    "everything; later passes copy only the ranges the change source names. A "
+                    "missing or unusable change tracker makes the pass a --compare pass (or a full "
+                    "one when the source's size changed), and the report says so.")
+    w.add_argument("source", metavar="SOURCE", help="an NBD URI, or a file or block device")
+    w.add_argument("target", metavar="TARGET",
+                   help="a file (created on the first pass when missing), a block device or a "
+                        "writable NBD URI")
+    w.add_argument("--state", required=True, metavar="DIR",
+                   help="the migration's state directory (created when missing; one per disk)")
+    how = w.add_mutually_exclusive_group()
+    how.add_argument("--dirty-bitmap", metavar="NAME",
+                     help="the source export's qemu dirty bitmap NAME (qemu-nbd -B NAME) names the "
+                          "changed blocks")
+    how.add_argument("--changed-areas", metavar="FILE",
+                     help="a VMware DiskChangeInfo JSON file names the changed areas")
+    how.add_argument("--compare", action="store_true",
+                     help="no tracker: read everything, write only blocks whose digest changed "
+                          "(the default for a later pass without a change source)")
+    w.add_argument("--checkpoint", metavar="ID",
+                   help="the orchestrator's checkpoint (changeId, bitmap name) this pass is for; "
+                        "a pass run again with a committed checkpoint copies nothing")
+    w.add_argument("--final", action="store_true",
+                   help="the cutover pass: copy the last delta, read the target back against the "
+                        "manifest (exit 6 on a difference), and complete the state")
+    w.add_argument("--verify", choices=("source",), metavar="source",
+                   help="with --final: also hash the whole source again and compare (catches a "
+                        "change tracker that missed writes)")
+    w.add_argument("--force", action="store_true",
+                   help="first pass: overwrite a target that carries a signature")
+    w.add_argument("--report", metavar="FILE", help="write a JSON report to FILE")
+    w.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
+    w.add_argument("--connections", type=int, metavar="N")
+    w.add_argument("--requests", type=int, metavar="N", dest="in_flight")
+    w.add_argument("--request-size", type=parse_size, metavar="SIZE")
+    w.add_argument("--retries", type=int, default=8, metavar="N",
+                   help="as for copy (default 8)")
+    w.add_argument("--timeout", type=float, metavar="SECONDS", help="as for copy")
+    w.add_argument("--commit-every", type=parse_size, default=1 << 30, metavar="SIZE",
+                   help="flush the target and journal progress at least every SIZE bytes (and "
+                        "every 10 s); a killed pass copies at most this again (default 1G)")
+
     d = sub.add_parser("demo", help="copy a built-in synthetic disk from nbdkit and prove the copy")
     d.add_argument("--size", type=parse_size, default=256 << 20, metavar="SIZE",
                    help="size of the synthetic disk (default 256M)")
@@ -201,6 +248,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if r.equal else VerifyFailed.exit_code
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from .state.sync import sync_async
+
+    if args.commit_every <= 0:
+        raise BadInput("--commit-every must be positive")
+    renderer = make_renderer(args.progress)
+    r = asyncio.run(_run_cancellable(sync_async(
+        args.source, args.target, state=args.state, dirty_bitmap=args.dirty_bitmap,
+        changed_areas=args.changed_areas, compare=args.compare, checkpoint=args.checkpoint,
+        final=args.final, verify_source=args.verify == "source", force=args.force,
+        connections=args.connections, in_flight=args.in_flight, request_size=args.request_size,
+        timeout=args.timeout, retries=args.retries, on_progress=renderer,
+        commit_bytes=args.commit_every)))
+    if args.report:
+        _write_report(args.report, r.to_dict())
+    if args.progress != "none":
+        how = r.change_source + (f" ({r.fallback})" if r.fallback else "")
+        done = " verified and complete" if r.complete else ""
+        print(f"transfer: pass {r.pass_} [{how}]: {human_bytes(r.delta_bytes)} planned, copied "
+              f"{human_bytes(r.bytes_copied)}, zeroed {human_bytes(r.bytes_zeroed)}, unchanged "
+              f"{human_bytes(r.bytes_unchanged)} in {r.seconds:.2f} s; digest {r.digest}{done}",
+              file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -215,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"copy": cmd_copy, "checksum": cmd_checksum, "verify": cmd_verify,
-                    "demo": cmd_demo}
+                    "sync": cmd_sync, "demo": cmd_demo}
         return commands[args.command](args)
     except TransferError as e:
         print(f"transfer: {e}", file=sys.stderr)

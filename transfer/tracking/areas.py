@@ -99,3 +99,42 @@ def merge_runs(runs, size: int, block: int = BLOCK):
     begin = np.concatenate(([0], np.flatnonzero(starts[1:] > ends[:-1]) + 1))
     stop = np.concatenate((begin[1:] - 1, [len(starts) - 1]))
     return np.stack((starts[begin], ends[stop]), axis=1)
+
+
+def union_runs(a, b, size: int):
+    """The union of two sets of sorted, disjoint, block-aligned runs."""
+    import numpy as np
+
+    return merge_runs(np.concatenate((np.asarray(a, np.int64).reshape(-1, 2),
+                                      np.asarray(b, np.int64).reshape(-1, 2))), size)
+
+
+def subtract_runs(a, b):
+    """Runs of a not covered by b (both sorted and disjoint)."""
+    import numpy as np
+
+    out: list[tuple[int, int]] = []
+    bl = np.asarray(b, np.int64).reshape(-1, 2).tolist()
+    j = 0
+    for s, e in np.asarray(a, np.int64).reshape(-1, 2).tolist():
+        while j < len(bl) and bl[j][1] <= s:
+            j += 1
+        k = j
+        while s < e:
+            if k >= len(bl) or bl[k][0] >= e:
+                out.append((s, e))
+                break
+            if bl[k][0] > s:
+                out.append((s, bl[k][0]))
+            s = max(s, bl[k][1])
+            k += 1
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def clip_runs(a, start: int, end: int):
+    """The parts of runs a inside [start, end)."""
+    import numpy as np
+
+    a = np.asarray(a, np.int64).reshape(-1, 2)
+    a = np.stack((np.maximum(a[:, 0], start), np.minimum(a[:, 1], end)), axis=1)
+    return a[a[:, 0] < a[:, 1]]

@@ -1,0 +1,306 @@
+"""Warm migration passes (transfer sync) against real servers: qemu-nbd with qcow2 dirty
+bitmaps, nbdkit with changed-areas files, and --compare; fail-closed cases and refusals.
+
+Every multi-pass test ends with C1: qemu-img compare, an exact size check and the
+digest recomputed independently of the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+
+import pytest
+
+from .conftest import compare, expected_digest_of_file, require, run_cli
+from .oplog_test import _OP
+from transfer.servers import QemuNbd
+
+BLOCK = 64 * 1024
+MiB = 1 << 20
+
+
+def sync(source: str, target: str, state, *args: str, tmp_path=None, expect: int = 0,
+         **kw) -> dict:
+    """Run `transfer sync` with a report; return the report (or {} when it failed as expected)."""
+    report = os.path.join(str(state) + ".report.json")
+    if os.path.exists(report):
+        os.unlink(report)
+    p = run_cli("sync", source, target, "--state", str(state), "--report", report,
+                "--progress", "none", *args, **kw)
+    assert p.returncode == expect, f"exit {p.returncode}: {p.stderr}"
+    if expect != 0:
+        assert "Traceback" not in p.stderr, p.stderr
+        return {"stderr": p.stderr}
+    with open(report) as f:
+        return json.load(f)
+
+
+def make_disk(path: str, size: int, seed: int) -> None:
+    """Random data in most 256 KiB chunks, holes in the rest."""
+    r = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, 256 << 10):
+            if r.random() < 0.6:
+                f.seek(off)
+                f.write(r.randbytes(256 << 10))
+
+
+def scribble(path: str, seed: int, *, count: int = 24) -> list[dict]:
+    """Write random data at random places (some unaligned, some spanning blocks) and zero
+    some others; return the areas written as DiskChangeInfo changedArea entries."""
+    r = random.Random(seed)
+    size = os.path.getsize(path)
+    areas = []
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for i in range(count):
+            length = r.choice([512, 4096, BLOCK, 3 * BLOCK + 777, MiB])
+            start = r.randrange(0, size - length)
+            data = bytes(length) if i % 5 == 0 else r.randbytes(length)
+            os.pwrite(fd, data, start)
+            areas.append({"start": start, "length": length})
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    r.shuffle(areas)  # the engine sorts them
+    return areas
+
+
+def write_areas(path, size: int, areas: list[dict]) -> str:
+    with open(path, "w") as f:
+        json.dump({"startOffset": 0, "length": size, "changedArea": areas}, f)
+    return str(path)
+
+
+def check_equal(source_file: str, target_file: str, size: int, report: dict) -> None:
+    compare(source_file, target_file, size=size)
+    assert expected_digest_of_file(target_file) == report["digest"]
+
+
+def test_three_passes_with_changed_areas(nbdkit, tmp_path):
+    size = 48 * MiB
+    src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
+    make_disk(src, size, 1)
+    server = nbdkit("file", src, readonly=True)
+    r = sync(server.uri, dst, state, "--checkpoint", "c0")
+    assert (r["pass"], r["change_source"], r["delta_bytes"]) == (0, "full (first pass)", size)
+    check_equal(src, dst, size, r)
+    for k in (1, 2, 3):
+        areas = scribble(src, 10 + k)
+        changed = write_areas(tmp_path / f"a{k}.json", size, areas)
+        final = ["--final", "--verify=source"] if k == 3 else []
+        r = sync(server.uri, dst, state, "--changed-areas", changed, "--checkpoint", f"c{k}",
+                 *final)
+        assert r["pass"] == k and r["change_source"] == "changed areas" and r["fallback"] is None
+        # only the named areas, rounded outward to blocks, were planned
+        blocks = {b for a in areas for b in range(a["start"] // BLOCK,
+                                                   (a["start"] + a["length"] - 1) // BLOCK + 1)}
+        assert r["delta_bytes"] == len(blocks) * BLOCK
+        assert r["bytes_copied"] + r["bytes_zeroed"] + r["bytes_skipped"] == r["delta_bytes"]
+        check_equal(src, dst, size, r)
+    assert r["complete"] and r["verified"]
+    again = sync(server.uri, dst, state, "--compare", expect=2)
+    assert "complete" in again["stderr"]
+
+
+def qcow2_with_bitmap(path: str, size: int, raw: str) -> None:
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", path, "b1"], check=True)
+
+
+def qemu_io_writes(image: str, seed: int, size: int) -> set[int]:
+    """Guest writes between passes: data (some unaligned) and a zeroed, unmapped range.
+    Returns the 64 KiB blocks touched."""
+    r = random.Random(seed)
+    cmds, blocks = [], set()
+    for i in range(13):
+        if i == 12:
+            off, length = r.randrange(0, size - 2 * MiB, BLOCK), 2 * MiB
+            cmds += ["-c", f"write -z -u {off} {length}"]  # zeroes, unmapped: a hole now
+        else:
+            off, length = r.randrange(0, size - MiB, 512), r.choice([512, 4096, BLOCK, MiB])
+            cmds += ["-c", f"write -P {r.randrange(1, 255)} {off} {length}"]
+        blocks.update(range(off // BLOCK, (off + length - 1) // BLOCK + 1))
+    subprocess.run(["qemu-io", "-f", "qcow2", *cmds, image], check=True, capture_output=True)
+    return blocks
+
+
+def raw_of(image: str, out: str) -> str:
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, out], check=True)
+    return out
+
+
+def test_three_passes_with_qemu_dirty_bitmaps(tmp_path):
+    """The hand-over of R1, offline: before pass k reads, bitmap b(k+1) is added and b(k)
+    disabled; pass k copies what b(k) recorded. A zeroed range must become zero on the target."""
+    require("qemu-nbd")
+    require("qemu-io")
+    size = 32 * MiB
+    raw = str(tmp_path / "base.raw")
+    make_disk(raw, size, 2)
+    image, dst, state = str(tmp_path / "d.qcow2"), str(tmp_path / "dst.img"), tmp_path / "state"
+    qcow2_with_bitmap(image, size, raw)
+    sock = str(tmp_path / "qemu-nbd.sock")  # one address for every pass: the state binds it
+
+    def run_pass(k: int, *args: str) -> dict:
+        opts = ["-B", f"b{k}"] if k > 0 else []
+        server = QemuNbd(sock, image, options=opts).start()
+        try:
+            return sync(server.uri, dst, state, *args)
+        finally:
+            server.stop()
+
+    r = run_pass(0, "--checkpoint", "b0")
+    assert r["pass"] == 0
+    for k in (1, 2, 3):
+        touched = qemu_io_writes(image, 20 + k, size)
+        subprocess.run(["qemu-img", "bitmap", "--add", image, f"b{k + 1}"], check=True)
+        subprocess.run(["qemu-img", "bitmap", "--disable", image, f"b{k}"], check=True)
+        final = ["--final", "--verify=source"] if k == 3 else []
+        r = run_pass(k, "--dirty-bitmap", f"b{k}", "--checkpoint", f"b{k}", *final)
+        assert r["change_source"] == f"dirty bitmap b{k}" and r["fallback"] is None, r
+        assert r["delta_bytes"] == len(touched) * BLOCK  # the bitmap's granularity is 64 KiB
+        assert r["bytes_zeroed"] > 0  # the discarded range, from base:allocation
+        check_equal(raw_of(image, str(tmp_path / f"now{k}.raw")), dst, size, r)
+    assert r["complete"]
+
+
+def test_missing_bitmap_falls_back_to_compare(tmp_path):
+    """R2: the server does not offer the bitmap: a compare pass, said in words, never 'no
+    changes'."""
+    require("qemu-nbd")
+    require("qemu-io")
+    size = 16 * MiB
+    raw = str(tmp_path / "base.raw")
+    make_disk(raw, size, 3)
+    image, dst, state = str(tmp_path / "d.qcow2"), str(tmp_path / "dst.img"), tmp_path / "state"
+    qcow2_with_bitmap(image, size, raw)
+    sock = str(tmp_path / "q.sock")
+    server = QemuNbd(sock, image).start()
+    try:
+        sync(server.uri, dst, state)
+    finally:
+        server.stop()
+    qemu_io_writes(image, 5, size)
+    server = QemuNbd(sock, image).start()  # no -B: the context is not offered
+    try:
+        r = sync(server.uri, dst, state, "--dirty-bitmap", "b1")
+    finally:
+        server.stop()
+    assert r["change_source"] == "compare"
+    assert "does not offer the dirty bitmap 'b1'" in r["fallback"]
+    assert r["bytes_copied"] > 0
+    check_equal(raw_of(image, str(tmp_path / "now.raw")), dst, size, r)
+
+
+def test_compare_writes_only_changed_blocks(nbdkit, tmp_path):
+    """--compare reads everything and writes only blocks whose digest changed: counted by
+    the report and by nbdkit's log of the target's writes."""
+    size = 16 * MiB
+    src, state = str(tmp_path / "src.img"), tmp_path / "state"
+    make_disk(src, size, 4)
+    tgt_file, log = str(tmp_path / "tgt.img"), str(tmp_path / "tgt.log")
+    with open(tgt_file, "wb") as f:
+        f.truncate(size)
+    source = nbdkit("file", src, readonly=True)
+    target = nbdkit("file", tgt_file, f"logfile={log}", filters=("log",))
+    sync(source.uri, target.uri, state)
+    fd = os.open(src, os.O_RDWR)
+    changed = [3, 17, 18, 200]  # blocks; 17-18 a run
+    for b in changed:
+        os.pwrite(fd, b"\xa5" * 100, b * BLOCK + 1000)
+    os.close(fd)
+    with open(log) as f:
+        before = len(f.readlines())
+    r = sync(source.uri, target.uri, state, "--compare")
+    assert r["change_source"] == "compare"
+    assert r["bytes_copied"] == len(changed) * BLOCK
+    assert r["bytes_read"] > 0 and r["bytes_unchanged"] == size - len(changed) * BLOCK
+    with open(log) as f:
+        lines = f.readlines()[before:]
+    written = [(int(m.group(2), 16), int(m.group(3), 16)) for line in lines
+               if (m := _OP.search(line)) and m.group(1) in ("Write", "Zero", "Trim")]
+    assert sorted(written) == [(3 * BLOCK, BLOCK), (17 * BLOCK, 2 * BLOCK), (200 * BLOCK, BLOCK)]
+    check_equal(src, tgt_file, size, r)
+
+
+def test_same_checkpoint_twice_is_harmless(nbdkit, tmp_path):
+    """R4: a pass of a committed checkpoint copies nothing, and the target stays right."""
+    size = 8 * MiB
+    src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
+    make_disk(src, size, 5)
+    server = nbdkit("file", src, readonly=True)
+    sync(server.uri, dst, state, "--checkpoint", "c0")
+    areas = write_areas(tmp_path / "a.json", size, scribble(src, 6, count=4))
+    first = sync(server.uri, dst, state, "--changed-areas", areas, "--checkpoint", "c1")
+    second = sync(server.uri, dst, state, "--changed-areas", areas, "--checkpoint", "c1")
+    assert first["bytes_copied"] > 0 and first["pass"] == 1
+    assert second["pass"] == 1 and second["bytes_copied"] == 0 and second["delta_bytes"] == 0
+    assert "was committed by pass 1" in second["change_source"]
+    check_equal(src, dst, size, second)
+
+
+def test_source_size_change_is_a_full_pass(tmp_path):
+    size = 8 * MiB
+    src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
+    make_disk(src, size, 7)
+    with open(dst, "wb") as f:
+        f.truncate(2 * size)
+    sync(src, dst, state)
+    with open(src, "r+b") as f:
+        f.truncate(size + MiB)
+        f.seek(size)
+        f.write(b"\x5a" * MiB)
+    areas = write_areas(tmp_path / "a.json", size, [{"start": 0, "length": 4096}])
+    r = sync(src, dst, state, "--changed-areas", areas)
+    assert r["change_source"] == "full" and "size changed" in r["fallback"]
+    assert r["delta_bytes"] == size + MiB
+    with open(dst, "rb") as f:
+        assert f.read(size + MiB) == open(src, "rb").read()
+
+
+def test_refusals(nbdkit, tmp_path):
+    size = 4 * MiB
+    src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
+    make_disk(src, size, 8)
+    sync(src, dst, state)
+    other = str(tmp_path / "other.img")
+    with open(other, "wb") as f:
+        f.truncate(size)
+    out = sync(src, other, state, expect=2)["stderr"]
+    assert "belongs to another target" in out and "inode" in out
+    src2 = str(tmp_path / "src2.img")
+    make_disk(src2, size, 9)
+    assert "belongs to another source" in sync(src2, dst, state, expect=2)["stderr"]
+    # a second engine on the same state: the journal is locked
+    from transfer.state.journal import Journal
+
+    with Journal.open(str(state / "journal")):
+        assert "in use by another engine" in sync(src, dst, state, expect=2)["stderr"]
+    # a second engine on the same target file, through another state directory
+    import fcntl
+
+    with open(dst, "r+b") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        out = sync(src, dst, tmp_path / "state2", "--force", expect=2)["stderr"]
+        assert "in use by another transfer" in out
+    p = run_cli("sync", src, dst, "--state", str(state), "--compare", "--changed-areas", "x")
+    assert p.returncode == 2 and "not allowed with" in p.stderr
+    p = run_cli("sync", src, dst, "--state", str(state), "--verify=source")
+    assert p.returncode == 2 and "--final" in p.stderr
+    p = run_cli("sync", src, "null:", "--state", str(tmp_path / "s3"))
+    assert p.returncode == 2 and "null:" in p.stderr
+
+
+def test_bad_changed_areas_is_an_error_not_a_pass(tmp_path):
+    size = 4 * MiB
+    src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
+    make_disk(src, size, 10)
+    sync(src, dst, state)
+    bad = write_areas(tmp_path / "bad.json", size, [{"start": size - 10, "length": 20}])
+    out = sync(src, dst, state, "--changed-areas", bad, expect=2)["stderr"]
+    assert "outside the covered range" in out

@@ -1,0 +1,476 @@
+"""transfer sync: one warm-migration pass, with state that survives a killed process.
+
+An orchestrator runs one pass per checkpoint (RELIABILITY.md section (c)):
+
+    pass 0      everything (as copy does), recording the per-block manifest
+    pass k>0    only the ranges the change source names: a qemu dirty bitmap,
+                a VMware changed-areas file, or --compare (read all, write
+                only blocks whose digest differs from the manifest)
+    --final     the last delta, then the target read back against the
+                manifest (and with verify_source, the whole source hashed
+                again); the state is then complete and takes no more passes
+
+The state directory holds three kinds of file:
+
+    journal         transfer.state.journal records, each carrying the state's id:
+                      bind    source and target identities, size, block, hash
+                      begin   pass, checkpoint, change source, planned ranges
+                      commit  pass, upto: every planned byte below is durable
+                      end     pass, checkpoint, digest, delta bytes
+                      complete
+    manifest        the per-block digests (transfer.integrity), memory-mapped
+    pass-K.ranges   pass K's planned ranges (transfer.state.ranges_file)
+
+Order of durability (R5): the ranges file, then the begin record, then target
+writes; at each commit the target is flushed, then the manifest msynced, then
+the commit record appended. A crash leaves the pass's planned ranges above
+the last commit "tainted": the target may hold anything there. Running the
+same command again copies the tainted ranges (and, for a pass of the same
+checkpoint, what its change source names that was not committed). A new
+checkpoint on an unfinished pass copies the tainted ranges together with its
+own (R3: B_k and B_k+1). In a --compare pass, tainted blocks are written even
+when their digest matches: the manifest there may be ahead of the target.
+
+Fail closed (R2): a missing or unanswered dirty bitmap becomes a compare pass,
+a source whose size changed a full pass, and the report says so in words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
+
+from .. import _native
+from ..api import VERIFY_OFFSETS, _check_target, _read_back, _scan, _shape
+from ..disks import Disk, open_disk
+from ..errors import BadInput, TargetRefused, VerifyFailed
+from ..integrity import BLOCK, Manifest
+from ..pipeline import copy as engine
+from ..pipeline.copy import Progress
+from ..tracking.areas import clip_runs, load_changed_areas, subtract_runs, union_runs
+from ..tracking.bitmap import TrackingUnavailable, context_name, dirty_ranges
+from .journal import Journal, JournalError
+from .ranges_file import read_ranges, write_ranges
+
+VERSION = 1
+HASH = "xxh3-128"
+COMMIT_BYTES = 1 << 30  # commit at least every GiB copied...
+COMMIT_SECONDS = 10.0  # ...or every 10 s: a kill re-copies at most this much
+_CHECKPOINT = re.compile(r"^[\x20-\x7e]{1,256}$")
+
+
+@dataclass
+class SyncReport:
+    """What one sync pass did."""
+
+    source: str
+    target: str
+    state: str
+    pass_: int
+    checkpoint: str | None
+    change_source: str  # in words: what decided which blocks were copied
+    fallback: str | None  # why the asked-for change source was not used (R2), or None
+    resumed: bool  # this run finished work an interrupted run left
+    delta_bytes: int  # bytes planned for this pass (what the change source named)
+    bytes_copied: int
+    bytes_zeroed: int
+    bytes_skipped: int
+    bytes_unchanged: int
+    bytes_read: int
+    seconds: float
+    digest: str
+    size: int
+    commits: int
+    final: bool = False
+    verified: bool = False
+    verify_source: bool = False
+    complete: bool = False
+    connections: int = 0
+    retries: int = 0
+    reconnects: int = 0
+    native: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["pass"] = d.pop("pass_")
+        return d
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+@dataclass
+class PassState:
+    number: int
+    begin: dict[str, Any]
+    ranges: Any | None  # (n, 2) planned ranges; None for the whole disk
+    upto: int = 0  # last committed frontier
+    ended: dict[str, Any] | None = None
+
+
+@dataclass
+class State:
+    """The journal, read and checked: every record of one state, in an order that makes sense."""
+
+    path: str
+    id: str | None = None
+    bind: dict[str, Any] | None = None
+    passes: list[PassState] = field(default_factory=list)
+    complete: bool = False
+
+    @property
+    def last(self) -> PassState | None:
+        return self.passes[-1] if self.passes else None
+
+
+def _load(directory: str, journal: Journal) -> State:
+    """Validate the journal's records (untrusted input, P5); JournalError names the first bad one."""
+    st = State(directory)
+
+    def bad(i: int, why: str) -> JournalError:
+        return JournalError(f"record {i + 1} {why}; the state cannot be trusted (start again "
+                            "with an empty state directory)", disk=journal.path)
+
+    for i, rec in enumerate(journal.records):
+        kind = rec.get("t")
+        if i == 0:
+            if kind != "bind" or not isinstance(rec.get("state"), str):
+                raise bad(i, "is not the state's first (bind) record")
+            st.id = rec["state"]
+        elif rec.get("state") != st.id:
+            raise bad(i, f"belongs to another state ({rec.get('state')!r}, not {st.id!r})")
+        if st.complete:
+            raise bad(i, "follows the record that completed the state")
+        if kind == "bind":
+            for key, typ in (("source", dict), ("target", dict), ("size", int), ("block", int),
+                             ("hash", str), ("version", int)):
+                if not isinstance(rec.get(key), typ):
+                    raise bad(i, f"(bind) has no valid {key!r}")
+            if rec["version"] != VERSION or rec["block"] != BLOCK or rec["hash"] != HASH:
+                raise bad(i, f"(bind) is for version {rec['version']}, block {rec['block']}, "
+                             f"hash {rec['hash']}; this engine has {VERSION}, {BLOCK}, {HASH}")
+            if st.last is not None and st.last.ended is None:
+                raise bad(i, "(bind) arrives in the middle of a pass")
+            st.bind = rec
+        elif kind == "begin":
+            n = rec.get("pass")
+            if not isinstance(n, int) or isinstance(n, bool):
+                raise bad(i, "(begin) has no pass number")
+            last = st.last
+            want = {0} if last is None else (
+                {last.number + 1} if last.ended else {last.number, last.number + 1})
+            if n not in want:
+                raise bad(i, f"(begin) starts pass {n} where {sorted(want)} was expected")
+            if st.bind and rec.get("size") != st.bind["size"]:
+                raise bad(i, "(begin) is for another disk size")
+            plan = rec.get("ranges")
+            if plan == "all":
+                ranges = None
+            elif (isinstance(plan, dict) and isinstance(plan.get("count"), int)
+                  and isinstance(plan.get("check"), str) and isinstance(plan.get("file"), str)
+                  and re.fullmatch(r"pass-\d+\.ranges", plan["file"])):
+                ranges = read_ranges(os.path.join(directory, plan["file"]), st.bind["size"],
+                                     plan["check"], plan["count"])
+            else:
+                raise bad(i, "(begin) has no valid planned ranges")
+            st.passes.append(PassState(n, rec, ranges))
+        elif kind == "commit":
+            last = st.last
+            upto = rec.get("upto")
+            if last is None or last.ended or rec.get("pass") != last.number:
+                raise bad(i, "(commit) is for no pass in progress")
+            if not isinstance(upto, int) or not last.upto < upto <= st.bind["size"]:
+                raise bad(i, f"(commit) up to {upto!r} does not advance within the disk")
+            last.upto = upto
+        elif kind == "end":
+            last = st.last
+            if last is None or last.ended or rec.get("pass") != last.number:
+                raise bad(i, "(end) is for no pass in progress")
+            last.ended = rec
+        elif kind == "complete":
+            if st.last is None or not st.last.ended:
+                raise bad(i, "(complete) follows no finished pass")
+            st.complete = True
+        else:
+            raise bad(i, f"has an unknown type {kind!r}")
+    return st
+
+
+def _differences(bound: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    return [f"{k} {bound.get(k)!r} is now {now.get(k)!r}"
+            for k in sorted(set(bound) | set(now)) if bound.get(k) != now.get(k)]
+
+
+@dataclass
+class _Pass:
+    """What this run will copy and how."""
+
+    number: int
+    ranges: Any | None  # None: the whole disk
+    compare: bool
+    change_source: str
+    fallback: str | None = None
+    force: Any | None = None  # tainted ranges: written even when the digest matches
+    resumed: bool = False
+    carries: int | None = None
+    skip: bool = False  # the checkpoint was committed already: nothing to copy (R4)
+
+
+async def sync_async(source: str, target: str, *, state: str,
+                     dirty_bitmap: str | None = None, changed_areas: str | None = None,
+                     compare: bool = False, checkpoint: str | None = None, final: bool = False,
+                     verify_source: bool = False, force: bool = False,
+                     connections: int | None = None, in_flight: int | None = None,
+                     request_size: int | None = None, timeout: float | None = None,
+                     retries: int = engine.RETRIES,
+                     on_progress: Callable[[Progress], None] | None = None,
+                     native: str | None = None, commit_bytes: int = COMMIT_BYTES,
+                     commit_seconds: float = COMMIT_SECONDS) -> SyncReport:
+    """Run one warm-migration pass of source onto target, keeping state in the directory state.
+
+    Raises TransferError subclasses; an interrupted pass raises Interrupted
+    after committing what it finished, and the same call later completes it.
+    """
+    if sum(x is not None and x is not False for x in (dirty_bitmap, changed_areas, compare)) > 1:
+        raise BadInput("give one change source: --dirty-bitmap, --changed-areas or --compare")
+    if verify_source and not final:
+        raise BadInput("--verify=source belongs to the --final pass")
+    if checkpoint is not None and not _CHECKPOINT.match(checkpoint):
+        raise BadInput("--checkpoint must be 1-256 printable ASCII characters")
+    if timeout is not None and timeout <= 0:
+        raise BadInput(f"timeout must be positive, not {timeout}")
+    if retries < 0:
+        raise BadInput(f"retries must be 0 or more, not {retries}")
+    contexts = (context_name(dirty_bitmap),) if dirty_bitmap is not None else ()
+    kernels = _native.kernels(native)
+    started = time.monotonic()
+    try:
+        os.makedirs(state, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"cannot create the state directory: {os.strerror(e.errno)}",
+                       disk=state) from None
+    journal = Journal.open(os.path.join(state, "journal"))
+    src: Disk | None = None
+    dst: Disk | None = None
+    manifest: Manifest | None = None
+    try:
+        st = _load(state, journal)
+        if st.complete:
+            raise BadInput("this state is complete: its final pass ran; a new migration needs "
+                           "an empty state directory", disk=state)
+        opening = partial(open_disk, timeout=timeout, kernels=kernels)
+        src = await asyncio.to_thread(opening, source, "source", contexts=contexts)
+        dst = await asyncio.to_thread(opening, target, "target")
+        if dst.kind == "null":
+            raise BadInput("null: keeps nothing for a later pass", disk=dst.display,
+                           kind="target")
+        size_changed: str | None = None
+        if st.bind is not None:
+            bound_src, bound_dst = st.bind["source"], st.bind["target"]
+            diff = _differences({k: v for k, v in bound_src.items() if k != "size"},
+                                {k: v for k, v in src.identity().items() if k != "size"})
+            if diff:  # the size may change (R2: a full pass); nothing else may
+                raise TargetRefused("this state belongs to another source: " + "; ".join(diff),
+                                    disk=src.display)
+            diff = _differences(bound_dst, dst.identity())
+            if diff:
+                raise TargetRefused("this state belongs to another target: " + "; ".join(diff),
+                                    disk=dst.display)
+            if src.size != st.bind["size"]:
+                size_changed = (f"the source's size changed from {st.bind['size']} to "
+                                f"{src.size} bytes")
+                if dst.size < src.size:
+                    raise TargetRefused(f"the source grew to {src.size} bytes, past the "
+                                        f"target's {dst.size}", disk=dst.display)
+        else:
+            _check_target(src, dst, force=force)
+            if dst.size is None:
+                dst.create(src.size)
+        mpath = os.path.join(state, "manifest")
+        if st.bind is None or size_changed:
+            manifest = Manifest.create(mpath, src.size)
+            manifest.save()
+            bind = {"t": "bind", "state": st.id or uuid.uuid4().hex, "version": VERSION,
+                    "block": BLOCK, "hash": HASH, "size": src.size,
+                    "source": src.identity(), "target": dst.identity()}
+            journal.append(bind)
+            st.id, st.bind = bind["state"], bind
+        else:
+            manifest = Manifest.open(mpath, writable=True)
+            if manifest.size != src.size:
+                raise JournalError(f"the manifest is for a {manifest.size}-byte disk, the "
+                                   f"state for {src.size} bytes", disk=mpath)
+
+        plan = _choose(st, src, checkpoint=checkpoint, dirty_bitmap=dirty_bitmap,
+                       changed_areas=changed_areas, size_changed=size_changed)
+        report = SyncReport(
+            source=src.display, target=dst.display, state=state, pass_=plan.number,
+            checkpoint=checkpoint, change_source=plan.change_source, fallback=plan.fallback,
+            resumed=plan.resumed, delta_bytes=0, bytes_copied=0, bytes_zeroed=0,
+            bytes_skipped=0, bytes_unchanged=0, bytes_read=0, seconds=0.0, digest="", size=src.size,
+            commits=0, final=final, verify_source=verify_source, native=kernels.describe())
+        if not plan.skip:
+            await _copy(st, journal, src, dst, manifest, plan, report, kernels,
+                        checkpoint=checkpoint, final=final, connections=connections,
+                        in_flight=in_flight, request_size=request_size, retries=retries,
+                        on_progress=on_progress, commit_bytes=commit_bytes,
+                        commit_seconds=commit_seconds)
+        report.digest = manifest.digest_string()
+        if final:
+            if dst.kind == "nbd":  # a single-connection server would make a second one wait
+                dst.close()
+            count, offsets, _ = await _read_back(target, manifest, kernels,
+                                                 on_progress=on_progress)
+            if count:
+                raise VerifyFailed(f"{count} blocks of {BLOCK} bytes read back from the target "
+                                   "differ from the manifest; the first", disk=dst.display,
+                                   offset=offsets[0])
+            if verify_source:
+                src.close()
+                again = await asyncio.to_thread(opening, source, "source", direct=True)
+                fresh = Manifest(manifest.size)
+                try:
+                    await _scan(again, fresh, kernels, size=manifest.size, connections=None,
+                                in_flight=None, request_size=None, on_progress=on_progress)
+                    count, offsets = manifest.differences(fresh, VERIFY_OFFSETS)
+                finally:
+                    fresh.close()
+                    again.close()
+                if count:
+                    raise VerifyFailed(f"{count} blocks of {BLOCK} bytes of the source differ "
+                                       "from what was copied (a change tracker missed writes; "
+                                       "run a --compare pass); the first", disk=src.display,
+                                       offset=offsets[0])
+            report.verified = True
+            journal.append({"t": "complete", "state": st.id, "digest": report.digest})
+            report.complete = True
+        report.seconds = round(time.monotonic() - started, 6)
+        return report
+    finally:
+        if manifest is not None:
+            manifest.close()
+        if dst is not None:
+            dst.close()
+        if src is not None:
+            src.close()
+        journal.close()
+
+
+def _choose(st: State, src: Disk, *, checkpoint: str | None, dirty_bitmap: str | None,
+            changed_areas: str | None, size_changed: str | None) -> _Pass:
+    """Which pass this run is, and which ranges it copies."""
+    size = src.size
+    last = st.last
+    if size_changed:  # R2: a new size invalidates every tracker and the manifest
+        number = 0 if last is None else last.number + (1 if last.ended else 0)
+        return _Pass(number, None, False, "full", fallback=size_changed + ": full pass")
+    if last is None:
+        return _Pass(0, None, False, "full (first pass)")
+    if last.ended:
+        if checkpoint is not None and last.ended.get("checkpoint") == checkpoint:
+            return _Pass(last.number, _empty(), False,
+                         f"none (checkpoint {checkpoint} was committed by pass {last.number})",
+                         skip=True)
+        number, tainted, same = last.number + 1, None, False
+    else:
+        tainted = clip_runs(last.ranges if last.ranges is not None else [(0, size)],
+                            last.upto, size)
+        same = last.begin.get("checkpoint") == checkpoint
+        number = last.number if same else last.number + 1
+        if same and last.begin.get("change_source", "").startswith("full"):
+            # a full pass resumed under its checkpoint: it continues where it was committed
+            return _Pass(last.number, tainted, False, last.begin["change_source"], resumed=True)
+    if dirty_bitmap is not None:
+        try:
+            new, kind, fallback = dirty_ranges(src, dirty_bitmap), f"dirty bitmap {dirty_bitmap}", None
+        except TrackingUnavailable as e:
+            new, kind, fallback = None, "compare", f"{e}: compare pass"
+    elif changed_areas is not None:
+        new, kind, fallback = load_changed_areas(changed_areas, size), "changed areas", None
+    else:
+        new, kind, fallback = None, "compare", None
+    compare = new is None
+    if tainted is None:
+        return _Pass(number, new, compare, kind, fallback)
+    if compare:  # everything is read again; the tainted blocks are written whatever they hash to
+        ranges = clip_runs([(0, size)], last.upto, size) if same else None
+        return _Pass(number, ranges, True, kind, fallback, force=tainted, resumed=True,
+                     carries=None if same else last.number)
+    if same:  # the same tracker answers again: skip what was committed under it
+        committed = clip_runs(last.ranges if last.ranges is not None else [(0, size)],
+                              0, last.upto)
+        new = subtract_runs(new, committed)
+    return _Pass(number, union_runs(new, tainted, size), False, kind, fallback, resumed=True,
+                 carries=None if same else last.number)
+
+
+def _empty():
+    import numpy as np
+
+    return np.empty((0, 2), dtype=np.int64)
+
+
+async def _copy(st: State, journal: Journal, src: Disk, dst: Disk, manifest: Manifest,
+                plan: _Pass, report: SyncReport, kernels: _native.Kernels, *,
+                checkpoint: str | None, final: bool, connections: int | None,
+                in_flight: int | None, request_size: int | None, retries: int,
+                on_progress: Callable[[Progress], None] | None, commit_bytes: int,
+                commit_seconds: float) -> None:
+    """Journal the pass's plan, copy it with commits, and journal its end."""
+    size = src.size
+    begin: dict[str, Any] = {"t": "begin", "state": st.id, "pass": plan.number,
+                             "checkpoint": checkpoint, "change_source": plan.change_source,
+                             "compare": plan.compare, "size": size}
+    if plan.carries is not None:
+        begin["carries"] = plan.carries
+    if plan.ranges is None:
+        begin["ranges"] = "all"
+        delta = size
+    else:
+        name = f"pass-{plan.number}.ranges"
+        check = write_ranges(os.path.join(st.path, name), plan.ranges)
+        begin["ranges"] = {"file": name, "count": len(plan.ranges), "check": check}
+        delta = int((plan.ranges[:, 1] - plan.ranges[:, 0]).sum()) if len(plan.ranges) else 0
+    begin["bytes"] = delta
+    report.delta_bytes = delta
+    journal.append(begin)
+    commits = 0
+
+    def commit(frontier: int) -> None:
+        nonlocal commits
+        manifest.sync()
+        journal.append({"t": "commit", "state": st.id, "pass": plan.number, "upto": frontier})
+        commits += 1
+
+    conns, flight, req_size = _shape(src, connections, in_flight, request_size)
+    fresh = plan.number == 0 and not plan.resumed and plan.fallback is None
+    ranges = None if plan.ranges is None else [tuple(r) for r in plan.ranges.tolist()]
+    force = None if plan.force is None else [tuple(r) for r in plan.force.tolist()]
+    try:
+        result = await engine.run(src, dst, manifest, kernels, connections=conns,
+                                  in_flight=flight, request_size=req_size,
+                                  target_zero=fresh and dst.reads_zero,
+                                  on_progress=on_progress, retries=retries, ranges=ranges,
+                                  compare=plan.compare, force=force, commit=commit,
+                                  commit_bytes=commit_bytes, commit_seconds=commit_seconds)
+    finally:
+        report.commits = commits
+    manifest.sync()
+    s = result.stats
+    report.bytes_copied, report.bytes_zeroed = s.bytes_copied, s.bytes_zeroed
+    report.bytes_skipped, report.bytes_unchanged = s.bytes_skipped, s.bytes_unchanged
+    report.bytes_read, report.retries, report.reconnects = s.bytes_read, s.retries, s.reconnects
+    report.connections = result.connections
+    journal.append({"t": "end", "state": st.id, "pass": plan.number, "checkpoint": checkpoint,
+                    "digest": manifest.digest_string(), "bytes": delta, "final": final})
+    report.commits = commits + 1
