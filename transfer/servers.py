@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from typing import Sequence
 
@@ -39,12 +40,17 @@ class Server:
     def start(self) -> "Server":
         if os.path.exists(self.sock):
             os.unlink(self.sock)
+        # stderr goes to a file, not a pipe: nobody reads a pipe while the server runs, and a
+        # server logging an error per aborted request (nbdkit, when a client is killed) would
+        # block on a full pipe and stop accepting connections.
+        self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+                                     stderr=self._log)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                self._log.seek(0)
+                err = self._log.read().decode(errors="replace")
                 raise ServerError(f"{self.argv[0]} exited with {self.proc.returncode}: {err.strip()}")
             if self._ready():
                 return self
@@ -77,8 +83,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
+        self._log.close()
         self.proc = None
 
     def __enter__(self) -> "Server":

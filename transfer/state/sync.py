@@ -114,7 +114,7 @@ class PassState:
     number: int
     begin: dict[str, Any]
     ranges: Any | None  # (n, 2) planned ranges; None for the whole disk
-    upto: int = 0  # last committed frontier
+    upto: int = 0  # last committed frontier (the begin record's start before any commit)
     ended: dict[str, Any] | None = None
 
 
@@ -174,16 +174,15 @@ def _load(directory: str, journal: Journal) -> State:
             if st.bind and rec.get("size") != st.bind["size"]:
                 raise bad(i, "(begin) is for another disk size")
             plan = rec.get("ranges")
-            if plan == "all":
-                ranges = None
-            elif (isinstance(plan, dict) and isinstance(plan.get("count"), int)
-                  and isinstance(plan.get("check"), str) and isinstance(plan.get("file"), str)
-                  and re.fullmatch(r"pass-\d+\.ranges", plan["file"])):
-                ranges = read_ranges(os.path.join(directory, plan["file"]), st.bind["size"],
-                                     plan["check"], plan["count"])
-            else:
+            if not (plan == "all" or isinstance(plan, dict)
+                    and isinstance(plan.get("count"), int) and isinstance(plan.get("check"), str)
+                    and isinstance(plan.get("file"), str)
+                    and re.fullmatch(r"pass-\d+-\d+\.ranges", plan["file"])):
                 raise bad(i, "(begin) has no valid planned ranges")
-            st.passes.append(PassState(n, rec, ranges))
+            start = rec.get("start", 0)
+            if not isinstance(start, int) or not 0 <= start <= rec.get("size", -1):
+                raise bad(i, f"(begin) has an invalid start {start!r}")
+            st.passes.append(PassState(n, rec, None, upto=start))
         elif kind == "commit":
             last = st.last
             upto = rec.get("upto")
@@ -191,6 +190,8 @@ def _load(directory: str, journal: Journal) -> State:
                 raise bad(i, "(commit) is for no pass in progress")
             if not isinstance(upto, int) or not last.upto < upto <= st.bind["size"]:
                 raise bad(i, f"(commit) up to {upto!r} does not advance within the disk")
+            if isinstance(upto, bool):
+                raise bad(i, "(commit) has no valid offset")
             last.upto = upto
         elif kind == "end":
             last = st.last
@@ -203,6 +204,11 @@ def _load(directory: str, journal: Journal) -> State:
             st.complete = True
         else:
             raise bad(i, f"has an unknown type {kind!r}")
+    last = st.last
+    if last is not None and not last.ended and last.begin["ranges"] != "all":
+        plan = last.begin["ranges"]  # only an unfinished pass's plan is ever needed
+        last.ranges = read_ranges(os.path.join(directory, plan["file"]), st.bind["size"],
+                                  plan["check"], plan["count"])
     return st
 
 
@@ -224,6 +230,7 @@ class _Pass:
     resumed: bool = False
     carries: int | None = None
     skip: bool = False  # the checkpoint was committed already: nothing to copy (R4)
+    start: int = 0  # planned bytes below this were committed by an earlier attempt
 
 
 async def sync_async(source: str, target: str, *, state: str,
@@ -368,7 +375,12 @@ async def sync_async(source: str, target: str, *, state: str,
 
 def _choose(st: State, src: Disk, *, checkpoint: str | None, dirty_bitmap: str | None,
             changed_areas: str | None, size_changed: str | None) -> _Pass:
-    """Which pass this run is, and which ranges it copies."""
+    """Which pass this run is, which ranges it plans, and where in them it starts.
+
+    A pass resumed under its own checkpoint keeps its plan and starts at the
+    last commit: attempts of one pass commit increasing frontiers of one
+    plan, so everything below the frontier is done whatever attempt did it.
+    """
     size = src.size
     last = st.last
     if size_changed:  # R2: a new size invalidates every tracker and the manifest
@@ -389,7 +401,8 @@ def _choose(st: State, src: Disk, *, checkpoint: str | None, dirty_bitmap: str |
         number = last.number if same else last.number + 1
         if same and last.begin.get("change_source", "").startswith("full"):
             # a full pass resumed under its checkpoint: it continues where it was committed
-            return _Pass(last.number, tainted, False, last.begin["change_source"], resumed=True)
+            return _Pass(last.number, None, False, last.begin["change_source"], resumed=True,
+                         start=last.upto)
     if dirty_bitmap is not None:
         try:
             new, kind, fallback = dirty_ranges(src, dirty_bitmap), f"dirty bitmap {dirty_bitmap}", None
@@ -402,16 +415,28 @@ def _choose(st: State, src: Disk, *, checkpoint: str | None, dirty_bitmap: str |
     compare = new is None
     if tainted is None:
         return _Pass(number, new, compare, kind, fallback)
+    carries = None if same else last.number
     if compare:  # everything is read again; the tainted blocks are written whatever they hash to
-        ranges = clip_runs([(0, size)], last.upto, size) if same else None
-        return _Pass(number, ranges, True, kind, fallback, force=tainted, resumed=True,
-                     carries=None if same else last.number)
-    if same:  # the same tracker answers again: skip what was committed under it
-        committed = clip_runs(last.ranges if last.ranges is not None else [(0, size)],
-                              0, last.upto)
-        new = subtract_runs(new, committed)
+        start = last.upto if same and last.begin.get("compare") else 0
+        return _Pass(number, None, True, kind, fallback, force=tainted, resumed=True,
+                     carries=carries, start=start)
+    if same and last.ranges is not None and len(subtract_runs(new, last.ranges)) == 0:
+        # the same tracker names nothing new: the plan goes on from its last commit
+        return _Pass(number, last.ranges, False, kind, fallback, resumed=True, start=last.upto)
+    # a new checkpoint (R3: B_k and B_k+1), or a tracker that grew: its ranges and the tainted
     return _Pass(number, union_runs(new, tainted, size), False, kind, fallback, resumed=True,
-                 carries=None if same else last.number)
+                 carries=carries)
+
+
+def _remove_old_plans(directory: str, keep: Any) -> None:
+    """Ranges files of earlier begin records are never read again once a new one is durable."""
+    keep_name = keep.get("file") if isinstance(keep, dict) else None
+    for name in os.listdir(directory):
+        if re.fullmatch(r"pass-\d+-\d+\.ranges", name) and name != keep_name:
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
 
 
 def _empty():
@@ -435,26 +460,30 @@ async def _copy(st: State, journal: Journal, src: Disk, dst: Disk, manifest: Man
         begin["carries"] = plan.carries
     if plan.ranges is None:
         begin["ranges"] = "all"
-        delta = size
     else:
-        name = f"pass-{plan.number}.ranges"
+        name = f"pass-{plan.number}-{len(journal.records) + 1}.ranges"  # one per begin record
         check = write_ranges(os.path.join(st.path, name), plan.ranges)
         begin["ranges"] = {"file": name, "count": len(plan.ranges), "check": check}
-        delta = int((plan.ranges[:, 1] - plan.ranges[:, 0]).sum()) if len(plan.ranges) else 0
+    todo = clip_runs(plan.ranges if plan.ranges is not None else [(0, size)], plan.start, size)
+    delta = int((todo[:, 1] - todo[:, 0]).sum())
+    begin["start"] = plan.start
     begin["bytes"] = delta
     report.delta_bytes = delta
     journal.append(begin)
-    commits = 0
+    _remove_old_plans(st.path, keep=begin["ranges"])
+    commits, upto = 0, plan.start
 
     def commit(frontier: int) -> None:
-        nonlocal commits
+        nonlocal commits, upto
+        if frontier <= upto:  # nothing new below the frontier since the last commit
+            return
         manifest.sync()
         journal.append({"t": "commit", "state": st.id, "pass": plan.number, "upto": frontier})
-        commits += 1
+        commits, upto = commits + 1, frontier
 
     conns, flight, req_size = _shape(src, connections, in_flight, request_size)
     fresh = plan.number == 0 and not plan.resumed and plan.fallback is None
-    ranges = None if plan.ranges is None else [tuple(r) for r in plan.ranges.tolist()]
+    ranges = None if plan.ranges is None and plan.start == 0 else [tuple(r) for r in todo.tolist()]
     force = None if plan.force is None else [tuple(r) for r in plan.force.tolist()]
     try:
         result = await engine.run(src, dst, manifest, kernels, connections=conns,
