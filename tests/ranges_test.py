@@ -12,7 +12,7 @@ from transfer.integrity import Manifest, zero_digest
 from transfer.ranges import (STATE_HOLE, STATE_ZERO, block_runs, clip_extents, mark_zero,
                              walk_extents)
 
-B = 64 * 1024
+B = BLOCK = 64 * 1024
 Z = STATE_HOLE | STATE_ZERO
 
 
@@ -126,3 +126,65 @@ def test_manifest_zero_runs():
         assert m.slice(5 * B, 100).tobytes() == zero_digest(100)
     finally:
         m.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 6)), max_size=12),
+       st.lists(st.tuples(st.integers(1, 9), st.booleans()), min_size=1, max_size=10),
+       st.sampled_from([BLOCK, 2 * BLOCK, 5 * BLOCK]), st.integers(1, 5), st.randoms())
+def test_plan_over_ranges_covers_them_and_the_frontier_is_honest(raw_ranges, raw_extents,
+                                                                 request_size, window_blocks,
+                                                                 rnd):
+    """Requests cover exactly the planned ranges (whatever the windows and extents), zero
+    requests only where the extents say zero, and the frontier never passes an unfinished
+    request: every planned byte below it is done."""
+    size = 48 * BLOCK - 1000  # a short last block
+    ranges: list[list[int]] = []
+    for start, n in sorted(raw_ranges):
+        s, e = start * BLOCK, min((start + n) * BLOCK, size)
+        if s >= size:
+            continue
+        if ranges and s <= ranges[-1][1]:
+            ranges[-1][1] = max(ranges[-1][1], e)
+        else:
+            ranges.append([s, e])
+    extents, pos = [], 0  # extents of 4 KiB multiples, cycled to cover the disk
+    while pos < size:
+        for n, zero in raw_extents:
+            length = min(n * 4096 * 7, size - pos)
+            extents.append((pos, length, STATE_ZERO if zero else 0))
+            pos += length
+            if pos >= size:
+                break
+
+    def fetch(offset, length):
+        return [(max(o, offset), min(o + n, offset + length) - max(o, offset), f)
+                for o, n, f in extents if o < offset + length and offset < o + n]
+
+    plan = Plan(size, request_size=request_size, window=window_blocks * BLOCK,
+                ranges=[tuple(r) for r in ranges])
+    got, issued = [], []
+    while (req := plan.next(fetch)) is not None:
+        got.append(req)
+        issued.append(req)
+        if issued and rnd.random() < 0.6:  # finish some requests, out of order
+            done = issued.pop(rnd.randrange(len(issued)))
+            plan.done(done.offset)
+        frontier = plan.frontier()
+        assert all(r.offset >= frontier for r in issued)
+    covered = sorted((r.offset, r.offset + r.length) for r in got)
+    merged: list[list[int]] = []
+    for s, e in covered:
+        assert not merged or s >= merged[-1][1], "a byte planned twice"
+        if merged and s == merged[-1][1]:
+            merged[-1][1] = e
+        else:
+            merged.append([s, e])
+    assert merged == ranges
+    for r in got:
+        if not r.data:  # a zero request lies wholly inside zero extents
+            assert all(f & STATE_ZERO for o, n, f in extents if o < r.offset + r.length and
+                       r.offset < o + n)
+    for r in issued:
+        plan.done(r.offset)
+    assert plan.frontier() == size

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from ..integrity import BLOCK
-from ..ranges import Extent, block_runs, walk_extents
+from ..ranges import STATE_ZERO, Extent, block_runs, walk_extents
 
 WINDOW = 1 << 30  # extents asked for at once: 1 GiB, as ovirt-imageio (2 GiB) and CDI (2 GiB) cap it
 MAX_ZERO_REQUEST = 256 << 20  # one zero request: long enough to be cheap, short for smooth progress
@@ -110,6 +110,12 @@ class Plan:
         self._pos = limit if i < len(spans) and spans[i][0] < limit else (
             spans[i][0] if i < len(spans) else self.size)
         extents = list(walk_extents(fetch, pieces[0][0], pieces[-1][1]))
+        if len(extents) == 1 and not extents[0][2] & STATE_ZERO:  # all data: no extents to cut
+            step, queue = self.request_size, self._queue
+            for s, e in pieces:
+                for off in range(s, e, step):
+                    queue.append(Request(off, min(step, e - off), True))
+            return True
         if len(pieces) == 1:
             s, e = pieces[0]
             self._queue.extend(requests(extents, s, e, request_size=self.request_size))
@@ -140,6 +146,16 @@ class Plan:
 
 
 def _check_spans(spans: list[tuple[int, int]], size: int) -> None:
+    if len(spans) > 1000:  # many: numpy, here where a pass over 100,000 areas is planned
+        import numpy as np
+
+        a = np.array(spans, dtype=np.int64)
+        s, e = a[:, 0], a[:, 1]
+        if not ((s < e).all() and (s[1:] >= e[:-1]).all() and s[0] >= 0 and e[-1] <= size
+                and not (s % BLOCK).any() and ((e % BLOCK == 0) | (e == size)).all()):
+            raise ValueError(f"plan ranges are not sorted, non-empty, block-aligned and inside "
+                             f"the {size}-byte disk")
+        return
     prev = 0
     for s, e in spans:
         if not prev <= s < e <= size or s % BLOCK or (e % BLOCK and e != size):

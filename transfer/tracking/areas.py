@@ -70,8 +70,11 @@ def load_changed_areas(path: str, size: int, block: int = BLOCK):
         raise AreasError("changedArea is not a list", disk=path)
     if len(areas) > MAX_AREAS:
         raise AreasError(f"has {len(areas)} areas, more than {MAX_AREAS}", disk=path)
+    runs = _fast_runs(areas, first, first + covered)
+    if runs is not None:
+        return merge_runs(runs, size, block)
     runs = np.empty((len(areas), 2), dtype=np.int64)
-    for i, area in enumerate(areas):
+    for i, area in enumerate(areas):  # the slow way, which names the first bad area
         if not isinstance(area, dict) or set(area) - {"start", "length"} or len(area) != 2:
             raise AreasError(f"changedArea[{i}] is not {{\"start\": N, \"length\": N}}", disk=path)
         start = _int(area["start"], f"changedArea[{i}].start", path)
@@ -83,6 +86,27 @@ def load_changed_areas(path: str, size: int, block: int = BLOCK):
                              f"covered range [{first}, {first + covered})", disk=path)
         runs[i] = (start, start + length)
     return merge_runs(runs, size, block)
+
+
+def _fast_runs(areas: list, lo: int, hi: int):
+    """[start, end) runs of well-formed areas in one vectorized sweep, or None when any area
+    is malformed (the per-area loop then says which and why)."""
+    import numpy as np
+
+    try:
+        pairs = [(a["start"], a["length"]) for a in areas if type(a) is dict and len(a) == 2]
+    except KeyError:
+        return None
+    if len(pairs) != len(areas) or not all(type(x) is int for pair in pairs for x in pair):
+        return None
+    try:
+        arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    except OverflowError:
+        return None
+    starts, lengths = arr[:, 0], arr[:, 1]
+    if (starts < lo).any() or (lengths <= 0).any() or (starts > hi - lengths).any():
+        return None
+    return np.stack((starts, starts + lengths), axis=1)
 
 
 def merge_runs(runs, size: int, block: int = BLOCK):
