@@ -304,3 +304,28 @@ def test_bad_changed_areas_is_an_error_not_a_pass(tmp_path):
     bad = write_areas(tmp_path / "bad.json", size, [{"start": size - 10, "length": 20}])
     out = sync(src, dst, state, "--changed-areas", bad, expect=2)["stderr"]
     assert "outside the covered range" in out
+
+
+def test_secrets_never_reach_state_report_or_output(nbdkit, tmp_path):
+    """X5: a password in the source URI appears nowhere: not in the journal, the manifest, the
+    ranges files, the report, the progress lines or the messages."""
+    size = 4 * MiB
+    src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
+    make_disk(src, size, 11)
+    server = nbdkit("file", src, readonly=True)
+    uri = server.uri.replace("nbd+unix://", "nbd+unix://admin:CANARY1@")
+    outputs = []
+    for args in ((), ("--changed-areas", write_areas(tmp_path / "a.json", size,
+                                                      [{"start": 0, "length": 1}])),
+                 ("--final",)):
+        p = run_cli("sync", uri, dst, "--state", str(state), "--report", str(tmp_path / "r.json"),
+                    "--progress", "json", *args)
+        assert p.returncode == 0, p.stderr
+        outputs.append(p.stdout + p.stderr)
+        with open(tmp_path / "r.json") as f:
+            outputs.append(f.read())
+    assert "admin:***@" in outputs[1]  # the user stays, the password does not
+    for name in os.listdir(state):
+        with open(state / name, "rb") as f:
+            outputs.append(f.read().decode("latin-1"))
+    assert not [o for o in outputs if "CANARY" in o]

@@ -4,6 +4,7 @@ from .api import (ChecksumReport, Report, VerifyReport, checksum, checksum_async
                   copy_async, verify, verify_async)
 from .errors import (BadInput, Interrupted, SourceError, TargetError, TargetRefused,
                      TransferError, VerifyFailed)
+from .state.sync import SyncReport, sync, sync_async
 
 __all__ = [
     "BadInput",
@@ -11,6 +12,7 @@ __all__ = [
     "Interrupted",
     "Report",
     "SourceError",
+    "SyncReport",
     "TargetError",
     "TargetRefused",
     "TransferError",
@@ -20,6 +22,8 @@ __all__ = [
     "checksum_async",
     "copy",
     "copy_async",
+    "sync",
+    "sync_async",
     "verify",
     "verify_async",
 ]

@@ -265,7 +265,7 @@ async def sync_async(source: str, target: str, *, state: str,
         os.makedirs(state, mode=0o700, exist_ok=True)
     except OSError as e:
         raise BadInput(f"cannot create the state directory: {os.strerror(e.errno)}",
-                       disk=state) from None
+                       disk=state, kind="state") from None
     journal = Journal.open(os.path.join(state, "journal"))
     src: Disk | None = None
     dst: Disk | None = None
@@ -274,7 +274,7 @@ async def sync_async(source: str, target: str, *, state: str,
         st = _load(state, journal)
         if st.complete:
             raise BadInput("this state is complete: its final pass ran; a new migration needs "
-                           "an empty state directory", disk=state)
+                           "an empty state directory", disk=state, kind="state")
         opening = partial(open_disk, timeout=timeout, kernels=kernels)
         src = await asyncio.to_thread(opening, source, "source", contexts=contexts)
         dst = await asyncio.to_thread(opening, target, "target")
@@ -288,7 +288,7 @@ async def sync_async(source: str, target: str, *, state: str,
                                 {k: v for k, v in src.identity().items() if k != "size"})
             if diff:  # the size may change (R2: a full pass); nothing else may
                 raise TargetRefused("this state belongs to another source: " + "; ".join(diff),
-                                    disk=src.display)
+                                    disk=src.display, kind="source")
             diff = _differences(bound_dst, dst.identity())
             if diff:
                 raise TargetRefused("this state belongs to another target: " + "; ".join(diff),
@@ -371,6 +371,11 @@ async def sync_async(source: str, target: str, *, state: str,
         if src is not None:
             src.close()
         journal.close()
+
+
+def sync(source: str, target: str, **options: Any) -> SyncReport:
+    """Blocking form of sync_async() for callers without an event loop."""
+    return asyncio.run(sync_async(source, target, **options))
 
 
 def _choose(st: State, src: Disk, *, checkpoint: str | None, dirty_bitmap: str | None,
