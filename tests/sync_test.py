@@ -244,6 +244,59 @@ def test_same_checkpoint_twice_is_harmless(nbdkit, tmp_path):
     check_equal(src, dst, size, second)
 
 
+def test_a_reused_checkpoint_copies_what_its_source_names_beyond_the_commit(nbdkit, tmp_path):
+    """A checkpoint committed already, asked again with an areas file that names more: the
+    checkpoint's blocks are copied again with the extra ones (never silently skipped); the same
+    file once more copies nothing."""
+    size = 8 * MiB
+    src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
+    make_disk(src, size, 12)
+    sync(src, dst, state, "--checkpoint", "c0")
+    first = scribble(src, 13, count=3)
+    areas = write_areas(tmp_path / "a.json", size, first)
+    first_pass = sync(src, dst, state, "--changed-areas", areas, "--checkpoint", "c1")
+    used = {b for x in first for b in range(x["start"] // BLOCK,
+                                            (x["start"] + x["length"] - 1) // BLOCK + 1)}
+    free = next(b for b in range(size // BLOCK) if b not in used)
+    more = [{"start": free * BLOCK + 5, "length": 10}]
+    with open(src, "r+b") as f:
+        f.seek(free * BLOCK + 5)
+        f.write(b"0123456789")
+    write_areas(tmp_path / "a.json", size, first + more)
+    r = sync(src, dst, state, "--changed-areas", areas, "--checkpoint", "c1")
+    assert r["change_source"].startswith("changed areas beyond what checkpoint c1 was committed")
+    assert r["delta_bytes"] == first_pass["delta_bytes"] + BLOCK  # the checkpoint's, again
+    check_equal(src, dst, size, r)
+    r = sync(src, dst, state, "--changed-areas", areas, "--checkpoint", "c1")
+    assert r["delta_bytes"] == 0 and r["change_source"].startswith("none")
+
+
+def test_a_moved_source_is_refused_unless_said(tmp_path):
+    """The state binds the source's address; the same disk at a new socket needs
+    --source-moved, and is then bound there."""
+    from transfer.servers import Nbdkit
+
+    size = 4 * MiB
+    src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
+    make_disk(src, size, 14)
+    a = Nbdkit(str(tmp_path / "a.sock"), "file", src, readonly=True).start()
+    try:
+        sync(a.uri, dst, state)
+    finally:
+        a.stop()
+    b = Nbdkit(str(tmp_path / "b.sock"), "file", src, readonly=True).start()
+    try:
+        out = sync(b.uri, dst, state, "--compare", expect=2)["stderr"]
+        assert "belongs to another source" in out and "--source-moved" in out
+        r = sync(b.uri, dst, state, "--compare", "--source-moved")
+        assert r["notes"] and "a.sock" in r["notes"][0] and "b.sock" in r["notes"][0]
+        r = sync(b.uri, dst, state, "--compare", "--final")  # bound to b now
+        assert r["complete"] and not r["notes"]
+        check_equal(src, dst, size, r)
+    finally:
+        b.stop()
+
+
 def test_source_size_change_is_a_full_pass(tmp_path):
     size = 8 * MiB
     src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"

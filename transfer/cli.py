@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "change tracker that missed writes)")
     w.add_argument("--force", action="store_true",
                    help="first pass: overwrite a target that carries a signature")
+    w.add_argument("--source-moved", action="store_true",
+                   help="the state's source disk is now served at another address (socket path, "
+                        "host): accept it, on your word, and bind the state to it")
     w.add_argument("--report", metavar="FILE", help="write a JSON report to FILE")
     w.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
     w.add_argument("--connections", type=int, metavar="N")
@@ -258,6 +261,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         args.source, args.target, state=args.state, dirty_bitmap=args.dirty_bitmap,
         changed_areas=args.changed_areas, compare=args.compare, checkpoint=args.checkpoint,
         final=args.final, verify_source=args.verify == "source", force=args.force,
+        source_moved=args.source_moved,
         connections=args.connections, in_flight=args.in_flight, request_size=args.request_size,
         timeout=args.timeout, retries=args.retries, on_progress=renderer,
         commit_bytes=args.commit_every)))

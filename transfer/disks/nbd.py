@@ -218,8 +218,8 @@ class NbdConn(Conn):
         try:
             self.h.block_status(length, offset, cb)
         except nbd.Error as e:
-            if self.h.aio_is_dead():
-                raise self._fail(SourceError, "block status", e, offset, length) from None
+            if self.h.aio_is_dead() or self.h.aio_is_closed():  # R9: reconnect and ask again
+                raise self._fail(ConnectionLost, "block status", e, offset, length) from None
             # A per-command error: read the range as data (what CDI does); never as zero.
             return [(offset, length, 0)]
         if not replies:

@@ -220,7 +220,7 @@ class Worker:
         self.source_name = source_name
         self.retries = retries
         self._retry: collections.deque[tuple[float, int, Request]] = collections.deque()
-        self._attempts: dict[int, int] = {}  # offset -> failed reads so far
+        self._attempts: dict = {}  # offset (or ("extents", offset)) -> failures so far
         self._last_error: BaseException | None = None
         self.stats = Stats()
         self.flags = bytearray(request_size // BLOCK + 1)
@@ -241,7 +241,11 @@ class Worker:
                     _, slot, req = self._retry.popleft()
                     self._read(slot, req, pool, outstanding)
                 while pool.free and not exhausted and not self.shared.stop.is_set():
-                    req = self.plan.next(self._extents)
+                    try:
+                        req = self.plan.next(self._extents)
+                    except ConnectionLost as e:  # asking for extents: the same as a read
+                        self._lost(outstanding, e, what=("extents", e.offset))
+                        break
                     if req is None:
                         exhausted = True
                     elif req.data:
@@ -264,11 +268,8 @@ class Worker:
                     continue
                 try:
                     completions = self.src.reap()
-                except ConnectionLost as e:  # every read in flight is lost with the connection
-                    for slot, req in outstanding.items():
-                        self._schedule_retry(slot, req, e)
-                    outstanding.clear()
-                    self.src.drop()
+                except ConnectionLost as e:
+                    self._lost(outstanding, e)
                     continue
                 for (slot, req), err in completions:
                     del outstanding[slot]
@@ -302,6 +303,23 @@ class Worker:
         self._last_error = err
         self.stats.retries += 1
         self._retry.append((time.monotonic() + backoff(attempt), slot, req))
+
+    def _lost(self, outstanding: dict[int, Request], err: ConnectionLost,
+              what: tuple | None = None) -> None:
+        """The connection died: every read in flight is lost with it and is read again after a
+        backoff; the connection is dropped, to be reopened within the retry budget. what: a
+        request that is not a read (extents), counted against the same budget."""
+        for slot, req in outstanding.items():
+            self._schedule_retry(slot, req, err)
+        outstanding.clear()
+        if what is not None:
+            attempt = self._attempts.get(what, 0) + 1  # type: ignore[call-overload]
+            if attempt > self.retries:
+                raise err
+            self._attempts[what] = attempt  # type: ignore[index]
+            self._last_error = err
+            self.stats.retries += 1
+        self.src.drop()
 
     def _ensure_connected(self) -> None:
         """Reconnect a connection the server dropped, with backoff, within the retry budget."""

@@ -70,8 +70,7 @@ class Plan:
         if ranges is None:
             spans = [(0, size)] if size > 0 else []
         else:
-            spans = [(int(s), int(e)) for s, e in (ranges.tolist() if hasattr(ranges, "tolist")
-                                                  else ranges)]
+            spans = list(ranges)
             _check_spans(spans, size)
         self._spans = spans
         self._span = 0  # index of the span the next window starts in
@@ -106,10 +105,12 @@ class Plan:
             if spans[i][1] > limit:
                 break
             i += 1
+        # the window is taken only once its extents arrived: a failed fetch (raised to the
+        # worker) leaves the plan where it was, so the frontier never passes an unplanned window
+        extents = list(walk_extents(fetch, pieces[0][0], pieces[-1][1]))
         self._span = i
         self._pos = limit if i < len(spans) and spans[i][0] < limit else (
             spans[i][0] if i < len(spans) else self.size)
-        extents = list(walk_extents(fetch, pieces[0][0], pieces[-1][1]))
         if len(extents) == 1 and not extents[0][2] & STATE_ZERO:  # all data: no extents to cut
             step, queue = self.request_size, self._queue
             for s, e in pieces:
@@ -146,16 +147,6 @@ class Plan:
 
 
 def _check_spans(spans: list[tuple[int, int]], size: int) -> None:
-    if len(spans) > 1000:  # many: numpy, here where a pass over 100,000 areas is planned
-        import numpy as np
-
-        a = np.array(spans, dtype=np.int64)
-        s, e = a[:, 0], a[:, 1]
-        if not ((s < e).all() and (s[1:] >= e[:-1]).all() and s[0] >= 0 and e[-1] <= size
-                and not (s % BLOCK).any() and ((e % BLOCK == 0) | (e == size)).all()):
-            raise ValueError(f"plan ranges are not sorted, non-empty, block-aligned and inside "
-                             f"the {size}-byte disk")
-        return
     prev = 0
     for s, e in spans:
         if not prev <= s < e <= size or s % BLOCK or (e % BLOCK and e != size):

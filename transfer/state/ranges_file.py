@@ -11,8 +11,10 @@ input: checksum, count, order, alignment and bounds are checked.
 
 from __future__ import annotations
 
+import array
 import os
 import struct
+import sys
 
 import xxhash
 
@@ -23,11 +25,12 @@ MAGIC = b"TRRANGE1"
 _COUNT = struct.Struct("<Q")
 
 
-def write_ranges(path: str, ranges) -> str:
-    """Write ranges ((n, 2) int64) to path durably; return the xxh3-64 hex of the file body."""
-    import numpy as np
-
-    body = MAGIC + _COUNT.pack(len(ranges)) + np.ascontiguousarray(ranges, dtype="<u8").tobytes()
+def write_ranges(path: str, ranges: list[tuple[int, int]]) -> str:
+    """Write ranges to path durably; return the xxh3-64 hex of the file body."""
+    flat = array.array("Q", (x for pair in ranges for x in pair))
+    if sys.byteorder != "little":
+        flat.byteswap()
+    body = MAGIC + _COUNT.pack(len(ranges)) + flat.tobytes()
     check = xxhash.xxh3_64_hexdigest(body)
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -43,9 +46,8 @@ def write_ranges(path: str, ranges) -> str:
     return check
 
 
-def read_ranges(path: str, size: int, check: str, count: int):
+def read_ranges(path: str, size: int, check: str, count: int) -> list[tuple[int, int]]:
     """The ranges written by write_ranges, validated against the journal's checksum and count."""
-    import numpy as np
 
     def bad(why: str) -> JournalError:
         return JournalError(f"the pass's ranges file is unusable: {why}", disk=path)
@@ -63,11 +65,14 @@ def read_ranges(path: str, size: int, check: str, count: int):
         raise bad(f"{len(data)} bytes for {n} ranges, the journal says {count}")
     if xxhash.xxh3_64_hexdigest(data[:-8]) != check or data[-8:] != bytes.fromhex(check)[::-1]:
         raise bad("checksum mismatch")
-    ranges = np.frombuffer(data, "<u8", 2 * n, head).astype(np.int64).reshape(n, 2)
-    if n:
-        starts, ends = ranges[:, 0], ranges[:, 1]
-        if ((starts >= ends).any() or (starts[1:] < ends[:-1]).any() or (starts % BLOCK).any()
-                or ((ends % BLOCK != 0) & (ends != size)).any() or ends[-1] > size
-                or starts[0] < 0):
+    flat = array.array("Q")
+    flat.frombytes(data[head:-8])
+    if sys.byteorder != "little":
+        flat.byteswap()
+    ranges = list(zip(flat[0::2], flat[1::2]))
+    prev = 0
+    for s, e in ranges:
+        if not prev <= s < e <= size or s % BLOCK or (e % BLOCK and e != size):
             raise bad("ranges are not sorted, disjoint, block-aligned and inside the disk")
+        prev = e
     return ranges

@@ -53,7 +53,8 @@ from ..errors import BadInput, TargetRefused, VerifyFailed
 from ..integrity import BLOCK, Manifest
 from ..pipeline import copy as engine
 from ..pipeline.copy import Progress
-from ..tracking.areas import clip_runs, load_changed_areas, subtract_runs, union_runs
+from ..tracking.areas import (clip_runs, load_changed_areas, runs_bytes, subtract_runs,
+                              union_runs)
 from ..tracking.bitmap import TrackingUnavailable, context_name, dirty_ranges
 from .journal import Journal, JournalError
 from .ranges_file import read_ranges, write_ranges
@@ -95,6 +96,7 @@ class SyncReport:
     retries: int = 0
     reconnects: int = 0
     native: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what else happened, in words
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -115,6 +117,7 @@ class PassState:
     begin: dict[str, Any]
     ranges: Any | None  # (n, 2) planned ranges; None for the whole disk
     upto: int = 0  # last committed frontier (the begin record's start before any commit)
+    plan_known: bool = True
     ended: dict[str, Any] | None = None
 
 
@@ -205,10 +208,15 @@ def _load(directory: str, journal: Journal) -> State:
         else:
             raise bad(i, f"has an unknown type {kind!r}")
     last = st.last
-    if last is not None and not last.ended and last.begin["ranges"] != "all":
-        plan = last.begin["ranges"]  # only an unfinished pass's plan is ever needed
-        last.ranges = read_ranges(os.path.join(directory, plan["file"]), st.bind["size"],
-                                  plan["check"], plan["count"])
+    if last is not None and last.begin["ranges"] != "all":
+        plan = last.begin["ranges"]  # only the last pass's plan is ever needed
+        try:
+            last.ranges = read_ranges(os.path.join(directory, plan["file"]), st.bind["size"],
+                                      plan["check"], plan["count"])
+        except JournalError:
+            if not last.ended:  # an unfinished pass cannot be resumed without its plan
+                raise
+            last.plan_known = False  # an ended one: a rerun of its checkpoint copies more
     return st
 
 
@@ -236,7 +244,7 @@ class _Pass:
 async def sync_async(source: str, target: str, *, state: str,
                      dirty_bitmap: str | None = None, changed_areas: str | None = None,
                      compare: bool = False, checkpoint: str | None = None, final: bool = False,
-                     verify_source: bool = False, force: bool = False,
+                     verify_source: bool = False, force: bool = False, source_moved: bool = False,
                      connections: int | None = None, in_flight: int | None = None,
                      request_size: int | None = None, timeout: float | None = None,
                      retries: int = engine.RETRIES,
@@ -247,6 +255,10 @@ async def sync_async(source: str, target: str, *, state: str,
 
     Raises TransferError subclasses; an interrupted pass raises Interrupted
     after committing what it finished, and the same call later completes it.
+    source_moved: the bound source is now served at another address (a new
+    socket path or host): accept it and bind the state to it. Nothing can
+    prove it is the same disk, so this is the operator's word; a size change
+    still makes a full pass.
     """
     if sum(x is not None and x is not False for x in (dirty_bitmap, changed_areas, compare)) > 1:
         raise BadInput("give one change source: --dirty-bitmap, --changed-areas or --compare")
@@ -260,6 +272,7 @@ async def sync_async(source: str, target: str, *, state: str,
         raise BadInput(f"retries must be 0 or more, not {retries}")
     contexts = (context_name(dirty_bitmap),) if dirty_bitmap is not None else ()
     kernels = _native.kernels(native)
+    notes: list[str] = []
     started = time.monotonic()
     try:
         os.makedirs(state, mode=0o700, exist_ok=True)
@@ -282,13 +295,18 @@ async def sync_async(source: str, target: str, *, state: str,
             raise BadInput("null: keeps nothing for a later pass", disk=dst.display,
                            kind="target")
         size_changed: str | None = None
+        moved = False
         if st.bind is not None:
             bound_src, bound_dst = st.bind["source"], st.bind["target"]
             diff = _differences({k: v for k, v in bound_src.items() if k != "size"},
                                 {k: v for k, v in src.identity().items() if k != "size"})
-            if diff:  # the size may change (R2: a full pass); nothing else may
-                raise TargetRefused("this state belongs to another source: " + "; ".join(diff),
-                                    disk=src.display, kind="source")
+            if diff and not source_moved:  # the size may change (R2: a full pass); not this
+                raise TargetRefused("this state belongs to another source: " + "; ".join(diff)
+                                    + " (if the same disk is now served there, pass "
+                                    "--source-moved)", disk=src.display, kind="source")
+            if diff:
+                moved = True
+                notes.append("source moved: " + "; ".join(diff))
             diff = _differences(bound_dst, dst.identity())
             if diff:
                 raise TargetRefused("this state belongs to another target: " + "; ".join(diff),
@@ -304,6 +322,10 @@ async def sync_async(source: str, target: str, *, state: str,
             if dst.size is None:
                 dst.create(src.size)
         mpath = os.path.join(state, "manifest")
+        if moved and not size_changed:  # moved: bind the new address
+            bind = {**st.bind, "source": src.identity()}
+            journal.append(bind)
+            st.bind = bind
         if st.bind is None or size_changed:
             manifest = Manifest.create(mpath, src.size)
             manifest.save()
@@ -325,7 +347,8 @@ async def sync_async(source: str, target: str, *, state: str,
             checkpoint=checkpoint, change_source=plan.change_source, fallback=plan.fallback,
             resumed=plan.resumed, delta_bytes=0, bytes_copied=0, bytes_zeroed=0,
             bytes_skipped=0, bytes_unchanged=0, bytes_read=0, seconds=0.0, digest="", size=src.size,
-            commits=0, final=final, verify_source=verify_source, native=kernels.describe())
+            commits=0, final=final, verify_source=verify_source, native=kernels.describe(),
+            notes=notes)
         if not plan.skip:
             await _copy(st, journal, src, dst, manifest, plan, report, kernels,
                         checkpoint=checkpoint, final=final, connections=connections,
@@ -395,9 +418,7 @@ def _choose(st: State, src: Disk, *, checkpoint: str | None, dirty_bitmap: str |
         return _Pass(0, None, False, "full (first pass)")
     if last.ended:
         if checkpoint is not None and last.ended.get("checkpoint") == checkpoint:
-            return _Pass(last.number, _empty(), False,
-                         f"none (checkpoint {checkpoint} was committed by pass {last.number})",
-                         skip=True)
+            return _again(last, src, checkpoint, dirty_bitmap, changed_areas)
         number, tainted, same = last.number + 1, None, False
     else:
         tainted = clip_runs(last.ranges if last.ranges is not None else [(0, size)],
@@ -433,6 +454,33 @@ def _choose(st: State, src: Disk, *, checkpoint: str | None, dirty_bitmap: str |
                  carries=carries)
 
 
+def _again(last: PassState, src: Disk, checkpoint: str, dirty_bitmap: str | None,
+           changed_areas: str | None) -> _Pass:
+    """A pass for a checkpoint that was committed already (R4: harmless).
+
+    Its change source is asked again; what it names beyond the committed plan
+    (an areas file that grew, a bitmap still recording) is copied, together
+    with the committed plan so that the new pass covers the whole checkpoint:
+    a reused checkpoint never hides a change. A tracker that is gone (R3 lets the
+    orchestrator drop it once committed), --compare or no change source: nothing.
+    """
+    done = f"checkpoint {checkpoint} was committed by pass {last.number}"
+    new = None
+    if changed_areas is not None:
+        new, kind = load_changed_areas(changed_areas, src.size), "changed areas"
+    elif dirty_bitmap is not None:
+        try:
+            new, kind = dirty_ranges(src, dirty_bitmap), f"dirty bitmap {dirty_bitmap}"
+        except TrackingUnavailable:
+            pass
+    if new is not None and last.begin["ranges"] != "all":
+        if not last.plan_known or subtract_runs(new, last.ranges):
+            # copied again whole (harmless, R4), so that this pass's plan covers the checkpoint
+            plan = union_runs(new, last.ranges, src.size) if last.plan_known else new
+            return _Pass(last.number + 1, plan, False, f"{kind} beyond what {done}")
+    return _Pass(last.number, _empty(), False, f"none ({done})", skip=True)
+
+
 def _remove_old_plans(directory: str, keep: Any) -> None:
     """Ranges files of earlier begin records are never read again once a new one is durable."""
     keep_name = keep.get("file") if isinstance(keep, dict) else None
@@ -444,10 +492,8 @@ def _remove_old_plans(directory: str, keep: Any) -> None:
                 pass
 
 
-def _empty():
-    import numpy as np
-
-    return np.empty((0, 2), dtype=np.int64)
+def _empty() -> list[tuple[int, int]]:
+    return []
 
 
 async def _copy(st: State, journal: Journal, src: Disk, dst: Disk, manifest: Manifest,
@@ -470,7 +516,7 @@ async def _copy(st: State, journal: Journal, src: Disk, dst: Disk, manifest: Man
         check = write_ranges(os.path.join(st.path, name), plan.ranges)
         begin["ranges"] = {"file": name, "count": len(plan.ranges), "check": check}
     todo = clip_runs(plan.ranges if plan.ranges is not None else [(0, size)], plan.start, size)
-    delta = int((todo[:, 1] - todo[:, 0]).sum())
+    delta = runs_bytes(todo)
     begin["start"] = plan.start
     begin["bytes"] = delta
     report.delta_bytes = delta
@@ -488,8 +534,8 @@ async def _copy(st: State, journal: Journal, src: Disk, dst: Disk, manifest: Man
 
     conns, flight, req_size = _shape(src, connections, in_flight, request_size)
     fresh = plan.number == 0 and not plan.resumed and plan.fallback is None
-    ranges = None if plan.ranges is None and plan.start == 0 else [tuple(r) for r in todo.tolist()]
-    force = None if plan.force is None else [tuple(r) for r in plan.force.tolist()]
+    ranges = None if plan.ranges is None and plan.start == 0 else todo
+    force = plan.force
     try:
         result = await engine.run(src, dst, manifest, kernels, connections=conns,
                                   in_flight=flight, request_size=req_size,

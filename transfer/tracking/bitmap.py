@@ -36,13 +36,11 @@ def context_name(name: str) -> str:
 
 
 def dirty_ranges(disk, name: str, block: int = BLOCK):
-    """The dirty ranges of an NBD source as an (n, 2) int64 array, rounded outward to block.
+    """The dirty ranges of an NBD source as (start, end) pairs, rounded outward to block.
 
     disk: an NbdDisk opened with contexts=(context_name(name),), before the
     copy connects (its spare handle answers).
     """
-    import numpy as np
-
     from .areas import merge_runs
 
     ctx = context_name(name)
@@ -69,4 +67,4 @@ def dirty_ranges(disk, name: str, block: int = BLOCK):
                 else:
                     runs.append((off, off + length))
         pos = extents[-1][0] + extents[-1][1]
-    return merge_runs(np.array(runs, dtype=np.int64).reshape(-1, 2), size, block)
+    return merge_runs(runs, size, block)
