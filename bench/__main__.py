@@ -2,6 +2,8 @@
 
 Scenarios (each one's --help lists its options):
   cold-copy   a whole-disk copy from nbdkit to null:, a file and a loop device (bench/cold_copy.py)
+  warm-delta  a transfer sync delta pass over 1 % dirty blocks against a full pass and nbdcopy,
+              and planning a 100,000-area changed-areas file (bench/warm_delta.py)
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sys
 
 SCENARIOS = {
     "cold-copy": "bench.cold_copy",
+    "warm-delta": "bench.warm_delta",
 }
 
 

@@ -283,6 +283,51 @@ class LoopDevice:
         self.dev = None
 
 
+# ---------------------------------------------------------------- one child process
+
+def spawn_and_reap(argv: list[str], stdout: str, log: str, rss_file: str, timeout: float,
+                   env: dict[str, str] | None = None) -> tuple[int, Any, bool, int | None]:
+    """Run argv under GNU time as our child, its stdout to one file and stderr to another;
+    return (exit code, rusage, timed out, peak RSS).
+
+    CPU comes from os.wait4 on time(1), which includes its reaped child, the tool (time's
+    own share is about a millisecond). Peak RSS comes from time's %M, not from wait4: a
+    child spawned straight from this process inherits our (large) high-water mark, since
+    exec records the old address space's peak and subprocess uses vfork, whereas time(1)
+    forks the tool from its own ~1 MiB. env: the child's environment (None: ours).
+    """
+    timed_out = False
+    wrapped = [TIME, "-f", "%M", "-o", rss_file, *argv]
+    with open(stdout, "wb") as outf, open(log, "wb") as logf:
+        proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=outf, stderr=logf,
+                                env=env)
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            if not poller.poll(int(timeout * 1000)):
+                timed_out = True
+                proc.kill()  # our own child, not yet reaped: its pid is still ours
+        finally:
+            os.close(pidfd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            _, status, _ = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        raise
+    maxrss = None
+    try:
+        with open(rss_file) as f:
+            maxrss = int(f.read().split()[-1])  # KiB; a line before it tells a failure
+    except (OSError, ValueError, IndexError):
+        pass
+    return proc.returncode, usage, timed_out, maxrss
+
+
 # ---------------------------------------------------------------- one run
 
 class Bench:
@@ -350,45 +395,8 @@ class Bench:
 
     def _spawn_and_reap(self, argv: list[str], stdout: str, log: str
                         ) -> tuple[int, Any, bool, int | None]:
-        """Run argv under GNU time as our child, its stdout to one file and stderr to another;
-        return (exit code, rusage, timed out, peak RSS).
-
-        CPU comes from os.wait4 on time(1), which includes its reaped child, the tool (time's
-        own share is about a millisecond). Peak RSS comes from time's %M, not from wait4: a
-        child spawned straight from this process inherits our (large) high-water mark, since
-        exec records the old address space's peak and subprocess uses vfork, whereas time(1)
-        forks the tool from its own ~1 MiB.
-        """
-        timed_out = False
-        rss_file = os.path.join(self.workdir, "maxrss.txt")
-        wrapped = [TIME, "-f", "%M", "-o", rss_file, *argv]
-        with open(stdout, "wb") as outf, open(log, "wb") as logf:
-            proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=outf, stderr=logf)
-        try:
-            pidfd = os.pidfd_open(proc.pid)
-            try:
-                poller = select.poll()
-                poller.register(pidfd, select.POLLIN)
-                if not poller.poll(int(self.timeout * 1000)):
-                    timed_out = True
-                    proc.kill()  # our own child, not yet reaped: its pid is still ours
-            finally:
-                os.close(pidfd)
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-        except BaseException:
-            if proc.returncode is None:
-                proc.kill()
-                _, status, _ = os.wait4(proc.pid, 0)
-                proc.returncode = os.waitstatus_to_exitcode(status)
-            raise
-        maxrss = None
-        try:
-            with open(rss_file) as f:
-                maxrss = int(f.read().split()[-1])  # KiB; a line before it tells a failure
-        except (OSError, ValueError, IndexError):
-            pass
-        return proc.returncode, usage, timed_out, maxrss
+        return spawn_and_reap(argv, stdout, log, os.path.join(self.workdir, "maxrss.txt"),
+                              self.timeout)
 
     def run(self, tool: str, target: str, rep: int | None) -> dict[str, Any]:
         """One timed run; rep None is the warm-up, which is also checked for correctness."""

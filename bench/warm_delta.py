@@ -1,0 +1,948 @@
+"""warm-delta: a warm-migration delta pass against a full pass, and planning a large change list.
+
+The issue's bars: "A pass over the 4 GiB bench image with 1 % of its blocks dirty (scattered
+64 KiB runs and a few clustered runs) takes <= 5 % of a full pass's wall time, start-up and journal
+commit included; a changed-areas file of 100,000 areas is planned in under 0.5 s."
+
+The cold-copy image (transfer.synth, same size and seed, same bytes) is copied to a private
+`warm-source.img` (holes kept), which this scenario changes between passes; the pristine image is
+never written. A fresh nbdkit serves the private copy read-only (file plugin, unix socket) for
+every run. First `transfer sync` makes pass 0 (checkpoint c0) into a target file with a state
+directory. Then, round by round (the first one a warm-up, not counted):
+
+  dirty     1 % of the 64 KiB blocks get random bytes (pwrite, fsync): about half as a few
+            clustered runs of 2-8 MiB, the rest single scattered blocks, some only partly written;
+            a changed-areas file (vSphere DiskChangeInfo JSON) lists them, shuffled, some areas
+            split, overlapping or duplicated
+  delta     transfer sync URI TARGET --state STATE --changed-areas FILE --checkpoint cN
+            (then the target must equal the changed source, byte for byte: digests of both files)
+  full      transfer sync URI TARGET2 --state FRESH --checkpoint c0   (pass 0 from scratch)
+  nbdcopy   nbdcopy --flush URI TARGET2                              (the peer's full copy)
+  startup   transfer sync --help                    (the interpreter and imports: the floor)
+
+and after each delta an `empty` pass (the same command with a changed-areas file of no areas): the
+fixed cost of any pass, for context.
+
+Each run is a child process timed from spawn to reaping (so interpreter start-up, planning and the
+journal commit are inside), after sync() and an idle machine. Bar: median over the reps of
+delta wall / full wall (paired by round) <= 0.05. Before all that, in this process, a file of
+100,000 unsorted, partly overlapping areas on a 1 TiB disk is loaded
+(transfer.tracking.areas.load_changed_areas) and planned (transfer.pipeline.plan.Plan with
+ranges=, drained with an all-data fetch) 5 times: bar, median < 0.5 s. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import errno
+import gc
+import inspect
+import json
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, TextIO
+
+import numpy as np
+
+from transfer.cli import parse_size
+from transfer.demo import file_digest
+from transfer.integrity import BLOCK
+from transfer.servers import Nbdkit
+
+from .cold_copy import (
+    ENGINE,
+    ROOT,
+    TIME,
+    GiB,
+    MiB,
+    _fmt,
+    _median,
+    _prepare_image,
+    _say,
+    _size_text,
+    allocated_bytes,
+    cache_resident,
+    engine_commit,
+    engine_fingerprint,
+    machine_busy_seconds,
+    proc_cpu_seconds,
+    provenance,
+    spawn_and_reap,
+    wait_quiet,
+    warm_cache,
+)
+
+SCENARIO = "warm-delta"
+DEFAULT_SIZE = 4 * GiB
+QUICK_SIZE = 512 * MiB
+DIRTY_FRACTION = 0.01
+CLUSTER_SHARE = 0.5            # about half the dirty blocks in clustered runs ...
+CLUSTERS = 4                   # ... of up to 4 runs ...
+CLUSTER_MIN, CLUSTER_MAX = 2 * MiB, 8 * MiB  # ... of 2-8 MiB each
+PARTIAL_SHARE = 0.1            # scattered blocks only partly written (a sub-block area listed)
+SPLIT_SHARE = 0.05             # scattered blocks listed as two sub-block areas
+DUPLICATE_SHARE = 0.02         # areas listed twice
+PLAN_AREAS = 100_000
+PLAN_SIZE = 1 << 40
+PLAN_REPS = 5
+PLAN_REQUEST_SIZE = 1 << 20
+# Bars from the issue.
+BAR_DELTA_OVER_FULL = 0.05
+BAR_PLAN_S = 0.5
+# The interleaving order of a round (pass0 runs once, before the first).
+# empty: a pass with an empty changed-areas file (the fixed cost of any pass: start-up, connect,
+# journal commit); startup: `transfer sync --help` (the interpreter and the CLI's imports alone).
+TOOLS = ("pass0", "delta", "empty", "full", "nbdcopy", "startup")
+PASSES = ("pass0", "delta", "empty")   # the passes on the migration's own state and target
+
+REPORT_REQUIRED = ("pass", "checkpoint", "change_source", "delta_bytes", "seconds", "digest",
+                   "bytes_copied", "bytes_zeroed", "bytes_read")
+
+
+# ---------------------------------------------------------------- the private source
+
+def sparse_copy(src: str, dst: str) -> None:
+    """Copy src to dst keeping its holes (SEEK_DATA/SEEK_HOLE + copy_file_range), then fsync."""
+    fi = os.open(src, os.O_RDONLY)
+    fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        size = os.fstat(fi).st_size
+        os.ftruncate(fo, size)
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fi, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            hole = os.lseek(fi, data, os.SEEK_HOLE)
+            off = data
+            while off < hole:
+                n = os.copy_file_range(fi, fo, hole - off, off, off)
+                if n <= 0:
+                    raise OSError(f"copy_file_range returned {n} at {off}")
+                off += n
+            pos = hole
+        os.fsync(fo)
+    finally:
+        os.close(fi)
+        os.close(fo)
+
+
+def dirty_round(path: str, areas_path: str, size: int, rng: np.random.Generator,
+                fraction: float = DIRTY_FRACTION) -> dict[str, Any]:
+    """Write random bytes into fraction of path's 64 KiB blocks and list them in a changed-areas
+    file. Returns what was done: blocks, bytes, areas, runs, and the expected merged ranges."""
+    n_blocks = size // BLOCK
+    n_dirty = max(1, round(n_blocks * fraction))
+    per_min, per_max = CLUSTER_MIN // BLOCK, CLUSTER_MAX // BLOCK
+    budget = int(n_dirty * CLUSTER_SHARE)
+    n_clusters = max(0, min(CLUSTERS, budget // per_min))
+    taken = np.zeros(n_blocks, dtype=bool)
+    clusters: list[tuple[int, int]] = []  # (first block, blocks)
+    if n_clusters:
+        lens = rng.integers(per_min, per_max + 1, size=n_clusters)
+        if lens.sum() > budget:  # small images: shrink the runs to the budget
+            lens = np.maximum(2, lens * budget // lens.sum())
+        for n in lens.tolist():
+            for _ in range(1000):
+                first = int(rng.integers(0, n_blocks - n + 1))
+                # keep a free block either side, so clusters never merge into one another
+                lo, hi = max(0, first - 1), min(n_blocks, first + n + 1)
+                if not taken[lo:hi].any():
+                    taken[first:first + n] = True
+                    clusters.append((first, n))
+                    break
+    n_scattered = n_dirty - int(taken.sum())
+    free = np.flatnonzero(~taken)
+    scattered = np.sort(rng.choice(free, size=n_scattered, replace=False))
+    taken[scattered] = True
+
+    areas: list[tuple[int, int]] = []  # (start, length)
+    writes: list[tuple[int, int]] = []  # (offset, length) written with random bytes
+    partial = split = 0
+    for b in scattered.tolist():
+        off = b * BLOCK
+        r = rng.random()
+        if r < PARTIAL_SHARE:
+            # only part of the block changes (a 4 KiB-aligned sub-range); the area names just
+            # that part, and the engine must copy the whole block (rounded outward)
+            first = int(rng.integers(0, 15)) * 4096
+            length = int(rng.integers(1, (BLOCK - first) // 4096)) * 4096
+            writes.append((off + first, length))
+            areas.append((off + first, length))
+            partial += 1
+        elif r < PARTIAL_SHARE + SPLIT_SHARE:
+            cut = int(rng.integers(1, BLOCK // 512)) * 512
+            writes.append((off, BLOCK))
+            areas += [(off, cut), (off + cut, BLOCK - cut)]
+            split += 1
+        else:
+            writes.append((off, BLOCK))
+            areas.append((off, BLOCK))
+    for first, n in clusters:
+        start, end = first * BLOCK, (first + n) * BLOCK
+        writes.append((start, end - start))
+        # listed as pieces of 1-16 blocks, each reaching back up to a block into the one before
+        pos = start
+        while pos < end:
+            piece = min(int(rng.integers(1, 17)) * BLOCK, end - pos)
+            back = min(pos - start, int(rng.integers(0, 2)) * int(rng.integers(1, 129)) * 512)
+            areas.append((pos - back, piece + back))
+            pos += piece
+    dups = [areas[i] for i in rng.choice(len(areas), size=int(len(areas) * DUPLICATE_SHARE),
+                                         replace=False).tolist()]
+    areas += dups
+    order = rng.permutation(len(areas))
+    areas = [areas[i] for i in order.tolist()]
+
+    t = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for off, length in writes:
+            os.pwrite(fd, rng.bytes(length), off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    write_s = time.perf_counter() - t
+    doc = {"startOffset": 0, "length": size,
+           "changedArea": [{"start": s, "length": n} for s, n in areas]}
+    with open(areas_path, "w") as f:
+        json.dump(doc, f)
+    # Expected after merging and rounding to blocks: exactly the dirty blocks.
+    blocks = np.flatnonzero(taken)
+    breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
+    runs = [(int(r[0]) * BLOCK, (int(r[-1]) + 1) * BLOCK) for r in np.split(blocks, breaks)]
+    return {"blocks": int(taken.sum()), "block_fraction": round(float(taken.sum()) / n_blocks, 5),
+            "bytes_expected": int(taken.sum()) * BLOCK, "bytes_written": sum(n for _, n in writes),
+            "scattered_blocks": int(n_scattered), "partial_blocks": partial, "split_blocks": split,
+            "clusters": [{"offset": f * BLOCK, "length": n * BLOCK} for f, n in clusters],
+            "areas": len(areas), "duplicate_areas": len(dups), "runs": len(runs),
+            "areas_file_bytes": os.path.getsize(areas_path), "write_s": round(write_s, 3),
+            "expected_runs": runs}
+
+
+# ---------------------------------------------------------------- planning 100,000 areas
+
+def make_plan_areas(path: str, size: int, n: int, seed: int) -> dict[str, Any]:
+    """n areas on a disk of size bytes, unsorted, some overlapping: most are 1-16 blocks at
+    64 KiB-aligned offsets, some sub-block (sector-aligned), some 1-16 MiB, some overlapping
+    another area."""
+    rng = np.random.default_rng(seed)
+    kind = rng.random(n)
+    starts = rng.integers(0, size // BLOCK, n) * BLOCK
+    lengths = rng.integers(1, 17, n) * BLOCK
+    sub = kind < 0.25  # sub-block: sector-aligned start and length inside one block
+    off = rng.integers(0, BLOCK // 512, n) * 512
+    starts = np.where(sub, starts + off, starts)
+    room = (BLOCK - off) // 512  # sectors left in the block
+    lengths = np.where(sub, (1 + (rng.random(n) * room).astype(np.int64)) * 512, lengths)
+    big = (kind >= 0.25) & (kind < 0.30)
+    lengths = np.where(big, rng.integers(1, 17, n) * MiB, lengths)
+    over = kind >= 0.90  # overlapping the area before it in the list, shifted by a few sectors
+    prev_start = np.roll(starts, 1)
+    starts = np.where(over, prev_start + rng.integers(0, 256, n) * 512, starts)
+    lengths = np.minimum(lengths, size - starts)
+    keep = lengths > 0
+    starts, lengths = starts[keep], lengths[keep]
+    order = rng.permutation(len(starts))
+    starts, lengths = starts[order], lengths[order]
+    doc = {"startOffset": 0, "length": size,
+           "changedArea": [{"start": s, "length": ln}
+                           for s, ln in zip(starts.tolist(), lengths.tolist())]}
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    return {"areas": len(starts), "size": size, "listed_bytes": int(lengths.sum()),
+            "file_bytes": os.path.getsize(path), "seed": seed}
+
+
+def plan_benchmark(path: str, size: int, reps: int) -> dict[str, Any]:
+    """Time load_changed_areas + draining Plan(ranges=...) with an all-data fetch, in process."""
+    from transfer.pipeline.plan import Plan
+    from transfer.tracking.areas import load_changed_areas
+
+    if "ranges" not in inspect.signature(Plan.__init__).parameters:
+        return {"available": False, "problem": "transfer.pipeline.plan.Plan takes no ranges= yet"}
+    calls = 0
+
+    def fetch(offset: int, length: int) -> list[tuple[int, int, int]]:
+        nonlocal calls
+        calls += 1
+        return [(offset, length, 0)]
+
+    totals, loads, plans = [], [], []
+    problems: list[str] = []
+    info: dict[str, Any] = {}
+    waited = []
+    for i in range(reps):
+        waited.append(round(wait_quiet(), 2))  # CPU-bound: other people's work shows at once
+        gc.collect()
+        calls = 0
+        t0 = time.perf_counter()
+        arr = load_changed_areas(path, size)
+        t1 = time.perf_counter()
+        plan = Plan(size, request_size=PLAN_REQUEST_SIZE, ranges=arr)
+        n_req = data_bytes = other_bytes = 0
+        last_end = 0
+        ordered = True
+        while (req := plan.next(fetch)) is not None:
+            n_req += 1
+            if req.data:
+                data_bytes += req.length
+            else:
+                other_bytes += req.length
+            if req.offset < last_end:
+                ordered = False
+            last_end = req.offset + req.length
+        t2 = time.perf_counter()
+        loads.append(t1 - t0)
+        plans.append(t2 - t1)
+        totals.append(t2 - t0)
+        if i == 0:
+            merged = sum(e - s for s, e in arr)
+            info = {"ranges": len(arr), "ranges_bytes": merged, "requests": n_req,
+                    "data_bytes": data_bytes, "zero_bytes": other_bytes, "fetch_calls": calls}
+            if data_bytes + other_bytes != merged:
+                problems.append(f"the plan covers {data_bytes + other_bytes} bytes, the merged "
+                                f"ranges {merged}")
+            if not ordered:
+                problems.append("the plan's requests overlap or go backwards")
+    return {"available": True, "reps": reps, **info,
+            "total_s": [round(x, 4) for x in totals], "load_s": [round(x, 4) for x in loads],
+            "plan_s": [round(x, 4) for x in plans],
+            "total_s_best": round(min(totals), 4),
+            "total_s_median": round(statistics.median(totals), 4),
+            "load_s_median": round(statistics.median(loads), 4),
+            "plan_s_median": round(statistics.median(plans), 4), "idle_wait_s": waited,
+            "problems": problems}
+
+
+# ---------------------------------------------------------------- the passes
+
+class Warm:
+    def __init__(self, args: argparse.Namespace, workdir: str, prov: dict[str, Any],
+                 out: TextIO) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.size = args.size
+        self.prov = prov
+        self.out = out
+        self.source = os.path.join(workdir, "warm-source.img")
+        self.sock = os.path.join(workdir, "warm-nbd.sock")
+        self.target = os.path.join(workdir, "warm-target.img")         # pass 0, then the deltas
+        self.state = os.path.join(workdir, "warm-state")
+        self.full_target = os.path.join(workdir, "warm-full-target.img")  # full passes, nbdcopy
+        self.full_state = os.path.join(workdir, "warm-full-state")
+        self.report = os.path.join(workdir, "warm-report.json")
+        self.timeout = max(120.0, 60.0 * self.size / GiB)
+        self.runs: list[dict[str, Any]] = []
+        self.dirties: list[dict[str, Any]] = []
+        self.pass_no = 0   # the last pass made on self.state
+        self.empty_areas = os.path.join(workdir, "warm-areas-empty.json")
+        with open(self.empty_areas, "w") as f:
+            json.dump({"startOffset": 0, "length": self.size, "changedArea": []}, f)
+        # The engine's children keep their bytecode under the work directory (never in the
+        # tree), as an installed program has it, even when PYTHONDONTWRITEBYTECODE is set here.
+        self.pycache = os.path.join(workdir, "pycache")
+        self.env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        self.env["PYTHONPYCACHEPREFIX"] = self.pycache
+
+    def warm_bytecode(self) -> float:
+        """Compile every module an engine pass imports into self.pycache (not timed)."""
+        t = time.perf_counter()
+        imports = ("import transfer.cli, transfer.api, transfer.state.sync, "
+                   "transfer.tracking.areas, transfer.pipeline.plan, numpy")
+        subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", imports], cwd=ROOT,
+                       env=self.env, check=True, capture_output=True)
+        subprocess.run([str(ENGINE), "sync", "--help"], env=self.env, check=True,
+                       capture_output=True)
+        return time.perf_counter() - t
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self.out.write(json.dumps(record, sort_keys=True) + "\n")
+        self.out.flush()
+
+    def argv(self, tool: str, uri: str, areas: str | None) -> list[str]:
+        if tool == "nbdcopy":
+            return ["nbdcopy", "--flush", uri, self.full_target]
+        common = ["--report", self.report, "--progress=none"]
+        if tool == "pass0":
+            return [str(ENGINE), "sync", uri, self.target, "--state", self.state,
+                    "--checkpoint", "c0", *common]
+        if tool in ("delta", "empty"):
+            areas = self.empty_areas if tool == "empty" else areas
+            assert areas is not None
+            return [str(ENGINE), "sync", uri, self.target, "--state", self.state,
+                    "--changed-areas", areas, "--checkpoint", f"c{self.pass_no + 1}", *common]
+        if tool == "startup":
+            return [str(ENGINE), "sync", "--help"]
+        if tool == "full":
+            return [str(ENGINE), "sync", uri, self.full_target, "--state", self.full_state,
+                    "--checkpoint", "c0", *common]
+        raise ValueError(tool)
+
+    def prepare(self, tool: str) -> None:
+        for path in (self.report,):
+            if os.path.exists(path):
+                os.unlink(path)
+        if tool in ("full", "nbdcopy"):
+            # a full pass from scratch: no state, no target (the engine and nbdcopy create it)
+            shutil.rmtree(self.full_state, ignore_errors=True)
+            if os.path.exists(self.full_target):
+                os.unlink(self.full_target)
+        os.sync()  # nothing of the previous run (or the dirtying) left to write back
+
+    def run(self, tool: str, rnd: int, rep: int | None, *, areas: str | None = None,
+            dirty: dict[str, Any] | None = None, src_digest: str, check_file: bool
+            ) -> dict[str, Any]:
+        """One timed run. rep None: a warm-up. check_file: the target's digest against the
+        source's (always for pass0 and delta)."""
+        warmup = rep is None
+        label = ("warm-up" if warmup else f"rep {rep + 1}/{self.args.reps}")
+        stdout = os.path.join(self.workdir, "warm-child.out")
+        log = os.path.join(self.workdir, "warm-child.log")
+        self.prepare(tool)
+        engine = tool != "nbdcopy"
+        has_report = engine and tool != "startup"
+        rec: dict[str, Any] = {"type": "run", "scenario": SCENARIO, "tool": tool, "round": rnd,
+                               "rep": rep, "warmup": warmup}
+        serving = (contextlib.nullcontext() if tool == "startup"
+                   else Nbdkit(self.sock, "file", self.source, readonly=True))
+        with serving as server:
+            argv = self.argv(tool, server.uri if server else "", areas)
+            idle_wait = wait_quiet()
+            with open("/proc/loadavg") as f:
+                rec["loadavg_before"] = f.read().split()[0]
+            server_cpu0 = proc_cpu_seconds(server.pid) if server else 0.0
+            busy0 = machine_busy_seconds()
+            t0 = time.perf_counter()
+            code, usage, timed_out, maxrss_kib = spawn_and_reap(
+                argv, stdout, log, os.path.join(self.workdir, "warm-maxrss.txt"), self.timeout,
+                env=self.env if engine else None)
+            wall = time.perf_counter() - t0
+            server_cpu = (proc_cpu_seconds(server.pid) if server else 0.0) - server_cpu0
+            busy = machine_busy_seconds() - busy0
+        rec.update({
+            "argv": argv, "exit": code, "timed_out": timed_out, "wall_s": round(wall, 6),
+            "client_user_s": round(usage.ru_utime, 6), "client_sys_s": round(usage.ru_stime, 6),
+            "client_cpu_s": round(usage.ru_utime + usage.ru_stime, 6),
+            "client_maxrss_mib": None if maxrss_kib is None else round(maxrss_kib / 1024, 1),
+            "server_cpu_s": round(server_cpu, 3), "machine_busy_cpu_s": round(busy, 3),
+            "other_cpu_s": round(busy - usage.ru_utime - usage.ru_stime - server_cpu, 3),
+            "idle_wait_s": round(idle_wait, 2),
+        })
+        problems: list[str] = []   # the run cannot be trusted: exit, data
+        notes: list[str] = []      # the report says something unexpected
+        if code != 0:
+            tail = b""
+            for path in (stdout, log):
+                with open(path, "rb") as f:
+                    tail += f.read()[-2000:]
+            rec["output_tail"] = tail.decode(errors="replace")
+            problems.append(f"exit {code}" + (" (timed out)" if timed_out else ""))
+        if engine:
+            rec["engine_fingerprint"] = engine_fingerprint()
+        report: dict[str, Any] = {}
+        if has_report and code == 0:
+            try:
+                with open(self.report) as f:
+                    report = json.load(f)
+            except (OSError, ValueError) as e:
+                problems.append(f"no report ({e})")
+            # every scalar field of the report (lists and objects left out)
+            rec["engine_report"] = {k: v for k, v in report.items()
+                                    if v is None or isinstance(v, (bool, int, float, str))}
+            notes += self.report_notes(tool, report, dirty, src_digest)
+        if tool in PASSES and code == 0:
+            self.pass_no = report.get("pass", self.pass_no + (tool != "pass0"))
+            if not isinstance(self.pass_no, int):
+                self.pass_no = 0
+        checks: dict[str, Any] = {}
+        if code == 0 and tool != "startup" and (check_file or tool in ("pass0", "delta")):
+            path = self.full_target if tool in ("full", "nbdcopy") else self.target
+            t = time.perf_counter()
+            got = file_digest(path)
+            same_size = os.path.getsize(path) == self.size
+            checks["target_digest"] = {"expected": src_digest, "got": got,
+                                       "size_ok": same_size,
+                                       "seconds": round(time.perf_counter() - t, 2)}
+            if got != src_digest or not same_size:
+                where = _first_difference(self.source, path)
+                checks["target_digest"]["first_difference"] = where
+                problems.append(f"TARGET DIFFERS from the source (digest {got} != {src_digest}, "
+                                f"size {os.path.getsize(path)}, first difference at {where})")
+        if tool in ("pass0", "full") and code == 0 and report.get("digest") != src_digest:
+            # a full pass's digest is the disk's (as `transfer copy` reports it)
+            problems.append(f"{tool}: reported digest {report.get('digest')} != the source's "
+                            f"{src_digest}")
+        rec["checks"] = checks
+        rec["valid"] = not problems
+        rec["problems"] = problems
+        rec["notes"] = notes
+        rec["provenance"] = self.prov
+        self.emit(rec)
+        self.runs.append(rec)
+        extra = ""
+        if report.get("seconds") is not None:
+            extra = f", own {report['seconds']:.2f} s"
+        if has_report and report:
+            extra += (f", pass {report.get('pass')} {report.get('checkpoint')}"
+                      f" ({report.get('change_source')}), delta "
+                      f"{_mib(report.get('delta_bytes'))}, read {_mib(report.get('bytes_read'))}, "
+                      f"copied {_mib(report.get('bytes_copied'))}, zeroed "
+                      f"{_mib(report.get('bytes_zeroed'))} MiB")
+        _say(f"  {tool:8} {label:9} {wall:7.2f} s  cpu {rec['client_cpu_s']:5.2f} + server "
+             f"{server_cpu:5.2f} + other {rec['other_cpu_s']:5.2f} s  rss "
+             f"{_fmt(rec['client_maxrss_mib'], '6.1f')} MiB{extra}"
+             + ("" if not problems else "  INVALID: " + "; ".join(problems)))
+        for n in notes:
+            _say(f"           note: {n}")
+        return rec
+
+    def report_notes(self, tool: str, report: dict[str, Any], dirty: dict[str, Any] | None,
+                     src_digest: str) -> list[str]:
+        """What the sync report says that it should not (not fatal: recorded and printed)."""
+        notes = [f"report lacks {k!r}" for k in REPORT_REQUIRED if k not in report]
+        if tool in ("pass0", "full"):
+            if report.get("pass") not in (None, 0):
+                notes.append(f"a first pass reports pass {report.get('pass')!r}, not 0")
+            if report.get("checkpoint") not in (None, "c0"):
+                notes.append(f"checkpoint {report.get('checkpoint')!r}, not 'c0'")
+        if tool == "empty":
+            dirty = {"bytes_expected": 0, "blocks": 0}
+        if tool in ("delta", "empty") and dirty is not None:
+            want = dirty["bytes_expected"]
+            if report.get("pass") not in (None, self.pass_no + 1):
+                notes.append(f"pass {report.get('pass')!r}, expected {self.pass_no + 1}")
+            if report.get("checkpoint") not in (None, f"c{self.pass_no + 1}"):
+                notes.append(f"checkpoint {report.get('checkpoint')!r}, expected "
+                             f"'c{self.pass_no + 1}'")
+            if "delta_bytes" in report and report["delta_bytes"] != want:
+                notes.append(f"delta_bytes {report['delta_bytes']} != {want} (the dirty blocks, "
+                             f"{dirty['blocks']} x 64 KiB)")
+            read = report.get("bytes_read")
+            if isinstance(read, int) and read > want:
+                notes.append(f"bytes_read {read} > the delta's {want} bytes")
+            moved = (report.get("bytes_copied") or 0) + (report.get("bytes_zeroed") or 0)
+            if moved > want:
+                notes.append(f"bytes_copied + bytes_zeroed = {moved} > the delta's {want} bytes")
+            if "digest" in report and report["digest"] != src_digest:
+                notes.append("the reported digest is not the whole disk's (of the delta only?)")
+        return [f"{tool}: {n}" for n in notes]
+
+
+def _mib(x: Any) -> str:
+    return "?" if not isinstance(x, (int, float)) else f"{x / MiB:.1f}"
+
+
+def _first_difference(a: str, b: str) -> int | None:
+    """The first byte offset where a and b differ (cmp), or None."""
+    out = subprocess.run(["cmp", a, b], capture_output=True, text=True, check=False)
+    if out.returncode == 0:
+        return None
+    words = out.stdout.replace(",", " ").split()
+    try:
+        return int(words[words.index("byte") + 1]) - 1
+    except (ValueError, IndexError):
+        return -1
+
+
+# ---------------------------------------------------------------- summary
+
+def _paired(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
+    """wall of a / wall of b, round by round (both valid, not warm-up): median and pairs."""
+    walls_b = {r["round"]: r["wall_s"] for r in runs if r["tool"] == b and r["valid"]
+               and not r["warmup"]}
+    pairs = [r["wall_s"] / walls_b[r["round"]] for r in runs
+             if r["tool"] == a and r["valid"] and not r["warmup"] and r["round"] in walls_b]
+    return {"median": round(statistics.median(pairs), 4) if pairs else None,
+            "pairs": [round(x, 4) for x in pairs]}
+
+
+RATIOS = ("delta", "empty", "startup")  # shown over the full pass and over nbdcopy
+
+
+def summarize(w: Warm, plan: dict[str, Any] | None) -> dict[str, Any]:
+    tools: dict[str, Any] = {}
+    for tool in TOOLS:
+        runs = [r for r in w.runs if r["tool"] == tool]
+        timed = [r for r in runs if not r["warmup"]]
+        good = [r for r in (timed or runs) if r["valid"]]  # pass0 has only its warm-up run
+        walls = [r["wall_s"] for r in good]
+        rep = [r.get("engine_report", {}) for r in good]
+        tools[tool] = {
+            "runs": len(runs), "timed": len(timed), "valid": sum(r["valid"] for r in runs),
+            "wall_s_median": _median(walls), "wall_s_min": min(walls, default=None),
+            "wall_s_max": max(walls, default=None),
+            "own_seconds_median": _median([x["seconds"] for x in rep
+                                           if isinstance(x.get("seconds"), (int, float))]),
+            "client_cpu_s_median": _median([r["client_cpu_s"] for r in good]),
+            "server_cpu_s_median": _median([r["server_cpu_s"] for r in good]),
+            "peak_rss_mib": max((r["client_maxrss_mib"] for r in runs
+                                 if r["client_maxrss_mib"] is not None), default=None),
+            "bytes_read_median": _median([x["bytes_read"] for x in rep
+                                          if isinstance(x.get("bytes_read"), int)]),
+            "delta_bytes_median": _median([x["delta_bytes"] for x in rep
+                                           if isinstance(x.get("delta_bytes"), int)]),
+        }
+    ratios = {f"{t}_over_{peer}": _paired(w.runs, t, peer)
+              for t in RATIOS for peer in ("full", "nbdcopy")}
+    ratios["full_over_nbdcopy"] = _paired(w.runs, "full", "nbdcopy")
+    return {"type": "summary", "scenario": SCENARIO, "size": w.size, "tools": tools, **ratios,
+            "dirty": [{k: v for k, v in d.items() if k != "expected_runs"} for d in w.dirties],
+            "plan": plan, "provenance": w.prov}
+
+
+def table(s: dict[str, Any]) -> str:
+    head = ("| tool | median s (min–max) | ÷ full pass | ÷ nbdcopy | own s | bytes read MiB "
+            "| CPU-s client | CPU-s server | peak RSS MiB | check |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    ratio: dict[str, tuple[float | None, float | None]] = {
+        t: (s[f"{t}_over_full"]["median"], s[f"{t}_over_nbdcopy"]["median"]) for t in RATIOS}
+    ratio.update({"full": (1.0, s["full_over_nbdcopy"]["median"]), "nbdcopy": (None, 1.0),
+                  "pass0": (None, None)})
+    names = {"pass0": "pass0 (once)", "empty": "empty (0 areas)", "startup": "startup (--help)"}
+    for tool, t in s["tools"].items():
+        if not t["runs"]:
+            continue
+        med = (f"{t['wall_s_median']:.3f} ({t['wall_s_min']:.3f}–{t['wall_s_max']:.3f})"
+               if t["wall_s_median"] is not None else "–")
+        check = "ok" if t["valid"] == t["runs"] else "FAIL"
+        rf, rn = ratio[tool]
+        lines.append(f"| {names.get(tool, tool)} | {med} | {_fmt(rf, '.3f')} | {_fmt(rn, '.3f')} | "
+                     f"{_fmt(t['own_seconds_median'], '.3f')} | "
+                     f"{_fmt(t['bytes_read_median'] and t['bytes_read_median'] / MiB, '.1f')} | "
+                     f"{_fmt(t['client_cpu_s_median'], '.2f')} | "
+                     f"{_fmt(t['server_cpu_s_median'], '.2f')} | "
+                     f"{_fmt(t['peak_rss_mib'], '.0f')} | {check} |")
+    return "\n".join(lines)
+
+
+def bars(s: dict[str, Any] | None, plan: dict[str, Any] | None) -> list[dict[str, Any]]:
+    out = []
+    if s is not None:
+        v = s["delta_over_full"]["median"]
+        out.append({"bar": f"delta pass wall ÷ full pass wall ≤ {BAR_DELTA_OVER_FULL:g}",
+                    "value": v, "format": ".3f", "met": v is not None and v <= BAR_DELTA_OVER_FULL})
+    if plan is not None:
+        v = plan.get("total_s_median")
+        out.append({"bar": f"plan {plan.get('areas', PLAN_AREAS):,} areas (load + plan), median "
+                           f"< {BAR_PLAN_S:g} s",
+                     "value": v, "format": ".3f",
+                     "met": v is not None and v < BAR_PLAN_S and not plan.get("problems")})
+    return out
+
+
+# ---------------------------------------------------------------- the scenario
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog=f"python -m bench {SCENARIO}",
+        description="Time a transfer sync delta pass over 1 %% of a synthetic disk's blocks "
+                    "against a full pass and nbdcopy, and time planning a 100,000-area "
+                    "changed-areas file.")
+    p.add_argument("--size", type=parse_size, help="image size (default 4G; 512M with --quick)")
+    p.add_argument("--seed", type=int, default=1, help="image seed (default 1)")
+    p.add_argument("--dirty-seed", type=int, default=1,
+                   help="seed of the dirty blocks and the planning areas (default 1)")
+    p.add_argument("--dirty", type=float, default=DIRTY_FRACTION,
+                   help="fraction of 64 KiB blocks dirtied per round (default 0.01)")
+    p.add_argument("--reps", type=int, help="timed rounds (dirty, delta, full, nbdcopy) after one "
+                                            "warm-up round (default 5; 1 with --quick)")
+    p.add_argument("--plan-areas", type=int, default=PLAN_AREAS,
+                   help=f"areas in the planning file (default {PLAN_AREAS})")
+    p.add_argument("--plan-size", type=parse_size, default=PLAN_SIZE,
+                   help="the planning file's disk size (default 1T)")
+    p.add_argument("--plan-reps", type=int, default=PLAN_REPS, help="planning reps (default 5)")
+    p.add_argument("--plan-only", action="store_true",
+                   help="only the planning measurement (no image, no nbdkit, no sync)")
+    p.add_argument("--no-plan", action="store_true", help="skip the planning measurement")
+    p.add_argument("--workdir", help="directory for the images, targets, states and sockets "
+                                     "(default: a fresh directory under /var/tmp); a pristine "
+                                     "image made there by either scenario with --keep and the "
+                                     "same size and seed is reused (and never written)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--out", help=f"JSON lines output (default bench/out/{SCENARIO}-<time>.jsonl)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 512 MiB image, 1 rep")
+    p.add_argument("--require-bars", action="store_true",
+                   help="exit 3 when a valid run misses one of the issue's bars")
+    a = p.parse_args(argv)
+    a.size = a.size if a.size is not None else (QUICK_SIZE if a.quick else DEFAULT_SIZE)
+    a.reps = a.reps if a.reps is not None else (1 if a.quick else 5)
+    if a.reps < 1 or a.size < 16 * MiB or a.size % BLOCK:
+        p.error("--reps must be at least 1 and --size a multiple of 64K, at least 16M")
+    if not 0 < a.dirty < 0.5:
+        p.error("--dirty must be a fraction between 0 and 0.5")
+    if a.plan_only and a.no_plan:
+        p.error("--plan-only and --no-plan together leave nothing to do")
+    return a
+
+
+def reproduce_command(a: argparse.Namespace) -> str:
+    parts = ["cd", shlex.quote(str(ROOT)), "&&", ".venv/bin/python", "-m", "bench", SCENARIO,
+             "--size", _size_text(a.size), "--seed", str(a.seed), "--reps", str(a.reps),
+             "--dirty", f"{a.dirty:g}", "--dirty-seed", str(a.dirty_seed),
+             "--plan-areas", str(a.plan_areas), "--plan-size", _size_text(a.plan_size),
+             "--plan-reps", str(a.plan_reps)]
+    parts += ["--plan-only"] if a.plan_only else []
+    parts += ["--no-plan"] if a.no_plan else []
+    return " ".join(parts)
+
+
+def _preflight(a: argparse.Namespace) -> list[str]:
+    if a.plan_only:
+        return []
+    missing = [n for n in ("nbdkit", "nbdcopy", "cmp") if not shutil.which(n)]
+    if not os.access(TIME, os.X_OK):
+        missing.append(f"{TIME} (GNU time: apt-get install time)")
+    if not ENGINE.exists():
+        missing.append(f"{ENGINE} (run tools/setup)")
+    else:
+        try:
+            out = subprocess.run([str(ENGINE), "sync", "--help"], capture_output=True, text=True,
+                                 timeout=60, check=False)
+            if out.returncode != 0:
+                missing.append(f"`transfer sync` (`{ENGINE} sync --help` exits {out.returncode}: "
+                               f"{(out.stderr or out.stdout).strip().splitlines()[-1:]})")
+            else:
+                for opt in ("--state", "--changed-areas", "--checkpoint", "--report"):
+                    if opt not in out.stdout:
+                        missing.append(f"`transfer sync {opt}`")
+        except (OSError, subprocess.TimeoutExpired) as e:
+            missing.append(f"`transfer sync` ({e})")
+    return missing
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    if not plan.get("available"):
+        _say(f"  planning: unavailable: {plan.get('problem')}")
+        return
+    _say(f"  planning {plan['areas']:,} areas ({plan['file_bytes'] / MiB:.1f} MiB of JSON, "
+         f"{_size_text(plan['size'])} disk) -> {plan['ranges']:,} merged ranges, "
+         f"{plan['ranges_bytes'] / GiB:.2f} GiB, {plan['requests']:,} requests "
+         f"({plan['fetch_calls']:,} fetch calls): load + plan best {plan['total_s_best']:.3f} s, "
+         f"median {plan['total_s_median']:.3f} s (load {plan['load_s_median']:.3f} + plan "
+         f"{plan['plan_s_median']:.3f}); every rep: "
+         f"{', '.join(f'{x:.3f}' for x in plan['total_s'])}"
+         + ("" if not plan["problems"] else "  PROBLEM: " + "; ".join(plan["problems"])))
+
+
+def main(argv: list[str]) -> int:
+    a = parse_args(argv)
+    missing = _preflight(a)
+    if missing:
+        print(f"{SCENARIO}: missing " + ", ".join(missing), file=sys.stderr)
+        return 2
+    started = time.time()
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_path = a.out or str(ROOT / "bench" / "out" / f"{SCENARIO}-{stamp}.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+
+    made_dir = a.workdir is None or not os.path.exists(a.workdir)
+    if a.workdir is None:
+        workdir = tempfile.mkdtemp(prefix=f"bench-{SCENARIO}-", dir="/var/tmp")
+    else:
+        workdir = os.path.abspath(a.workdir)
+        os.makedirs(workdir, exist_ok=True)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    code = 0
+    try:
+        with open(out_path, "w") as out:
+            plan: dict[str, Any] | None = None
+            plan_prov = {"engine_commit": None, "engine_fingerprint": engine_fingerprint()}
+            if not a.no_plan:
+                path = os.path.join(workdir, "plan-areas.json")
+                t = time.perf_counter()
+                made = make_plan_areas(path, a.plan_size, a.plan_areas, a.dirty_seed)
+                _say(f"planning: {made['areas']:,} areas on a {_size_text(a.plan_size)} disk "
+                     f"written in {time.perf_counter() - t:.1f} s; {a.plan_reps} reps in process")
+                plan = {**made, **plan_benchmark(path, a.plan_size, a.plan_reps)}
+                os.unlink(path)
+                _print_plan(plan)
+            if a.plan_only:
+                plan_prov["engine_commit"] = engine_commit()
+                verdict_bars = bars(None, plan)
+                if plan is not None:
+                    out.write(json.dumps({"type": "plan", "scenario": SCENARIO, **plan,
+                                          "provenance": plan_prov}, sort_keys=True) + "\n")
+                out.write(json.dumps({"type": "verdict", "scenario": SCENARIO, "valid": True,
+                                      "bars": verdict_bars,
+                                      "command": reproduce_command(a)}, sort_keys=True) + "\n")
+                for b in verdict_bars:
+                    _say(f"  {'met   ' if b['met'] else 'MISSED'} {b['bar']}: "
+                         f"{_fmt(b['value'], b.get('format', '.2f'))}")
+                _say(f"JSON lines: {out_path}")
+                return 3 if a.require_bars and not all(b["met"] for b in verdict_bars) else 0
+
+            image, meta = _prepare_image(workdir, a)
+            w_src = os.path.join(workdir, "warm-source.img")
+            t = time.perf_counter()
+            sparse_copy(image, w_src)
+            alloc = allocated_bytes(w_src)
+            if alloc != meta["alloc_bytes"]:
+                _say(f"  note: the private copy has {alloc} bytes allocated, the image "
+                     f"{meta['alloc_bytes']}")
+            warm_cache(w_src)
+            resident = cache_resident(w_src)
+            _say(f"private copy {w_src} in {time.perf_counter() - t:.1f} s (holes kept), hot in "
+                 f"the page cache (fincore: "
+                 f"{'?' if resident is None else f'{resident / MiB:.0f} MiB'} resident); "
+                 f"allocated {alloc / MiB:.0f} MiB of {a.size / MiB:.0f} MiB")
+            image_info = {"size": a.size, "seed": a.seed, "allocated_fraction": meta.get(
+                "allocated_fraction"), "alloc_bytes": meta["alloc_bytes"],
+                "layout": meta["layout"], "digest": meta["digest"]}
+            prov = provenance(image_info, workdir)
+            prov["dirty"] = {"fraction": a.dirty, "seed": a.dirty_seed, "cluster_share":
+                             CLUSTER_SHARE, "clusters": CLUSTERS,
+                             "cluster_bytes": [CLUSTER_MIN, CLUSTER_MAX]}
+            _say(f"engine {prov['engine_commit']} (fingerprint {prov['engine_fingerprint']}), "
+                 f"{prov['nbdcopy']}, {prov['nbdkit']}, kernel {prov['kernel']}, "
+                 f"{prov['cpu_model']} x {prov['nproc']}")
+            w = Warm(a, workdir, prov, out)
+            for p in (w.target, w.full_target):
+                if os.path.exists(p):
+                    os.unlink(p)
+            for d in (w.state, w.full_state):
+                shutil.rmtree(d, ignore_errors=True)
+            if plan is not None:
+                w.emit({"type": "plan", "scenario": SCENARIO, **plan, "provenance": prov})
+            rng = np.random.default_rng([a.dirty_seed, a.seed])
+            _say(f"engine bytecode compiled into {w.pycache} in {w.warm_bytecode():.1f} s "
+                 f"(PYTHONPYCACHEPREFIX for the engine's runs)")
+            rounds = f"{a.reps} timed round{'s' if a.reps > 1 else ''}"
+            _say(f"pass 0 (c0) to {w.target}, then a warm-up round and {rounds} of: dirty "
+                 f"{a.dirty:.1%} of the blocks, delta, empty (a pass with no areas), full pass "
+                 f"(fresh state), nbdcopy, startup (sync --help)")
+            w.run("pass0", 0, None, src_digest=meta["digest"], check_file=True)
+            if not w.runs[-1]["valid"]:
+                raise _Abort("pass 0 failed; no delta can follow it")
+            for rnd in range(a.reps + 1):
+                rep = None if rnd == 0 else rnd - 1
+                areas = os.path.join(workdir, f"warm-areas-{rnd + 1}.json")
+                t = time.perf_counter()
+                dirty = dirty_round(w_src, areas, a.size, rng, a.dirty)
+                src_digest = file_digest(w_src)
+                dirty.update({"type": "dirty", "scenario": SCENARIO, "round": rnd,
+                              "source_digest": src_digest})
+                w.dirties.append(dirty)
+                w.emit({**{k: v for k, v in dirty.items() if k != "expected_runs"},
+                        "provenance": prov})
+                cl = ", ".join(f"{c['length'] / MiB:.1f}" for c in dirty["clusters"])
+                _say(f" round {rnd} ({'warm-up' if rep is None else f'rep {rep + 1}'}): dirtied "
+                     f"{dirty['blocks']} blocks ({dirty['bytes_expected'] / MiB:.1f} MiB: "
+                     f"{dirty['scattered_blocks']} scattered of which {dirty['partial_blocks']} "
+                     f"partly, {len(dirty['clusters'])} clusters of "
+                     f"{cl} MiB) listed as {dirty['areas']} areas, in "
+                     f"{time.perf_counter() - t:.1f} s with the digest")
+                w.run("delta", rnd, rep, areas=areas, dirty=dirty, src_digest=src_digest,
+                      check_file=True)
+                if rnd:
+                    os.unlink(os.path.join(workdir, f"warm-areas-{rnd}.json"))
+                # the last empty pass is checked here; the others by the next round's delta
+                w.run("empty", rnd, rep, src_digest=src_digest, check_file=rnd == a.reps)
+                w.run("full", rnd, rep, src_digest=src_digest, check_file=rep is None)
+                w.run("nbdcopy", rnd, rep, src_digest=src_digest, check_file=rep is None)
+                w.run("startup", rnd, rep, src_digest=src_digest, check_file=False)
+            summary = summarize(w, plan)
+            w.emit(summary)
+            fp_end = engine_fingerprint()
+            fps = sorted({r["engine_fingerprint"] for r in w.runs if "engine_fingerprint" in r}
+                         | {prov["engine_fingerprint"], fp_end})
+            verdict_bars = bars(summary, plan)
+            valid = all(r["valid"] for r in w.runs) and not (plan and plan.get("problems"))
+            notes = sorted({n for r in w.runs for n in r["notes"]})
+            duration = time.time() - started
+            w.emit({"type": "verdict", "scenario": SCENARIO, "valid": valid,
+                    "bars": verdict_bars, "notes": notes, "duration_s": round(duration, 1),
+                    "engine_changed_during_run": len(fps) > 1, "engine_fingerprints": fps,
+                    "command": reproduce_command(a), "provenance": prov})
+        _say()
+        _say(f"{SCENARIO}: {_size_text(a.size)} image (seed {a.seed}), {a.dirty:.1%} of its "
+             f"64 KiB blocks dirtied per round, {rounds} after a warm-up, nbdkit file plugin "
+             f"on a unix socket, page cache hot; engine {prov['engine_commit']}")
+        _say()
+        _say(table(summary))
+        _say()
+        _say("Wall: spawn to exit (interpreter start, planning, copy, flush, journal commit). "
+             "÷ full pass / ÷ nbdcopy: medians of per-round wall ratios (the row's wall over "
+             "the full pass's, or over nbdcopy's full copy); own s: the report's `seconds`. "
+             "empty: a pass of the same migration with an empty changed-areas file (the fixed "
+             "cost of a pass); startup: `transfer sync --help` (interpreter and imports).")
+        for t in RATIOS:
+            _say(f"  {t} ÷ full pass per round: "
+                 f"{', '.join(f'{x:.3f}' for x in summary[f'{t}_over_full']['pairs'])}; "
+                 f"÷ nbdcopy: "
+                 f"{', '.join(f'{x:.3f}' for x in summary[f'{t}_over_nbdcopy']['pairs'])}")
+        te, td = summary["tools"]["empty"], summary["tools"]["delta"]
+        if te["wall_s_median"] and td["wall_s_median"]:
+            _say(f"  the delta's wall beyond an empty pass's (medians): "
+                 f"{td['wall_s_median'] - te['wall_s_median']:.3f} s for "
+                 f"{(td['delta_bytes_median'] or 0) / MiB:.1f} MiB")
+        if plan is not None:
+            _print_plan(plan)
+        _say()
+        for b in verdict_bars:
+            _say(f"  {'met   ' if b['met'] else 'MISSED'} {b['bar']}: "
+                 f"{_fmt(b['value'], b.get('format', '.2f'))}")
+        for n in notes:
+            _say(f"  note (sync report): {n}")
+        if len(fps) > 1:
+            _say(f"WARNING: the engine's files changed during the run ({len(fps)} versions: "
+                 f"{', '.join(fps)}); each engine run's JSON line has its engine_fingerprint")
+        if not valid:
+            _say("INVALID: a run failed or a correctness check failed (see 'problems' in the "
+                 "JSON lines)")
+            code = 1
+        elif a.require_bars and not all(b["met"] for b in verdict_bars):
+            code = 3
+        _say(f"duration {duration / 60:.1f} min; JSON lines: {out_path}")
+        _say(f"reproduce: {reproduce_command(a)}")
+        return code
+    except _Abort as e:
+        _say(f"{SCENARIO}: INVALID: {e} (JSON lines: {out_path})")
+        return 1
+    except KeyboardInterrupt:
+        print(f"{SCENARIO}: interrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        if a.keep:
+            print(f"work directory kept: {workdir}", file=sys.stderr)
+        elif made_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            for name in ("source.img", "source.json", "warm-source.img", "warm-target.img",
+                         "warm-full-target.img", "warm-nbd.sock", "warm-report.json",
+                         "warm-child.out", "warm-child.log", "warm-maxrss.txt",
+                         "plan-areas.json", "warm-areas-empty.json"):
+                try:
+                    os.unlink(os.path.join(workdir, name))
+                except OSError:
+                    pass
+            for name in os.listdir(workdir):
+                if name.startswith("warm-areas-"):
+                    os.unlink(os.path.join(workdir, name))
+            for d in ("warm-state", "warm-full-state", "pycache"):
+                shutil.rmtree(os.path.join(workdir, d), ignore_errors=True)
+
+
+class _Abort(Exception):
+    pass
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
