@@ -369,3 +369,48 @@ def test_final_verify_catches_a_tracker_that_missed_writes(tmp_path):
     r = sync(src, dst, state, "--compare", "--final")
     assert r["complete"] and r["bytes_copied"] == 64 * 1024
     check_equal(src, dst, size, r)
+
+
+def test_commits_follow_the_flush_of_every_write_below_them(nbdkit, tmp_path):
+    """R5 order, checked on the wire: for every commit record (wall time T, frontier U), each
+    write or zero below U returned before a flush on its own connection began, and that flush
+    returned before T. nbdkit's log filter timestamps every request and reply."""
+    import datetime
+    import re
+
+    size = 24 * MiB
+    src, state = str(tmp_path / "src.img"), tmp_path / "state"
+    make_disk(src, size, 45)
+    tgt, log = str(tmp_path / "t.img"), str(tmp_path / "t.log")
+    with open(tgt, "wb") as f:
+        f.truncate(size)
+    source = nbdkit("file", src, "rate=" + RATE, readonly=True, filters=("rate",))
+    target = nbdkit("file", tgt, f"logfile={log}", filters=("log",))
+    sync(source.uri, target.uri, state, "--commit-every", "1M")
+    line = re.compile(r"^(\S+ \S+) connection=(\d+) (\.\.\.)?(Write|Zero|Flush) id=(\d+)"
+                      r"(?: offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+))?.*?(?:return=(\S+))?$")
+    started, ops = {}, []
+    with open(log) as f:
+        for text in f:
+            m = line.match(text.strip())
+            if not m:
+                continue
+            when = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            key = (m.group(2), m.group(5))
+            if m.group(3) is None:
+                started[key] = (when, m.group(4), m.group(6), m.group(7))
+            else:
+                begin, kind, off, count = started.pop(key)
+                assert m.group(8) == "0", text
+                ops.append((kind, m.group(2), begin, when, off and int(off, 16),
+                            count and int(count, 16)))
+    flushes = [(conn, begin, end) for kind, conn, begin, end, _, _ in ops if kind == "Flush"]
+    writes = [(conn, end, off, count) for kind, conn, _, end, off, count in ops if kind != "Flush"]
+    with Journal.open(str(state / "journal"), create=False) as j:
+        commits = [r for r in j.records if r["t"] == "commit"]
+    assert len(commits) >= 3, "the pass should have committed several times"
+    for c in commits:
+        for conn, done, off, count in writes:
+            if off < c["upto"]:
+                assert any(fc == conn and done <= fb and fe <= c["time"]
+                           for fc, fb, fe in flushes), (c, conn, off, done)

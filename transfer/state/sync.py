@@ -529,7 +529,8 @@ async def _copy(st: State, journal: Journal, src: Disk, dst: Disk, manifest: Man
         if frontier <= upto:  # nothing new below the frontier since the last commit
             return
         manifest.sync()
-        journal.append({"t": "commit", "state": st.id, "pass": plan.number, "upto": frontier})
+        journal.append({"t": "commit", "state": st.id, "pass": plan.number, "upto": frontier,
+                        "time": round(time.time(), 6)})  # wall clock, for audits and tests
         commits, upto = commits + 1, frontier
 
     conns, flight, req_size = _shape(src, connections, in_flight, request_size)
