@@ -11,6 +11,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 
 import pytest
 
@@ -293,6 +294,39 @@ def test_a_moved_source_is_refused_unless_said(tmp_path):
         r = sync(b.uri, dst, state, "--compare", "--final")  # bound to b now
         assert r["complete"] and not r["notes"]
         check_equal(src, dst, size, r)
+    finally:
+        b.stop()
+
+
+def test_a_moved_source_resumes_an_interrupted_pass(tmp_path):
+    """A pass interrupted, then its source served elsewhere: the rebind lands mid-pass, and the
+    journal stays readable; the pass resumes from its commit."""
+    import signal
+    import time
+
+    from transfer.servers import Nbdkit
+
+    size = 24 * MiB
+    src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
+    make_disk(src, size, 15)
+    a = Nbdkit(str(tmp_path / "a.sock"), "file", src, "rate=32M", readonly=True,
+               filters=("rate",)).start()
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "transfer.cli", "sync", a.uri, dst,
+                              "--state", str(state), "--progress", "none"],
+                             stderr=subprocess.DEVNULL)
+        time.sleep(0.8)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 5
+    finally:
+        a.stop()
+    b = Nbdkit(str(tmp_path / "b.sock"), "file", src, readonly=True).start()
+    try:
+        r = sync(b.uri, dst, state, "--source-moved")
+        assert r["resumed"] and r["notes"] and r["delta_bytes"] < size
+        check_equal(src, dst, size, r)
+        r = sync(b.uri, dst, state, "--compare", "--final")  # the journal reads back whole
+        assert r["complete"] and r["bytes_copied"] == 0
     finally:
         b.stop()
 

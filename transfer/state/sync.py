@@ -162,9 +162,9 @@ def _load(directory: str, journal: Journal) -> State:
             if rec["version"] != VERSION or rec["block"] != BLOCK or rec["hash"] != HASH:
                 raise bad(i, f"(bind) is for version {rec['version']}, block {rec['block']}, "
                              f"hash {rec['hash']}; this engine has {VERSION}, {BLOCK}, {HASH}")
-            if st.last is not None and st.last.ended is None:
-                raise bad(i, "(bind) arrives in the middle of a pass")
-            st.bind = rec
+            if st.bind is not None and rec["state"] != st.id:
+                raise bad(i, "(bind) names another state")
+            st.bind = rec  # a later one: the source moved, or its size changed (maybe mid-pass)
         elif kind == "begin":
             n = rec.get("pass")
             if not isinstance(n, int) or isinstance(n, bool):
@@ -211,8 +211,8 @@ def _load(directory: str, journal: Journal) -> State:
     if last is not None and last.begin["ranges"] != "all":
         plan = last.begin["ranges"]  # only the last pass's plan is ever needed
         try:
-            last.ranges = read_ranges(os.path.join(directory, plan["file"]), st.bind["size"],
-                                      plan["check"], plan["count"])
+            last.ranges = read_ranges(os.path.join(directory, plan["file"]),
+                                      last.begin["size"], plan["check"], plan["count"])
         except JournalError:
             if not last.ended:  # an unfinished pass cannot be resumed without its plan
                 raise
