@@ -102,3 +102,35 @@ def test_a_second_engine_is_refused(tmp_path):
         assert os.waitpid(pid, 0)[1] >> 8 == 7
     with Journal.open(path) as j:  # released on close
         assert j.records == []
+
+
+def _record_starts(data: bytes) -> list[int]:
+    starts, pos = [], len(MAGIC)
+    while pos < len(data):
+        starts.append(pos)
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "little") + 8
+    return starts
+
+
+@pytest.mark.parametrize("new_length", [0x40000000, "past the end"])
+def test_a_corrupt_length_field_does_not_hide_the_records_after_it(tmp_path, new_length):
+    """A length byte flipped in the first record: read as a torn tail it would silently drop
+    every later record (the review found that); it is refused instead."""
+    path = tmp_path / "journal"
+    data = bytearray(fill(path))
+    first = _record_starts(bytes(data))[0]
+    length = (len(data) - first) + 100 if new_length == "past the end" else new_length
+    data[first : first + 4] = length.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(JournalError, match="corrupt at record 1"):
+        Journal.open(str(path))
+    assert path.read_bytes() == bytes(data)  # and nothing was truncated
+
+
+def test_a_zero_filled_tail_is_a_torn_tail(tmp_path):
+    """After a crash a file system may show the grown file with zeroes where the data was."""
+    path = tmp_path / "journal"
+    data = fill(path)
+    path.write_bytes(data + bytes(300))
+    with Journal.open(str(path)) as j:
+        assert j.records == RECORDS and j.discarded == 300

@@ -416,3 +416,54 @@ def test_secrets_never_reach_state_report_or_output(nbdkit, tmp_path):
         with open(state / name, "rb") as f:
             outputs.append(f.read().decode("latin-1"))
     assert not [o for o in outputs if "CANARY" in o]
+
+
+def test_a_failed_read_back_is_repaired_by_a_compare_pass(tmp_path):
+    """--final reads the target back; a block that differs from the manifest (the target lost
+    a write) fails the pass with exit 6, and the next --compare pass rewrites that block."""
+    size = 8 * MiB
+    src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
+    make_disk(src, size, 16)
+    sync(src, dst, state, "--checkpoint", "c0")
+    with open(src, "rb") as f:
+        f.seek(3 * MiB)
+        assert f.read(BLOCK) != bytes(BLOCK)  # a data block (make_disk is deterministic)
+    with open(dst, "r+b") as f:  # the target loses it
+        f.seek(3 * MiB + 100)
+        f.write(b"lost write")
+    out = sync(src, dst, state, "--compare", "--final", expect=6)["stderr"]
+    assert "read back from the target differ" in out and str(3 * MiB) in out
+    r = sync(src, dst, state, "--compare", "--final")
+    assert r["complete"] and r["bytes_copied"] == BLOCK
+    check_equal(src, dst, size, r)
+
+
+def test_a_size_change_survives_a_kill_before_its_pass_began(tmp_path):
+    """The source grew; the run that noticed it bound the new size and died before its pass
+    began. The next run must still make a full pass (R2), not a delta over an empty manifest."""
+    from transfer.state.journal import Journal, encode
+
+    size = 8 * MiB
+    src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
+    make_disk(src, size, 17)
+    sync(src, dst, state, "--checkpoint", "c0")
+    with open(src, "r+b") as f:
+        f.seek(size)
+        f.write(b"\x42" * MiB)
+    with open(dst, "r+b") as f:  # the target grows with it (a PVC resized): still the target
+        f.truncate(size + MiB)
+    r = sync(src, dst, state, "--checkpoint", "c1")
+    assert r["change_source"] == "full" and "size changed" in r["fallback"]
+    with Journal.open(str(state / "journal"), create=False) as j:  # as if killed after the bind
+        records = j.records
+    cut = max(i for i, x in enumerate(records) if x["t"] == "bind") + 1
+    with open(state / "journal", "wb") as f:
+        f.write(b"TRJOURN1" + b"".join(encode(i + 1, x) for i, x in enumerate(records[:cut])))
+    with open(src, "r+b") as f:
+        f.seek(size + 5)
+        f.write(b"changed after the bind")
+    areas = write_areas(tmp_path / "a.json", size + MiB, [{"start": 0, "length": 1}])
+    r = sync(src, dst, state, "--changed-areas", areas, "--checkpoint", "c1")
+    assert r["change_source"] == "full" and "size changed from" in r["fallback"], r
+    r = sync(src, dst, state, "--compare", "--final")
+    check_equal(src, dst, size + MiB, r)

@@ -124,7 +124,8 @@ async def _scan(disk: Disk, manifest: Manifest, kernels: _native.Kernels, *, siz
 
 
 async def _read_back(target: str, manifest: Manifest, kernels: _native.Kernels, *,
-                     on_progress: Callable[[Progress], None] | None) -> tuple[int, list[int], int]:
+                     on_progress: Callable[[Progress], None] | None,
+                     limit: int = VERIFY_OFFSETS) -> tuple[int, list[int], int]:
     """Read target back (O_DIRECT where local) and compare with manifest: (count, offsets, bytes).
 
     Blocks the copy wrote as data are read back; blocks it zeroed or skipped (zero
@@ -137,7 +138,7 @@ async def _read_back(target: str, manifest: Manifest, kernels: _native.Kernels, 
         result = await _scan(disk, back, kernels, size=manifest.size, connections=None,
                              in_flight=None, request_size=None, on_progress=on_progress,
                              known_zero=manifest)
-        count, offsets = manifest.differences(back, VERIFY_OFFSETS)
+        count, offsets = manifest.differences(back, limit)
         return count, offsets, result.stats.bytes_read
     finally:
         back.close()

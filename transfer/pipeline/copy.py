@@ -483,19 +483,11 @@ async def run(source: Disk, target: Disk, manifest: Manifest, kernels: Kernels, 
                 if done - committed_done >= commit_bytes or now - committed_at >= commit_seconds:
                     frontier = plan.frontier()
                     if frontier > committed:
-                        task = asyncio.ensure_future(asyncio.to_thread(_commit, pairs, commit,
-                                                                       frontier))
                         try:
-                            await asyncio.shield(task)
+                            if await _to_the_end(_commit, pairs, commit, frontier):
+                                interrupted = True  # a signal came during the commit
+                                shared.stop.set()
                             committed = frontier
-                        except asyncio.CancelledError:  # let the commit finish, then stop
-                            interrupted = True
-                            shared.stop.set()
-                            await asyncio.wait([task])
-                            if task.exception() is None:
-                                committed = frontier
-                            else:
-                                shared.fail(task.exception())
                         except BaseException as e:  # a failed flush or journal: stop (R6)
                             shared.fail(e)
                     committed_at, committed_done = time.monotonic(), done
@@ -503,7 +495,7 @@ async def run(source: Disk, target: Disk, manifest: Manifest, kernels: Kernels, 
             if commit is not None and shared.error is None:  # P3: flush and commit, then stop
                 frontier = plan.frontier()
                 if frontier > committed:
-                    await asyncio.to_thread(_commit, pairs, commit, frontier)
+                    await _to_the_end(_commit, pairs, commit, frontier)
             raise Interrupted(f"interrupted before the end; {target.display} is incomplete")
         if shared.error is not None:
             raise shared.error
@@ -538,6 +530,22 @@ def _connect(source: Disk, target: Disk, connections: int) -> list[tuple[Conn, C
             d.close()
         raise
     return pairs
+
+
+async def _to_the_end(fn: Callable[..., None], *args: object) -> bool:
+    """Run fn on a thread to its end even if cancelled meanwhile (a commit cut short would
+    leave its thread using handles being closed); fn's error is raised. True if cancelled."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+            return cancelled
+        except asyncio.CancelledError:
+            if task.done():  # the cancellation was ours to absorb; fn's outcome stands
+                task.result()
+                return True
+            cancelled = True
 
 
 def _commit(pairs: list[tuple[Conn, Conn]], commit: Callable[[int], None], frontier: int) -> None:

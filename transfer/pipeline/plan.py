@@ -77,18 +77,28 @@ class Plan:
         self._pos = spans[0][0] if spans else size  # where the next window starts
         self.bytes = sum(e - s for s, e in spans)
         self._queue: collections.deque[Request] = collections.deque()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the queue and windows; held while extents are fetched
+        # The frontier's own lock, never held across I/O: the event loop asks for the frontier
+        # while a worker may be waiting on a slow block status reply under _lock.
+        self._flock = threading.Lock()
         self._issued: collections.deque[int] = collections.deque()  # offsets, in issue order
         self._done: set[int] = set()
+        self._unissued = self._pos if spans else size  # where the next request not handed out is
 
     def next(self, fetch: Callable[[int, int], list[Extent]]) -> Request | None:
         """The next request, or None at the end; fetch(offset, length) gives extents."""
         with self._lock:
             while not self._queue:
                 if not self._fill(fetch):
+                    with self._flock:
+                        self._unissued = self.size
                     return None
             req = self._queue.popleft()
-            self._issued.append(req.offset)
+            after = self._queue[0].offset if self._queue else (
+                self._pos if self._span < len(self._spans) else self.size)
+            with self._flock:
+                self._issued.append(req.offset)
+                self._unissued = after
             return req
 
     def _fill(self, fetch: Callable[[int, int], list[Extent]]) -> bool:
@@ -130,20 +140,16 @@ class Plan:
 
     def done(self, offset: int) -> None:
         """The request at offset has been written (or needed no write)."""
-        with self._lock:
+        with self._flock:
             self._done.add(offset)
 
     def frontier(self) -> int:
         """Every planned byte below this offset is done."""
-        with self._lock:
+        with self._flock:
             issued, done = self._issued, self._done
             while issued and issued[0] in done:
                 done.discard(issued.popleft())
-            if issued:
-                return issued[0]
-            if self._queue:
-                return self._queue[0].offset
-            return self._pos if self._span < len(self._spans) else self.size
+            return issued[0] if issued else self._unissued
 
 
 def _check_spans(spans: list[tuple[int, int]], size: int) -> None:

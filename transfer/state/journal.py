@@ -8,13 +8,14 @@
   and its directory fsynced, so it exists whole or not at all (T9).
 - Sequence numbers start at 1 and grow by one; a gap is corruption.
 - A torn tail, a last record cut short or failing its checksum where the
-  file ends, is what a crash mid-append leaves: it is discarded (the file is
-  truncated to the last good record, and `discarded` says how many bytes) and
-  the work it claimed is redone (R4). A record that fails its checksum, its
-  sequence number or its JSON with more records after it is not a torn tail:
-  the journal is refused as corrupt, never read past (R7, P5). A length field
-  that runs past the end of the file cannot be told from a torn tail, so it is
-  one: that direction only ever forgets work done, never invents it.
+  file ends (or zeroes there), is what a crash mid-append leaves: it is
+  discarded (the file is truncated to the last good record, and `discarded`
+  says how many bytes) and the work it claimed is redone (R4). A record that
+  fails its checksum, its sequence number or its JSON with more records after
+  it is not a torn tail: the journal is refused as corrupt, never read past
+  (R7, P5). Nor is a length field that is absurd, or that runs past the end
+  of the file over a valid later record: forgetting records is not harmless
+  (a dropped begin record forgets the ranges its pass left tainted).
 - The journal is locked (flock, exclusive, non-blocking) while open: a second
   engine on the same state is refused (R8).
 """
@@ -136,14 +137,38 @@ def _read(fd: int, path: str) -> tuple[list[dict[str, Any]], int, int]:
     while pos < size:
         end, record, why = _parse(data, pos, len(records) + 1)
         if why is not None:
-            # a bad record is a torn tail only if the file ends with it
-            if end is None or end >= size:
+            # a bad record is a torn tail only if the file ends with it, and nothing valid follows
+            if ((end is None or end >= size or not data[pos:].strip(b"\0"))
+                    and _torn(data, pos, len(records) + 1)):
                 return records, pos, size
             raise JournalError(f"corrupt at record {len(records) + 1} (byte {pos}): {why}",
                                disk=path)
         records.append(record)
         pos = end
     return records, pos, size
+
+
+def _torn(data: bytes, pos: int, seq: int) -> bool:
+    """Can data[pos:] be what a crash during one append left: a prefix of one record, or zeroes
+    (a file system that grew the file before its data reached the disk)?
+
+    Not when the declared length is absurd (a prefix carries the true length), nor when a valid
+    record of a later sequence number lies further on: that is a corrupted length field hiding
+    records (RELIABILITY.md P5), and reading it as a torn tail would drop them silently.
+    """
+    tail = data[pos:]
+    if not tail.strip(b"\0"):
+        return True
+    if len(tail) >= _HEAD.size and _HEAD.unpack_from(tail)[0] > MAX_RECORD:
+        return False
+    for p in range(pos + 1, len(data) - _HEAD.size - _SUM.size + 1):
+        length, got = _HEAD.unpack_from(data, p)
+        if seq < got <= seq + 1_000_000 and length <= MAX_RECORD:
+            end = p + _HEAD.size + length + _SUM.size
+            if end <= len(data) and xxhash.xxh3_64_intdigest(data[p : end - _SUM.size]) == \
+                    _SUM.unpack_from(data, end - _SUM.size)[0]:
+                return False
+    return True
 
 
 def _parse(data: bytes, pos: int, seq: int) -> tuple[int | None, Any, str | None]:

@@ -19,7 +19,8 @@ The state directory holds three kinds of file:
                       end     pass, checkpoint, digest, delta bytes
                       complete
     manifest        the per-block digests (transfer.integrity), memory-mapped
-    pass-K.ranges   pass K's planned ranges (transfer.state.ranges_file)
+    pass-K-S.ranges pass K's planned ranges, for the begin record S (transfer.state.ranges_file);
+                    kept: the audit trail of what each pass was told had changed
 
 Order of durability (R5): the ranges file, then the begin record, then target
 writes; at each commit the target is flushed, then the manifest msynced, then
@@ -61,6 +62,7 @@ from .ranges_file import read_ranges, write_ranges
 
 VERSION = 1
 HASH = "xxh3-128"
+POISON = b"\xff" * 16  # a manifest digest no block has (2^-128): "rewrite this block"
 COMMIT_BYTES = 1 << 30  # commit at least every GiB copied...
 COMMIT_SECONDS = 10.0  # ...or every 10 s: a kill re-copies at most this much
 _CHECKPOINT = re.compile(r"^[\x20-\x7e]{1,256}$")
@@ -130,6 +132,7 @@ class State:
     bind: dict[str, Any] | None = None
     passes: list[PassState] = field(default_factory=list)
     complete: bool = False
+    resized: tuple | None = None  # (old, new) size of a bind no pass has begun after
 
     @property
     def last(self) -> PassState | None:
@@ -155,6 +158,8 @@ def _load(directory: str, journal: Journal) -> State:
         if st.complete:
             raise bad(i, "follows the record that completed the state")
         if kind == "bind":
+            if st.bind is not None and rec.get("size") != st.bind["size"]:
+                st.resized = (st.bind["size"], rec.get("size"))  # until a pass begins after it
             for key, typ in (("source", dict), ("target", dict), ("size", int), ("block", int),
                              ("hash", str), ("version", int)):
                 if not isinstance(rec.get(key), typ):
@@ -183,18 +188,18 @@ def _load(directory: str, journal: Journal) -> State:
                     and re.fullmatch(r"pass-\d+-\d+\.ranges", plan["file"])):
                 raise bad(i, "(begin) has no valid planned ranges")
             start = rec.get("start", 0)
-            if not isinstance(start, int) or not 0 <= start <= rec.get("size", -1):
-                raise bad(i, f"(begin) has an invalid start {start!r}")
+            if (not _offset(start, rec.get("size")) or not isinstance(rec.get("change_source"), str)
+                    or not isinstance(rec.get("compare"), bool)):
+                raise bad(i, f"(begin) has an invalid start {start!r}, change source or mode")
+            st.resized = None
             st.passes.append(PassState(n, rec, None, upto=start))
         elif kind == "commit":
             last = st.last
             upto = rec.get("upto")
             if last is None or last.ended or rec.get("pass") != last.number:
                 raise bad(i, "(commit) is for no pass in progress")
-            if not isinstance(upto, int) or not last.upto < upto <= st.bind["size"]:
+            if not _offset(upto, last.begin["size"]) or not last.upto < upto:
                 raise bad(i, f"(commit) up to {upto!r} does not advance within the disk")
-            if isinstance(upto, bool):
-                raise bad(i, "(commit) has no valid offset")
             last.upto = upto
         elif kind == "end":
             last = st.last
@@ -218,6 +223,12 @@ def _load(directory: str, journal: Journal) -> State:
                 raise
             last.plan_known = False  # an ended one: a rerun of its checkpoint copies more
     return st
+
+
+def _offset(value: Any, size: Any) -> bool:
+    """A journal offset: a whole number, block-aligned or the disk's end, inside the disk."""
+    return (type(value) is int and type(size) is int and 0 <= value <= size
+            and (value % BLOCK == 0 or value == size))
 
 
 def _differences(bound: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -307,16 +318,20 @@ async def sync_async(source: str, target: str, *, state: str,
             if diff:
                 moved = True
                 notes.append("source moved: " + "; ".join(diff))
-            diff = _differences(bound_dst, dst.identity())
-            if diff:
+            diff = _differences({k: v for k, v in bound_dst.items() if k != "size"},
+                                {k: v for k, v in dst.identity().items() if k != "size"})
+            if diff:  # its size may grow with the source's (a PVC resized); nothing else may
                 raise TargetRefused("this state belongs to another target: " + "; ".join(diff),
                                     disk=dst.display)
             if src.size != st.bind["size"]:
                 size_changed = (f"the source's size changed from {st.bind['size']} to "
                                 f"{src.size} bytes")
-                if dst.size < src.size:
-                    raise TargetRefused(f"the source grew to {src.size} bytes, past the "
-                                        f"target's {dst.size}", disk=dst.display)
+            elif st.resized is not None:  # a run died after rebinding, before its pass began
+                size_changed = (f"the source's size changed from {st.resized[0]} to "
+                                f"{st.resized[1]} bytes")
+            if dst.size < src.size:
+                raise TargetRefused(f"the target ({dst.size} bytes) is smaller than the source "
+                                    f"({src.size} bytes)", disk=dst.display)
         else:
             _check_target(src, dst, force=force)
             if dst.size is None:
@@ -360,11 +375,16 @@ async def sync_async(source: str, target: str, *, state: str,
             if dst.kind == "nbd":  # a single-connection server would make a second one wait
                 dst.close()
             count, offsets, _ = await _read_back(target, manifest, kernels,
-                                                 on_progress=on_progress)
+                                                 on_progress=on_progress, limit=manifest.blocks)
             if count:
+                # The target lost what was written there: make those blocks differ from any
+                # source, so the next --compare pass writes them again.
+                for off in offsets:
+                    manifest.slice(off, 1)[:] = POISON
+                manifest.sync()
                 raise VerifyFailed(f"{count} blocks of {BLOCK} bytes read back from the target "
-                                   "differ from the manifest; the first", disk=dst.display,
-                                   offset=offsets[0])
+                                   "differ from the manifest (run a --compare pass to rewrite "
+                                   "them); the first", disk=dst.display, offset=offsets[0])
             if verify_source:
                 src.close()
                 again = await asyncio.to_thread(opening, source, "source", direct=True)
@@ -428,7 +448,7 @@ def _choose(st: State, src: Disk, *, checkpoint: str | None, dirty_bitmap: str |
         if same and last.begin.get("change_source", "").startswith("full"):
             # a full pass resumed under its checkpoint: it continues where it was committed
             return _Pass(last.number, None, False, last.begin["change_source"], resumed=True,
-                         start=last.upto)
+                         start=min(last.upto, size))
     if dirty_bitmap is not None:
         try:
             new, kind, fallback = dirty_ranges(src, dirty_bitmap), f"dirty bitmap {dirty_bitmap}", None
@@ -462,9 +482,12 @@ def _again(last: PassState, src: Disk, checkpoint: str, dirty_bitmap: str | None
     (an areas file that grew, a bitmap still recording) is copied, together
     with the committed plan so that the new pass covers the whole checkpoint:
     a reused checkpoint never hides a change. A tracker that is gone (R3 lets the
-    orchestrator drop it once committed), --compare or no change source: nothing.
+    orchestrator drop it once committed): nothing. --compare (or no change source)
+    always runs: it is how a failed --final is repaired.
     """
     done = f"checkpoint {checkpoint} was committed by pass {last.number}"
+    if changed_areas is None and dirty_bitmap is None:  # compare: it reads all, so it runs
+        return _Pass(last.number + 1, None, True, f"compare (again for {checkpoint})")
     new = None
     if changed_areas is not None:
         new, kind = load_changed_areas(changed_areas, src.size), "changed areas"
@@ -479,17 +502,6 @@ def _again(last: PassState, src: Disk, checkpoint: str, dirty_bitmap: str | None
             plan = union_runs(new, last.ranges, src.size) if last.plan_known else new
             return _Pass(last.number + 1, plan, False, f"{kind} beyond what {done}")
     return _Pass(last.number, _empty(), False, f"none ({done})", skip=True)
-
-
-def _remove_old_plans(directory: str, keep: Any) -> None:
-    """Ranges files of earlier begin records are never read again once a new one is durable."""
-    keep_name = keep.get("file") if isinstance(keep, dict) else None
-    for name in os.listdir(directory):
-        if re.fullmatch(r"pass-\d+-\d+\.ranges", name) and name != keep_name:
-            try:
-                os.unlink(os.path.join(directory, name))
-            except OSError:
-                pass
 
 
 def _empty() -> list[tuple[int, int]]:
@@ -521,7 +533,6 @@ async def _copy(st: State, journal: Journal, src: Disk, dst: Disk, manifest: Man
     begin["bytes"] = delta
     report.delta_bytes = delta
     journal.append(begin)
-    _remove_old_plans(st.path, keep=begin["ranges"])
     commits, upto = 0, plan.start
 
     def commit(frontier: int) -> None:
