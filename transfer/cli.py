@@ -155,6 +155,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flush the target and journal progress at least every SIZE bytes (and "
                         "every 10 s); a killed pass copies at most this again (default 1G)")
 
+    m = sub.add_parser(
+        "migrate", help="a whole cold, warm or live migration of a qemu-storage-daemon disk",
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Migrate the block node NODE of a running qemu-storage-daemon onto TARGET: "
+                    "dirty bitmaps handed over atomically over QMP before each pass, passes "
+                    "every --precopy-interval (warm) or back to back (live), a change-rate model "
+                    "predicting the cutover downtime, then --on-cutover, the final pass and a "
+                    "read-back verification. Run it again after a crash to resume.")
+    m.add_argument("target", metavar="TARGET", help="a file, block device or writable NBD URI")
+    m.add_argument("--type", choices=("cold", "warm", "live"), default="warm", dest="kind")
+    m.add_argument("--qmp", required=True, metavar="SOCKET", help="the daemon's QMP socket")
+    m.add_argument("--node", required=True, metavar="NODE", help="the block node to migrate")
+    m.add_argument("--state", required=True, metavar="DIR", help="the migration's state directory")
+    m.add_argument("--nbd-socket", metavar="PATH",
+                   help="the daemon's NBD server socket, when it already runs one (else one is "
+                        "started in DIR)")
+    m.add_argument("--precopy-interval", default="60m", metavar="DURATION",
+                   help="pause between warm passes (default 60m; 30s, 1h...)")
+    m.add_argument("--cutover", metavar="WHEN",
+                   help="ISO 8601 time, or now (default: wait for `transfer cutover`)")
+    m.add_argument("--max-downtime", default="5s", metavar="DURATION",
+                   help="live: cut over once the predicted downtime fits (default 5s)")
+    m.add_argument("--on-cutover", metavar="CMD",
+                   help="command that stops the VM; it must succeed before the final pass")
+    m.add_argument("--cutover-timeout", default="5m", metavar="DURATION")
+    m.add_argument("--max-passes", type=int, default=100, metavar="N")
+    m.add_argument("--report", metavar="FILE", help="write a JSON report to FILE")
+    m.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
+
+    co = sub.add_parser("cutover", help="ask a running migration to cut over after its pass")
+    co.add_argument("--state", required=True, metavar="DIR")
+
     d = sub.add_parser("demo", help="copy a built-in synthetic disk from nbdkit and prove the copy")
     d.add_argument("--size", type=parse_size, default=256 << 20, metavar="SIZE",
                    help="size of the synthetic disk (default 256M)")
@@ -277,6 +309,46 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pass_line(p: Any) -> str:
+    def rate(x: float | None) -> str:
+        return "-" if x is None else human_bytes(x) + "/s"
+
+    pred = "-" if p.predicted_downtime is None else f"{p.predicted_downtime:.2f} s"
+    return (f"pass {p.pass_:>3}{' final' if p.final else ''}: {human_bytes(p.delta_bytes):>10} "
+            f"in {p.seconds:6.2f} s, copy {rate(p.copy_rate)}, guest dirties {rate(p.dirty_rate)}, "
+            f"predicted downtime {pred}" + (f" [{p.fallback}]" if p.fallback else ""))
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .migrate import migrate_async, parse_duration
+
+    quiet = args.progress == "none"
+    say = (lambda s: None) if quiet else (lambda s: print(f"transfer: {s}", file=sys.stderr))
+    r = asyncio.run(_run_cancellable(migrate_async(
+        args.target, kind=args.kind, qmp=args.qmp, node=args.node, state=args.state,
+        nbd_socket=args.nbd_socket, precopy_interval=parse_duration(args.precopy_interval),
+        cutover=args.cutover, max_downtime=parse_duration(args.max_downtime),
+        on_cutover=args.on_cutover, cutover_timeout=parse_duration(args.cutover_timeout),
+        max_passes=args.max_passes, on_pass=lambda p: say(_pass_line(p)),
+        on_progress=make_renderer(args.progress) if args.progress in ("bar", "json") else None)))
+    if args.report:
+        _write_report(args.report, r.to_dict())
+    c = r.cutover
+    if c.get("predicted_downtime") is not None:
+        say(f"cutover: downtime {c['downtime']:.2f} s (predicted {c['predicted_downtime']:.2f} s), "
+            f"digest {r.digest}")
+    else:
+        say(f"cutover: downtime {c.get('downtime', 0):.2f} s, digest {r.digest}")
+    return 0
+
+
+def cmd_cutover(args: argparse.Namespace) -> int:
+    from .migrate import request_cutover
+
+    request_cutover(args.state)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -291,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"copy": cmd_copy, "checksum": cmd_checksum, "verify": cmd_verify,
-                    "sync": cmd_sync, "demo": cmd_demo}
+                    "sync": cmd_sync, "migrate": cmd_migrate, "cutover": cmd_cutover,
+                    "demo": cmd_demo}
         return commands[args.command](args)
     except TransferError as e:
         print(f"transfer: {e}", file=sys.stderr)

@@ -93,6 +93,13 @@ class VerifyFailed(TransferError):
     kind = "verify"
 
 
+class NotConverging(TransferError):
+    """live migration: the guest dirties blocks faster than passes can shrink the delta."""
+
+    exit_code = 7
+    kind = "migration"
+
+
 EXIT_CODES = {
     0: "success",
     1: "internal error (a bug: the message has a traceback)",
@@ -101,4 +108,5 @@ EXIT_CODES = {
     TargetError.exit_code: "target I/O failure",
     Interrupted.exit_code: "interrupted (SIGINT/SIGTERM)",
     VerifyFailed.exit_code: "verification failed: the target differs",
+    NotConverging.exit_code: "live migration does not converge within --max-downtime",
 }

@@ -123,3 +123,32 @@ class QemuNbd(Server):
             argv.append("-r")
         argv.append(image)
         super().__init__(argv, sock)
+
+
+class QemuStorageDaemon(Server):
+    """qemu-storage-daemon holding one image as block node `node`, with a QMP monitor on
+    `qmp` and an NBD server on `sock` that exports the node writable as `rw` (the "VM"
+    writes through it). A migration adds its own read-only exports over QMP."""
+
+    program = "qemu-storage-daemon"
+
+    def __init__(self, sock: str, image: str, *, qmp: str, fmt: str = "qcow2",
+                 node: str = "disk0") -> None:
+        self.qmp = qmp
+        self.node = node
+        argv = ["qemu-storage-daemon",
+                "--blockdev", f"driver=file,filename={image},node-name={node}-file",
+                "--blockdev", f"driver={fmt},file={node}-file,node-name={node}",
+                "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                "--export", f"type=nbd,id=rw,node-name={node},writable=on,name=rw",
+                "--chardev", f"socket,path={qmp},server=on,wait=off,id=qmp0",
+                "--monitor", "chardev=qmp0"]
+        super().__init__(argv, sock, export="rw")
+
+    def start(self) -> "Server":
+        if os.path.exists(self.qmp):
+            os.unlink(self.qmp)
+        return super().start()
+
+    def _ready(self) -> bool:
+        return os.path.exists(self.qmp) and super()._ready()

@@ -1,0 +1,453 @@
+"""transfer migrate: a whole cold, warm or live migration of a disk held by qemu-storage-daemon.
+
+    pass 0     bitmap transfer-1 is added (recording) before the first read (R1),
+               then everything is copied
+    pass k     one QMP transaction adds transfer-(k+1) and disables transfer-k,
+               the node is exported read-only with transfer-k, and `sync` copies
+               what it names (merged with base:allocation); once the pass is
+               committed, the export and transfer-k are removed (R3)
+    cutover    the --on-cutover command stops the VM; the last bitmap is
+               disabled, the final pass copies it, the target is read back
+               against the manifest, and the state is complete
+
+Each pass is transfer.state.sync under the hood, so a killed migration run
+again resumes the interrupted pass (the bitmaps it needs are still on the
+node: they are removed only after their pass committed). If they are gone
+(the daemon restarted), the pass becomes a compare pass and says so, and a
+new bitmap starts recording.
+
+The change-rate model, after each pass k >= 1: the guest's dirty rate is
+what bitmap k named over the time it recorded; the copy rate is what the
+pass copied over its time beyond a fixed per-pass overhead (the smallest
+pass seen); the predicted downtime if cutover happened now is the stop
+command's time (from the last cutover, else 0) + overhead + the delta the
+guest has dirtied since the last hand-over over the copy rate + the
+read-back of the target (its data over the read rate of pass 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import fcntl
+import json
+import os
+import re
+import shlex
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from .errors import BadInput, NotConverging, SourceError
+from .integrity import BLOCK
+from .qmp import Qmp, QmpError
+from .state.sync import SyncReport, sync_async
+
+PREFIX = "transfer-"
+EXPORT = "transfer-src"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '1.5m', '60m', '2h', '500ms' -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise BadInput(f"not a duration: {text!r} (examples: 30s, 60m, 1h)")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+
+
+def parse_when(text: str) -> float | None:
+    """'now' -> None (at once); an ISO 8601 time -> its epoch seconds (naive means local)."""
+    if text == "now":
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadInput(f"--cutover {text!r} is not 'now' or an ISO 8601 time") from None
+    return when.timestamp()
+
+
+@dataclass
+class PassInfo:
+    pass_: int
+    start: str  # ISO time the pass began
+    change_source: str
+    fallback: str | None
+    delta_bytes: int
+    bytes_copied: int
+    seconds: float
+    copy_rate: float | None  # bytes/s beyond the per-pass overhead
+    dirty_rate: float | None  # bytes/s the guest dirtied while the pass's bitmap recorded
+    predicted_downtime: float | None  # if cutover happened right after this pass
+    final: bool = False
+
+
+@dataclass
+class MigrateReport:
+    type: str
+    target: str
+    node: str
+    size: int
+    passes: list[PassInfo] = field(default_factory=list)
+    cutover: dict[str, Any] = field(default_factory=dict)
+    digest: str = ""
+    converged: bool | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for p in d["passes"]:
+            p["pass"] = p.pop("pass_")
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+class Model:
+    """Dirty and copy rates from the passes so far; the downtime a cutover now would take."""
+
+    def __init__(self) -> None:
+        self.overhead: float | None = None  # seconds of a pass that copies nothing
+        self.copy_rate: float | None = None
+        self.dirty_rate: float | None = None
+        self.read_rate: float | None = None  # read-back of the target, bytes/s
+        self.stop_seconds = 0.0
+
+    def add(self, report: SyncReport, recorded: float | None) -> tuple[float | None, float | None]:
+        seconds = max(report.seconds, 1e-3)
+        self.overhead = seconds if self.overhead is None else min(self.overhead, seconds)
+        moved = report.bytes_copied + report.bytes_zeroed
+        busy = seconds - (self.overhead if report.delta_bytes else 0.0)
+        if moved >= 4 * BLOCK and busy > 0:
+            rate = moved / busy
+            self.copy_rate = rate if self.copy_rate is None else 0.5 * (self.copy_rate + rate)
+        elif self.copy_rate is None and moved:  # pass 0 at least: overhead included, low
+            self.copy_rate = moved / seconds
+        if self.read_rate is None and report.bytes_read:
+            self.read_rate = report.bytes_read / seconds
+        if recorded is not None and recorded > 0:
+            self.dirty_rate = report.delta_bytes / recorded
+        return self.copy_rate, self.dirty_rate
+
+    def predict(self, since_handover: float, data_bytes: int) -> float | None:
+        if self.copy_rate is None or self.dirty_rate is None or self.overhead is None:
+            return None
+        delta = self.dirty_rate * since_handover
+        verify = data_bytes / self.read_rate if self.read_rate else 0.0
+        return self.stop_seconds + self.overhead + delta / self.copy_rate + verify
+
+
+class Migration:
+    def __init__(self, target: str, *, kind: str, qmp: str, node: str, state: str,
+                 nbd_socket: str | None, precopy_interval: float, cutover: float | None,
+                 cutover_now: bool, max_downtime: float, on_cutover: str | None,
+                 cutover_timeout: float, max_passes: int,
+                 on_pass: Callable[[PassInfo], None] | None,
+                 on_progress: Callable | None, sync_options: dict[str, Any]) -> None:
+        if kind not in ("cold", "warm", "live"):
+            raise BadInput(f"--type must be cold, warm or live, not {kind!r}")
+        self.target, self.kind, self.node, self.state = target, kind, node, state
+        self.qmp_path, self.nbd_socket = qmp, nbd_socket
+        self.precopy_interval, self.cutover_at, self.cutover_now = (precopy_interval, cutover,
+                                                                    cutover_now)
+        self.max_downtime, self.on_cutover, self.cutover_timeout = (max_downtime, on_cutover,
+                                                                    cutover_timeout)
+        self.max_passes = max_passes
+        self.on_pass, self.on_progress, self.sync_options = on_pass, on_progress, sync_options
+        self.model = Model()
+        self.sync_state = os.path.join(state, "sync")
+        self.log_path = os.path.join(state, "migrate.json")
+        self.signal_path = os.path.join(state, "cutover")
+
+    # -- the daemon side
+
+    def _export(self, q: Qmp, bitmap: str | None) -> str:
+        self._unexport(q)
+        args: dict[str, Any] = {"type": "nbd", "id": EXPORT, "node-name": self.node,
+                                "name": EXPORT, "writable": False}
+        if bitmap:
+            args["bitmaps"] = [bitmap]
+        q.execute("block-export-add", **args)
+        return f"nbd+unix:///{EXPORT}?socket={self.nbd_socket}"
+
+    def _unexport(self, q: Qmp) -> None:
+        """Remove our export (if any) and wait until it is gone: its name is then free."""
+        exports = q.execute("query-block-exports")
+        if not any(isinstance(e, dict) and e.get("id") == EXPORT for e in exports):
+            return
+        try:
+            q.execute("block-export-del", id=EXPORT)
+        except QmpError:
+            pass  # being deleted already
+        deadline = time.monotonic() + 30
+        while any(isinstance(e, dict) and e.get("id") == EXPORT
+                  for e in q.execute("query-block-exports")):
+            if time.monotonic() > deadline:
+                raise SourceError("the daemon did not remove our NBD export within 30 s",
+                                  disk=self.qmp_path)
+            time.sleep(0.02)
+
+    def _nbd_server(self, q: Qmp) -> None:
+        if self.nbd_socket is not None:
+            return
+        self.nbd_socket = os.path.join(os.path.abspath(self.state), "nbd.sock")
+        try:
+            q.execute("nbd-server-start", addr={"type": "unix", "data": {"path": self.nbd_socket}})
+        except QmpError as e:
+            if "already running" in e.message:
+                raise BadInput("the daemon already runs an NBD server: name its socket with "
+                               "--nbd-socket", disk=self.qmp_path) from None
+            raise
+
+    # -- the migration's own log: which pass is next, and the passes so far
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            with open(self.log_path) as f:
+                log = json.load(f)
+        except FileNotFoundError:
+            return {"next": 0, "passes": [], "handover": {}}
+        except (OSError, ValueError) as e:
+            raise BadInput(f"unreadable migration log: {e}", disk=self.log_path,
+                           kind="state") from None
+        if (not isinstance(log, dict) or not isinstance(log.get("next"), int)
+                or not isinstance(log.get("passes"), list)
+                or not isinstance(log.get("handover"), dict) or log.get("node") != self.node
+                or log.get("type") != self.kind):
+            raise BadInput("the migration log is not for this node and type", disk=self.log_path,
+                           kind="state")
+        return log
+
+    def _save(self, log: dict[str, Any]) -> None:
+        log.update(node=self.node, type=self.kind)
+        tmp = self.log_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(log, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.log_path)
+        dfd = os.open(self.state, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    # -- one pass
+
+    async def _pass(self, q: Qmp, log: dict[str, Any], report: MigrateReport, *,
+                    final: bool) -> PassInfo:
+        k = log["next"]
+        bitmaps = q.bitmaps(self.node)
+        cur, nxt = f"{PREFIX}{k}", f"{PREFIX}{k + 1}"
+        for name in bitmaps:  # left by a run killed between its commit and their removal
+            m = re.fullmatch(re.escape(PREFIX) + r"(\d+)", name)
+            if m and int(m.group(1)) < k:
+                q.execute("block-dirty-bitmap-remove", node=self.node, name=name)
+        fallback = None
+        if self.kind == "cold":
+            bitmap = None
+        elif k == 0:
+            if nxt not in bitmaps:  # R1 base case: recording before the first read
+                q.execute("block-dirty-bitmap-add", node=self.node, name=nxt)
+            log["handover"]["0"] = log["handover"].get("0", time.time())
+            bitmap = None
+        elif cur not in bitmaps or bitmaps[cur].get("inconsistent"):
+            # the daemon lost it (restarted): everything may have changed (R2)
+            fallback = f"bitmap {cur} is gone from node {self.node}"
+            if nxt not in bitmaps:
+                q.execute("block-dirty-bitmap-add", node=self.node, name=nxt)
+            log["handover"][str(k)] = time.time()
+            bitmap = None
+        else:
+            if nxt not in bitmaps and not final:
+                q.execute("transaction", actions=[
+                    {"type": "block-dirty-bitmap-add", "data": {"node": self.node, "name": nxt}},
+                    {"type": "block-dirty-bitmap-disable", "data": {"node": self.node,
+                                                                    "name": cur}}])
+            elif bitmaps[cur].get("recording"):  # final: the VM is stopped, nothing to hand to
+                q.execute("block-dirty-bitmap-disable", node=self.node, name=cur)
+            log["handover"].setdefault(str(k), time.time())
+            bitmap = cur
+        self._save(log)
+        recorded = None
+        if k >= 1 and str(k - 1) in log["handover"]:
+            recorded = log["handover"][str(k)] - log["handover"][str(k - 1)]
+        uri = self._export(q, bitmap)
+        began = time.time()
+        try:
+            r = await sync_async(uri, self.target, state=self.sync_state, dirty_bitmap=bitmap,
+                                 compare=bitmap is None and k > 0, checkpoint=cur, final=final,
+                                 on_progress=self.on_progress, **self.sync_options)
+        finally:
+            self._unexport(q)
+        copy_rate, dirty_rate = self.model.add(r, recorded)
+        report.digest = r.digest
+        info = PassInfo(k, datetime.datetime.fromtimestamp(began).isoformat(timespec="seconds"),
+                        r.change_source, fallback or r.fallback, r.delta_bytes, r.bytes_copied,
+                        r.seconds, copy_rate, dirty_rate, None, final)
+        log["next"] = k + 1
+        log["passes"].append(asdict(info))
+        self._save(log)
+        if bitmap is not None and not final:  # R3: only once the pass is committed and logged
+            q.execute("block-dirty-bitmap-remove", node=self.node, name=bitmap)
+        report.passes.append(info)
+        return info
+
+    def _data_bytes(self) -> int:
+        """The target's data per the manifest (what a read-back reads)."""
+        from .integrity import Manifest
+
+        m = Manifest.open(os.path.join(self.sync_state, "manifest"))
+        try:
+            return m.size - sum(n for _, n in m.zero_runs(0, m.size))
+        finally:
+            m.close()
+
+    def _cutover_due(self) -> bool:
+        if self.cutover_now or os.path.exists(self.signal_path):
+            return True
+        return self.cutover_at is not None and time.time() >= self.cutover_at
+
+    def _stop_vm(self) -> float:
+        if not self.on_cutover:
+            return 0.0
+        began = time.monotonic()
+        try:
+            p = subprocess.run(shlex.split(self.on_cutover), stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=self.cutover_timeout)
+        except subprocess.TimeoutExpired:
+            raise SourceError(f"the --on-cutover command did not finish within "
+                              f"{self.cutover_timeout:g} s; the VM may still run, no final "
+                              "pass was taken") from None
+        except OSError as e:
+            raise BadInput(f"cannot run the --on-cutover command: {e.strerror or e}") from None
+        if p.returncode != 0:
+            raise SourceError(f"the --on-cutover command failed (exit {p.returncode}): "
+                              f"{p.stderr.strip()[-300:]}; no final pass was taken")
+        return time.monotonic() - began
+
+    async def run(self) -> MigrateReport:
+        os.makedirs(self.state, mode=0o700, exist_ok=True)
+        started = time.monotonic()
+        lock = os.open(os.path.join(self.state, "migrate.lock"),
+                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise BadInput("another migration runs on this state", disk=self.state,
+                           kind="state") from None
+        try:
+            return await self._run(started)
+        finally:
+            os.close(lock)
+
+    async def _run(self, started: float) -> MigrateReport:
+        with Qmp(self.qmp_path) as q:
+            q.node(self.node)
+            self._nbd_server(q)
+            log = self._load()
+            report = MigrateReport(self.kind, self.target, self.node, 0)
+            for p in log["passes"]:  # from an earlier, interrupted run
+                p = dict(p)
+                report.passes.append(PassInfo(p.pop("pass_"), **p))
+            if self.kind == "cold":
+                stop = self._stop_vm()
+                began = time.monotonic()
+                info = await self._pass(q, log, report, final=True)
+                report.cutover = {"stop_seconds": stop, "downtime": stop + time.monotonic() - began}
+            else:
+                report.cutover = await self._warm(q, log, report)
+            report.size = self._manifest_size()
+        report.seconds = round(time.monotonic() - started, 3)
+        return report
+
+    def _manifest_size(self) -> int:
+        from .integrity import Manifest
+
+        m = Manifest.open(os.path.join(self.sync_state, "manifest"))
+        try:
+            return m.size
+        finally:
+            m.close()
+
+    async def _warm(self, q: Qmp, log: dict[str, Any], report: MigrateReport) -> dict[str, Any]:
+        deltas: list[int] = []
+        while True:
+            if log["next"] == 0 or not self._cutover_due():
+                info = await self._pass(q, log, report, final=False)
+                if info.pass_ >= 1:
+                    deltas.append(info.delta_bytes)
+                since = time.time() - log["handover"][str(log["next"] - 1)]
+                info.predicted_downtime = self.model.predict(since, self._data_bytes())
+                report.passes[-1] = info
+                if self.on_pass is not None:
+                    self.on_pass(info)
+            if self._cutover_due():
+                break
+            if self.kind == "live":
+                pred = info.predicted_downtime
+                if pred is not None and pred <= self.max_downtime:
+                    report.converged = True
+                    break
+                # the deltas stopped shrinking (or never will fit): say so, do not loop forever
+                if (len(deltas) >= 4 and deltas[-1] >= 0.9 * min(deltas[:-1])
+                        and (pred is None or pred > self.max_downtime)
+                        or len(report.passes) >= self.max_passes):
+                    report.converged = False
+                    raise NotConverging(
+                        f"not converging after {len(report.passes)} passes: the guest dirties "
+                        f"{(self.model.dirty_rate or 0) / 2**20:.1f} MiB/s, the engine copies "
+                        f"{(self.model.copy_rate or 0) / 2**20:.1f} MiB/s, predicted downtime "
+                        f"{pred if pred is not None else float('nan'):.1f} s over the "
+                        f"{self.max_downtime:g} s budget, the last deltas "
+                        f"{', '.join(f'{d / 2**20:.1f}' for d in deltas[-4:])} MiB stopped "
+                        "shrinking; cut over anyway with `transfer cutover`, or slow the guest")
+                continue
+            wait_until = time.monotonic() + self.precopy_interval
+            while time.monotonic() < wait_until and not self._cutover_due():
+                await asyncio.sleep(min(0.2, max(0.0, wait_until - time.monotonic())))
+        predicted = self.model.predict(time.time() - log["handover"][str(log["next"] - 1)],
+                                       self._data_bytes())
+        stop = self._stop_vm()
+        began = time.monotonic()
+        info = await self._pass(q, log, report, final=True)
+        downtime = stop + time.monotonic() - began
+        self.model.stop_seconds = stop
+        if self.on_pass is not None:
+            self.on_pass(info)
+        return {"predicted_downtime": predicted, "downtime": round(downtime, 3),
+                "stop_seconds": round(stop, 3), "final_delta_bytes": info.delta_bytes}
+
+
+async def migrate_async(target: str, *, kind: str, qmp: str, node: str, state: str,
+                        nbd_socket: str | None = None, precopy_interval: float = 3600.0,
+                        cutover: str | None = None, max_downtime: float = 5.0,
+                        on_cutover: str | None = None, cutover_timeout: float = 300.0,
+                        max_passes: int = 100, on_pass: Callable[[PassInfo], None] | None = None,
+                        on_progress: Callable | None = None,
+                        **sync_options: Any) -> MigrateReport:
+    """Migrate the block node `node` of the qemu-storage-daemon at `qmp` onto target."""
+    if precopy_interval < 0 or max_downtime <= 0 or cutover_timeout <= 0:
+        raise BadInput("durations must be positive")
+    when = parse_when(cutover) if cutover is not None else None
+    m = Migration(target, kind=kind, qmp=qmp, node=node, state=state, nbd_socket=nbd_socket,
+                  precopy_interval=precopy_interval, cutover=when,
+                  cutover_now=cutover == "now", max_downtime=max_downtime, on_cutover=on_cutover,
+                  cutover_timeout=cutover_timeout, max_passes=max_passes, on_pass=on_pass,
+                  on_progress=on_progress, sync_options=sync_options)
+    return await m.run()
+
+
+def request_cutover(state: str) -> None:
+    """`transfer cutover`: ask the migration running on state to cut over after its pass."""
+    if not os.path.isdir(state):
+        raise BadInput("no migration state here", disk=state, kind="state")
+    fd = os.open(os.path.join(state, "cutover"), os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(fd)
+
+
+__all__ = ["MigrateReport", "NotConverging", "PassInfo", "migrate_async", "parse_duration",
+           "request_cutover"]

@@ -1,0 +1,102 @@
+"""A synthetic guest: writes to a running disk through NBD at a steady rate, logging each write.
+
+Tests and the demo use it as "the VM" of a warm or live migration: a
+qemu-storage-daemon exports the disk writable, this writes through the
+export, and the log (wall time before and after each write, offset, length,
+kind) lets a test check that every write after checkpoint k is covered by
+bitmap k+1 or a later one (RELIABILITY.md C4).
+
+Patterns: scattered (anywhere), hotspot (most writes in 5 % of the disk) and
+sequential (a cursor moving through the disk). One write in twenty zeroes
+its range instead (the guest trimmed it).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+PATTERNS = ("scattered", "hotspot", "sequential")
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    began: float  # time.time() before the request was sent
+    ended: float  # time.time() after its reply
+    offset: int
+    length: int
+    zero: bool
+
+
+class GuestWriter:
+    def __init__(self, uri: str, *, rate: float, pattern: str = "scattered", seed: int = 1,
+                 max_write: int = 256 << 10) -> None:
+        if pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {PATTERNS}, not {pattern!r}")
+        import nbd
+
+        self.h = nbd.NBD()
+        self.h.connect_uri(uri)
+        self.size = self.h.get_size()
+        self.rate = rate  # bytes per second
+        self.pattern = pattern
+        self.rng = random.Random(seed)
+        self.max_write = max_write
+        self.log: list[Write] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="guest-writer", daemon=True)
+        self._cursor = 0
+
+    def start(self) -> "GuestWriter":
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[Write]:
+        """Stop writing (the VM is shut down); every logged write has completed."""
+        self._stop.set()
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.log
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self.stop()
+        self.h.shutdown()
+
+    def _next(self) -> tuple[int, int]:
+        r, size = self.rng, self.size
+        length = r.choice([4096, 16384, 65536, self.max_write])
+        if self.pattern == "sequential":
+            offset = self._cursor
+            self._cursor = (self._cursor + length) % (size - length)
+        elif self.pattern == "hotspot" and r.random() < 0.9:
+            hot = max(size // 20, length)
+            offset = size // 3 + r.randrange(0, hot - length + 1)
+        else:
+            offset = r.randrange(0, size - length)
+        offset -= offset % 512
+        return offset, length
+
+    def _run(self) -> None:
+        try:
+            start = time.monotonic()
+            written = 0
+            while not self._stop.is_set():
+                offset, length = self._next()
+                zero = self.rng.random() < 0.05
+                began = time.time()
+                if zero:
+                    self.h.zero(length, offset)
+                else:
+                    self.h.pwrite(self.rng.randbytes(length), offset)
+                self.log.append(Write(began, time.time(), offset, length, zero))
+                written += length
+                ahead = written / self.rate - (time.monotonic() - start)
+                if ahead > 0:
+                    self._stop.wait(ahead)
+        except BaseException as e:  # reported by stop()
+            self.error = e
