@@ -17,9 +17,10 @@ node: they are removed only after their pass committed). If they are gone
 new bitmap starts recording.
 
 The change-rate model, after each pass k >= 1: the guest's dirty rate is
-what bitmap k named over the time it recorded; the copy rate is what the
-pass copied over its time beyond a fixed per-pass overhead (the smallest
-pass seen); the predicted downtime if cutover happened now is the stop
+what bitmap k named over the time it recorded; a pass is taken to last a
+fixed overhead plus what it moves over the copy rate, the copy rate coming
+from big passes (pass 0) and the overhead from the smallest remainder of
+the others; the predicted downtime if cutover happened now is the stop
 command's time (from the last cutover, else 0) + overhead + the delta the
 guest has dirtied since the last hand-over over the copy rate + the
 read-back of the target (its data over the read rate of pass 0).
@@ -45,6 +46,7 @@ from .qmp import Qmp, QmpError
 from .state.sync import SyncReport, sync_async
 
 PREFIX = "transfer-"
+BIG_PASS = 64 << 20  # bytes moved by a pass that says more about the copy rate than overhead
 EXPORT = "transfer-src"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
@@ -116,15 +118,16 @@ class Model:
         self.stop_seconds = 0.0
 
     def add(self, report: SyncReport, recorded: float | None) -> tuple[float | None, float | None]:
+        """Fold one pass in: a pass takes overhead + moved / copy_rate seconds. Big passes
+        (pass 0) give the copy rate, small ones the overhead."""
         seconds = max(report.seconds, 1e-3)
-        self.overhead = seconds if self.overhead is None else min(self.overhead, seconds)
         moved = report.bytes_copied + report.bytes_zeroed
-        busy = seconds - (self.overhead if report.delta_bytes else 0.0)
-        if moved >= 4 * BLOCK and busy > 0:
-            rate = moved / busy
+        if moved >= BIG_PASS or self.copy_rate is None and moved:
+            rate = moved / seconds
             self.copy_rate = rate if self.copy_rate is None else 0.5 * (self.copy_rate + rate)
-        elif self.copy_rate is None and moved:  # pass 0 at least: overhead included, low
-            self.copy_rate = moved / seconds
+        elif self.copy_rate:  # a small pass: mostly the fixed cost
+            fixed = max(0.0, seconds - moved / self.copy_rate)
+            self.overhead = fixed if self.overhead is None else min(self.overhead, fixed)
         if self.read_rate is None and report.bytes_read:
             self.read_rate = report.bytes_read / seconds
         if recorded is not None and recorded > 0:

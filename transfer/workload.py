@@ -100,3 +100,34 @@ class GuestWriter:
                     self._stop.wait(ahead)
         except BaseException as e:  # reported by stop()
             self.error = e
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m transfer.workload URI --rate BYTES/S [--pattern P] [--seed N] --stop FILE
+    --stopped FILE: write until FILE appears (the VM is being shut down), then create the
+    stopped file and exit (the demo's guest, in its own process)."""
+    import argparse
+    import os
+
+    p = argparse.ArgumentParser(prog="python -m transfer.workload")
+    p.add_argument("uri")
+    p.add_argument("--rate", type=float, required=True)
+    p.add_argument("--pattern", choices=PATTERNS, default="hotspot")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--stop", required=True)
+    p.add_argument("--stopped", required=True)
+    a = p.parse_args(argv)
+    w = GuestWriter(a.uri, rate=a.rate, pattern=a.pattern, seed=a.seed).start()
+    try:
+        while not os.path.exists(a.stop):
+            time.sleep(0.01)
+        log = w.stop()
+    finally:
+        w.close()
+    with open(a.stopped, "w") as f:
+        f.write(f"{len(log)} writes, {sum(x.length for x in log)} bytes\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
