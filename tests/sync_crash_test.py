@@ -412,7 +412,7 @@ def test_commits_follow_the_flush_of_every_write_below_them(nbdkit, tmp_path):
     writes = [(conn, end, off, count) for kind, conn, _, end, off, count in ops if kind != "Flush"]
     with Journal.open(str(state / "journal"), create=False) as j:
         commits = [r for r in j.records if r["t"] == "commit"]
-    assert len(commits) >= 3, "the pass should have committed several times"
+    assert len(commits) >= 2, "the pass should have committed more than once"
     for c in commits:
         for conn, done, off, count in writes:
             if off < c["upto"]:
