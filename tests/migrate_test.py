@@ -250,3 +250,15 @@ def test_kill_9_the_engine_mid_migration_and_run_it_again(vm, tmp_path):
     r = json.loads(report.read_text())
     check_target(v, target, r)
     check_c4(v, state)
+
+
+def test_a_daemon_running_its_own_nbd_server_needs_its_socket_named(vm, tmp_path):
+    """Without --nbd-socket the engine starts an NBD server over QMP; this daemon already runs
+    one, so it says which option to use instead of failing obscurely (exit 2, nothing copied)."""
+    v = vm(size=8 * MiB, seed=9, rate=1 * MiB, pattern="scattered")
+    argv = v.migrate_argv(str(tmp_path / "t.img"), tmp_path / "st", "--type", "cold")
+    i = argv.index("--nbd-socket")
+    del argv[i : i + 2]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--nbd-socket" in p.stderr, p.stderr
+    assert not (tmp_path / "t.img").exists()
