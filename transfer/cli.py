@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(the default for a later pass without a change source)")
     w.add_argument("--checkpoint", metavar="ID",
                    help="the orchestrator's checkpoint (changeId, bitmap name) this pass is for; "
-                        "a pass run again with a committed checkpoint copies nothing")
+                        "run again, a committed checkpoint copies only what its change source "
+                        "names beyond what was committed (--compare always runs)")
     w.add_argument("--final", action="store_true",
                    help="the cutover pass: copy the last delta, read the target back against the "
                         "manifest (exit 6 on a difference), and complete the state")
