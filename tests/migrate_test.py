@@ -262,3 +262,11 @@ def test_a_daemon_running_its_own_nbd_server_needs_its_socket_named(vm, tmp_path
     p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--nbd-socket" in p.stderr, p.stderr
     assert not (tmp_path / "t.img").exists()
+
+
+def test_an_unknown_node_is_bad_input(vm, tmp_path):
+    v = vm(size=8 * MiB, seed=10, rate=1 * MiB, pattern="scattered")
+    argv = v.migrate_argv(str(tmp_path / "t.img"), tmp_path / "st", "--type", "cold")
+    argv[argv.index("disk0")] = "nosuchnode"
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "no block node named 'nosuchnode'" in p.stderr, p.stderr

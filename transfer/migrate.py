@@ -349,7 +349,10 @@ class Migration:
 
     async def _run(self, started: float) -> MigrateReport:
         with Qmp(self.qmp_path) as q:
-            q.node(self.node)
+            try:
+                q.node(self.node)
+            except QmpError as e:
+                raise BadInput(e.message, disk=self.qmp_path, kind="qmp") from None
             self._nbd_server(q)
             log = self._load()
             report = MigrateReport(self.kind, self.target, self.node, 0)
