@@ -270,3 +270,26 @@ def test_an_unknown_node_is_bad_input(vm, tmp_path):
     argv[argv.index("disk0")] = "nosuchnode"
     p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "no block node named 'nosuchnode'" in p.stderr, p.stderr
+
+
+def test_a_daemon_without_an_nbd_server_gets_one_in_the_state_directory(tmp_path):
+    """No --nbd-socket and no NBD server in the daemon: the engine starts one over QMP on a
+    unix socket in the state directory, and the migration reads through it."""
+    require("qemu-storage-daemon")
+    size = 16 * MiB
+    image = str(tmp_path / "disk.raw")
+    make_image(image, size, 11)
+    qsd = QemuStorageDaemon(str(tmp_path / "unused.sock"), image, qmp=str(tmp_path / "qmp.sock"),
+                            fmt="raw", nbd=False).start()
+    try:
+        target, state, report = str(tmp_path / "t.img"), tmp_path / "st", tmp_path / "r.json"
+        p = subprocess.run([sys.executable, "-m", "transfer.cli", "migrate", target, "--qmp",
+                            qsd.qmp, "--node", "disk0", "--state", str(state), "--type", "cold",
+                            "--progress", "none", "--report", str(report)],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert (state / "nbd.sock").exists()
+        compare(image, target, size=size)
+        assert expected_digest_of_file(target) == json.loads(report.read_text())["digest"]
+    finally:
+        qsd.stop()

@@ -133,16 +133,18 @@ class QemuStorageDaemon(Server):
     program = "qemu-storage-daemon"
 
     def __init__(self, sock: str, image: str, *, qmp: str, fmt: str = "qcow2",
-                 node: str = "disk0") -> None:
+                 node: str = "disk0", nbd: bool = True) -> None:
         self.qmp = qmp
         self.node = node
+        self.nbd = nbd  # False: no NBD server (a migration starts its own over QMP)
         argv = ["qemu-storage-daemon",
                 "--blockdev", f"driver=file,filename={image},node-name={node}-file",
-                "--blockdev", f"driver={fmt},file={node}-file,node-name={node}",
-                "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                "--export", f"type=nbd,id=rw,node-name={node},writable=on,name=rw",
-                "--chardev", f"socket,path={qmp},server=on,wait=off,id=qmp0",
-                "--monitor", "chardev=qmp0"]
+                "--blockdev", f"driver={fmt},file={node}-file,node-name={node}"]
+        if nbd:
+            argv += ["--nbd-server", f"addr.type=unix,addr.path={sock}",
+                     "--export", f"type=nbd,id=rw,node-name={node},writable=on,name=rw"]
+        argv += ["--chardev", f"socket,path={qmp},server=on,wait=off,id=qmp0",
+                 "--monitor", "chardev=qmp0"]
         super().__init__(argv, sock, export="rw")
 
     def start(self) -> "Server":
@@ -151,4 +153,11 @@ class QemuStorageDaemon(Server):
         return super().start()
 
     def _ready(self) -> bool:
+        if not self.nbd:
+            with socket.socket(socket.AF_UNIX) as c:
+                try:
+                    c.connect(self.qmp)
+                except OSError:
+                    return False
+            return True
         return os.path.exists(self.qmp) and super()._ready()
