@@ -232,6 +232,21 @@ def test_stalled_server_is_given_up_on_after_the_timeout(nbdkit, tmp_path, image
     assert "no reply from the server for 1 s" in line
 
 
+def test_stalled_target_is_given_up_on_after_the_timeout(nbdkit, tmp_path, image):
+    """R9 on the target side: writes and zeroes are synchronous libnbd calls, which have no
+    timeout; a watchdog shuts the socket of a call silent past --timeout, so the copy fails
+    (exit 4) instead of hanging on a target that never answers."""
+    target = tmp_path / "t.img"
+    with open(target, "wb") as f:
+        f.truncate(64 * MiB)
+    dst = nbdkit("file", str(target), "delay-write=60", "delay-zero=60", filters=["delay"])
+    started = time.monotonic()
+    line = one_line_error(run_cli("copy", image, dst.uri, "--timeout=1", "--force", timeout=60),
+                          4, "transfer: target")
+    assert "no reply from the server for 1 s" in line
+    assert time.monotonic() - started < 30  # not the server's 60 s delay
+
+
 def test_absurd_export_size_is_refused_before_any_write(nbdkit, tmp_path):
     """RELIABILITY.md S9: an export of 2^63-1 bytes is not believed."""
     src = nbdkit("eval", "get_size=echo 9223372036854775807", "pread=exit 1", readonly=True)

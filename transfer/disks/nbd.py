@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import collections
 import os
+import socket
+import threading
 import time
 from typing import Any
 
@@ -69,6 +71,11 @@ class NbdDisk(Disk):
         self.connect_timeout = connect_timeout
         self._error = SourceError if role == "source" else TargetError
         self._handles: list[Any] = []
+        self._busy: dict[int, tuple["NbdConn", float]] = {}  # synchronous calls in progress
+        self._watch_lock = threading.Lock()
+        self._watch_seq = 0
+        self._watchdog: threading.Thread | None = None
+        self._closed = threading.Event()
         self.contexts = contexts  # extra metadata contexts asked for (qemu:dirty-bitmap:NAME)
         self.negotiated: set[str] = set()
         h = self._open(connect_timeout)
@@ -178,7 +185,37 @@ class NbdDisk(Disk):
             raise TargetError(f"cannot read to check for signatures: {_why(e)}",
                               disk=self.display) from None
 
+    def _watch(self, conn: "NbdConn") -> int:
+        """Note a synchronous call starting on conn; start the watchdog on first use."""
+        with self._watch_lock:
+            self._watch_seq += 1
+            self._busy[self._watch_seq] = (conn, time.monotonic())
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch_loop, daemon=True,
+                                                  name="transfer-nbd-watchdog")
+                self._watchdog.start()
+            return self._watch_seq
+
+    def _unwatch(self, key: int) -> None:
+        with self._watch_lock:
+            self._busy.pop(key, None)
+
+    def _watch_loop(self) -> None:
+        while not self._closed.wait(0.25):
+            now = time.monotonic()
+            with self._watch_lock:
+                late = [c for c, t in self._busy.values()
+                        if now - t > self.io_timeout and not c.timed_out]
+            for conn in late:
+                conn.timed_out = True
+                try:  # wake the blocked call: its socket is shut down under it
+                    with socket.socket(fileno=os.dup(conn.fd)) as s:
+                        s.shutdown(socket.SHUT_RDWR)
+                except (OSError, AttributeError, nbd.Error):
+                    pass
+
     def close(self) -> None:
+        self._closed.set()
         for h in self._handles:
             try:
                 h.shutdown()
@@ -195,6 +232,10 @@ class NbdConn(Conn):
         self.disk = disk
         self.h = h
         self.inflight = 0
+        self.timed_out = False  # the watchdog shut this connection down (a call hung)
+        # The socket, asked for now: aio_get_fd() takes the handle's lock, which a hung
+        # synchronous call holds, so the watchdog could not ask for it then.
+        self.fd = h.aio_get_fd()
         # Completions, appended by libnbd's callbacks during poll(); never rebound, since the
         # callbacks of reads in flight hold a reference to this very deque.
         self._done: collections.deque[tuple[Any, int]] = collections.deque()
@@ -287,12 +328,26 @@ class NbdConn(Conn):
             raise SourceChanged(f"the export's size changed from {d.size} to {size} bytes",
                                 disk=d.display)
         self.h = h
+        self.fd = h.aio_get_fd()
+
+    def _guarded(self, what: str, fn: Any, *args: Any, offset: int | None = None,
+                  length: int | None = None) -> None:
+        """A synchronous call with a deadline (R9): past io_timeout the watchdog shuts the
+        socket down, so the call fails instead of waiting on a silent server for ever."""
+        key = self.disk._watch(self)
+        try:
+            fn(*args)
+        except nbd.Error as e:
+            if self.timed_out:
+                raise TargetError(f"{what}: no reply from the server for "
+                                  f"{self.disk.io_timeout:g} s", disk=self.disk.display,
+                                  offset=offset, length=length) from None
+            raise self._fail(TargetError, what, e, offset, length) from None
+        finally:
+            self.disk._unwatch(key)
 
     def write(self, view: memoryview, offset: int) -> None:
-        try:
-            self.h.pwrite(view, offset)
-        except nbd.Error as e:
-            raise self._fail(TargetError, "write", e, offset, len(view)) from None
+        self._guarded("write", self.h.pwrite, view, offset, offset=offset, length=len(view))
 
     def zero(self, offset: int, length: int) -> None:
         end = offset + length
@@ -300,12 +355,12 @@ class NbdConn(Conn):
             n = min(MAX_ZERO, end - offset)
             if self.disk.can_zero:
                 try:
-                    self.h.zero(n, offset)
+                    self._guarded("zero", self.h.zero, n, offset, offset=offset, length=n)
                     offset += n
                     continue
-                except nbd.Error as e:
-                    if _errnum(e) not in NOT_SUPPORTED:
-                        raise self._fail(TargetError, "zero", e, offset, n) from None
+                except TargetError as e:
+                    if self.timed_out or e.errno not in NOT_SUPPORTED:
+                        raise
                     self.disk.can_zero = False
                     self.disk.zero_method = "write"
             self.write_zeros(offset, n)
@@ -313,10 +368,7 @@ class NbdConn(Conn):
 
 
     def flush(self) -> None:
-        try:
-            self.h.flush()
-        except nbd.Error as e:
-            raise self._fail(TargetError, "flush", e) from None
+        self._guarded("flush", self.h.flush)
 
 
 __all__ = ["NbdDisk", "NbdConn"]
