@@ -1,41 +1,177 @@
-"""python -m bench [SCENARIO [options]]: run one benchmark scenario, or all of them with no arguments.
+"""python -m bench [--out DIR] [--quick] [SCENARIO [its options]]...: run benchmark scenarios.
 
-Scenarios (each one's --help lists its options):
+  python -m bench                         every scenario in turn, each with its defaults
+  python -m bench NAME...                 some of them, in the order given
+  python -m bench NAME --opt ... NAME2    options after a scenario's name are that scenario's own
+                                          (`python -m bench NAME --help` lists them)
+  --out DIR   (before the first name) where results go, default bench/out: each scenario's JSON
+              lines as DIR/NAME-<time>.jsonl (a scenario's own --out FILE still wins), and after
+              the run a markdown summary DIR/summary-<time>.md with PNG plots beside it
+  --quick     (anywhere) passes --quick to every scenario: tiny sizes, one rep, in seconds
+
+  python -m bench results [--from DIR] [--to FILE] [--include-reduced]
+              regenerate bench/RESULTS.md (plots in bench/results/) from the newest full run
+              (default options, not --quick) of each scenario in DIR (default bench/out);
+              --include-reduced takes the newest finished run whatever its options
+
+Scenarios:
   cold-copy   a whole-disk copy from nbdkit to null:, a file and a loop device (bench/cold_copy.py)
   warm-delta  a transfer sync delta pass over 1 % dirty blocks against a full pass and nbdcopy,
               and planning a 100,000-area changed-areas file (bench/warm_delta.py)
   live-converge  transfer migrate --type live of a qemu-storage-daemon disk a guest writes to at
               1, 4, 16 and 64 MiB/s: passes, final delta, predicted and measured downtime
               (bench/live_converge.py)
+
+Exit: the worst of the scenarios' codes (0 valid, 1 invalid, 2 missing prerequisites or bad
+options, 3 a bar missed with --require-bars); 130 interrupted (the rest is not run). Plots need
+matplotlib; without it they are skipped, with a note in the summary.
 """
 
 from __future__ import annotations
 
+import datetime
 import importlib
+import os
 import sys
+from pathlib import Path
 
-SCENARIOS = {
-    "cold-copy": "bench.cold_copy",
-    "warm-delta": "bench.warm_delta",
-    "live-converge": "bench.live_converge",
-}
+from .report import NO_MATPLOTLIB, SCENARIOS, load_run, matplotlib_available
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "out"
+
+
+class Usage(Exception):
+    pass
+
+
+def _take_value(args: list[str], i: int, name: str) -> tuple[str, int]:
+    """The value of option `name` at args[i] (`--name V` or `--name=V`), and the next index."""
+    if args[i].startswith(name + "="):
+        return args[i].split("=", 1)[1], i + 1
+    if i + 1 >= len(args):
+        raise Usage(f"{name} needs a value")
+    return args[i + 1], i + 2
+
+
+def parse(argv: list[str]) -> tuple[str, bool, list[tuple[str, list[str]]]]:
+    """(out dir, quick, [(scenario, its own options)]). Harness options come before the first
+    scenario name (--quick anywhere); every scenario name starts a new group."""
+    out = str(DEFAULT_OUT)
+    quick = False
+    groups: list[tuple[str, list[str]]] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in SCENARIOS:
+            if any(name == a for name, _ in groups):
+                raise Usage(f"scenario {a!r} given twice")
+            groups.append((a, []))
+            i += 1
+        elif a == "--quick":
+            quick = True
+            i += 1
+        elif groups:
+            groups[-1][1].append(a)
+            i += 1
+        elif a == "--out" or a.startswith("--out="):
+            out, i = _take_value(argv, i, "--out")
+        else:
+            raise Usage(f"unknown scenario or option {a!r}; scenarios: {', '.join(SCENARIOS)}")
+    if not groups:
+        groups = [(name, []) for name in SCENARIOS]
+    return out, quick, groups
+
+
+def _own_out(args: list[str]) -> str | None:
+    """A scenario's own --out FILE among its options, if any."""
+    for i, a in enumerate(args):
+        if a == "--out" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--out="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _stamp() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def run(argv: list[str]) -> int:
+    try:
+        out_dir, quick, groups = parse(argv)
+    except Usage as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    modules = {name: importlib.import_module(SCENARIOS[name]) for name, _ in groups}
+    plans = []
+    for name, args in groups:
+        args = args + (["--quick"] if quick else [])
+        if "-h" in args or "--help" in args:
+            return modules[name].main(args)  # argparse prints the help and exits 0
+        modules[name].parse_args(args)  # bad options: argparse exits 2 before anything runs
+        plans.append((name, args))
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = _stamp()
+    done = {}
+    missing: dict[str, str] = {}
+    worst = 0
+    for name, args in plans:
+        if len(plans) > 1:
+            print(f"== {name}", flush=True)
+        path = _own_out(args)
+        if path is None:
+            path = os.path.join(out_dir, f"{name}-{_stamp()}.jsonl")
+            n = 1
+            while os.path.exists(path):  # two runs within a second
+                n += 1
+                path = os.path.join(out_dir, f"{name}-{_stamp()}-{n}.jsonl")
+            args = args + ["--out", path]
+        code = modules[name].main(args)
+        worst = max(worst, code)
+        if os.path.exists(path) and os.path.getsize(path):
+            done[name] = load_run(path, name)
+        else:
+            missing[name] = f"no results: the scenario exited {code} before writing any"
+        if code == 130:
+            break
+    from .report import write_run_summary
+    summary = write_run_summary(out_dir, stamp, done, missing, argv)
+    print(f"\nsummary: {summary}" + ("" if matplotlib_available() else f" ({NO_MATPLOTLIB})"),
+          flush=True)
+    return worst
+
+
+def results(argv: list[str]) -> int:
+    import argparse
+
+    from .report import write_results
+    p = argparse.ArgumentParser(prog="python -m bench results",
+                                description="Regenerate bench/RESULTS.md from the newest run of "
+                                            "each scenario's JSON lines.")
+    p.add_argument("--from", dest="src", default=str(DEFAULT_OUT),
+                   help="directory of JSON lines (default bench/out)")
+    p.add_argument("--to", default=str(ROOT / "bench" / "RESULTS.md"),
+                   help="markdown file to write (default bench/RESULTS.md; plots go to "
+                        "results/ beside it)")
+    p.add_argument("--include-reduced", action="store_true",
+                   help="take the newest finished run whatever its options (--quick too); "
+                        "default: only full runs with the scenario's default options")
+    a = p.parse_args(argv)
+    to, runs = write_results(a.src, a.to, a.include_reduced)
+    for name, r in runs.items():
+        print(f"{name}: {r.path}")
+    print(f"wrote {to}" + ("" if matplotlib_available() else f" ({NO_MATPLOTLIB})"))
+    return 0 if runs else 1
 
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
-    if not argv:
-        worst = 0
-        for name, module in SCENARIOS.items():
-            print(f"== {name}", flush=True)
-            worst = max(worst, importlib.import_module(module).main([]))
-        return worst
-    name, rest = argv[0], argv[1:]
-    if name not in SCENARIOS:
-        print(f"bench: unknown scenario {name!r}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
-        return 2
-    return importlib.import_module(SCENARIOS[name]).main(rest)
+    if argv and argv[0] == "results":
+        return results(argv[1:])
+    return run(argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,535 @@
+"""The markdown summary and PNG plots of benchmark runs, made from their JSON lines alone.
+
+Used by `python -m bench` after a run (a summary of that run's scenarios in --out DIR) and by
+`python -m bench results` (bench/RESULTS.md from the newest run of each scenario). The tables are
+the scenarios' own (their `table` functions take the summary records the JSON lines hold), so
+the markdown says what the run printed. Plots need matplotlib (optional: without it they are
+skipped, with a note; live-converge's own SVG is still there).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import shlex
+import shutil
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+SCENARIOS = {
+    "cold-copy": "bench.cold_copy",
+    "warm-delta": "bench.warm_delta",
+    "live-converge": "bench.live_converge",
+}
+GiB = 1 << 30
+MiB = 1 << 20
+NO_MATPLOTLIB = "plots skipped: matplotlib not installed"
+
+
+# ---------------------------------------------------------------- reading a run
+
+@dataclass
+class Run:
+    """One scenario's JSON lines file."""
+    path: str
+    scenario: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+    bad_lines: int = 0
+
+    @property
+    def verdict(self) -> dict[str, Any] | None:
+        return next((r for r in reversed(self.records) if r.get("type") == "verdict"), None)
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("type") == kind]
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        v = self.verdict
+        if v and v.get("provenance"):
+            return v["provenance"]
+        return next((r["provenance"] for r in self.records if r.get("provenance")), {})
+
+
+def load_run(path: str, scenario: str | None = None) -> Run:
+    """Read a JSON lines file; a line that does not parse (a run killed mid-write) is counted,
+    not fatal."""
+    records: list[dict[str, Any]] = []
+    bad = 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+            else:
+                bad += 1
+    if scenario is None:
+        scenario = next((r["scenario"] for r in records if r.get("scenario")), "?")
+    return Run(path, scenario, records, bad)
+
+
+def _module(scenario: str) -> Any:
+    return importlib.import_module(SCENARIOS[scenario])
+
+
+def _command_tail(command: str) -> str:
+    """What follows `-m bench` in a reproduce command (the directory in front varies)."""
+    parts = shlex.split(command)
+    try:
+        i = parts.index("-m")
+    except ValueError:
+        return command
+    return " ".join(parts[i + 2:])
+
+
+def is_default_run(run: Run) -> bool:
+    """A full run: the scenario with all its defaults (not --quick, no option changed), i.e. its
+    reproduce command is what `python -m bench NAME` alone would print."""
+    v = run.verdict
+    if v is None or not v.get("command"):
+        return False
+    mod = _module(run.scenario)
+    default = mod.reproduce_command(mod.parse_args([]))
+    return _command_tail(v["command"]) == _command_tail(default)
+
+
+def latest_runs(directory: str, include_reduced: bool = False) -> dict[str, Run]:
+    """The newest finished run (one with a verdict line) of each scenario in directory, by the
+    file's modification time (when the run ended); only full runs unless include_reduced."""
+    found: dict[str, tuple[float, Run]] = {}
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return {}
+    for name in names:
+        if not name.endswith(".jsonl"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            run = load_run(path)
+            mtime = os.path.getmtime(path)
+        except OSError:
+            continue
+        if run.scenario not in SCENARIOS or run.verdict is None:
+            continue
+        if not include_reduced and not is_default_run(run):
+            continue
+        if run.scenario not in found or mtime > found[run.scenario][0]:
+            found[run.scenario] = (mtime, run)
+    return {s: found[s][1] for s in SCENARIOS if s in found}
+
+
+# ---------------------------------------------------------------- markdown
+
+def _fmt(x: Any, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def _order(d: dict[str, Any], order: Any) -> dict[str, Any]:
+    """The JSON lines are written with sort_keys: put the tools back in the scenario's order."""
+    return {k: d[k] for k in order if k in d} | {k: v for k, v in d.items() if k not in order}
+
+
+def scenario_table(run: Run) -> str:
+    mod = _module(run.scenario)
+    summaries = run.of_type("summary")
+    if not summaries:
+        return "_no summary line (planning only, or the run stopped before its summary)_"
+    if run.scenario == "cold-copy":
+        return mod.table([dict(s, tools=_order(s["tools"], mod.TOOLS)) for s in summaries])
+    if run.scenario == "warm-delta":
+        s = summaries[-1]
+        return mod.table(dict(s, tools=_order(s["tools"], mod.TOOLS)))
+    return mod.table(summaries[-1])
+
+
+def bar_lines(run: Run) -> list[str]:
+    v = run.verdict or {}
+    out = []
+    for b in v.get("bars") or []:
+        if b.get("met") is None:
+            out.append(f"- n/a: {b['bar']}" + (f" ({b['why']})" if b.get("why") else ""))
+            continue
+        mark = "met" if b["met"] else "**MISSED**"
+        if run.scenario == "live-converge":
+            ratios = ", ".join(f"{r:.2f}" for r in b.get("ratios") or [])
+            value = (f"worst \\|predicted ÷ measured − 1\\| = "
+                     f"{_fmt(b['value'] and 100 * b['value'], '.0f')} % (ratios {ratios})")
+        else:
+            value = _fmt(b.get("value"), b.get("format", ".2f"))
+        out.append(f"- {mark}: {b['bar']}: {value}")
+    return out or ["- (no bars in this run)"]
+
+
+def extra_lines(run: Run) -> list[str]:
+    """What the scenario prints below its table that a reader needs (not every detail)."""
+    out: list[str] = []
+    if run.scenario == "cold-copy":
+        for s in run.of_type("summary"):
+            c = s.get("checksum_over_nbdcopy")
+            if c and c.get("median") is not None:
+                out.append(f"- {s['target']}: checksum ÷ nbdcopy (nbdcopy wall ÷ checksum wall, "
+                           f"per rep): median {c['median']:.2f}")
+            vc = s.get("verify_cost")
+            if vc and vc.get("wall_ratio") and vc["wall_ratio"].get("median") is not None:
+                out.append(f"- {s['target']}: copy --verify costs {vc['wall_ratio']['median']:.2f}"
+                           f" × the plain copy's wall (+{_fmt(vc['extra_s']['median'], '.2f')} s)"
+                           f"; read back {_fmt(vc['verify_bytes_read_over_alloc'], '.3f')} × the "
+                           "allocated bytes")
+    elif run.scenario == "warm-delta":
+        plan = next((r for r in run.of_type("plan")), None)
+        if plan and plan.get("available", True) and plan.get("total_s_median") is not None:
+            best = _fmt(plan.get("total_s_best"), ".3f")
+            out.append(f"- planning {plan.get('areas', 0):,} areas: load + plan median "
+                       f"{plan['total_s_median']:.3f} s (best {best}"
+                       f" s; load {_fmt(plan.get('load_s_median'), '.3f')} + plan "
+                       f"{_fmt(plan.get('plan_s_median'), '.3f')})")
+        for n in (run.verdict or {}).get("notes") or []:
+            out.append(f"- note (sync report): {n}")
+    elif run.scenario == "live-converge":
+        s = next(iter(run.of_type("summary")), None)
+        if s:
+            out.append(f"- disk {_fmt(s.get('size') and s['size'] / GiB, '.2g')} GiB, "
+                       f"--max-downtime {_fmt(s.get('max_downtime_s'), 'g')} s; medians over "
+                       "the reps (min–max)")
+    return out
+
+
+def provenance_lines(run: Run) -> list[str]:
+    p = run.provenance
+    image = p.get("image") or {}
+    peers = [p[k] for k in ("nbdcopy", "qemu_img", "nbdkit", "qemu_storage_daemon") if p.get(k)]
+    mem = p.get("mem_total_bytes")
+    if not peers and not p.get("kernel"):  # warm-delta --plan-only: the engine alone
+        return [f"- engine commit `{p.get('engine_commit', '?')}`; "
+                + ", ".join(f"{k} {v}" for k, v in p.items()
+                            if k != "engine_commit" and not isinstance(v, (dict, list)))]
+    alloc = image.get("alloc_bytes")
+    return [
+        (f"- engine commit `{p.get('engine_commit', '?')}` (fingerprint "
+         f"`{p.get('engine_fingerprint', '?')}`)"),
+        f"- peers: {'; '.join(peers) or '?'}",
+        (f"- kernel {p.get('kernel', '?')}; CPU {p.get('cpu_model', '?')}, "
+         f"{p.get('nproc', '?')} cores; memory {_fmt(mem and mem / GiB, '.1f')} GiB; "
+         f"Python {p.get('python', '?')}; work directory on {p.get('workdir_fs', '?')}; "
+         f"cache {p.get('cache', '?')}"),
+        (f"- image: {_fmt(image.get('size') and image['size'] / GiB, 'g')} GiB, seed "
+         f"{image.get('seed', '?')}, {_fmt(alloc and alloc / GiB, '.2f')}"
+         f" GiB allocated, digest `{image.get('digest', '?')}`"),
+    ]
+
+
+def scenario_section(run: Run, md_dir: str, plots: dict[str, Any]) -> str:
+    v = run.verdict or {}
+    lines = [f"## {run.scenario}", ""]
+    state = ("valid" if v.get("valid") else "**INVALID** (see `problems` in the JSON lines)"
+             ) if v else "**unfinished** (no verdict line)"
+    dur = v.get("duration_s")
+    lines.append(f"Run `{os.path.relpath(run.path, md_dir)}`: {state}"
+                 + (f", {dur / 60:.1f} min" if dur is not None else "")
+                 + (f"; {run.bad_lines} unreadable line(s)" if run.bad_lines else "")
+                 + ("; **the engine's files changed during the run**"
+                    if v.get("engine_changed_during_run") else "") + ".")
+    if v and not is_default_run(run):
+        lines += ["", ("_A reduced run (not the scenario's default options; `--quick` is one): "
+                       "at these sizes the ratios mostly measure start-up, so its bars mean "
+                       "little._")]
+    lines += ["", scenario_table(run), ""]
+    extra = extra_lines(run)
+    if extra:
+        lines += extra + [""]
+    lines += ["Bars:", ""] + bar_lines(run) + [""]
+    png = plots.get("png")
+    if png:
+        lines += [f"![{run.scenario}]({os.path.relpath(png, md_dir)})", ""]
+    elif plots.get("note"):
+        lines += [f"_{plots['note']}_", ""]
+    svg = plots.get("svg")
+    if svg:
+        lines += [(f"The scenario's own plot: [{os.path.basename(svg)}]"
+                   f"({os.path.relpath(svg, md_dir)})"), ""]
+    if v.get("command"):
+        lines += ["Reproduce:", "", "```sh", v["command"], "```", ""]
+    lines += ["Provenance:", ""] + provenance_lines(run) + [""]
+    return "\n".join(lines)
+
+
+def glance(runs: dict[str, Run]) -> str:
+    """Every bar of every scenario in one table."""
+    lines = ["| scenario | bar | value | |", "|---|---|---|---|"]
+    for name, run in runs.items():
+        for b in (run.verdict or {}).get("bars") or []:
+            met = "n/a" if b.get("met") is None else ("met" if b["met"] else "**MISSED**")
+            value = b.get("value")
+            if name == "live-converge":
+                value = "–" if value is None else f"worst error {100 * value:.0f} %"
+            else:
+                value = _fmt(value, b.get("format", ".3g"))
+            lines.append(f"| {name} | {b['bar'].replace('|', '∣')} | {value} | {met} |")
+    return "\n".join(lines)
+
+
+def render(runs: dict[str, Run], md_path: str, title: str, intro: list[str],
+           plot_dir: str, missing: dict[str, str] | None = None, stable: bool = False) -> str:
+    """Write the plots into plot_dir and return the markdown (links relative to md_path).
+    stable: the plots are named after the scenario (RESULTS.md), not after the run's file."""
+    md_dir = os.path.dirname(os.path.abspath(md_path))
+    have_mpl = matplotlib_available()
+    parts = [f"# {title}", ""] + intro + [""]
+    if runs:
+        parts += ["Every bar, at a glance:", "", glance(runs), ""]
+    if not have_mpl:
+        parts += [f"_{NO_MATPLOTLIB}_", ""]
+    for name, reason in (missing or {}).items():
+        parts += [f"## {name}", "", f"_{reason}_", ""]
+    for name, run in runs.items():
+        plots: dict[str, Any] = {}
+        if have_mpl:
+            png = os.path.join(plot_dir, plot_stem(run, stable) + ".png")
+            try:
+                if run.of_type("summary"):
+                    plot(run, png)
+                    plots["png"] = png
+                else:
+                    plots["note"] = "no plot: the run has no summary line"
+            except Exception as e:  # noqa: BLE001  (a plot must never lose the tables)
+                plots["note"] = f"plot failed: {type(e).__name__}: {e}"
+        else:
+            plots["note"] = NO_MATPLOTLIB
+        svg = (run.verdict or {}).get("plot")
+        if svg and os.path.exists(svg):
+            if os.path.dirname(os.path.abspath(svg)) != os.path.abspath(plot_dir):
+                dst = os.path.join(plot_dir, plot_stem(run, stable) + ".svg")
+                os.makedirs(plot_dir, exist_ok=True)
+                shutil.copyfile(svg, dst)
+                svg = dst
+            plots["svg"] = svg
+        parts.append(scenario_section(run, md_dir, plots))
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def plot_stem(run: Run, stable: bool) -> str:
+    return run.scenario if stable else os.path.splitext(os.path.basename(run.path))[0]
+
+
+# ---------------------------------------------------------------- plots (matplotlib)
+
+def matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot() -> Any:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _title(run: Run, what: str) -> str:
+    p = run.provenance
+    return (f"{run.scenario}: {what}\nengine {p.get('engine_commit', '?')}, "
+            f"{p.get('cpu_model', '?')} × {p.get('nproc', '?')}, kernel {p.get('kernel', '?')}")
+
+
+def plot(run: Run, png: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    {"cold-copy": plot_cold_copy, "warm-delta": plot_warm_delta,
+     "live-converge": plot_live_converge}[run.scenario](run, png)
+
+
+def plot_cold_copy(run: Run, png: str) -> None:
+    """Throughput (allocated GiB/s of the median wall, min–max as whiskers) per target, the
+    engine and its peers side by side; engine ÷ peer above each peer's bar."""
+    plt = _pyplot()
+    mod = _module(run.scenario)
+    summaries = run.of_type("summary")
+    tools = [t for t in mod.TOOLS if any(t in s["tools"] for s in summaries)]
+    fig, ax = plt.subplots(figsize=(10, 5.2))
+    width = 0.8 / max(1, len(tools))
+    colors = plt.get_cmap("tab10")
+    for i, tool in enumerate(tools):
+        xs, ys, lo, hi, labels = [], [], [], [], []
+        for j, s in enumerate(summaries):
+            t = s["tools"].get(tool)
+            if not t or not t.get("wall_s_median"):
+                continue
+            alloc = s["alloc_bytes"] / GiB
+            y = alloc / t["wall_s_median"]
+            xs.append(j + (i - (len(tools) - 1) / 2) * width)
+            ys.append(y)
+            lo.append(y - alloc / t["wall_s_max"])
+            hi.append(alloc / t["wall_s_min"] - y)
+            r = s["throughput_ratio"].get(tool, {}).get("engine_over_peer_median")
+            labels.append("" if tool == "engine" or r is None else f"{r:.2f}")
+        if not xs:
+            continue
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=tool, color=colors(i))
+        for x, y, top, text in zip(xs, ys, hi, labels):
+            if text:  # above the whisker
+                ax.annotate(text, (x, y + top), textcoords="offset points", xytext=(0, 3),
+                            ha="center", fontsize=7)
+    ax.set_xticks(range(len(summaries)), [s["target"] for s in summaries])
+    ax.set_ylabel("GiB/s of allocated data (median wall)")
+    ax.set_xlabel("target (numbers: engine ÷ tool, median of per-rep wall ratios)")
+    size = summaries[0]["size"] / GiB if summaries else 0
+    ax.set_title(_title(run, f"{size:g} GiB image, whole-disk copy from nbdkit"), fontsize=10)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # room for the legend above the labels
+    ax.legend(fontsize=8, ncol=len(tools), loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def plot_warm_delta(run: Run, png: str) -> None:
+    """Median wall per pass kind (min–max whiskers): the delta pass beside the full pass and
+    nbdcopy's full copy; its ratio to the full pass and the bar in the title."""
+    plt = _pyplot()
+    mod = _module(run.scenario)
+    s = next(iter(run.of_type("summary")), None)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    if s is None:
+        ax.text(0.5, 0.5, "no summary (planning only?)", ha="center")
+    else:
+        tools = [t for t in mod.TOOLS if s["tools"].get(t, {}).get("wall_s_median") is not None]
+        ys = [s["tools"][t]["wall_s_median"] for t in tools]
+        lo = [y - s["tools"][t]["wall_s_min"] for t, y in zip(tools, ys)]
+        hi = [s["tools"][t]["wall_s_max"] - y for t, y in zip(tools, ys)]
+        colors = ["#ff7f0e" if t in ("nbdcopy",) else "#1f77b4" for t in tools]
+        ax.barh(range(len(tools)), ys, xerr=[lo, hi], capsize=3, color=colors)
+        ax.set_yticks(range(len(tools)), tools)
+        ax.invert_yaxis()
+        for k, (t, y, right) in enumerate(zip(tools, ys, hi)):
+            r = s.get(f"{t}_over_full", {}).get("median")
+            ax.annotate(f"{y:.3f} s" + (f"  ({r:.3f} × full)" if r is not None else ""),
+                        (y + right, k), textcoords="offset points", xytext=(6, -3), fontsize=8)
+        ax.set_xlabel("wall seconds, spawn to reaping (median; whiskers min–max)")
+        d = s.get("delta_over_full", {}).get("median")
+        ax.set_xlim(0, max(ys) * 1.35 if ys else 1)
+        ax.grid(axis="x", alpha=0.3)
+        frac = (run.provenance.get("dirty") or {}).get("fraction")
+        ax.set_title(_title(run, f"{s['size'] / GiB:g} GiB, {_fmt(frac and 100 * frac, 'g')} % "
+                                 f"dirty; delta ÷ full = {_fmt(d, '.3f')} (bar ≤ "
+                                 f"{mod.BAR_DELTA_OVER_FULL:g})"), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def plot_live_converge(run: Run, png: str) -> None:
+    """Downtime against the guest's write rate: every run's measured (●) and predicted (◇)
+    downtime, the medians joined, the ±25 % band around the measured median; beside it the
+    passes until convergence per rate."""
+    plt = _pyplot()
+    mod = _module(run.scenario)
+    s = next(iter(run.of_type("summary")), None)
+    runs = run.of_type("run")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [2, 1]})
+    rates = [x["rate_mib_s"] for x in (s or {}).get("rates", [])]
+    if rates:
+        conv = [r for r in runs if r.get("measured_downtime_s") is not None]
+        ax.scatter([r["rate_mib_s"] for r in conv], [r["measured_downtime_s"] for r in conv],
+                   marker="o", color="#1f77b4", label="measured", zorder=3)
+        ax.scatter([r["rate_mib_s"] for r in conv if r.get("predicted_downtime_s") is not None],
+                   [r["predicted_downtime_s"] for r in conv
+                    if r.get("predicted_downtime_s") is not None],
+                   marker="D", facecolors="none", edgecolors="#ff7f0e", label="predicted",
+                   zorder=3)
+        med_m = [(x["rate_mib_s"], statistics.median(x["measured_downtime_s"]))
+                 for x in s["rates"] if x["measured_downtime_s"]]
+        med_p = [(x["rate_mib_s"], statistics.median(x["predicted_downtime_s"]))
+                 for x in s["rates"] if x["predicted_downtime_s"]]
+        if med_m:
+            xs, ys = zip(*med_m)
+            ax.plot(xs, ys, color="#1f77b4", alpha=0.6)
+            band = mod.BAR_PREDICTION
+            ax.fill_between(xs, [y * (1 - band) for y in ys], [y * (1 + band) for y in ys],
+                            color="#1f77b4", alpha=0.12, label=f"measured median ±{band:.0%}")
+        if med_p:
+            xs, ys = zip(*med_p)
+            ax.plot(xs, ys, color="#ff7f0e", alpha=0.6, linestyle="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(rates, [f"{r:g}" for r in rates])
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        passes = [(r["rate_mib_s"], r.get("precopy_passes")) for r in runs
+                  if r.get("precopy_passes") is not None]
+        seven = [r["rate_mib_s"] for r in runs if r.get("result") == "not converging"]
+        if passes:
+            ax2.scatter(*zip(*passes), color="#2ca02c", label="converged")
+        if seven:
+            ax2.scatter(seven, [max([p for _, p in passes] or [1])] * len(seven), marker="x",
+                        color="#d62728", label="exit 7 (not converging)")
+        ax2.set_xscale("log", base=2)
+        ax2.set_xticks(rates, [f"{r:g}" for r in rates])
+        ax2.set_ylim(bottom=0)
+        ax2.yaxis.get_major_locator().set_params(integer=True)
+        ax2.legend(fontsize=8)
+    ax.set_xlabel("guest write rate, MiB/s")
+    ax.set_ylabel("downtime, s")
+    ax.grid(alpha=0.3)
+    ax2.set_xlabel("guest write rate, MiB/s")
+    ax2.set_ylabel("pre-copy passes until convergence")
+    ax2.grid(alpha=0.3)
+    size = (s or {}).get("size") or 0
+    fig.suptitle(_title(run, f"{size / GiB:g} GiB disk, transfer migrate --type live"),
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the two entry points
+
+def write_run_summary(out_dir: str, stamp: str, done: dict[str, Run],
+                      missing: dict[str, str], argv: list[str]) -> str:
+    """After `python -m bench`: DIR/summary-<stamp>.md, the PNGs beside the JSON lines."""
+    md = os.path.join(out_dir, f"summary-{stamp}.md")
+    intro = [(f"`python -m bench {' '.join(shlex.quote(a) for a in argv)}`, started {stamp}. "
+              "Only the ratios taken within one run mean anything on this machine "
+              "(bench/README.md).")]
+    if os.environ.get("BENCH_IDLE_WAIT_MAX") is not None:
+        intro.append(f"BENCH_IDLE_WAIT_MAX={os.environ['BENCH_IDLE_WAIT_MAX']}: the wait for an "
+                     "idle machine before each run was capped at that many seconds.")
+    text = render(done, md, "Benchmark run", intro, out_dir, missing)
+    with open(md, "w") as f:
+        f.write(text)
+    return md
+
+
+def write_results(from_dir: str, to: str, include_reduced: bool = False
+                  ) -> tuple[str, dict[str, Run]]:
+    """bench/RESULTS.md from the newest run of each scenario in from_dir; PNGs in results/
+    beside it."""
+    runs = latest_runs(from_dir, include_reduced)
+    missing = {s: f"no {'finished' if include_reduced else 'full (default options)'} run in "
+                  f"{from_dir}" for s in SCENARIOS if s not in runs}
+    plot_dir = os.path.join(os.path.dirname(os.path.abspath(to)), "results")
+    which = "finished" if include_reduced else "full (default options, not `--quick`)"
+    intro = [
+        (f"The engine against its peers, the newest {which} run of each scenario; each scenario "
+         "was a separate run, so compare ratios within a scenario, not across them. How each is "
+         "measured: [README.md](README.md)."),
+        "",
+        ("Regenerate this file from the newest runs in `bench/out`: "
+         "`cd /work/main && .venv/bin/python -m bench results`; reproduce every figure: "
+         "`.venv/bin/python -m bench` (all scenarios, full size, ~12 min), then that command. "
+         f"Generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}."),
+    ]
+    text = render(runs, to, "Benchmark results", intro, plot_dir, missing, stable=True)
+    with open(to, "w") as f:
+        f.write(text)
+    return to, runs
