@@ -22,6 +22,18 @@ class ServerError(RuntimeError):
     pass
 
 
+def _listening(path: str) -> bool:
+    """Does a server accept connections on the unix socket at path (a probe connect)?"""
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 class Server:
     """A server process listening on `sock`; `uri` is its NBD address."""
 
@@ -59,14 +71,7 @@ class Server:
         raise ServerError(f"{self.argv[0]} did not listen on {self.sock} within {START_TIMEOUT:g} s")
 
     def _ready(self) -> bool:
-        if not os.path.exists(self.sock):
-            return False
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(self.sock)
-            except OSError:
-                return False
-        return True
+        return _listening(self.sock)
 
     @property
     def pid(self) -> int:
@@ -153,11 +158,4 @@ class QemuStorageDaemon(Server):
         return super().start()
 
     def _ready(self) -> bool:
-        if not self.nbd:
-            with socket.socket(socket.AF_UNIX) as c:
-                try:
-                    c.connect(self.qmp)
-                except OSError:
-                    return False
-            return True
-        return os.path.exists(self.qmp) and super()._ready()
+        return _listening(self.qmp) and (not self.nbd or _listening(self.sock))
