@@ -21,6 +21,10 @@ Scenarios:
   live-converge  transfer migrate --type live of a qemu-storage-daemon disk a guest writes to at
               1, 4, 16 and 64 MiB/s: passes, final delta, predicted and measured downtime
               (bench/live_converge.py)
+  kernels     the native zero scan and block hash against their pure-Python twins and a numpy /
+              xxhash-loop baseline, on 64 MiB buffers (bench/kernels.py)
+  overhead    an nbdkit memory and sparse-random disk copied to null: by the engine and nbdcopy:
+              the engine's own cost, a fresh server per run (bench/overhead.py)
 
 Exit: the worst of the scenarios' codes (0 valid, 1 invalid, 2 missing prerequisites or bad
 options, 3 a bar missed with --require-bars); 130 interrupted (the rest is not run). Plots need

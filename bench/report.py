@@ -23,6 +23,8 @@ SCENARIOS = {
     "cold-copy": "bench.cold_copy",
     "warm-delta": "bench.warm_delta",
     "live-converge": "bench.live_converge",
+    "kernels": "bench.kernels",
+    "overhead": "bench.overhead",
 }
 GiB = 1 << 30
 MiB = 1 << 20
@@ -195,6 +197,16 @@ def extra_lines(run: Run) -> list[str]:
                        f"{_fmt(plan.get('plan_s_median'), '.3f')})")
         for n in (run.verdict or {}).get("notes") or []:
             out.append(f"- note (sync report): {n}")
+    elif run.scenario == "kernels":
+        s = next(iter(run.of_type("summary")), None)
+        if s:
+            out.append(f"- {_fmt(s.get('size') and s['size'] / MiB, 'g')} MiB per buffer, "
+                       f"64 KiB blocks, {s.get('reps')} interleaved samples per implementation; "
+                       "on `random` every block's first bytes are non-zero, so the compiled "
+                       "scan stops at once per block: its GiB/s there is per-block overhead, "
+                       "not memory bandwidth")
+    elif run.scenario == "overhead":
+        out += [f"- {n}" for n in (run.verdict or {}).get("notes") or []]
     elif run.scenario == "live-converge":
         s = next(iter(run.of_type("summary")), None)
         if s:
@@ -208,12 +220,19 @@ def provenance_lines(run: Run) -> list[str]:
     p = run.provenance
     image = p.get("image") or {}
     peers = [p[k] for k in ("nbdcopy", "qemu_img", "nbdkit", "qemu_storage_daemon") if p.get(k)]
+    peers += [f"{k} {p[k]}" for k in ("numpy", "xxhash") if p.get(k)]
     mem = p.get("mem_total_bytes")
     if not peers and not p.get("kernel"):  # warm-delta --plan-only: the engine alone
         return [f"- engine commit `{p.get('engine_commit', '?')}`; "
                 + ", ".join(f"{k} {v}" for k, v in p.items()
                             if k != "engine_commit" and not isinstance(v, (dict, list)))]
     alloc = image.get("alloc_bytes")
+    if p.get("workload"):  # kernels, overhead: no image
+        workload = [f"- workload: {p['workload']}"]
+    else:
+        workload = [(f"- image: {_fmt(image.get('size') and image['size'] / GiB, 'g')} GiB, "
+                     f"seed {image.get('seed', '?')}, {_fmt(alloc and alloc / GiB, '.2f')}"
+                     f" GiB allocated, digest `{image.get('digest', '?')}`")]
     return [
         (f"- engine commit `{p.get('engine_commit', '?')}` (fingerprint "
          f"`{p.get('engine_fingerprint', '?')}`)"),
@@ -222,10 +241,7 @@ def provenance_lines(run: Run) -> list[str]:
          f"{p.get('nproc', '?')} cores; memory {_fmt(mem and mem / GiB, '.1f')} GiB; "
          f"Python {p.get('python', '?')}; work directory on {p.get('workdir_fs', '?')}; "
          f"cache {p.get('cache', '?')}"),
-        (f"- image: {_fmt(image.get('size') and image['size'] / GiB, 'g')} GiB, seed "
-         f"{image.get('seed', '?')}, {_fmt(alloc and alloc / GiB, '.2f')}"
-         f" GiB allocated, digest `{image.get('digest', '?')}`"),
-    ]
+    ] + workload
 
 
 def scenario_section(run: Run, md_dir: str, plots: dict[str, Any]) -> str:
@@ -347,7 +363,8 @@ def _title(run: Run, what: str) -> str:
 def plot(run: Run, png: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
     {"cold-copy": plot_cold_copy, "warm-delta": plot_warm_delta,
-     "live-converge": plot_live_converge}[run.scenario](run, png)
+     "live-converge": plot_live_converge, "kernels": plot_kernels,
+     "overhead": plot_overhead}[run.scenario](run, png)
 
 
 def plot_cold_copy(run: Run, png: str) -> None:
@@ -492,6 +509,101 @@ def plot_live_converge(run: Run, png: str) -> None:
     plt.close(fig)
 
 
+def plot_kernels(run: Run, png: str) -> None:
+    """GiB/s per buffer (median, min–max whiskers, log scale), a panel per kernel, the compiled
+    kernel beside its pure-Python twin and the baselines; cython ÷ this above each peer's bar."""
+    plt = _pyplot()
+    mod = _module(run.scenario)
+    s = next(iter(run.of_type("summary")), None)
+    rows = (s or {}).get("rows") or []
+    fig, axes = plt.subplots(1, len(mod.KERNELS), figsize=(11, 4.6))
+    colors = plt.get_cmap("tab10")
+    for ax, (kernel, impls) in zip(axes, mod.KERNELS.items()):
+        width = 0.8 / len(impls)
+        for i, impl in enumerate(impls):
+            xs, ys, lo, hi, labels = [], [], [], [], []
+            for j, buffer in enumerate(mod.BUFFERS):
+                r = next((r for r in rows if r["kernel"] == kernel and r["buffer"] == buffer
+                          and r["impl"] == impl), None)
+                if not r or not r.get("gib_per_s"):
+                    continue
+                xs.append(j + (i - (len(impls) - 1) / 2) * width)
+                ys.append(r["gib_per_s"])
+                lo.append(r["gib_per_s"] - r["gib_per_s_min"])
+                hi.append(r["gib_per_s_max"] - r["gib_per_s"])
+                ratio = r["cython_over_this"]["median"]
+                labels.append("" if impl == mod.ENGINE_IMPL or ratio is None
+                              else f"{ratio:,.0f}×" if ratio >= 100 else f"{ratio:.3g}×")
+            if not xs:
+                continue
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=impl, color=colors(i))
+            for x, y, top, text in zip(xs, ys, hi, labels):
+                if text:
+                    ax.annotate(text, (x, y + top), textcoords="offset points", xytext=(0, 3),
+                                ha="center", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(mod.BUFFERS)), list(mod.BUFFERS))
+        ax.set_title(kernel, fontsize=10)
+        ax.set_ylabel("GiB/s (median per call; log scale)")
+        ax.set_xlabel("buffer (numbers: cython ÷ this, per-sample medians)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    size = (s or {}).get("size") or 0
+    fig.suptitle(_title(run, f"{size / MiB:g} MiB buffers, 64 KiB blocks"), fontsize=10)
+    _save(plt, fig, png)
+
+
+def plot_overhead(run: Run, png: str) -> None:
+    """Per source: GiB/s of the disk's virtual size (median wall, min–max whiskers), the engine
+    beside nbdcopy with engine ÷ nbdcopy above; beside it client and server CPU-s per GiB."""
+    plt = _pyplot()
+    mod = _module(run.scenario)
+    s = next(iter(run.of_type("summary")), None)
+    sources = (s or {}).get("sources") or []
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
+    width = 0.8 / len(mod.TOOLS)
+    colors = {"engine": "#1f77b4", "nbdcopy": "#ff7f0e"}
+    for i, tool in enumerate(mod.TOOLS):
+        xs, ys, lo, hi, cli, srv = [], [], [], [], [], []
+        for j, src in enumerate(sources):
+            t = src["tools"].get(tool) or {}
+            if not t.get("wall_s_median"):
+                continue
+            gib = src["size"] / GiB
+            xs.append(j + (i - (len(mod.TOOLS) - 1) / 2) * width)
+            ys.append(gib / t["wall_s_median"])
+            lo.append(ys[-1] - gib / t["wall_s_max"])
+            hi.append(gib / t["wall_s_min"] - ys[-1])
+            cli.append(t["client_cpu_s_per_gib"] or 0)
+            srv.append(t["server_cpu_s_per_gib"] or 0)
+            if tool != "engine" and src["engine_over_nbdcopy"]["median"] is not None:
+                ax.annotate(f"{src['engine_over_nbdcopy']['median']:.2f}",
+                            (xs[-1], ys[-1] + hi[-1]), textcoords="offset points",
+                            xytext=(0, 3), ha="center", fontsize=8)
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=tool, color=colors[tool])
+        ax2.bar(xs, cli, width, label=f"{tool} client", color=colors[tool])
+        ax2.bar(xs, srv, width, bottom=cli, label=f"{tool}: nbdkit", color=colors[tool],
+                alpha=0.4, hatch="//")
+    for a in (ax, ax2):
+        a.set_xticks(range(len(sources)), [src["source"] for src in sources])
+        a.grid(axis="y", alpha=0.3)
+        a.legend(fontsize=8)
+    ax.set_ylabel("GiB/s of the virtual size (median wall)")
+    ax.set_xlabel("source, to null: (numbers: engine ÷ nbdcopy, per-rep medians)")
+    ax2.set_ylabel("CPU-s per virtual GiB (medians)")
+    ax2.set_xlabel("source: client (solid) and nbdkit (hatched)")
+    size = (s or {}).get("size") or 0
+    fig.suptitle(_title(run, f"{size / GiB:g} GiB from nbdkit to null:, engine overhead"),
+                 fontsize=10)
+    _save(plt, fig, png)
+
+
+def _save(plt: Any, fig: Any, png: str) -> None:
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- the two entry points
 
 def write_run_summary(out_dir: str, stamp: str, done: dict[str, Run],
@@ -526,7 +638,7 @@ def write_results(from_dir: str, to: str, include_reduced: bool = False
         "",
         ("Regenerate this file from the newest runs in `bench/out`: "
          "`cd /work/main && .venv/bin/python -m bench results`; reproduce every figure: "
-         "`.venv/bin/python -m bench` (all scenarios, full size, ~12 min), then that command. "
+         "`.venv/bin/python -m bench` (all scenarios, full size, ~13 min), then that command. "
          f"Generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}."),
     ]
     text = render(runs, to, "Benchmark results", intro, plot_dir, missing, stable=True)

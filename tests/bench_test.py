@@ -14,7 +14,7 @@ import pytest
 from .conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("cold-copy", "warm-delta", "live-converge")
+SCENARIOS = ("cold-copy", "warm-delta", "live-converge", "kernels", "overhead")
 
 
 def bench(*args: str, timeout: float = 60, env: dict[str, str] | None = None
@@ -71,7 +71,7 @@ def test_quick_run_of_every_scenario_writes_json_lines_and_a_summary(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("the cold-copy scenario's loop device needs root")
     for program in ("nbdkit", "nbdcopy", "qemu-img", "qemu-storage-daemon", "losetup",
-                    "blkdiscard", "cmp"):
+                    "blkdiscard", "cmp", "nbdinfo"):
         require(program)
     if not os.access("/usr/bin/time", os.X_OK):
         pytest.skip("GNU time is not installed (Debian package time)")
