@@ -16,8 +16,8 @@
 
 Scenarios:
   cold-copy   a whole-disk copy from nbdkit to null:, a file and a loop device (bench/cold_copy.py)
-  warm-delta  a transfer sync delta pass over 1 % dirty blocks against a full pass and nbdcopy,
-              and planning a 100,000-area changed-areas file (bench/warm_delta.py)
+  warm-delta  transfer sync delta passes over 1 % and 10 % dirty blocks (mixed, scattered,
+              clustered) against a full pass and nbdcopy, and planning a 100,000-area changed-areas file (bench/warm_delta.py)
   live-converge  transfer migrate --type live of a qemu-storage-daemon disk a guest writes to at
               1, 4, 16 and 64 MiB/s: passes, final delta, predicted and measured downtime
               (bench/live_converge.py)

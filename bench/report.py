@@ -412,12 +412,15 @@ def plot_cold_copy(run: Run, png: str) -> None:
 
 
 def plot_warm_delta(run: Run, png: str) -> None:
-    """Median wall per pass kind (min–max whiskers): the delta pass beside the full pass and
-    nbdcopy's full copy; its ratio to the full pass and the bar in the title."""
+    """Median wall per pass kind (min–max whiskers): the delta passes (the mixed 1 % one and the
+    1 % / 10 % scattered / clustered kinds) beside the full pass and nbdcopy's full copy; each
+    one's ratio to the full pass, and the bar in the title."""
     plt = _pyplot()
     mod = _module(run.scenario)
     s = next(iter(run.of_type("summary")), None)
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    n_bars = len([t for t in mod.TOOLS if s and s["tools"].get(t, {}).get("wall_s_median")
+                  is not None])
+    fig, ax = plt.subplots(figsize=(9, max(4.5, 1.2 + 0.42 * n_bars)))
     if s is None:
         ax.text(0.5, 0.5, "no summary (planning only?)", ha="center")
     else:
@@ -427,7 +430,7 @@ def plot_warm_delta(run: Run, png: str) -> None:
         hi = [s["tools"][t]["wall_s_max"] - y for t, y in zip(tools, ys)]
         colors = ["#ff7f0e" if t in ("nbdcopy",) else "#1f77b4" for t in tools]
         ax.barh(range(len(tools)), ys, xerr=[lo, hi], capsize=3, color=colors)
-        ax.set_yticks(range(len(tools)), tools)
+        ax.set_yticks(range(len(tools)), [getattr(mod, "NAMES", {}).get(t, t) for t in tools])
         ax.invert_yaxis()
         for k, (t, y, right) in enumerate(zip(tools, ys, hi)):
             r = s.get(f"{t}_over_full", {}).get("median")
