@@ -232,8 +232,10 @@ def _offset(value: Any, size: Any) -> bool:
 
 
 def _differences(bound: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between a bound identity and the disk's now, the size aside (a source's
+    size change makes a full pass, R2; a target may grow with its source)."""
     return [f"{k} {bound.get(k)!r} is now {now.get(k)!r}"
-            for k in sorted(set(bound) | set(now)) if bound.get(k) != now.get(k)]
+            for k in sorted(set(bound) | set(now)) if k != "size" and bound.get(k) != now.get(k)]
 
 
 @dataclass
@@ -309,8 +311,7 @@ async def sync_async(source: str, target: str, *, state: str,
         moved = False
         if st.bind is not None:
             bound_src, bound_dst = st.bind["source"], st.bind["target"]
-            diff = _differences({k: v for k, v in bound_src.items() if k != "size"},
-                                {k: v for k, v in src.identity().items() if k != "size"})
+            diff = _differences(bound_src, src.identity())
             if diff and not source_moved:  # the size may change (R2: a full pass); not this
                 raise TargetRefused("this state belongs to another source: " + "; ".join(diff)
                                     + " (if the same disk is now served there, pass "
@@ -318,8 +319,7 @@ async def sync_async(source: str, target: str, *, state: str,
             if diff:
                 moved = True
                 notes.append("source moved: " + "; ".join(diff))
-            diff = _differences({k: v for k, v in bound_dst.items() if k != "size"},
-                                {k: v for k, v in dst.identity().items() if k != "size"})
+            diff = _differences(bound_dst, dst.identity())
             if diff:  # its size may grow with the source's (a PVC resized); nothing else may
                 raise TargetRefused("this state belongs to another target: " + "; ".join(diff),
                                     disk=dst.display)
