@@ -45,7 +45,7 @@ from typing import Any, Callable, TextIO
 
 from transfer.cli import parse_size
 from transfer.demo import file_digest
-from transfer.servers import Nbdkit
+from transfer.servers import Nbdkit, QemuNbd, Server
 from transfer.synth import make_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +54,15 @@ TIME = "/usr/bin/time"  # GNU time, for each tool's own peak RSS (see Bench._spa
 GiB = 1 << 30
 MiB = 1 << 20
 TARGETS = ("null", "file", "loop")
+IMAGES = ("mixed", "random")  # half allocated, of every kind of block; all random data
+SERVERS = ("nbdkit", "qemu-nbd")  # nbdkit's file plugin on the raw image; qemu-nbd on a qcow2 copy
+CACHES = ("hot", "dropped")
+# A case: an image, the server in front of it and the page cache's state. The first one listed
+# is the one the issue's bars are about ("the 4 GiB bench image on nbdkit").
+DEFAULT_CASES = ("mixed/nbdkit/hot", "mixed/qemu-nbd/hot", "random/nbdkit/hot",
+                 "random/qemu-nbd/hot", "mixed/nbdkit/dropped")
+QUICK_CASES = ("mixed/nbdkit/hot", "random/qemu-nbd/dropped")
+PRIMARY = "mixed/nbdkit/hot"
 QUICK_SIZE = 256 * MiB
 DEFAULT_SIZE = 4 * GiB
 ALLOCATED = 0.5
@@ -89,9 +98,52 @@ TOOLS: dict[str, Tool] = {
     "checksum": Tool(targets=("null",), engine=True, result="stdout",
                      fields=("seconds", "bytes_read", "size", "connections", "digest", "native")),
     "nbdcopy": Tool(),
+    "nbdcopy-tuned": Tool(),
     "qemu-img": Tool(),
+    "qemu-img-tuned": Tool(),
 }
+# The engine's peers; "-tuned": the best settings of a sweep on these machines (bench/README.md).
+PEERS = ("nbdcopy", "nbdcopy-tuned", "qemu-img", "qemu-img-tuned")
+NBDCOPY_TUNED = ("--connections=8", "--request-size=1048576")
+QEMU_IMG_TUNED = ("-W", "-m", "16")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Case:
+    """What the tools copy from: an image kind, the server in front of it, the cache's state."""
+    image: str
+    server: str
+    cache: str = "hot"
+
+    @property
+    def key(self) -> str:
+        return f"{self.image}/{self.server}/{self.cache}"
+
+    @classmethod
+    def parse(cls, text: str) -> Case:
+        """IMAGE/SERVER[/CACHE], e.g. mixed/nbdkit or random/qemu-nbd/dropped."""
+        parts = text.split("/")
+        if len(parts) == 2:
+            parts.append("hot")
+        if (len(parts) != 3 or parts[0] not in IMAGES or parts[1] not in SERVERS
+                or parts[2] not in CACHES):
+            raise ValueError(f"bad case {text!r}: IMAGE/SERVER[/CACHE] with IMAGE one of "
+                             f"{', '.join(IMAGES)}, SERVER one of {', '.join(SERVERS)}, CACHE "
+                             f"one of {', '.join(CACHES)}")
+        return cls(*parts)
+
+
+@dataclass
+class Source:
+    """One image as a case serves it: the raw image (what targets are compared with), the file
+    the server reads (the raw image, or its qcow2 copy for qemu-nbd) and what is known of it."""
+    image: str
+    served: str
+    size: int
+    alloc: int
+    digest: str
+    info: dict[str, Any]
 
 
 class Invalid(Exception):
@@ -157,6 +209,25 @@ def cache_resident(path: str) -> int | None:
         return int(out.split()[0])
     except (ValueError, IndexError):
         return None
+
+
+def drop_caches() -> None:
+    """Write back dirty pages, then drop the clean page cache, dentries and inodes (root)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def proc_peak_rss_mib(pid: int) -> float | None:
+    """A live process's peak resident memory (VmHWM), from /proc."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -333,14 +404,11 @@ def spawn_and_reap(argv: list[str], stdout: str, log: str, rss_file: str, timeou
 # ---------------------------------------------------------------- one run
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: str, image: str, size: int,
-                 alloc: int, ref_digest: str, prov: dict[str, Any], out: TextIO) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: str, size: int,
+                 prov: dict[str, Any], out: TextIO) -> None:
         self.args = args
         self.workdir = workdir
-        self.image = image
         self.size = size
-        self.alloc = alloc
-        self.ref_digest = ref_digest
         self.prov = prov
         self.out = out
         self.sock = os.path.join(workdir, "nbd.sock")
@@ -348,6 +416,38 @@ class Bench:
         self.loop: LoopDevice | None = None
         self.timeout = max(120.0, 60.0 * size / GiB)
         self.runs: list[dict[str, Any]] = []
+        self.case = Case("mixed", "nbdkit")
+        self.src: Source | None = None
+        self.reps = args.reps
+
+    def use(self, case: Case, src: Source, reps: int) -> None:
+        """The case the next runs are of."""
+        self.case, self.src, self.reps = case, src, reps
+
+    @property
+    def image(self) -> str:
+        assert self.src is not None
+        return self.src.image
+
+    @property
+    def alloc(self) -> int:
+        assert self.src is not None
+        return self.src.alloc
+
+    @property
+    def ref_digest(self) -> str:
+        assert self.src is not None
+        return self.src.digest
+
+    def server(self) -> Server:
+        """A fresh server for one run: nbdkit's file plugin on the raw image, or qemu-nbd on
+        its qcow2 copy (--shared=0: any number of clients, so every tool gets the connections
+        it asks for; read-only, so it advertises multi-conn)."""
+        assert self.src is not None
+        if self.case.server == "nbdkit":
+            return Nbdkit(self.sock, "file", self.src.served, readonly=True)
+        return QemuNbd(self.sock, self.src.served, fmt="qcow2", readonly=True,
+                       options=["--shared=0"])
 
     def emit(self, record: dict[str, Any]) -> None:
         self.out.write(json.dumps(record, sort_keys=True) + "\n")
@@ -386,13 +486,15 @@ class Bench:
             return [str(ENGINE), "copy", uri, dst, *verify, "--progress=none", "--report", report]
         if tool == "checksum":
             return [str(ENGINE), "checksum", uri, "--json", "--progress=none"]
-        if tool == "nbdcopy":
-            return ["nbdcopy", "--flush", uri, dst]
-        if tool == "qemu-img":
+        if tool in ("nbdcopy", "nbdcopy-tuned"):
+            tuned = list(NBDCOPY_TUNED) if tool == "nbdcopy-tuned" else []
+            return ["nbdcopy", "--flush", *tuned, uri, dst]
+        if tool in ("qemu-img", "qemu-img-tuned"):
+            tuned = list(QEMU_IMG_TUNED) if tool == "qemu-img-tuned" else []
             if target == "null":
-                return ["qemu-img", "convert", "-n", "-f", "raw", "--target-image-opts", uri,
-                        f"driver=null-co,size={self.size}"]
-            return ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", uri, dst]
+                return ["qemu-img", "convert", *tuned, "-n", "-f", "raw", "--target-image-opts",
+                        uri, f"driver=null-co,size={self.size}"]
+            return ["qemu-img", "convert", *tuned, "-n", "-f", "raw", "-O", "raw", uri, dst]
         raise ValueError(tool)
 
     def _spawn_and_reap(self, argv: list[str], stdout: str, log: str
@@ -404,17 +506,24 @@ class Bench:
         """One timed run; rep None is the warm-up, which is also checked for correctness."""
         spec = TOOLS[tool]
         warmup = rep is None
-        label = "warm-up" if warmup else f"rep {rep + 1}/{self.args.reps}"
+        label = "warm-up" if warmup else f"rep {rep + 1}/{self.reps}"
         report = os.path.join(self.workdir, "report.json")
         stdout = os.path.join(self.workdir, "child.out")
         log = os.path.join(self.workdir, "child.log")
         if os.path.exists(report):
             os.unlink(report)
         self.prepare(target)
-        rec: dict[str, Any] = {"type": "run", "scenario": "cold-copy", "target": target,
-                               "tool": tool, "rep": rep, "warmup": warmup}
+        rec: dict[str, Any] = {"type": "run", "scenario": "cold-copy", "case": self.case.key,
+                               "image": self.case.image, "server": self.case.server,
+                               "cache": self.case.cache, "target": target, "tool": tool,
+                               "rep": rep, "warmup": warmup}
         post_sync = 0.0
-        with Nbdkit(self.sock, "file", self.image, readonly=True) as server:
+        if self.case.cache == "dropped":
+            # Outside the timed region: the source is read from the disk, not from memory.
+            assert self.src is not None
+            drop_caches()
+            rec["source_cache_resident_bytes"] = cache_resident(self.src.served)
+        with self.server() as server:
             argv = self.argv(tool, target, server.uri, report)
             idle_wait = wait_quiet()
             with open("/proc/loadavg") as f:
@@ -436,13 +545,14 @@ class Bench:
             wall = time.perf_counter() - t0
             server_cpu = proc_cpu_seconds(server.pid) - server_cpu0
             busy = machine_busy_seconds() - busy0
+            server_rss = proc_peak_rss_mib(server.pid)  # a fresh server: this run's own peak
         rec.update({
             "argv": argv, "exit": code, "timed_out": timed_out, "wall_s": round(wall, 6),
             "post_sync_s": round(post_sync, 6),
             "client_user_s": round(usage.ru_utime, 6), "client_sys_s": round(usage.ru_stime, 6),
             "client_cpu_s": round(usage.ru_utime + usage.ru_stime, 6),
             "client_maxrss_mib": None if maxrss_kib is None else round(maxrss_kib / 1024, 1),
-            "server_cpu_s": round(server_cpu, 3),
+            "server_cpu_s": round(server_cpu, 3), "server_maxrss_mib": server_rss,
             # Everything else the machine did meanwhile: kernel threads working for the copy
             # (writeback, the loop device's workers) and other people's processes.
             "machine_busy_cpu_s": round(busy, 3),
@@ -504,10 +614,11 @@ class Bench:
                       f"{result['verify_bytes_read'] / self.alloc:.3f} × allocated)")
         if post_sync:
             extra += f", fsync {post_sync:.2f} s"
-        _say(f"  {target:4} {tool:13} {label:9} {wall:7.2f} s  {rec['alloc_gib_per_s']:5.2f} GiB/s  "
+        _say(f"  {target:4} {tool:14} {label:9} {wall:7.2f} s  {rec['alloc_gib_per_s']:5.2f} GiB/s  "
              f"cpu {rec['client_cpu_s']:5.2f} + server {server_cpu:5.2f} + other "
              f"{rec['other_cpu_s']:5.2f} s  "
-             f"rss {_fmt(rec['client_maxrss_mib'], '6.1f')} MiB{extra}"
+             f"rss {_fmt(rec['client_maxrss_mib'], '6.1f')} MiB (server "
+             f"{_fmt(server_rss, '.0f')}){extra}"
              + ("" if not problems else "  INVALID: " + "; ".join(problems)))
         return rec
 
@@ -543,8 +654,9 @@ def summarize(bench: Bench, target: str, tools: list[str], resident: int | None
               ) -> dict[str, Any]:
     alloc_gib = bench.alloc / GiB
     per_tool: dict[str, Any] = {}
-    reps = {t: [r for r in bench.runs if r["target"] == target and r["tool"] == t and not r["warmup"]]
-            for t in tools}
+    case = bench.case.key
+    mine = [r for r in bench.runs if r["case"] == case and r["target"] == target]
+    reps = {t: [r for r in mine if r["tool"] == t and not r["warmup"]] for t in tools}
     for tool in tools:
         runs = reps[tool]
         good = [r for r in runs if r["valid"]]
@@ -553,7 +665,7 @@ def summarize(bench: Bench, target: str, tools: list[str], resident: int | None
         cpu = _median([r["client_cpu_s"] for r in good])
         srv = _median([r["server_cpu_s"] for r in good])
         other = _median([r["other_cpu_s"] for r in good])
-        warm = [r for r in bench.runs if r["target"] == target and r["tool"] == tool and r["warmup"]]
+        warm = [r for r in mine if r["tool"] == tool and r["warmup"]]
         checked = [r for r in warm if r.get("checks")]
         s: dict[str, Any] = {
             "reps": len(runs), "valid_reps": len(good),
@@ -568,6 +680,8 @@ def summarize(bench: Bench, target: str, tools: list[str], resident: int | None
             "other_cpu_s_per_gib": round(other / alloc_gib, 4) if other is not None else None,
             "peak_rss_mib": max((r["client_maxrss_mib"] for r in runs + warm
                                  if r["client_maxrss_mib"] is not None), default=None),
+            "server_peak_rss_mib": max((r["server_maxrss_mib"] for r in runs + warm
+                                        if r.get("server_maxrss_mib") is not None), default=None),
         }
         if TOOLS[tool].result:
             s["engine_own_seconds_median"] = _median(
@@ -579,7 +693,7 @@ def summarize(bench: Bench, target: str, tools: list[str], resident: int | None
             read_back = [r["engine_report"]["verify_bytes_read"] for r in runs + warm
                          if r["valid"] and "engine_report" in r]
             s["verify_bytes_read_max"] = max(read_back, default=None)
-        if tool == "qemu-img" and target != "null":
+        if tool.startswith("qemu-img") and target != "null":
             s["post_sync_s_median"] = _median([r["post_sync_s"] for r in good])
         per_tool[tool] = s
     # engine ÷ peer throughput: peer wall / engine wall, rep by rep (engine-verify's is its cost).
@@ -588,10 +702,18 @@ def summarize(bench: Bench, target: str, tools: list[str], resident: int | None
         r = _paired(reps, peer, "engine", _ratio) if peer != "engine" else None
         if r is not None:
             ratios[peer] = {"engine_over_peer_median": r["median"], "pairs": r["pairs"]}
-    summary = {"type": "summary", "scenario": "cold-copy", "target": target,
-               "alloc_bytes": bench.alloc, "size": bench.size,
+    # The best peer: the one the engine is least ahead of (or most behind).
+    best = min(((p, ratios[p]["engine_over_peer_median"]) for p in PEERS
+                if p in ratios and ratios[p]["engine_over_peer_median"] is not None),
+               key=lambda x: x[1], default=None)
+    summary = {"type": "summary", "scenario": "cold-copy", "case": case,
+               "image": bench.case.image, "server": bench.case.server, "cache": bench.case.cache,
+               "target": target, "alloc_bytes": bench.alloc, "size": bench.size,
                "image_cache_resident_bytes": resident, "tools": per_tool,
-               "throughput_ratio": ratios, "provenance": bench.prov}
+               "throughput_ratio": ratios,
+               "best_peer": None if best is None else {"tool": best[0],
+                                                       "engine_over_peer_median": best[1]},
+               "provenance": bench.prov}
     # checksum ÷ nbdcopy throughput: nbdcopy wall / checksum wall (the same allocated bytes).
     checksum = _paired(reps, "nbdcopy", "checksum", _ratio)
     if checksum is not None:
@@ -615,8 +737,9 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def table(summaries: list[dict[str, Any]]) -> str:
-    head = ("| target | tool | median s (min–max) | GiB/s alloc | GiB/s virtual | engine ÷ tool "
-            "| CPU-s/GiB client | CPU-s/GiB server | CPU-s/GiB other | peak RSS MiB | check |")
+    head = ("| case | target | tool | median s (min–max) | GiB/s alloc | GiB/s virtual "
+            "| engine ÷ tool | CPU-s/GiB client | CPU-s/GiB server | CPU-s/GiB other "
+            "| peak RSS MiB client | peak RSS MiB server | check |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for s in summaries:
         for tool, t in s["tools"].items():
@@ -634,18 +757,42 @@ def table(summaries: list[dict[str, Any]]) -> str:
             else:
                 check = "ok"
             lines.append(
-                f"| {s['target']} | {tool} | {med} | {_fmt(t['alloc_gib_per_s'], '.2f')} | "
+                f"| {s.get('case', PRIMARY)} | {s['target']} | {tool} | {med} | "
+                f"{_fmt(t['alloc_gib_per_s'], '.2f')} | "
                 f"{_fmt(t['virtual_gib_per_s'], '.2f')} | {ratio} | "
                 f"{_fmt(t['client_cpu_s_per_gib'], '.2f')} | "
                 f"{_fmt(t['server_cpu_s_per_gib'], '.2f')} | "
                 f"{_fmt(t['other_cpu_s_per_gib'], '.2f')} | "
-                f"{_fmt(t['peak_rss_mib'], '.0f')} | {check} |")
+                f"{_fmt(t['peak_rss_mib'], '.0f')} | {_fmt(t.get('server_peak_rss_mib'), '.0f')} "
+                f"| {check} |")
+    return "\n".join(lines)
+
+
+def best_peer_table(summaries: list[dict[str, Any]]) -> str:
+    """Per case and target: engine ÷ each peer, and the best peer (the one the engine is least
+    ahead of)."""
+    peers = [p for p in PEERS if any(p in s["throughput_ratio"] for s in summaries)]
+    head = ("| case | target | " + " | ".join(f"engine ÷ {p}" for p in peers)
+            + " | best peer | engine ÷ best peer |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for s in summaries:
+        cells = [_fmt(s["throughput_ratio"].get(p, {}).get("engine_over_peer_median"), ".2f")
+                 for p in peers]
+        best = s.get("best_peer") or {}
+        value = best.get("engine_over_peer_median")
+        mark = "" if value is None else (" (ahead)" if value >= 1 else " (**behind**)")
+        lines.append(f"| {s.get('case', PRIMARY)} | {s['target']} | {' | '.join(cells)} | "
+                     f"{best.get('tool', '–')} | {_fmt(value, '.2f')}{mark} |")
     return "\n".join(lines)
 
 
 def bars(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's bars, on the case they were set for (the mixed image on nbdkit, hot); peak
+    RSS on every case."""
     out: list[dict[str, Any]] = []
     for s in summaries:
+        if s.get("case", PRIMARY) != PRIMARY:
+            continue
         for peer, bar in (("nbdcopy", BAR_NBDCOPY), ("qemu-img", BAR_QEMU_IMG)):
             r = s["throughput_ratio"].get(peer)
             if r is None:
@@ -676,54 +823,91 @@ def bars(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench cold-copy",
-        description="Copy a synthetic disk served by nbdkit with the engine (also with --verify), "
-                    "nbdcopy and qemu-img convert, to null:, a file and a loop device, and checksum "
-                    "it with the engine; print a table of medians.")
+        description="Copy a synthetic disk served by nbdkit or qemu-nbd with the engine (also with "
+                    "--verify), nbdcopy and qemu-img convert (each at its defaults and tuned), to "
+                    "null:, a file and a loop device, and checksum it with the engine; print a "
+                    "table of medians.")
     p.add_argument("--size", type=parse_size, help="image size (default 4G; 256M with --quick)")
     p.add_argument("--seed", type=int, default=1, help="image seed (default 1)")
-    p.add_argument("--reps", type=int, help="timed runs per tool and target, after one warm-up "
-                                            "(default 5; 1 with --quick)")
+    p.add_argument("--cases", help="comma-separated IMAGE/SERVER[/CACHE]: IMAGE mixed or random, "
+                                   "SERVER nbdkit or qemu-nbd, CACHE hot (default) or dropped "
+                                   f"(default {','.join(DEFAULT_CASES)}; with --quick "
+                                   f"{','.join(QUICK_CASES)}); the issue's bars are about "
+                                   f"{PRIMARY}")
+    p.add_argument("--reps", type=int, help="timed runs per tool and target in the first case, "
+                                            "after one warm-up (default 5; 1 with --quick)")
+    p.add_argument("--reps-rest", type=int, help="the same in the other cases (default 3; 1 with "
+                                                 "--quick)")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help="comma-separated, of null,file,loop (default all)")
+    p.add_argument("--dropped-targets", default="null",
+                   help="the targets of the cases with the cache dropped, comma-separated "
+                        "(default null: the read side is what the cache changes)")
     p.add_argument("--tools", default=",".join(TOOLS),
                    help=f"comma-separated, of {','.join(TOOLS)} (default all; engine-verify runs "
                         "to file and loop only, checksum to null only)")
-    p.add_argument("--workdir", help="directory for the image, targets and sockets (default: a "
-                                     "fresh directory under /var/tmp); an image made there with "
-                                     "--keep and the same size and seed is reused")
+    p.add_argument("--workdir", help="directory for the images, targets and sockets (default: a "
+                                     "fresh directory under /var/tmp); images made there with "
+                                     "--keep and the same size and seed are reused")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--out", help="JSON lines output (default bench/out/cold-copy-<time>.jsonl)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 256 MiB image, 1 rep")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a smoke run: 256 MiB images, 1 rep, cases {','.join(QUICK_CASES)}")
     p.add_argument("--require-bars", action="store_true",
                    help="exit 3 when a valid run misses one of the issue's bars")
     a = p.parse_args(argv)
     a.size = a.size if a.size is not None else (QUICK_SIZE if a.quick else DEFAULT_SIZE)
     a.reps = a.reps if a.reps is not None else (1 if a.quick else 5)
+    a.reps_rest = a.reps_rest if a.reps_rest is not None else (1 if a.quick else 3)
+    try:
+        a.cases = [Case.parse(c) for c in
+                   (a.cases.split(",") if a.cases else QUICK_CASES if a.quick else DEFAULT_CASES)
+                   if c]
+    except ValueError as e:
+        p.error(str(e))
+    if not a.cases or len({c.key for c in a.cases}) != len(a.cases):
+        p.error("--cases must name at least one case, each once")
     a.targets = [t for t in a.targets.split(",") if t]
+    a.dropped_targets = [t for t in a.dropped_targets.split(",") if t]
     a.tools = [t for t in a.tools.split(",") if t]
-    bad = [t for t in a.targets if t not in TARGETS] + [t for t in a.tools if t not in TOOLS]
+    bad = ([t for t in a.targets + a.dropped_targets if t not in TARGETS]
+           + [t for t in a.tools if t not in TOOLS])
     if bad:
         p.error(f"unknown target or tool: {', '.join(bad)}")
     if not any(t in TOOLS[tool].targets for t in a.targets for tool in a.tools):
         p.error("none of the tools runs to any of the targets (engine-verify: file, loop; "
                 "checksum: null)")
-    if a.reps < 1 or a.size < MiB or a.size % (64 << 10):
-        p.error("--reps must be at least 1 and --size a multiple of 64K, at least 1M")
+    if a.reps < 1 or a.reps_rest < 1 or a.size < MiB or a.size % (64 << 10):
+        p.error("--reps and --reps-rest must be at least 1 and --size a multiple of 64K, at "
+                "least 1M")
     a.tools = [t for t in TOOLS if t in a.tools]  # interleave in the canonical order
     return a
 
 
+def case_targets(a: argparse.Namespace, case: Case) -> list[str]:
+    """The targets a case runs to: --targets, and of them only --dropped-targets when the
+    cache is dropped."""
+    if case.cache == "dropped":
+        return [t for t in a.targets if t in a.dropped_targets]
+    return list(a.targets)
+
+
 def reproduce_command(a: argparse.Namespace) -> str:
     parts = ["cd", shlex.quote(str(ROOT)), "&&", ".venv/bin/python", "-m", "bench", "cold-copy",
-             "--size", _size_text(a.size), "--seed", str(a.seed), "--reps", str(a.reps),
-             "--targets", ",".join(a.targets), "--tools", ",".join(a.tools)]
+             "--size", _size_text(a.size), "--seed", str(a.seed),
+             "--cases", ",".join(c.key for c in a.cases), "--reps", str(a.reps),
+             "--reps-rest", str(a.reps_rest), "--targets", ",".join(a.targets),
+             "--dropped-targets", ",".join(a.dropped_targets), "--tools", ",".join(a.tools)]
     return " ".join(parts)
 
 
 def _preflight(a: argparse.Namespace) -> list[str]:
     missing = []
-    need = ["nbdkit"] + (["nbdcopy"] if "nbdcopy" in a.tools else []) + ["qemu-img"]
-    if "loop" in a.targets:
+    need = ["nbdkit", "qemu-img"] + (["nbdcopy"] if any(t.startswith("nbdcopy") for t in a.tools)
+                                     else [])
+    if any(c.server == "qemu-nbd" for c in a.cases):
+        need.append("qemu-nbd")
+    if any("loop" in case_targets(a, c) for c in a.cases):
         need += ["losetup", "blkdiscard"]
         if os.geteuid() != 0:
             missing.append("root (for the loop device)")
@@ -735,21 +919,42 @@ def _preflight(a: argparse.Namespace) -> list[str]:
     return missing
 
 
-def _prepare_image(workdir: str, a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    image = os.path.join(workdir, "source.img")
-    meta_path = os.path.join(workdir, "source.json")
-    want = {"size": a.size, "seed": a.seed, "allocated_fraction": ALLOCATED}
+def make_random_image(path: str, size: int, seed: int) -> dict[str, int]:
+    """Every byte random (numpy's PCG64 from the seed): no holes, no zero blocks, nothing to
+    compress; the same size and seed give the same bytes."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 0x72616E64])
+    chunk = 64 * MiB
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(chunk, left)
+            f.write(rng.bytes(n))
+            left -= n
+    return {"random": size, "text": 0, "zero_allocated": 0, "hole": 0}
+
+
+def _prepare_image(workdir: str, kind: str, a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    image = os.path.join(workdir, f"source-{kind}.img")
+    meta_path = os.path.join(workdir, f"source-{kind}.json")
+    allocated = ALLOCATED if kind == "mixed" else 1.0
+    want = {"kind": kind, "size": a.size, "seed": a.seed, "allocated_fraction": allocated}
     try:
         with open(meta_path) as f:
             meta = json.load(f)
         if {k: meta.get(k) for k in want} == want and os.path.getsize(image) == a.size:
-            _say(f"reusing {image} (size {_size_text(a.size)}, seed {a.seed})")
+            _say(f"reusing {image} ({kind}, size {_size_text(a.size)}, seed {a.seed})")
             return image, meta
     except (OSError, ValueError):
         pass
     t = time.perf_counter()
-    _say(f"making {_size_text(a.size)} image, seed {a.seed}, half allocated ...")
-    layout = make_image(image, a.size, a.seed, allocated=ALLOCATED)
+    if kind == "mixed":
+        _say(f"making the {_size_text(a.size)} mixed image, seed {a.seed}, half allocated ...")
+        layout = make_image(image, a.size, a.seed, allocated=ALLOCATED)
+    else:
+        _say(f"making the {_size_text(a.size)} random image, seed {a.seed} ...")
+        layout = make_random_image(image, a.size, a.seed)
     meta = dict(want, layout=layout, alloc_bytes=allocated_bytes(image))
     _say(f"  made in {time.perf_counter() - t:.1f} s: "
          + ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in layout.items()))
@@ -758,7 +963,71 @@ def _prepare_image(workdir: str, a: argparse.Namespace) -> tuple[str, dict[str, 
     _say(f"  digest {meta['digest']} in {time.perf_counter() - t:.1f} s")
     with open(meta_path, "w") as f:
         json.dump(meta, f)
+    try:
+        os.unlink(os.path.join(workdir, f"source-{kind}.qcow2"))  # made from an older image
+    except FileNotFoundError:
+        pass
     return image, meta
+
+
+def _prepare_qcow2(image: str) -> str:
+    """A qcow2 copy of the raw image for qemu-nbd (qemu-img convert: zero blocks become
+    unallocated clusters, as in a real qcow2 disk), made once."""
+    qcow2 = image[:-len(".img")] + ".qcow2"
+    if os.path.exists(qcow2):
+        return qcow2
+    t = time.perf_counter()
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", image, qcow2 + ".part"],
+                   check=True, capture_output=True)
+    os.rename(qcow2 + ".part", qcow2)
+    _say(f"  qcow2 copy for qemu-nbd made in {time.perf_counter() - t:.1f} s "
+         f"({os.stat(qcow2).st_blocks * 512 / MiB:.0f} MiB on disk)")
+    return qcow2
+
+
+def _image_info(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: meta.get(k) for k in ("kind", "size", "seed", "allocated_fraction", "alloc_bytes",
+                                     "layout", "digest")}
+
+
+def _source(workdir: str, case: Case, a: argparse.Namespace, metas: dict[str, Any]) -> Source:
+    """The case's image (made, or reused within the run), ready to serve."""
+    image, meta = _prepare_image(workdir, case.image, a)
+    metas[case.image] = meta
+    served = _prepare_qcow2(image) if case.server == "qemu-nbd" else image
+    return Source(image=image, served=served, size=a.size, alloc=meta["alloc_bytes"],
+                  digest=meta["digest"], info=_image_info(meta))
+
+
+def _say_summary_notes(s: dict[str, Any]) -> None:
+    where = f"{s['case']} → {s['target']}"
+    own = [f"{name} {t['engine_own_seconds_median']:.2f} s of {t['wall_s_median']:.2f} s"
+           for name, t in s["tools"].items() if t.get("engine_own_seconds_median")]
+    if own:
+        _say(f"  {where}: the engine's own reported seconds (without interpreter start) against "
+             f"wall, medians: {'; '.join(own)}")
+    c = s.get("checksum_over_nbdcopy")
+    if c is not None and c["median"] is not None:
+        t = s["tools"]["checksum"]
+        _say(f"  {where}: checksum ÷ nbdcopy throughput (nbdcopy wall / checksum wall per rep): "
+             f"median {c['median']:.2f}, pairs {', '.join(f'{x:.2f}' for x in c['pairs'])}; "
+             f"checksum {_fmt(t['alloc_gib_per_s'], '.2f')} GiB/s alloc")
+    v = s.get("verify_cost")
+    if v is not None:
+        ratio, extra = v["wall_ratio"], v["extra_s"]
+        cost = ("no plain engine runs to compare with" if ratio is None
+                else f"costs {_fmt(ratio['median'], '.2f')} × the plain copy's wall, "
+                     f"+{_fmt(extra['median'], '.2f')} s (medians of per-rep pairs)")
+        read = v["verify_bytes_read_max"]
+        _say(f"  {where}: copy --verify {cost}; its own verify_seconds median "
+             f"{_fmt(v['verify_seconds_median'], '.2f')} s; read back "
+             f"{_fmt(read and read / GiB, '.3f')} GiB = "
+             f"{_fmt(v['verify_bytes_read_over_alloc'], '.3f')} × allocated (max)")
+    for name in ("qemu-img", "qemu-img-tuned"):
+        q = s["tools"].get(name, {})
+        if q.get("post_sync_s_median") is not None:
+            _say(f"  {where}: {name}'s wall includes our fsync of the target, median "
+                 f"{q['post_sync_s_median']:.2f} s")
 
 
 def main(argv: list[str]) -> int:
@@ -786,94 +1055,99 @@ def main(argv: list[str]) -> int:
     loop: LoopDevice | None = None
     code = 0
     try:
-        image, meta = _prepare_image(workdir, a)
-        alloc = meta["alloc_bytes"]
-        t = time.perf_counter()
-        warm_cache(image)
-        resident = cache_resident(image)
-        _say(f"image hot in the page cache ({time.perf_counter() - t:.1f} s; fincore: "
-             f"{'?' if resident is None else f'{resident / MiB:.0f} MiB'} resident); "
-             f"allocated {alloc / MiB:.0f} MiB of {a.size / MiB:.0f} MiB")
-        image_info = {"size": a.size, "seed": a.seed, "allocated_fraction": ALLOCATED,
-                      "alloc_bytes": alloc, "layout": meta["layout"], "digest": meta["digest"]}
-        prov = provenance(image_info, workdir)
+        metas: dict[str, Any] = {}
+        # The images first, so the provenance names them all and no run waits on a make.
+        sources = {c.key: _source(workdir, c, a, metas) for c in a.cases}
+        first = metas.get("mixed") or next(iter(metas.values()))
+        prov = provenance(_image_info(first), workdir)
+        prov["images"] = {k: _image_info(m) for k, m in metas.items()}
+        prov["qemu_nbd"] = _cmd_output(["qemu-nbd", "--version"]).splitlines()[0]
+        prov["cache"] = ", ".join(f"{c.key}: {c.cache}" for c in a.cases)
+        prov["tuned"] = {"nbdcopy-tuned": " ".join(NBDCOPY_TUNED),
+                         "qemu-img-tuned": " ".join(QEMU_IMG_TUNED)}
         _say(f"engine {prov['engine_commit']} (fingerprint {prov['engine_fingerprint']}), "
-             f"{prov['nbdcopy']}, {prov['qemu_img']}, {prov['nbdkit']}, kernel {prov['kernel']}, "
-             f"{prov['cpu_model']} x {prov['nproc']}")
+             f"{prov['nbdcopy']}, {prov['qemu_img']}, {prov['nbdkit']}, {prov['qemu_nbd']}, "
+             f"kernel {prov['kernel']}, {prov['cpu_model']} x {prov['nproc']}")
         summaries: list[dict[str, Any]] = []
+        skipped: list[dict[str, str]] = []
         with open(out_path, "w") as out:
-            bench = Bench(a, workdir, image, a.size, alloc, meta["digest"], prov, out)
-            if "loop" in a.targets:
+            bench = Bench(a, workdir, a.size, prov, out)
+            if any("loop" in case_targets(a, c) for c in a.cases):
                 loop = LoopDevice(os.path.join(workdir, "loop-backing.img"), a.size)
                 bench.loop = loop
                 _say(f"loop device {loop.attach()} over {loop.backing}")
-            for target in a.targets:
-                tools = [t for t in a.tools if target in TOOLS[t].targets]
-                if not tools:
-                    _say(f"target {target}: none of the tools runs to it; skipped")
-                    continue
-                resident = cache_resident(image)
-                _say(f"target {target}: warm-up and check, then {a.reps} interleaved reps of "
-                     f"{', '.join(tools)}")
-                for tool in tools:
-                    bench.run(tool, target, None)
-                for rep in range(a.reps):
+            for i, case in enumerate(a.cases):
+                src = sources[case.key]
+                reps = a.reps if i == 0 else a.reps_rest
+                bench.use(case, src, reps)
+                if case.cache == "dropped":
+                    try:
+                        drop_caches()
+                    except OSError as e:
+                        why = f"the page cache cannot be dropped here ({e.strerror})"
+                        _say(f"case {case.key}: skipped: {why}")
+                        skipped.append({"case": case.key, "why": why})
+                        continue
+                    state = "dropped before every run"
+                else:
+                    t = time.perf_counter()
+                    warm_cache(src.served)
+                    state = f"hot ({time.perf_counter() - t:.1f} s to read it in)"
+                resident = cache_resident(src.served)
+                _say(f"case {case.key}: {os.path.basename(src.served)} on {case.server}, "
+                     f"{src.alloc / MiB:.0f} MiB of {a.size / MiB:.0f} MiB allocated; cache "
+                     f"{state}; fincore: "
+                     f"{'?' if resident is None else f'{resident / MiB:.0f} MiB'} resident")
+                for target in case_targets(a, case):
+                    tools = [t for t in a.tools if target in TOOLS[t].targets]
+                    if not tools:
+                        _say(f"  target {target}: none of the tools runs to it; skipped")
+                        continue
+                    resident = cache_resident(src.served)
+                    _say(f"  target {target}: warm-up and check, then {reps} interleaved reps "
+                         f"of {', '.join(tools)}")
                     for tool in tools:
-                        bench.run(tool, target, rep)
-                if target == "file" and os.path.exists(bench.file_target):
-                    os.unlink(bench.file_target)
-                s = summarize(bench, target, tools, resident)
-                bench.emit(s)
-                summaries.append(s)
+                        bench.run(tool, target, None)
+                    for rep in range(reps):
+                        for tool in tools:
+                            bench.run(tool, target, rep)
+                    if target == "file" and os.path.exists(bench.file_target):
+                        os.unlink(bench.file_target)
+                    s = summarize(bench, target, tools, resident)
+                    bench.emit(s)
+                    summaries.append(s)
             fp_end = engine_fingerprint()
             fps = sorted({r["engine_fingerprint"] for r in bench.runs if "engine_fingerprint" in r}
                          | {prov["engine_fingerprint"], fp_end})
             verdict_bars = bars(summaries)
             valid = all(r["valid"] for r in bench.runs)
             duration = time.time() - started
+            best = [{"case": s["case"], "target": s["target"], **s["best_peer"]}
+                    for s in summaries if s.get("best_peer")]
             bench.emit({"type": "verdict", "scenario": "cold-copy", "valid": valid,
-                        "bars": verdict_bars, "duration_s": round(duration, 1),
+                        "bars": verdict_bars, "best_peer": best, "skipped": skipped,
+                        "duration_s": round(duration, 1),
                         "engine_changed_during_run": len(fps) > 1, "engine_fingerprints": fps,
                         "command": reproduce_command(a), "provenance": prov})
         _say()
-        _say(f"cold-copy: {_size_text(a.size)} image ({alloc / GiB:.2f} GiB allocated), seed "
-             f"{a.seed}, {a.reps} reps after a warm-up, nbdkit file plugin on a unix socket, "
-             f"page cache hot; engine {prov['engine_commit']}")
+        _say(f"cold-copy: {_size_text(a.size)} images, seed {a.seed}, cases "
+             f"{', '.join(c.key for c in a.cases)}; {a.reps} reps in the first case, "
+             f"{a.reps_rest} in the others, after a warm-up; engine {prov['engine_commit']}")
         _say()
         _say(table(summaries))
         _say()
-        _say("GiB/s alloc: allocated (non-hole) GiB / median wall s; engine ÷ tool: median of "
-             "per-rep ratios tool wall / engine wall (> 1: engine faster); CPU-s/GiB per "
-             "allocated GiB, medians; server = nbdkit; other = the rest of the machine meanwhile "
-             "(kernel writeback and loop workers, and anyone else's processes).")
+        _say("GiB/s alloc: allocated (non-hole, of the raw image) GiB / median wall s; engine ÷ "
+             "tool: median of per-rep ratios tool wall / engine wall (> 1: engine faster); "
+             "CPU-s/GiB per allocated GiB, medians; server = nbdkit or qemu-nbd; other = the "
+             "rest of the machine meanwhile (kernel writeback and loop workers, and anyone "
+             "else's processes).")
         for s in summaries:
-            own = [f"{name} {t['engine_own_seconds_median']:.2f} s of {t['wall_s_median']:.2f} s"
-                   for name, t in s["tools"].items() if t.get("engine_own_seconds_median")]
-            if own:
-                _say(f"  {s['target']}: the engine's own reported seconds (without interpreter "
-                     f"start) against wall, medians: {'; '.join(own)}")
-            c = s.get("checksum_over_nbdcopy")
-            if c is not None and c["median"] is not None:
-                t = s["tools"]["checksum"]
-                _say(f"  {s['target']}: checksum ÷ nbdcopy throughput (nbdcopy wall / checksum "
-                     f"wall per rep): median {c['median']:.2f}, pairs "
-                     f"{', '.join(f'{x:.2f}' for x in c['pairs'])}; checksum "
-                     f"{_fmt(t['alloc_gib_per_s'], '.2f')} GiB/s alloc")
-            v = s.get("verify_cost")
-            if v is not None:
-                ratio, extra = v["wall_ratio"], v["extra_s"]
-                cost = ("no plain engine runs to compare with" if ratio is None
-                        else f"costs {_fmt(ratio['median'], '.2f')} × the plain copy's wall, "
-                             f"+{_fmt(extra['median'], '.2f')} s (medians of per-rep pairs)")
-                _say(f"  {s['target']}: copy --verify {cost}; its own verify_seconds median "
-                     f"{_fmt(v['verify_seconds_median'], '.2f')} s; read back "
-                     f"{_fmt(v['verify_bytes_read_max'] and v['verify_bytes_read_max'] / GiB, '.3f')}"
-                     f" GiB = {_fmt(v['verify_bytes_read_over_alloc'], '.3f')} × allocated (max)")
-            q = s["tools"].get("qemu-img", {})
-            if q.get("post_sync_s_median") is not None:
-                _say(f"  {s['target']}: qemu-img's wall includes our fsync of the target, median "
-                     f"{q['post_sync_s_median']:.2f} s")
+            _say_summary_notes(s)
         _say()
+        _say(best_peer_table(summaries))
+        _say()
+        for sk in skipped:
+            _say(f"  skipped {sk['case']}: {sk['why']}")
         for b in verdict_bars:
             _say(f"  {'met   ' if b['met'] else 'MISSED'} {b['bar']}: "
                  f"{_fmt(b['value'], b.get('format', '.2f'))}")
@@ -901,8 +1175,11 @@ def main(argv: list[str]) -> int:
         elif made_dir:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
-            for name in ("source.img", "source.json", "target.img", "loop-backing.img",
-                         "nbd.sock", "report.json", "child.out", "child.log", "maxrss.txt"):
+            names = ["target.img", "loop-backing.img", "nbd.sock", "report.json", "child.out",
+                     "child.log", "maxrss.txt"]
+            names += [f"source-{k}{ext}" for k in IMAGES
+                      for ext in (".img", ".json", ".qcow2", ".qcow2.part")]
+            for name in names:
                 try:
                     os.unlink(os.path.join(workdir, name))
                 except OSError:

@@ -52,6 +52,7 @@ from .cold_copy import (
     engine_fingerprint,
     machine_busy_seconds,
     proc_cpu_seconds,
+    proc_peak_rss_mib,
     spawn_and_reap,
     wait_quiet,
 )
@@ -85,17 +86,6 @@ def plugin_args(source: str, a: argparse.Namespace) -> list[str]:
         return ["memory", _size_text(a.size)]
     return (["sparse-random", _size_text(a.size), f"seed={a.seed}", f"percent={a.percent}"]
             + (["random-content=true"] if a.random_content else []))
-
-
-def server_peak_rss_mib(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def data_bytes(uri: str) -> int:
@@ -161,7 +151,7 @@ class Runner:
             wall = time.perf_counter() - t0
             server_cpu = proc_cpu_seconds(server.pid) - srv0
             busy = machine_busy_seconds() - busy0
-            server_rss = server_peak_rss_mib(server.pid)
+            server_rss = proc_peak_rss_mib(server.pid)
         client_cpu = usage.ru_utime + usage.ru_stime
         rec: dict[str, Any] = {
             "type": "run", "scenario": SCENARIO, "source": source, "tool": tool, "rep": rep,

@@ -42,7 +42,11 @@ def _has_matplotlib() -> bool:
 
 def test_bad_arguments_exit_2_before_anything_runs(tmp_path):
     for args in (["no-such-scenario"], ["cold-copy", "cold-copy"], ["--out"],
-                 ["cold-copy", "--size", "3"], ["warm-delta", "--no-such-option"]):
+                 ["cold-copy", "--size", "3"], ["warm-delta", "--no-such-option"],
+                 ["cold-copy", "--cases", "mixed/vmware"], ["cold-copy", "--cases", "random"],
+                 ["cold-copy", "--cases", "mixed/nbdkit,mixed/nbdkit/hot"],
+                 ["cold-copy", "--cases", "mixed/nbdkit/lukewarm"],
+                 ["cold-copy", "--reps-rest", "0"]):
         p = bench("--out", str(tmp_path), *args)
         assert p.returncode == 2, (args, p.stdout, p.stderr)
         assert "Traceback" not in p.stderr
