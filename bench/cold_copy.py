@@ -935,9 +935,18 @@ def make_random_image(path: str, size: int, seed: int) -> dict[str, int]:
     return {"random": size, "text": 0, "zero_allocated": 0, "hole": 0}
 
 
-def _prepare_image(workdir: str, kind: str, a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    image = os.path.join(workdir, f"source-{kind}.img")
-    meta_path = os.path.join(workdir, f"source-{kind}.json")
+def _image_stem(kind: str) -> str:
+    """The mixed image keeps the name every scenario knows (source.img: a --keep work directory
+    is shared between them); the others are source-KIND.img."""
+    return "source" if kind == "mixed" else f"source-{kind}"
+
+
+def _prepare_image(workdir: str, a: argparse.Namespace, kind: str = "mixed"
+                   ) -> tuple[str, dict[str, Any]]:
+    """The image of this kind, --size and --seed in workdir: made, or reused when the one there
+    was made with the same (its .json says so)."""
+    image = os.path.join(workdir, f"{_image_stem(kind)}.img")
+    meta_path = os.path.join(workdir, f"{_image_stem(kind)}.json")
     allocated = ALLOCATED if kind == "mixed" else 1.0
     want = {"kind": kind, "size": a.size, "seed": a.seed, "allocated_fraction": allocated}
     try:
@@ -964,7 +973,7 @@ def _prepare_image(workdir: str, kind: str, a: argparse.Namespace) -> tuple[str,
     with open(meta_path, "w") as f:
         json.dump(meta, f)
     try:
-        os.unlink(os.path.join(workdir, f"source-{kind}.qcow2"))  # made from an older image
+        os.unlink(os.path.join(workdir, f"{_image_stem(kind)}.qcow2"))  # of an older image
     except FileNotFoundError:
         pass
     return image, meta
@@ -992,7 +1001,7 @@ def _image_info(meta: dict[str, Any]) -> dict[str, Any]:
 
 def _source(workdir: str, case: Case, a: argparse.Namespace, metas: dict[str, Any]) -> Source:
     """The case's image (made, or reused within the run), ready to serve."""
-    image, meta = _prepare_image(workdir, case.image, a)
+    image, meta = _prepare_image(workdir, a, case.image)
     metas[case.image] = meta
     served = _prepare_qcow2(image) if case.server == "qemu-nbd" else image
     return Source(image=image, served=served, size=a.size, alloc=meta["alloc_bytes"],
@@ -1177,7 +1186,7 @@ def main(argv: list[str]) -> int:
         else:
             names = ["target.img", "loop-backing.img", "nbd.sock", "report.json", "child.out",
                      "child.log", "maxrss.txt"]
-            names += [f"source-{k}{ext}" for k in IMAGES
+            names += [f"{_image_stem(k)}{ext}" for k in IMAGES
                       for ext in (".img", ".json", ".qcow2", ".qcow2.part")]
             for name in names:
                 try:

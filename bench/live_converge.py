@@ -65,6 +65,7 @@ from .cold_copy import (
     engine_fingerprint,
     machine_busy_seconds,
     proc_cpu_seconds,
+    proc_peak_rss_mib,
     provenance,
     spawn_and_reap,
     wait_quiet,
@@ -181,6 +182,7 @@ class Live:
                 busy = machine_busy_seconds() - busy0
                 g_cpu = _cpu_or_none(guest.pid, g_cpu0)   # not reaped yet: readable as a zombie
                 q_cpu = proc_cpu_seconds(qsd.pid) - q_cpu0
+                q_rss = proc_peak_rss_mib(qsd.pid)  # a fresh daemon per run: this run's peak
                 stop_at = None
                 if os.path.exists(p["STOP"]):
                     stop_at = os.stat(p["STOP"]).st_mtime_ns / 1e9
@@ -205,7 +207,8 @@ class Live:
                     "engine_maxrss_mib": None if maxrss_kib is None
                     else round(maxrss_kib / 1024, 1),
                     "guest_cpu_s": None if g_cpu is None else round(g_cpu, 3),
-                    "qsd_cpu_s": round(q_cpu, 3), "machine_busy_cpu_s": round(busy, 3),
+                    "qsd_cpu_s": round(q_cpu, 3), "qsd_maxrss_mib": q_rss,
+                    "machine_busy_cpu_s": round(busy, 3),
                     "other_cpu_s": round(busy - usage.ru_utime - usage.ru_stime - q_cpu
                                          - (g_cpu or 0.0), 3),
                     "cpu_pct": {
@@ -482,6 +485,8 @@ def summarize(live: Live, rates: list[float]) -> dict[str, Any]:
             "cpu_pct": {k: cpu(k) for k in ("engine", "guest", "qsd", "machine")},
             "engine_maxrss_mib": max((r["engine_maxrss_mib"] for r in runs
                                       if r.get("engine_maxrss_mib") is not None), default=None),
+            "qsd_maxrss_mib": max((r["qsd_maxrss_mib"] for r in runs
+                                   if r.get("qsd_maxrss_mib") is not None), default=None),
             "verified": sum((r.get("verify") or {}).get("exit") == 0 for r in conv),
             "dirty_over_write_rate": vals("dirty_over_write_rate"),
             "model_final_delta_over_expected": [r["model"]["final_delta_over_expected"]
@@ -497,7 +502,7 @@ def table(s: dict[str, Any]) -> str:
     head = ("| guest MiB/s | achieved MiB/s | converged | passes until convergence | "
             "final delta MiB | predicted downtime s | measured downtime s | predicted ÷ measured "
             "| engine's own downtime s | wall s | CPU % engine / guest / qsd / machine "
-            "| verified |")
+            "| peak RSS MiB engine / qsd | verified |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for x in s["rates"]:
         c = x["cpu_pct"]
@@ -513,7 +518,8 @@ def table(s: dict[str, Any]) -> str:
             f"{_span(x['predicted_downtime_s'], '.2f')} | "
             f"{_span(x['measured_downtime_s'], '.2f')} | "
             f"{_span(x['pred_over_measured'], '.2f')} | {_span(x['engine_downtime_s'], '.2f')} | "
-            f"{_span(x['wall_s'], '.1f')} | {cpu} | {x['verified']}/{x['converged']} |")
+            f"{_span(x['wall_s'], '.1f')} | {cpu} | {_fmt(x['engine_maxrss_mib'], '.0f')} / "
+            f"{_fmt(x.get('qsd_maxrss_mib'), '.0f')} | {x['verified']}/{x['converged']} |")
     return "\n".join(lines)
 
 

@@ -81,6 +81,7 @@ from .cold_copy import (
     engine_fingerprint,
     machine_busy_seconds,
     proc_cpu_seconds,
+    proc_peak_rss_mib,
     provenance,
     spawn_and_reap,
     wait_quiet,
@@ -477,6 +478,7 @@ class Warm:
             wall = time.perf_counter() - t0
             server_cpu = (proc_cpu_seconds(server.pid) if server else 0.0) - server_cpu0
             busy = machine_busy_seconds() - busy0
+            server_rss = proc_peak_rss_mib(server.pid) if server else None  # a fresh nbdkit
         rec.update({
             "argv": argv, "exit": code, "timed_out": timed_out, "wall_s": round(wall, 6),
             "client_user_s": round(usage.ru_utime, 6), "client_sys_s": round(usage.ru_stime, 6),
@@ -484,7 +486,7 @@ class Warm:
             "client_maxrss_mib": None if maxrss_kib is None else round(maxrss_kib / 1024, 1),
             "server_cpu_s": round(server_cpu, 3), "machine_busy_cpu_s": round(busy, 3),
             "other_cpu_s": round(busy - usage.ru_utime - usage.ru_stime - server_cpu, 3),
-            "idle_wait_s": round(idle_wait, 2),
+            "idle_wait_s": round(idle_wait, 2), "server_maxrss_mib": server_rss,
         })
         problems: list[str] = []   # the run cannot be trusted: exit, data
         notes: list[str] = []      # the report says something unexpected
@@ -641,6 +643,8 @@ def summarize(w: Warm, plan: dict[str, Any] | None) -> dict[str, Any]:
             "server_cpu_s_median": _median([r["server_cpu_s"] for r in good]),
             "peak_rss_mib": max((r["client_maxrss_mib"] for r in runs
                                  if r["client_maxrss_mib"] is not None), default=None),
+            "server_peak_rss_mib": max((r["server_maxrss_mib"] for r in runs
+                                        if r.get("server_maxrss_mib") is not None), default=None),
             "bytes_read_median": _median([x["bytes_read"] for x in rep
                                           if isinstance(x.get("bytes_read"), int)]),
             "delta_bytes_median": _median([x["delta_bytes"] for x in rep
@@ -656,7 +660,8 @@ def summarize(w: Warm, plan: dict[str, Any] | None) -> dict[str, Any]:
 
 def table(s: dict[str, Any]) -> str:
     head = ("| tool | median s (min–max) | ÷ full pass (min–max) | ÷ nbdcopy | own s "
-            "| bytes read MiB | CPU-s client | CPU-s server | peak RSS MiB | check |")
+            "| bytes read MiB | CPU-s client | CPU-s server | peak RSS MiB client / server "
+            "| check |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
 
     def over_full(tool: str) -> str:
@@ -681,7 +686,8 @@ def table(s: dict[str, Any]) -> str:
                      f"{_fmt(t['bytes_read_median'] and t['bytes_read_median'] / MiB, '.1f')} | "
                      f"{_fmt(t['client_cpu_s_median'], '.2f')} | "
                      f"{_fmt(t['server_cpu_s_median'], '.2f')} | "
-                     f"{_fmt(t['peak_rss_mib'], '.0f')} | {check} |")
+                     f"{_fmt(t['peak_rss_mib'], '.0f')} / "
+                     f"{_fmt(t.get('server_peak_rss_mib'), '.0f')} | {check} |")
     return "\n".join(lines)
 
 
