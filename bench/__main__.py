@@ -15,14 +15,16 @@
               --include-reduced takes the newest finished run whatever its options
 
 Scenarios:
-  cold-copy   a whole-disk copy from nbdkit to null:, a file and a loop device (bench/cold_copy.py)
+  cold-copy   a whole-disk copy of a mixed and a random image from nbdkit and qemu-nbd (qcow2),
+              hot and with the cache dropped, to null:, a file and a loop device, against
+              nbdcopy and qemu-img at their defaults and tuned (bench/cold_copy.py)
   warm-delta  transfer sync delta passes over 1 % and 10 % dirty blocks (mixed, scattered,
               clustered) against a full pass and nbdcopy, and planning a 100,000-area changed-areas file (bench/warm_delta.py)
   live-converge  transfer migrate --type live of a qemu-storage-daemon disk a guest writes to at
               1, 4, 16 and 64 MiB/s: passes, final delta, predicted and measured downtime
               (bench/live_converge.py)
-  kernels     the native zero scan and block hash against their pure-Python twins and a numpy /
-              xxhash-loop baseline, on 64 MiB buffers (bench/kernels.py)
+  kernels     the zero scan, block hash and interval algebra against their pure-Python twins
+              and numpy / xxhash-loop baselines, timed by pytest-benchmark (bench/kernels.py)
   overhead    an nbdkit memory and sparse-random disk copied to null: by the engine and nbdcopy:
               the engine's own cost, a fresh server per run (bench/overhead.py)
 

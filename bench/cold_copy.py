@@ -39,9 +39,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from transfer.cli import parse_size
 from transfer.demo import file_digest
@@ -165,7 +166,7 @@ def _size_text(n: int) -> str:
 
 def _cmd_output(argv: list[str]) -> str:
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"unavailable: {e}"
     return (out.stdout or out.stderr).strip()
@@ -352,7 +353,7 @@ class LoopDevice:
         except OSError:
             ours = False
         if ours:
-            subprocess.run(["losetup", "-d", self.dev], capture_output=True)
+            subprocess.run(["losetup", "-d", self.dev], capture_output=True, check=False)
         self.dev = None
 
 
@@ -590,7 +591,8 @@ class Bench:
             if target != "null":
                 t = time.perf_counter()
                 cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", self.image,
-                                      self.target_path(target)], capture_output=True, text=True)
+                                      self.target_path(target)], capture_output=True, text=True,
+                                     check=False)
                 checks["qemu_img_compare"] = {"exit": cmp.returncode,
                                               "output": (cmp.stdout + cmp.stderr).strip()[-500:],
                                               "seconds": round(time.perf_counter() - t, 3)}

@@ -1,9 +1,14 @@
-"""kernels: the native kernels (zero scan, block hash) beside their pure-Python twins and a baseline.
+"""kernels: the engine's kernels (zero scan, block hash, interval algebra), each beside its
+pure-Python twin and a baseline, timed by pytest-benchmark.
 
-In this process, on two buffers of --size bytes (default 64 MiB, larger than the CPU caches):
-`random` (random bytes: no block is zero) and `half-zero` (the same with a random half of its
-64 KiB blocks zeroed). Each is scanned and hashed in 64 KiB blocks, as the engine's copy does
-(transfer/pipeline/copy.py: zero_blocks, then hash_blocks with the zero flags):
+Zero scan and block hash run on two buffers of --size bytes (default 64 MiB, larger than the CPU
+caches): `random` (random bytes: no block is zero) and `half-zero` (the same with a random half
+of its 64 KiB blocks zeroed), in 64 KiB blocks, as the engine's copy does
+(transfer/pipeline/copy.py: zero_blocks, then hash_blocks with the zero flags). The interval
+algebra runs on a warm pass's ranges: --areas changed areas (default 100,000; 64 KiB-aligned,
+unsorted, some overlapping) on a --disk disk (default 1 TiB), `scattered` (1-4 blocks anywhere)
+or `clustered` (1-16 blocks inside 64 hot regions of 256 MiB), and the previous pass's plan
+(another such set, merged) interrupted at its middle run:
 
   zero-scan    cython       transfer._native.kernels("cython").zero_blocks(buf, BLOCK, flags)
                python       kernels("python").zero_blocks (transfer/_native/_reference.py)
@@ -13,27 +18,53 @@ In this process, on two buffers of --size bytes (default 64 MiB, larger than the
                python       kernels("python").hash_blocks, the same arguments
                xxhash-loop  a Python loop: xxhash.xxh3_128(block).digest() per block (the zero
                             digest for a flagged block), into the same digests buffer
+  interval-    python       the engine's own (transfer/tracking/areas.py, plain Python: there is
+  algebra                   no compiled version): new = merge_runs(areas); tainted =
+                            clip_runs(last, upto); grew = subtract_runs(new, last); plan =
+                            union_runs(new, tainted); runs_bytes(clip_runs(plan, 0, size)), as
+                            transfer/state/sync.py's _choose and _copy do
+               numpy        the same five steps vectorised (kernels_bench.py: sort + running
+                            maximum of the ends; a boundary sweep for the subtraction), lists of
+                            (start, end) pairs in and out like the engine's, the conversions
+                            timed: a drop-in replacement
+               numpy-arrays the same on numpy arrays in and out (the conversions left out)
 
-Method: per kernel and buffer, a wait for an idle machine (cold_copy.wait_quiet), then each
-implementation once as a warm-up, its output checked against the others' (the
-flags, the zero count, the digests); then --reps samples, interleaved across the kernel's
-implementations (A B C A B C ...), time.perf_counter around `number` calls (chosen on the warm-up
-so a sample lasts at least --min-sample seconds; the per-call time is the sample ÷ number), the
-garbage collector off. Medians with min and max; ratios pair by pair (sample i against sample
-i). GiB/s is the buffer's bytes ÷ the median per-call seconds.
+Method: `python -m pytest bench/kernels_bench.py -p bench.kernels` in a child process, with
+pytest-benchmark (--benchmark-disable-gc --benchmark-json FILE); its JSON is turned into these JSON
+lines and kept beside them (NAME.pytest-benchmark.json). Samples are interleaved: the tests run per
+kernel and input in rounds, round 0: A B C, round 1: A B C, ... (--reps rounds); each test is one
+pytest-benchmark benchmark in pedantic mode, rounds=1, iterations=`number`, no warm-up rounds:
+pytest-benchmark times the `number` calls with time.perf_counter, the garbage collector off, and
+its stored round time (÷ `number`) is the sample (after a round of more than one call
+pytest-benchmark makes one more, untimed, for the return value). Before a kernel and input's first
+sample, once: a wait for an idle machine (cold_copy.wait_quiet); each implementation called once
+(the warm-up) and its output checked against the engine's (flags, digests; merged areas, what is
+new, the plan and its bytes) and against what the input was made with (the zero count; the interval
+algebra's outputs recomputed by block sets: np.unique, setdiff1d, union1d); then each called once
+more, timed, to choose `number` so that a sample lasts at least --min-sample seconds. A mismatch
+fails that implementation's round-0 test and makes the run invalid (exit 1); every sample is still
+taken. Medians with min and max; ratios pair by pair (round i against round i). GiB/s is the
+buffer's bytes ÷ the median per-call seconds; M areas/s the areas ÷ it.
+
+Bars: zero scan and block hash, per buffer: cython ÷ best peer ≥ 1 (the median of per-sample
+peer time ÷ cython time, for the fastest of the twin and the baselines). Interval algebra, per
+input: engine (python) ÷ numpy ≥ 1 (numpy time ÷ the engine's, per sample; the drop-in numpy,
+not numpy-arrays). numpy's import in a fresh process is measured apart and reported (the engine's
+reason to stay plain Python there), not added to any sample.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import math
+import importlib.util
+import json
 import os
 import platform
 import shlex
+import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,9 +72,9 @@ import xxhash
 
 from transfer import _native
 from transfer.cli import parse_size
-from transfer.integrity.manifest import BLOCK, zero_digest
+from transfer.integrity.manifest import BLOCK
 
-from .cold_copy import ROOT, GiB, MiB, _fmt, _say, _size_text, wait_quiet
+from .cold_copy import ROOT, GiB, MiB, _cmd_output, _fmt, _say, _size_text, engine_commit
 from .common import (
     JsonLines,
     conclude,
@@ -58,152 +89,164 @@ from .common import (
 )
 
 SCENARIO = "kernels"
+TiB = 1 << 40
 DEFAULT_SIZE = 64 * MiB
 QUICK_SIZE = 4 * MiB
+DEFAULT_AREAS = 100_000
+QUICK_AREAS = 10_000
+DEFAULT_DISK = TiB
 BUFFERS = ("random", "half-zero")
-# Per kernel: its implementations in the interleaving order; the first is the engine's, the
-# second its pure-Python twin; the rest are baselines.
+# Per kernel: its implementations in the interleaving order, the engine's first.
 KERNELS: dict[str, tuple[str, ...]] = {
     "zero-scan": ("cython", "python", "numpy", "numpy-u64"),
     "block-hash": ("cython", "python", "xxhash-loop"),
+    "interval-algebra": ("python", "numpy", "numpy-arrays"),
 }
-TWIN = "python"
-ENGINE_IMPL = "cython"
-BAR_OVER_PEER = 1.0  # the compiled kernel at least as fast as its best peer
+# The engine's implementation of each kernel: compiled for the scan and the hash; the interval
+# algebra (transfer/tracking/areas.py) is plain Python and has no compiled version.
+ENGINE: dict[str, str] = {"zero-scan": "cython", "block-hash": "cython",
+                          "interval-algebra": "python"}
+TWIN = "python"  # the pure-Python twin (for the interval algebra, the engine's code itself)
+INPUTS: dict[str, tuple[str, ...]] = {
+    "zero-scan": BUFFERS, "block-hash": BUFFERS, "interval-algebra": ("scattered", "clustered"),
+}
+UNIT = {"zero-scan": "GiB/s", "block-hash": "GiB/s", "interval-algebra": "M areas/s"}
+# What kernels_bench.py uses when run by hand without --kernels-* options: the full run's.
+DEFAULTS: dict[str, Any] = {"size": DEFAULT_SIZE, "seed": 1, "reps": 15, "min_sample": 0.005,
+                            "areas": DEFAULT_AREAS, "disk": DEFAULT_DISK}
+BAR_OVER_PEER = 1.0       # the engine's kernel at least as fast as its best peer
+INTERVAL_PEER = "numpy"   # the interval algebra's bar: the drop-in numpy baseline
+BENCH_FILE = "bench/kernels_bench.py"
 
 
-def make_buffers(size: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    random = np.frombuffer(bytearray(rng.bytes(size)), dtype=np.uint8)
-    half = random.copy()
-    nblocks = size // BLOCK
-    zeroed = rng.permutation(nblocks)[: nblocks // 2]
-    half.reshape(-1, BLOCK)[zeroed] = 0
-    return {"random": random, "half-zero": half}
+# ---------------------------------------------------------------- pytest plugin (-p bench.kernels)
+
+def pytest_addoption(parser: Any) -> None:
+    """The kernels_bench.py options, when pytest loads this module with -p bench.kernels."""
+    g = parser.getgroup("kernels", "bench/kernels_bench.py (defaults: the full run's)")
+    g.addoption("--kernels-size", type=int, help="bytes per buffer")
+    g.addoption("--kernels-seed", type=int, help="input seed")
+    g.addoption("--kernels-reps", type=int, help="interleaved rounds (samples per impl)")
+    g.addoption("--kernels-min-sample", type=float, help="seconds a sample lasts at least")
+    g.addoption("--kernels-areas", type=int, help="changed areas per interval input")
+    g.addoption("--kernels-disk", type=int, help="disk bytes of the interval inputs")
 
 
-def implementations(kernel: str, buf: np.ndarray
-                    ) -> tuple[dict[str, Callable[[], Any]], Callable[[str], bytes]]:
-    """Each implementation as a call without arguments (its outputs allocated once, outside the
-    timing), and a function that calls one once more and returns what it computed, as bytes, for
-    the cross-check."""
-    cy, py = _native.kernels("cython"), _native.kernels("python")
-    nblocks = len(buf) // BLOCK
-    if kernel == "zero-scan":
-        flags = {name: bytearray(nblocks) for name in ("cython", "python")}
-        u64 = buf.view(np.uint64)
-        timed: dict[str, Callable[[], Any]] = {
-            "cython": lambda: cy.zero_blocks(buf, BLOCK, flags["cython"]),
-            "python": lambda: py.zero_blocks(buf, BLOCK, flags["python"]),
-            "numpy": lambda: (buf.reshape(-1, BLOCK) == 0).all(1),
-            "numpy-u64": lambda: ~u64.reshape(-1, BLOCK // 8).any(1),
-        }
-
-        def zero_result(name: str) -> bytes:
-            r = timed[name]()
-            return bytes(flags[name]) if name in flags else r.astype(np.uint8).tobytes()
-
-        return timed, zero_result
-    zero = bytearray(nblocks)
-    cy.zero_blocks(buf, BLOCK, zero)
-    zd = zero_digest()
-    digests = {name: bytearray(16 * nblocks) for name in KERNELS["block-hash"]}
-    view = memoryview(buf)
-
-    def hash_loop() -> None:
-        out = digests["xxhash-loop"]
-        h = xxhash.xxh3_128
-        for i in range(nblocks):
-            out[16 * i:16 * i + 16] = zd if zero[i] else h(view[i * BLOCK:(i + 1) * BLOCK]).digest()
-
-    timed = {
-        "cython": lambda: cy.hash_blocks(buf, BLOCK, digests["cython"], zero, zd),
-        "python": lambda: py.hash_blocks(buf, BLOCK, digests["python"], zero, zd),
-        "xxhash-loop": hash_loop,
-    }
-
-    def hash_result(name: str) -> bytes:
-        digests[name][:] = bytes(len(digests[name]))
-        timed[name]()
-        return bytes(digests[name])
-
-    return timed, hash_result
+try:  # the harness itself runs without pytest; the hook must come before pytest-benchmark's
+    from pytest import hookimpl as _hookimpl
+    _tryfirst = _hookimpl(tryfirst=True)
+except ImportError:  # pragma: no cover
+    def _tryfirst(f: Any) -> Any:
+        return f
 
 
-def sample(f: Callable[[], Any], number: int) -> float:
-    """Seconds per call of f, over number calls, the garbage collector off."""
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        for _ in range(number):
-            f()
-        return (time.perf_counter() - t0) / number
-    finally:
-        if gc_was:
-            gc.enable()
+@_tryfirst
+def pytest_benchmark_generate_commit_info(config: Any) -> dict[str, Any]:
+    """pytest-benchmark's commit info without its `git describe --dirty`, which may write the
+    index while others work in the tree: read-only git, --no-optional-locks."""
+    git = ["git", "--no-optional-locks", "-C", str(ROOT)]
+    branch = _cmd_output(git + ["rev-parse", "--abbrev-ref", "HEAD"])
+    return {"id": _cmd_output(git + ["rev-parse", "HEAD"]) or "unknown",
+            "time": _cmd_output(git + ["show", "-s", "--format=%cI", "HEAD"]) or None,
+            "dirty": bool(_cmd_output(git + ["status", "--porcelain", "--untracked-files=no"])),
+            "engine_commit": engine_commit(), "project": "transfer",
+            "branch": "(detached head)" if branch == "HEAD" else branch or "(unknown)"}
 
 
-def measure(kernel: str, buffer: str, buf: np.ndarray, a: argparse.Namespace
-            ) -> list[dict[str, Any]]:
-    """One record per implementation: the warm-up's cross-check and the interleaved samples."""
-    wait_quiet()  # other people's work on a shared machine is the main source of noise
-    timed, result = implementations(kernel, buf)
-    names = list(KERNELS[kernel])
-    results = {name: result(name) for name in names}  # the warm-up, and what each computed
-    reference = results[ENGINE_IMPL]
-    numbers: dict[str, int] = {}
-    for name in names:
-        one = sample(timed[name], 1)  # calibration: a sample lasts at least --min-sample
-        numbers[name] = max(1, min(100_000, math.ceil(a.min_sample / max(one, 1e-9))))
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(a.reps):
-        for name in names:
-            samples[name].append(sample(timed[name], numbers[name]))
+# ---------------------------------------------------------------- pytest-benchmark -> JSON lines
+
+def run_pytest(a: argparse.Namespace, json_path: str) -> tuple[int, str]:
+    """Run kernels_bench.py's benchmarks; pytest's exit code and its output."""
+    cmd = [sys.executable, "-m", "pytest", BENCH_FILE, "-p", "bench.kernels", "-p",
+           "no:cacheprovider", "-q", "--benchmark-disable-gc", f"--benchmark-json={json_path}",
+           "--benchmark-columns=min,median,max,iterations", "--benchmark-sort=name",
+           "--kernels-size", str(a.size), "--kernels-seed", str(a.seed), "--kernels-reps",
+           str(a.reps), "--kernels-min-sample", repr(a.min_sample), "--kernels-areas",
+           str(a.areas), "--kernels-disk", str(a.disk)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    return p.returncode, p.stdout + p.stderr
+
+
+def records_of(doc: dict[str, Any], reps: int) -> list[dict[str, Any]]:
+    """One record per kernel, input and implementation from pytest-benchmark's JSON: every
+    round's per-call seconds (stats.data: one per benchmark, in round order) and round 0's
+    cross-check."""
+    by: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for b in doc.get("benchmarks") or []:
+        x = b.get("extra_info") or {}
+        by.setdefault((x.get("kernel"), x.get("input"), x.get("impl")), []).append(b)
     records = []
-    for name in names:
-        problems = []
-        if results[name] != reference:
-            problems.append(f"{name}'s output differs from {ENGINE_IMPL}'s")
-        if kernel == "zero-scan":
-            expected = len(buf) // BLOCK // 2 if buffer == "half-zero" else 0
-            if results[name].count(1) != expected:
-                problems.append(f"{name} found {results[name].count(1)} zero blocks, "
-                                f"expected {expected}")
-        s = stats(samples[name])
-        records.append({
-            "type": "run", "scenario": SCENARIO, "kernel": kernel, "buffer": buffer,
-            "impl": name, "bytes": len(buf), "block": BLOCK, "number": numbers[name],
-            "seconds": [round(x, 9) for x in samples[name]], "seconds_stats": s,
-            "gib_per_s": round(len(buf) / GiB / s["median"], 3) if s["median"] else None,
-            "valid": not problems, "problems": problems,
-        })
+    for kernel, impls in KERNELS.items():
+        for inp in INPUTS[kernel]:
+            for impl in impls:
+                found = sorted(by.get((kernel, inp, impl), []),
+                               key=lambda b: b["extra_info"]["round"])
+                seconds = [t for b in found for t in b["stats"]["data"]]
+                first = next((b["extra_info"] for b in found if b["extra_info"]["round"] == 0),
+                             None)
+                problems = list(first["problems"]) if first else [
+                    f"{impl}: no round 0 (its warm-up and cross-check) in pytest-benchmark's JSON"]
+                if len(seconds) != reps:
+                    problems.append(f"{impl}: {len(seconds)} of {reps} samples")
+                x = found[0]["extra_info"] if found else {}
+                s = stats(seconds)
+                amount = x.get("amount")
+                rate = _rate(kernel, amount, s["median"])
+                rec = {
+                    "type": "run", "scenario": SCENARIO, "kernel": kernel, "buffer": inp,
+                    "impl": impl, "engine": impl == ENGINE[kernel], "block": BLOCK,
+                    "bytes": amount if UNIT[kernel] == "GiB/s" else None,
+                    "areas": amount if UNIT[kernel] != "GiB/s" else None,
+                    "number": x.get("number"), "seconds": [round(t, 9) for t in seconds],
+                    "seconds_stats": s, "unit": UNIT[kernel], "per_s": rate,
+                    "gib_per_s": rate if UNIT[kernel] == "GiB/s" else None,
+                    "benchmarks": [b["name"] for b in found],
+                    "valid": not problems, "problems": problems,
+                }
+                if first and first.get("input_info"):
+                    rec["input_info"] = first["input_info"]
+                records.append(rec)
     return records
 
 
+def _rate(kernel: str, amount: int | None, seconds: float | None) -> float | None:
+    if not amount or not seconds:
+        return None
+    if UNIT[kernel] == "GiB/s":
+        return round(amount / GiB / seconds, 3)
+    return round(amount / 1e6 / seconds, 4)
+
+
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per kernel, buffer and implementation, with its ratios pair by pair: the twin's
-    time ÷ its time (how many times faster than the pure-Python twin) and its time ÷ cython's
-    (how many times slower than the compiled kernel)."""
+    """One row per kernel, input and implementation, with its ratios pair by pair: the twin's
+    time ÷ its time (how many times faster than the pure-Python twin) and its time ÷ the engine's
+    (how many times slower than the engine's kernel; `cython_over_this` too for the compiled
+    kernels, as before)."""
     rows = []
     for kernel, names in KERNELS.items():
-        for buffer in BUFFERS:
+        for inp in INPUTS[kernel]:
             group = {r["impl"]: r for r in records
-                     if r["kernel"] == kernel and r["buffer"] == buffer}
+                     if r["kernel"] == kernel and r["buffer"] == inp}
             if not group:
                 continue
+            engine = group[ENGINE[kernel]]["seconds"]
             for name in names:
                 r = group[name]
                 s = r["seconds_stats"]
+                amount = r["bytes"] if r["unit"] == "GiB/s" else r["areas"]
+                lo, hi = _rate(kernel, amount, s["max"]), _rate(kernel, amount, s["min"])
+                over_engine = paired(r["seconds"], engine)
                 rows.append({
-                    "kernel": kernel, "buffer": buffer, "impl": name, "bytes": r["bytes"],
-                    "number": r["number"], "seconds_median": s["median"],
-                    "seconds_min": s["min"], "seconds_max": s["max"],
-                    "gib_per_s": r["gib_per_s"],
-                    "gib_per_s_min": round(r["bytes"] / GiB / s["max"], 3) if s["max"] else None,
-                    "gib_per_s_max": round(r["bytes"] / GiB / s["min"], 3) if s["min"] else None,
+                    "kernel": kernel, "buffer": inp, "impl": name, "engine": r["engine"],
+                    "bytes": r["bytes"], "areas": r["areas"], "number": r["number"],
+                    "seconds_median": s["median"], "seconds_min": s["min"],
+                    "seconds_max": s["max"], "unit": r["unit"], "per_s": r["per_s"],
+                    "per_s_min": lo, "per_s_max": hi, "gib_per_s": r["gib_per_s"],
+                    "gib_per_s_min": lo if r["unit"] == "GiB/s" else None,
+                    "gib_per_s_max": hi if r["unit"] == "GiB/s" else None,
                     "over_twin": paired(group[TWIN]["seconds"], r["seconds"]),
-                    "cython_over_this": paired(r["seconds"], group[ENGINE_IMPL]["seconds"]),
+                    "engine_over_this": over_engine,
+                    "cython_over_this": over_engine if ENGINE[kernel] == "cython" else None,
                     "valid": r["valid"],
                 })
     return rows
@@ -219,67 +262,106 @@ def _time_text(x: float | None) -> str:
     return f"{x:.2f} s"
 
 
+def _median(ratio: dict[str, Any] | None) -> float | None:
+    return (ratio or {}).get("median")
+
+
 def table(summary: dict[str, Any]) -> str:
-    head = ("| kernel | buffer | implementation | median per call (min–max) | GiB/s | × python "
-            "twin | cython ÷ this | check |")
+    head = ("| kernel | input | implementation | median per call (min–max) | throughput "
+            "| × python twin | engine ÷ this | check |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in summary["rows"]:
         t = (f"{_time_text(r['seconds_median'])} ({_time_text(r['seconds_min'])}–"
              f"{_time_text(r['seconds_max'])})")
-        lines.append(f"| {r['kernel']} | {r['buffer']} | {r['impl']} | {t} | "
-                     f"{_fmt(r['gib_per_s'], '.2f')} | {_fmt(r['over_twin']['median'], '.2f')} | "
-                     f"{_fmt(r['cython_over_this']['median'], '.2f')} | "
-                     f"{'ok' if r['valid'] else 'FAIL'} |")
+        unit = r.get("unit", "GiB/s")  # runs before the interval algebra: GiB/s only
+        rate = r.get("per_s", r.get("gib_per_s"))
+        engine = r.get("engine", r["impl"] == "cython")
+        ratio = _median(r.get("engine_over_this") or r.get("cython_over_this"))
+        lines.append(f"| {r['kernel']} | {r['buffer']} | "
+                     f"{r['impl']}{' (engine)' if engine else ''} | {t} | "
+                     f"{_fmt(rate, '.2f')} {unit} | {_fmt(_median(r['over_twin']), '.2f')} | "
+                     f"{_fmt(ratio, '.2f')} | {'ok' if r['valid'] else 'FAIL'} |")
     return "\n".join(lines)
 
 
 def bars(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per kernel and buffer: the compiled kernel against its best peer (twin or baseline),
-    the median of per-sample ratios peer time ÷ cython time."""
+    """Zero scan and block hash, per buffer: cython against its best peer (twin or baseline),
+    the median of per-sample ratios peer time ÷ cython time. Interval algebra, per input: the
+    engine's (python) against the drop-in numpy baseline, numpy time ÷ the engine's."""
     out = []
     for kernel in KERNELS:
-        for buffer in BUFFERS:
-            peers = [r for r in rows if r["kernel"] == kernel and r["buffer"] == buffer
-                     and r["impl"] != ENGINE_IMPL and r["cython_over_this"]["median"] is not None]
+        engine = ENGINE[kernel]
+        for inp in INPUTS[kernel]:
+            peers = [r for r in rows if r["kernel"] == kernel and r["buffer"] == inp
+                     and r["impl"] != engine and r["engine_over_this"]["median"] is not None]
+            if kernel == "interval-algebra":
+                peers = [r for r in peers if r["impl"] == INTERVAL_PEER]
             if not peers:
                 continue
-            best = min(peers, key=lambda r: r["cython_over_this"]["median"])
-            v = best["cython_over_this"]["median"]
-            out.append({"bar": f"{kernel}, {buffer}: cython ÷ best peer ({best['impl']}) ≥ "
-                               f"{BAR_OVER_PEER:g}", "value": v, "peer": best["impl"],
-                        "met": v >= BAR_OVER_PEER})
+            best = min(peers, key=lambda r: r["engine_over_this"]["median"])
+            v = best["engine_over_this"]["median"]
+            if kernel == "interval-algebra":
+                text = (f"{kernel}, {inp}: engine (python) ÷ {best['impl']} (lists in and out) "
+                        f"≥ {BAR_OVER_PEER:g}")
+            else:
+                text = (f"{kernel}, {inp}: cython ÷ best peer ({best['impl']}) "
+                        f"≥ {BAR_OVER_PEER:g}")
+            out.append({"bar": text, "value": v, "peer": best["impl"], "met": v >= BAR_OVER_PEER})
     return out
+
+
+def numpy_import_seconds(n: int) -> float | None:
+    """The median of n `import numpy` times in fresh interpreters (the start-up left out): what
+    a pass would pay first to use a numpy interval algebra."""
+    code = "import time; t = time.perf_counter(); import numpy; print(time.perf_counter() - t)"
+    times = []
+    for _ in range(n):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=False)
+        try:
+            times.append(float(p.stdout.strip()))
+        except ValueError:
+            return None
+    return round(statistics.median(times), 4)
 
 
 # ---------------------------------------------------------------- the scenario
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = parser(SCENARIO, "Time the native zero scan and block hash against their pure-Python "
-                         "twins and a numpy / xxhash-loop baseline, on a random and a half-zero "
-                         "buffer.", "4 MiB buffers, 3 samples")
+    p = parser(SCENARIO, "Time the native zero scan and block hash and the engine's interval "
+                         "algebra against their pure-Python twins and numpy / xxhash-loop "
+                         "baselines, with pytest-benchmark.",
+               "4 MiB buffers, 10,000 areas, 3 samples")
     p.add_argument("--size", type=parse_size,
                    help="bytes per buffer (default 64M; 4M with --quick), a multiple of 64K")
-    p.add_argument("--seed", type=int, default=1, help="buffer seed (default 1)")
+    p.add_argument("--seed", type=int, default=1, help="input seed (default 1)")
     p.add_argument("--reps", type=int, help="timed samples per implementation, interleaved "
                                             "(default 15; 3 with --quick)")
     p.add_argument("--min-sample", type=float,
                    help="seconds a sample lasts at least: fast calls are repeated within it "
                         "(default 0.005; 0.001 with --quick)")
+    p.add_argument("--areas", type=int, help="changed areas per interval-algebra input "
+                                             "(default 100000; 10000 with --quick)")
+    p.add_argument("--disk", type=parse_size, default=DEFAULT_DISK,
+                   help="disk size of the interval-algebra inputs (default 1T), a multiple of 64K")
     a = p.parse_args(argv)
     a.size = a.size if a.size is not None else (QUICK_SIZE if a.quick else DEFAULT_SIZE)
     a.reps = a.reps if a.reps is not None else (3 if a.quick else 15)
+    a.areas = a.areas if a.areas is not None else (QUICK_AREAS if a.quick else DEFAULT_AREAS)
     if a.min_sample is None:
         a.min_sample = 0.001 if a.quick else 0.005
-    if a.reps < 1 or a.size < 2 * BLOCK or a.size % BLOCK or a.min_sample < 0:
-        p.error("--reps must be at least 1, --size a multiple of 64K (at least 128K), "
-                "--min-sample not negative")
+    if (a.reps < 1 or a.size < 2 * BLOCK or a.size % BLOCK or a.min_sample < 0 or a.areas < 1
+            or a.disk < 16 * BLOCK or a.disk % BLOCK):
+        p.error("--reps and --areas must be at least 1, --size a multiple of 64K (at least "
+                "128K), --disk a multiple of 64K (at least 1M), --min-sample not negative")
     return a
 
 
 def reproduce_command(a: argparse.Namespace) -> str:
     return " ".join(["cd", shlex.quote(str(ROOT)), "&&", ".venv/bin/python", "-m", "bench",
                      SCENARIO, "--size", _size_text(a.size), "--seed", str(a.seed), "--reps",
-                     str(a.reps), "--min-sample", f"{a.min_sample:g}"])
+                     str(a.reps), "--min-sample", f"{a.min_sample:g}", "--areas", str(a.areas),
+                     "--disk", _size_text(a.disk)])
 
 
 def _cache_sizes() -> str:
@@ -300,6 +382,21 @@ def _cache_sizes() -> str:
     return ", ".join(out) or "unknown"
 
 
+def _machine_info(doc: dict[str, Any]) -> dict[str, Any]:
+    """pytest-benchmark's machine_info without the CPU's long flag list."""
+    info = dict(doc.get("machine_info") or {})
+    cpu = {k: v for k, v in (info.pop("cpu", None) or {}).items() if k != "flags"}
+    return info | ({"cpu": cpu} if cpu else {})
+
+
+def _say_record(rec: dict[str, Any]) -> None:
+    s = rec["seconds_stats"]
+    _say(f"  {rec['kernel']:16} {rec['buffer']:9} {rec['impl']:12} "
+         f"{_time_text(s['median']):>10} per call (× {rec['number']}) "
+         f"{_fmt(rec['per_s'], '9.2f')} {rec['unit']}"
+         + ("" if rec["valid"] else "  INVALID: " + "; ".join(rec["problems"])))
+
+
 def main(argv: list[str]) -> int:
     a = parse_args(argv)
     try:
@@ -307,51 +404,88 @@ def main(argv: list[str]) -> int:
     except Exception as e:  # noqa: BLE001  (NativeMissing: say how to build, exit 2)
         print(f"{SCENARIO}: {e}", file=sys.stderr)
         return 2
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        print(f"{SCENARIO}: pytest-benchmark is not installed (.venv/bin/pip install -e "
+              "'.[test]')", file=sys.stderr)
+        return 2
     started = time.time()
     path = out_path(SCENARIO, a.out)
+    bench_json = os.path.splitext(path)[0] + ".pytest-benchmark.json"
     caches = _cache_sizes()
     workload = (f"two {_size_text(a.size)} buffers in memory (random; half its 64 KiB blocks "
-                f"zeroed), seed {a.seed}")
-    prov = provenance_of(str(ROOT), workload, cache=f"buffers in memory ({caches})",
+                f"zeroed); {a.areas:,} changed areas (scattered; clustered) and a previous "
+                f"plan on a {_size_text(a.disk)} disk; seed {a.seed}")
+    prov = provenance_of(str(ROOT), workload, cache=f"inputs in memory ({caches})",
                          numpy=np.__version__, xxhash=xxhash.VERSION, machine=platform.machine())
     try:
+        with sigterm_interrupts():
+            _say(f"{SCENARIO}: {workload}; {a.reps} interleaved samples of >= {a.min_sample:g} s "
+                 f"per implementation, by pytest-benchmark; engine {prov['engine_commit']}")
+            code, output = run_pytest(a, bench_json)
+            try:
+                with open(bench_json) as f:
+                    doc = json.load(f)
+            except (OSError, ValueError) as e:
+                doc = {}
+                output += f"\n(pytest-benchmark's JSON {bench_json}: {e})"
+            if code != 0:
+                tail = "\n".join(output.rstrip().splitlines()[-40:])
+                print(f"{SCENARIO}: pytest exited {code}; its output ends:\n{tail}",
+                      file=sys.stderr)
+            if code == 2 and not doc:  # interrupted
+                raise KeyboardInterrupt
+            import_s = numpy_import_seconds(1 if a.quick else 3)
+        prov.update(pytest_benchmark=doc.get("version"), pytest=_pytest_version(),
+                    pytest_benchmark_machine_info=_machine_info(doc),
+                    pytest_benchmark_commit_info=doc.get("commit_info"))
+        records = records_of(doc, a.reps)
         with sigterm_interrupts(), open(path, "w") as f:
             out = JsonLines(f)
-            _say(f"{SCENARIO}: {workload}; {a.reps} interleaved samples of >= {a.min_sample:g} s "
-                 f"per implementation; engine {prov['engine_commit']}")
-            buffers = make_buffers(a.size, a.seed)
-            records: list[dict[str, Any]] = []
-            for kernel in KERNELS:
-                for buffer in BUFFERS:
-                    for rec in measure(kernel, buffer, buffers[buffer], a):
-                        rec["provenance"] = prov
-                        out.emit(rec)
-                        records.append(rec)
-                        s = rec["seconds_stats"]
-                        _say(f"  {kernel:10} {buffer:9} {rec['impl']:11} "
-                             f"{_time_text(s['median']):>10} per call (× {rec['number']}) "
-                             f"{_fmt(rec['gib_per_s'], '9.2f')} GiB/s"
-                             + ("" if rec["valid"] else "  INVALID: " + "; ".join(rec["problems"])))
+            for rec in records:
+                rec["provenance"] = prov
+                out.emit(rec)
+                _say_record(rec)
             rows = summarize(records)
+            inputs = [{"input": r["buffer"]} | r["input_info"] for r in records
+                      if r.get("input_info") and r["engine"]]
             summary = {"type": "summary", "scenario": SCENARIO, "size": a.size, "block": BLOCK,
-                       "reps": a.reps, "rows": rows, "provenance": prov}
+                       "reps": a.reps, "min_sample": a.min_sample, "areas": a.areas,
+                       "disk": a.disk, "interval_inputs": inputs, "numpy_import_s": import_s,
+                       "pytest_benchmark": doc.get("version"),
+                       "method": {"runner": "pytest-benchmark, pedantic mode", "timer":
+                                  "time.perf_counter", "rounds_per_benchmark": 1,
+                                  "interleaving": "per kernel and input: round 0: A B C, "
+                                                  "round 1: A B C, ...",
+                                  "disable_gc": True, "pytest_exit": code},
+                       "rows": rows, "provenance": prov}
             out.emit(summary)
             verdict_bars = bars(rows)
-            valid = all(r["valid"] for r in records)
+            valid = code == 0 and bool(records) and all(r["valid"] for r in records)
             fps = fingerprints(prov["engine_fingerprint"], [])
             duration = finish(out, SCENARIO, started, valid, verdict_bars, fps,
-                              reproduce_command(a), prov)
+                              reproduce_command(a), prov, pytest_exit=code,
+                              pytest_benchmark_json=bench_json)
         _say()
         _say(table(summary))
         _say()
-        _say("GiB/s: buffer bytes ÷ median seconds per call; × python twin: median of per-sample "
-             "twin time ÷ this time; cython ÷ this: median of this time ÷ cython's (> 1: cython "
-             "faster).")
+        _say("throughput: the input's bytes (GiB/s) or areas (M areas/s) ÷ median seconds per "
+             "call; × python twin: median of per-sample twin time ÷ this time; engine ÷ this: "
+             "median of this time ÷ the engine's (> 1: the engine faster).")
+        if import_s is not None:
+            _say(f"numpy's import in a fresh interpreter: {import_s * 1e3:.0f} ms (in no sample)")
         return conclude(a, valid, verdict_bars, fps, duration, path, reproduce_command(a),
-                        "an implementation's output differs")
+                        "an implementation's output differs, or pytest failed")
     except KeyboardInterrupt:
         print(f"{SCENARIO}: interrupted", file=sys.stderr)
         return 130
+
+
+def _pytest_version() -> str | None:
+    try:
+        import pytest
+    except ImportError:
+        return None
+    return pytest.__version__
 
 
 if __name__ == "__main__":

@@ -176,17 +176,26 @@ def extra_lines(run: Run) -> list[str]:
     """What the scenario prints below its table that a reader needs (not every detail)."""
     out: list[str] = []
     if run.scenario == "cold-copy":
-        for s in run.of_type("summary"):
+        mod = _module(run.scenario)
+        summaries = run.of_type("summary")
+        for s in summaries:
+            where = f"{s.get('case', mod.PRIMARY)} → {s['target']}"
             c = s.get("checksum_over_nbdcopy")
             if c and c.get("median") is not None:
-                out.append(f"- {s['target']}: checksum ÷ nbdcopy (nbdcopy wall ÷ checksum wall, "
+                out.append(f"- {where}: checksum ÷ nbdcopy (nbdcopy wall ÷ checksum wall, "
                            f"per rep): median {c['median']:.2f}")
             vc = s.get("verify_cost")
             if vc and vc.get("wall_ratio") and vc["wall_ratio"].get("median") is not None:
-                out.append(f"- {s['target']}: copy --verify costs {vc['wall_ratio']['median']:.2f}"
+                out.append(f"- {where}: copy --verify costs {vc['wall_ratio']['median']:.2f}"
                            f" × the plain copy's wall (+{_fmt(vc['extra_s']['median'], '.2f')} s)"
                            f"; read back {_fmt(vc['verify_bytes_read_over_alloc'], '.3f')} × the "
                            "allocated bytes")
+        if any(s.get("best_peer") for s in summaries):
+            out += ["", ("The engine against each peer, per case and target (median of per-rep "
+                         "`peer wall ÷ engine wall`; the best peer is the one the engine is least "
+                         "ahead of):"), "", mod.best_peer_table(summaries)]
+        for sk in (run.verdict or {}).get("skipped") or []:
+            out.append(f"- skipped {sk.get('case')}: {sk.get('why')}")
     elif run.scenario == "warm-delta":
         plan = next((r for r in run.of_type("plan")), None)
         if plan and plan.get("available", True) and plan.get("total_s_median") is not None:
@@ -205,6 +214,27 @@ def extra_lines(run: Run) -> list[str]:
                        "on `random` every block's first bytes are non-zero, so the compiled "
                        "scan stops at once per block: its GiB/s there is per-block overhead, "
                        "not memory bandwidth")
+            if s.get("areas"):
+                disk = s.get("disk") or 0
+                made = "; ".join(
+                    f"{i.get('input', '?')}: {_fmt(i.get('new_runs'), ',')} runs once merged, "
+                    f"{_fmt(i.get('grew_runs'), ',')} beyond the last plan, a plan of "
+                    f"{_fmt(i.get('plan_runs'), ',')} runs"
+                    for i in s.get("interval_inputs") or [])
+                ms = s.get("numpy_import_s")
+                out.append(f"- interval algebra: {s['areas']:,} changed areas on a "
+                           + (f"{disk >> 40} TiB" if disk and disk % (1 << 40) == 0 else
+                              f"{disk / GiB:g} GiB")
+                           + " disk; a call is a warm pass's range work (merge the areas, clip "
+                           "the interrupted plan, subtract, union, clip, count the bytes); "
+                           + (f"{made}; " if made else "")
+                           + "numpy's import in a fresh interpreter: "
+                           f"{_fmt(ms and ms * 1e3, '.0f')} ms, in no sample")
+            if s.get("pytest_benchmark"):
+                out.append(f"- timed by pytest-benchmark {s['pytest_benchmark']} (pedantic: a "
+                           "benchmark per round and implementation, 1 round of `number` calls, "
+                           "rounds interleaved A B C A B C …); its JSON is kept beside the JSON "
+                           "lines")
     elif run.scenario == "overhead":
         out += [f"- {n}" for n in (run.verdict or {}).get("notes") or []]
     elif run.scenario == "live-converge":
@@ -219,7 +249,9 @@ def extra_lines(run: Run) -> list[str]:
 def provenance_lines(run: Run) -> list[str]:
     p = run.provenance
     image = p.get("image") or {}
-    peers = [p[k] for k in ("nbdcopy", "qemu_img", "nbdkit", "qemu_storage_daemon") if p.get(k)]
+    peers = [p[k] for k in ("nbdcopy", "qemu_img", "nbdkit", "qemu_nbd", "qemu_storage_daemon")
+             if p.get(k)]
+    peers += [f"{k}: `{v}`" for k, v in (p.get("tuned") or {}).items()]
     peers += [f"{k} {p[k]}" for k in ("numpy", "xxhash") if p.get(k)]
     mem = p.get("mem_total_bytes")
     if not peers and not p.get("kernel"):  # warm-delta --plan-only: the engine alone
@@ -229,6 +261,12 @@ def provenance_lines(run: Run) -> list[str]:
     alloc = image.get("alloc_bytes")
     if p.get("workload"):  # kernels, overhead: no image
         workload = [f"- workload: {p['workload']}"]
+    elif p.get("images"):  # cold-copy: an image per kind
+        workload = [(f"- image `{kind}`: {_fmt(im.get('size') and im['size'] / GiB, 'g')} GiB, "
+                     f"seed {im.get('seed', '?')}, "
+                     f"{_fmt(im.get('alloc_bytes') and im['alloc_bytes'] / GiB, '.2f')} GiB "
+                     f"allocated, digest `{im.get('digest', '?')}`")
+                    for kind, im in p["images"].items()]
     else:
         workload = [(f"- image: {_fmt(image.get('size') and image['size'] / GiB, 'g')} GiB, "
                      f"seed {image.get('seed', '?')}, {_fmt(alloc and alloc / GiB, '.2f')}"
@@ -294,6 +332,48 @@ def glance(runs: dict[str, Run]) -> str:
     return "\n".join(lines)
 
 
+def best_peers(runs: dict[str, Run]) -> str:
+    """Every scenario's ratio to its best peer, in one table: cold-copy per case and target (the
+    fastest of nbdcopy, qemu-img and their tuned runs), kernels per kernel and input (the fastest
+    twin or baseline), overhead per source (nbdcopy), warm-delta's full and delta passes against
+    nbdcopy copying the whole disk (it takes no changed-block list); live-converge has no peer
+    (nothing else predicts downtime)."""
+    lines = ["| scenario | workload | best peer | engine ÷ best peer |", "|---|---|---|---|"]
+    for name, run in runs.items():
+        v = run.verdict or {}
+        if name == "cold-copy":
+            for b in v.get("best_peer") or []:
+                r = b.get("engine_over_peer_median")
+                lines.append(f"| {name} | {b['case']} → {b['target']} | {b['tool']} | "
+                             f"{_fmt(r, '.2f')}{'' if r is None or r >= 1 else ' (behind)'} |")
+        elif name in ("kernels", "overhead"):
+            for b in v.get("bars") or []:
+                if "÷" not in b["bar"]:
+                    continue
+                what, _, rest = b["bar"].partition(":")
+                peer = b.get("peer") or rest.split("÷", 1)[1].split("≥")[0].strip(" ()")
+                r = b.get("value")
+                lines.append(f"| {name} | {what} | {peer} | {_fmt(r, '.2f')}"
+                             f"{'' if r is None or r >= 1 else ' (behind)'} |")
+        elif name == "warm-delta":
+            # nbdcopy takes no changed-block list: its alternative to a pass is a whole copy.
+            s = (run.of_type("summary") or [{}])[-1]
+            mod = _module(name)
+            full = (s.get("full_over_nbdcopy") or {}).get("median")
+            lines.append(f"| {name} | full pass (`transfer sync`, the whole disk) | nbdcopy "
+                         f"(whole disk) | {_fmt(full and 1 / full, '.2f')}"
+                         f"{'' if not full or full <= 1 else ' (behind)'} |")
+            for kind in mod.DELTAS:
+                r = (s.get(f"{kind}_over_nbdcopy") or {}).get("median")
+                if r:
+                    lines.append(f"| {name} | {mod.NAMES.get(kind, kind)} pass | nbdcopy "
+                                 f"(whole disk: no changed-block list) | {1 / r:.2f} |")
+        elif name == "live-converge":
+            lines.append(f"| {name} | downtime prediction | none (no peer predicts downtime) | "
+                         "see its bars |")
+    return "\n".join(lines)
+
+
 def render(runs: dict[str, Run], md_path: str, title: str, intro: list[str],
            plot_dir: str, missing: dict[str, str] | None = None, stable: bool = False) -> str:
     """Write the plots into plot_dir and return the markdown (links relative to md_path).
@@ -303,6 +383,8 @@ def render(runs: dict[str, Run], md_path: str, title: str, intro: list[str],
     parts = [f"# {title}", ""] + intro + [""]
     if runs:
         parts += ["Every bar, at a glance:", "", glance(runs), ""]
+        parts += [("Every scenario against its best peer (engine ÷ peer: above 1 the engine is "
+                   "faster):"), "", best_peers(runs), ""]
     if not have_mpl:
         parts += [f"_{NO_MATPLOTLIB}_", ""]
     for name, reason in (missing or {}).items():
@@ -368,47 +450,52 @@ def plot(run: Run, png: str) -> None:
 
 
 def plot_cold_copy(run: Run, png: str) -> None:
-    """Throughput (allocated GiB/s of the median wall, min–max as whiskers) per target, the
-    engine and its peers side by side; engine ÷ peer above each peer's bar."""
+    """A panel per case: throughput (allocated GiB/s of the median wall, min–max as whiskers)
+    per target, the engine and its peers side by side; engine ÷ peer above each peer's bar."""
     plt = _pyplot()
     mod = _module(run.scenario)
     summaries = run.of_type("summary")
+    cases = list(dict.fromkeys(s.get("case", mod.PRIMARY) for s in summaries))
     tools = [t for t in mod.TOOLS if any(t in s["tools"] for s in summaries)]
-    fig, ax = plt.subplots(figsize=(10, 5.2))
+    fig, axes = plt.subplots(len(cases), 1, figsize=(11, 1.2 + 3.0 * len(cases)), squeeze=False)
     width = 0.8 / max(1, len(tools))
     colors = plt.get_cmap("tab10")
-    for i, tool in enumerate(tools):
-        xs, ys, lo, hi, labels = [], [], [], [], []
-        for j, s in enumerate(summaries):
-            t = s["tools"].get(tool)
-            if not t or not t.get("wall_s_median"):
+    for ax, case in zip(axes[:, 0], cases):
+        mine = [s for s in summaries if s.get("case", mod.PRIMARY) == case]
+        for i, tool in enumerate(tools):
+            xs, ys, lo, hi, labels = [], [], [], [], []
+            for j, s in enumerate(mine):
+                t = s["tools"].get(tool)
+                if not t or not t.get("wall_s_median"):
+                    continue
+                alloc = s["alloc_bytes"] / GiB
+                y = alloc / t["wall_s_median"]
+                xs.append(j + (i - (len(tools) - 1) / 2) * width)
+                ys.append(y)
+                lo.append(y - alloc / t["wall_s_max"])
+                hi.append(alloc / t["wall_s_min"] - y)
+                r = s["throughput_ratio"].get(tool, {}).get("engine_over_peer_median")
+                labels.append("" if tool == "engine" or r is None else f"{r:.2f}")
+            if not xs:
                 continue
-            alloc = s["alloc_bytes"] / GiB
-            y = alloc / t["wall_s_median"]
-            xs.append(j + (i - (len(tools) - 1) / 2) * width)
-            ys.append(y)
-            lo.append(y - alloc / t["wall_s_max"])
-            hi.append(alloc / t["wall_s_min"] - y)
-            r = s["throughput_ratio"].get(tool, {}).get("engine_over_peer_median")
-            labels.append("" if tool == "engine" or r is None else f"{r:.2f}")
-        if not xs:
-            continue
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=tool, color=colors(i))
-        for x, y, top, text in zip(xs, ys, hi, labels):
-            if text:  # above the whisker
-                ax.annotate(text, (x, y + top), textcoords="offset points", xytext=(0, 3),
-                            ha="center", fontsize=7)
-    ax.set_xticks(range(len(summaries)), [s["target"] for s in summaries])
-    ax.set_ylabel("GiB/s of allocated data (median wall)")
-    ax.set_xlabel("target (numbers: engine ÷ tool, median of per-rep wall ratios)")
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=tool, color=colors(i))
+            for x, y, top, text in zip(xs, ys, hi, labels):
+                if text:  # above the whisker
+                    ax.annotate(text, (x, y + top), textcoords="offset points", xytext=(0, 2),
+                                ha="center", fontsize=6)
+        ax.set_xticks(range(len(mine)), [s["target"] for s in mine])
+        ax.set_xlim(-0.5, max(len(mine), 1) - 0.5)
+        ax.set_ylabel("alloc GiB/s")
+        ax.set_title(case, fontsize=9)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, ncol=len(tools), loc="upper right")
+    axes[-1, 0].set_xlabel("target (numbers: engine ÷ tool, median of per-rep wall ratios; "
+                           "GiB/s of the raw image's allocated data per median wall)")
     size = summaries[0]["size"] / GiB if summaries else 0
-    ax.set_title(_title(run, f"{size:g} GiB image, whole-disk copy from nbdkit"), fontsize=10)
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # room for the legend above the labels
-    ax.legend(fontsize=8, ncol=len(tools), loc="upper right")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    fig.suptitle(_title(run, f"{size:g} GiB images, whole-disk copy, a panel per "
+                             "image/server/cache"), fontsize=10)
+    _save(plt, fig, png)
 
 
 def plot_warm_delta(run: Run, png: str) -> None:
@@ -513,46 +600,64 @@ def plot_live_converge(run: Run, png: str) -> None:
 
 
 def plot_kernels(run: Run, png: str) -> None:
-    """GiB/s per buffer (median, min–max whiskers, log scale), a panel per kernel, the compiled
-    kernel beside its pure-Python twin and the baselines; cython ÷ this above each peer's bar."""
+    """A panel per kernel: throughput per input (median, min–max whiskers, log scale; GiB/s for
+    the zero scan and the block hash, M areas/s for the interval algebra), the engine's
+    implementation beside its pure-Python twin and the baselines; engine ÷ this (this time ÷ the
+    engine's, the median of per-sample ratios) above each peer's bar. Runs from before the
+    interval algebra (GiB/s only, cython the engine) plot their two panels."""
     plt = _pyplot()
     mod = _module(run.scenario)
     s = next(iter(run.of_type("summary")), None)
     rows = (s or {}).get("rows") or []
-    fig, axes = plt.subplots(1, len(mod.KERNELS), figsize=(11, 4.6))
+    kernels = [k for k in mod.KERNELS if any(r["kernel"] == k for r in rows)] or list(mod.KERNELS)
+    fig, axes = plt.subplots(1, len(kernels), figsize=(5.2 * len(kernels), 4.8), squeeze=False)
     colors = plt.get_cmap("tab10")
-    for ax, (kernel, impls) in zip(axes, mod.KERNELS.items()):
+    for ax, kernel in zip(axes[0], kernels):
+        impls = mod.KERNELS[kernel]
+        inputs = mod.INPUTS[kernel]
+        engine = mod.ENGINE[kernel]
+        unit = next((r["unit"] for r in rows if r["kernel"] == kernel and r.get("unit")),
+                    "GiB/s")
         width = 0.8 / len(impls)
         for i, impl in enumerate(impls):
             xs, ys, lo, hi, labels = [], [], [], [], []
-            for j, buffer in enumerate(mod.BUFFERS):
-                r = next((r for r in rows if r["kernel"] == kernel and r["buffer"] == buffer
+            for j, inp in enumerate(inputs):
+                r = next((r for r in rows if r["kernel"] == kernel and r["buffer"] == inp
                           and r["impl"] == impl), None)
-                if not r or not r.get("gib_per_s"):
+                rate = r and r.get("per_s", r.get("gib_per_s"))
+                if not r or not rate:
                     continue
                 xs.append(j + (i - (len(impls) - 1) / 2) * width)
-                ys.append(r["gib_per_s"])
-                lo.append(r["gib_per_s"] - r["gib_per_s_min"])
-                hi.append(r["gib_per_s_max"] - r["gib_per_s"])
-                ratio = r["cython_over_this"]["median"]
-                labels.append("" if impl == mod.ENGINE_IMPL or ratio is None
+                ys.append(rate)
+                lo.append(rate - (r.get("per_s_min", r.get("gib_per_s_min")) or rate))
+                hi.append((r.get("per_s_max", r.get("gib_per_s_max")) or rate) - rate)
+                ratio = (r.get("engine_over_this") or r.get("cython_over_this") or {}).get("median")
+                labels.append("" if impl == engine or ratio is None
                               else f"{ratio:,.0f}×" if ratio >= 100 else f"{ratio:.3g}×")
             if not xs:
                 continue
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=impl, color=colors(i))
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=colors(i),
+                   label=impl + (" (engine)" if impl == engine else ""))
             for x, y, top, text in zip(xs, ys, hi, labels):
                 if text:
                     ax.annotate(text, (x, y + top), textcoords="offset points", xytext=(0, 3),
                                 ha="center", fontsize=7)
         ax.set_yscale("log")
-        ax.set_xticks(range(len(mod.BUFFERS)), list(mod.BUFFERS))
-        ax.set_title(kernel, fontsize=10)
-        ax.set_ylabel("GiB/s (median per call; log scale)")
-        ax.set_xlabel("buffer (numbers: cython ÷ this, per-sample medians)")
+        ax.set_xticks(range(len(inputs)), list(inputs))
+        ax.set_title(kernel + (" (the engine's is plain Python)" if engine == "python" else ""),
+                     fontsize=10)
+        ax.set_ylabel(f"{unit} (median per call; log scale)")
+        ax.set_xlabel("input (numbers: engine ÷ this, per-sample medians)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     size = (s or {}).get("size") or 0
-    fig.suptitle(_title(run, f"{size / MiB:g} MiB buffers, 64 KiB blocks"), fontsize=10)
+    what = f"{size / MiB:g} MiB buffers, 64 KiB blocks"
+    if (s or {}).get("areas"):
+        disk = s.get("disk") or 0
+        what += (f"; {s['areas']:,} areas on a "
+                 + (f"{disk >> 40} TiB" if disk and disk % (1 << 40) == 0 else
+                    f"{disk / GiB:g} GiB") + " disk")
+    fig.suptitle(_title(run, what), fontsize=10)
     _save(plt, fig, png)
 
 
@@ -641,7 +746,7 @@ def write_results(from_dir: str, to: str, include_reduced: bool = False
         "",
         ("Regenerate this file from the newest runs in `bench/out`: "
          "`cd /work/main && .venv/bin/python -m bench results`; reproduce every figure: "
-         "`.venv/bin/python -m bench` (all scenarios, full size, ~13 min), then that command. "
+         "`.venv/bin/python -m bench` (all scenarios, full size, ~40 min), then that command. "
          f"Generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}."),
     ]
     text = render(runs, to, "Benchmark results", intro, plot_dir, missing, stable=True)
