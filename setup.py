@@ -15,7 +15,7 @@ LIBRARIES = {"blockhash": ["xxhash"]}
 extensions = [
     Extension(f"transfer._native.{name}", [f"native/{name}.pyx"], extra_compile_args=CFLAGS,
               libraries=LIBRARIES.get(name, []))
-    for name in ("zeroscan", "blockhash", "fileops")
+    for name in ("zeroscan", "blockhash", "fileops", "intervals")
 ]
 
 setup(

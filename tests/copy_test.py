@@ -197,8 +197,10 @@ def test_pure_python_twins_give_the_same_copy(make_source, tmp_path, monkeypatch
     assert calls  # the twin did the punching, as the report says, though the default is cython
     check(a, reference, str(garbage), 6 * MiB + 100)
     b = transfer.copy(uri, str(tmp_path / "b.img"), native="cython")
-    assert a.native == {"zeroscan": "python", "blockhash": "python", "fileops": "python"}
-    assert b.native == {"zeroscan": "cython", "blockhash": "cython", "fileops": "cython"}
+    assert a.native == {"zeroscan": "python", "blockhash": "python", "fileops": "python",
+                        "intervals": "python"}
+    assert b.native == {"zeroscan": "cython", "blockhash": "cython", "fileops": "cython",
+                        "intervals": "cython"}
     assert a.digest == b.digest == expected_digest_of_file(reference)
 
 

@@ -103,7 +103,7 @@ def test_choice_is_explicit_and_reported(monkeypatch):
     monkeypatch.setenv(_native.ENV, "python")
     assert _native.kernels().implementation == "python"
     assert _native.kernels().describe() == {"zeroscan": "python", "blockhash": "python",
-                                            "fileops": "python"}
+                                            "fileops": "python", "intervals": "python"}
     monkeypatch.setenv(_native.ENV, "cython")
     assert _native.kernels().implementation == "cython"
     monkeypatch.setenv(_native.ENV, "fast")
@@ -116,3 +116,73 @@ def test_missing_extension_is_an_error_not_a_fallback(monkeypatch):
     monkeypatch.setitem(sys.modules, "transfer._native.blockhash", None)  # import now fails
     with pytest.raises(NativeMissing, match="blockhash is not built"):
         _native.kernels("cython")
+
+
+# ---------------------------------------------------------------- interval algebra
+
+offsets = st.integers(0, 2**40)
+
+
+@st.composite
+def run_lists(draw, max_size=40):
+    """Pairs in any order, overlapping, touching, empty or inverted (start > end): what
+    merge_runs may be given, including nonsense it must treat as the twin does."""
+    return draw(st.lists(st.tuples(offsets, offsets) | st.tuples(offsets, st.integers(0, 2**20))
+                         .map(lambda p: (p[0], p[0] + p[1])), max_size=max_size))
+
+
+@st.composite
+def sorted_runs(draw):
+    """Sorted, disjoint runs, as merge_runs makes them (and subtract_runs expects)."""
+    block = draw(st.sampled_from([1, 4096, 65536]))
+    size = draw(st.integers(0, 2**36))
+    # Clipped: merging areas beyond the disk leaves inverted runs (validation refuses those
+    # areas before any merge).
+    return ref.clip_runs(ref.merge_runs(draw(run_lists()), size, block), 0, size)
+
+
+@settings(max_examples=400, deadline=None)
+@given(runs=run_lists(), size=st.integers(0, 2**41), block=st.sampled_from([1, 3, 512, 65536]))
+def test_merge_runs_matches_its_twin(runs, size, block):
+    assert cy.merge_runs(runs, size, block) == ref.merge_runs(runs, size, block)
+    # Any iterable of pairs, as the twin takes.
+    assert cy.merge_runs(iter(runs), size, block) == ref.merge_runs(runs, size, block)
+
+
+@settings(max_examples=400, deadline=None)
+@given(a=sorted_runs(), b=sorted_runs(), start=offsets, end=offsets)
+def test_subtract_clip_and_count_match_their_twins(a, b, start, end):
+    assert cy.subtract_runs(a, b) == ref.subtract_runs(a, b)
+    assert cy.clip_runs(a, start, end) == ref.clip_runs(a, start, end)
+    assert cy.runs_bytes(a) == ref.runs_bytes(a)
+    # And they mean what they say, block by block (4 KiB blocks keep the sets small).
+    k = 4096
+    a4 = ref.merge_runs([(s // k, -(-e // k)) for s, e in a], 2**40)
+    b4 = ref.merge_runs([(s // k, -(-e // k)) for s, e in b], 2**40)
+    blocks = {x for s, e in a4 for x in range(s, min(e, s + 5000))}
+    if sum(e - s for s, e in a4) <= 5000 and sum(e - s for s, e in b4) <= 5000:
+        other = {x for s, e in b4 for x in range(s, e)}
+        left = {x for s, e in cy.subtract_runs(a4, b4) for x in range(s, e)}
+        assert left == blocks - other
+        assert cy.runs_bytes(a4) == len(blocks)
+
+
+def test_interval_edges():
+    assert cy.merge_runs([], 100) == [] == ref.merge_runs([], 100)
+    assert cy.merge_runs([(0, 1), (1, 2)], 10, 1) == [(0, 2)]       # touching runs merge
+    assert cy.merge_runs([(5, 7)], 6, 4) == [(4, 6)]                # rounded out, clipped
+    assert cy.subtract_runs([(0, 10)], [(2, 3), (5, 20)]) == [(0, 2), (3, 5)]
+    assert cy.clip_runs([(0, 10), (20, 30)], 5, 25) == [(5, 10), (20, 25)]
+    assert cy.runs_bytes([(0, 2**62), (2**62, 2**63 - 1)]) == 2**63 - 1
+    # Pairs given as lists come back as tuples, as the twin's do (only tuples are passed through).
+    for f, args in ((cy.clip_runs, (0, 20)), (cy.subtract_runs, ([],)), (cy.merge_runs, (20, 1))):
+        out = f([[0, 10]], *args)
+        assert out == [(0, 10)] and type(out[0]) is tuple, f
+    big = [(0, 2**62)] * 4  # not disjoint: the sum leaves int64 and must still be right
+    assert cy.runs_bytes(big) == ref.runs_bytes(big) == 2**64
+    with pytest.raises(OverflowError):
+        cy.merge_runs([(0, 2**64)], 2**40)
+    with pytest.raises((TypeError, ValueError)):
+        cy.merge_runs([(0, 1, 2)], 10)
+    with pytest.raises(TypeError):
+        cy.clip_runs([("a", 1)], 0, 1)

@@ -12,14 +12,15 @@ every report ("native").
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import BadInput, NativeMissing
 
 ENV = "TRANSFER_NATIVE"
-MODULES = ("zeroscan", "blockhash", "fileops")
+MODULES = ("zeroscan", "blockhash", "fileops", "intervals")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class Kernels:
     sync_file_range: Callable[[int, int, int, int], None]
     blkzeroout: Callable[[int, int, int], None]
     blksszget: Callable[[int], int]
+    merge_runs: Callable[..., list]
+    subtract_runs: Callable[[Any, Any], list]
+    clip_runs: Callable[[Any, int, int], list]
+    runs_bytes: Callable[[Any], int]
 
     def describe(self) -> dict[str, str]:
         return {name: self.implementation for name in MODULES}
@@ -56,6 +61,10 @@ def _compiled() -> dict[str, Any]:
         "sync_file_range": mods["fileops"].sync_file_range,
         "blkzeroout": mods["fileops"].blkzeroout,
         "blksszget": mods["fileops"].blksszget,
+        "merge_runs": mods["intervals"].merge_runs,
+        "subtract_runs": mods["intervals"].subtract_runs,
+        "clip_runs": mods["intervals"].clip_runs,
+        "runs_bytes": mods["intervals"].runs_bytes,
     }
 
 
@@ -69,6 +78,10 @@ def _twins() -> dict[str, Any]:
         "sync_file_range": ref.sync_file_range,
         "blkzeroout": ref.blkzeroout,
         "blksszget": ref.blksszget,
+        "merge_runs": ref.merge_runs,
+        "subtract_runs": ref.subtract_runs,
+        "clip_runs": ref.clip_runs,
+        "runs_bytes": ref.runs_bytes,
     }
 
 

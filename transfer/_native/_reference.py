@@ -91,4 +91,60 @@ def blksszget(fd: int) -> int:
     return struct.unpack("=i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
 
 
-__all__ = ["zero_blocks", "hash_blocks", "fallocate", "sync_file_range", "blkzeroout", "blksszget"]
+# Interval algebra (native/intervals.pyx). Runs are lists of (start, end) pairs of byte offsets,
+# which fit in int64 (the compiled twin's domain).
+
+def merge_runs(runs, size: int, block: int = 65536) -> list:
+    """[start, end) runs in any order -> sorted, merged, rounded outward to block, clipped."""
+    out: list = []
+    for s, e in sorted((s - s % block, min(-(-e // block) * block, size)) for s, e in runs):
+        if out and s <= out[-1][1]:
+            if e > out[-1][1]:
+                out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+def subtract_runs(a, b) -> list:
+    """Runs of a not covered by b (both sorted and disjoint)."""
+    b = list(b)
+    out: list = []
+    j = 0
+    for s, e in a:
+        while j < len(b) and b[j][1] <= s:
+            j += 1
+        k = j
+        while s < e:
+            if k >= len(b) or b[k][0] >= e:
+                out.append((s, e))
+                break
+            if b[k][0] > s:
+                out.append((s, b[k][0]))
+            s = max(s, b[k][1])
+            k += 1
+    return out
+
+
+def clip_runs(a, start: int, end: int) -> list:
+    """The parts of runs a inside [start, end)."""
+    return [(max(s, start), min(e, end)) for s, e in a if max(s, start) < min(e, end)]
+
+
+def runs_bytes(a) -> int:
+    """The bytes the runs cover (the sum of end - start)."""
+    return sum(e - s for s, e in a)
+
+
+__all__ = [
+    "blksszget",
+    "blkzeroout",
+    "clip_runs",
+    "fallocate",
+    "hash_blocks",
+    "merge_runs",
+    "runs_bytes",
+    "subtract_runs",
+    "sync_file_range",
+    "zero_blocks",
+]
