@@ -40,7 +40,7 @@ import xxhash
 
 from transfer import _native
 from transfer.integrity.manifest import BLOCK, zero_digest
-from transfer.tracking.areas import clip_runs, merge_runs, runs_bytes, subtract_runs, union_runs
+from transfer.tracking.areas import merge_runs
 
 from .cold_copy import MiB, wait_quiet
 from .kernels import DEFAULTS, ENGINE, INPUTS, KERNELS, UNIT
@@ -159,17 +159,18 @@ def interval_input(kind: str, n: int, disk: int, seed: int) -> dict[str, Any]:
             "areas_s": a[0], "areas_e": a[1], "last_s": l_[0], "last_e": l_[1]}
 
 
-def engine_warm_pass(areas: Runs, last: Runs, upto: int, size: int
+def engine_warm_pass(k: _native.Kernels, areas: Runs, last: Runs, upto: int, size: int
                      ) -> tuple[Runs, Runs, Runs, int]:
     """What a warm pass does with ranges (transfer/state/sync.py: _choose, then _copy), with the
-    engine's functions (transfer/tracking/areas.py): the areas merged into runs (load_changed_areas
-    ends so), the interrupted pass's rest (tainted), what the tracker names beyond the last plan,
-    the new plan (new ∪ tainted), and the bytes to copy from the plan's start."""
-    new = merge_runs(areas, size)
-    tainted = clip_runs(last, upto, size)
-    grew = subtract_runs(new, last)
-    plan = union_runs(new, tainted, size)
-    delta = runs_bytes(clip_runs(plan, 0, size))
+    engine's kernels k (compiled or the twins), called as transfer/tracking/areas.py calls them:
+    the areas merged into runs (load_changed_areas ends so), the interrupted pass's rest
+    (tainted), what the tracker names beyond the last plan, the new plan (new ∪ tainted: areas.py's
+    union_runs), and the bytes to copy from the plan's start."""
+    new = k.merge_runs(areas, size, BLOCK)
+    tainted = k.clip_runs(last, upto, size)
+    grew = k.subtract_runs(new, last)
+    plan = k.merge_runs(list(new) + list(tainted), size, BLOCK)
+    delta = k.runs_bytes(k.clip_runs(plan, 0, size))
     return new, grew, plan, delta
 
 
@@ -254,8 +255,10 @@ def interval_implementations(data: dict[str, Any]
                              ) -> tuple[dict[str, Callable[[], Any]], Callable[[str], Any]]:
     areas, last, upto, disk = data["areas"], data["last"], data["upto"], data["disk"]
     a_s, a_e, l_s, l_e = data["areas_s"], data["areas_e"], data["last_s"], data["last_e"]
+    cy, py = _native.kernels("cython"), _native.kernels("python")
     timed: dict[str, Callable[[], Any]] = {
-        "python": lambda: engine_warm_pass(areas, last, upto, disk),
+        "cython": lambda: engine_warm_pass(cy, areas, last, upto, disk),
+        "python": lambda: engine_warm_pass(py, areas, last, upto, disk),
         "numpy": lambda: numpy_warm_pass_lists(areas, last, upto, disk),
         "numpy-arrays": lambda: numpy_warm_pass(a_s, a_e, l_s, l_e, upto, disk),
     }

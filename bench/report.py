@@ -644,7 +644,7 @@ def plot_kernels(run: Run, png: str) -> None:
                                 ha="center", fontsize=7)
         ax.set_yscale("log")
         ax.set_xticks(range(len(inputs)), list(inputs))
-        ax.set_title(kernel + (" (the engine's is plain Python)" if engine == "python" else ""),
+        ax.set_title(kernel + (" (the engine's was plain Python)" if engine == "python" else ""),
                      fontsize=10)
         ax.set_ylabel(f"{unit} (median per call; log scale)")
         ax.set_xlabel("input (numbers: engine ÷ this, per-sample medians)", fontsize=9)
