@@ -9,16 +9,17 @@ Here the pairs are copied into a C array of int64, sorted with qsort, swept, and
 Most of the time goes to Python objects at the two ends, so an output pair equal to an input
 tuple is that tuple, not a new one (tuples are immutable: the twin's answer compares equal).
 
-Division and modulo follow Python's rules (cdivision off), so every input gives what the twin
-gives, negative numbers included. Values must fit in int64 (OverflowError otherwise; disk
-offsets do).
+The domain is what the engine passes: offsets in [0, 2**63) and a positive block. There every
+input, sorted or not, overlapping or not, gives what the twin gives (tests/native_test.py proves
+it on random inputs). Outside it these raise where the twins may compute: ValueError for a
+negative offset or a block below 1, OverflowError for an offset of 2**63 or more.
 
 Pure-Python twins: transfer._native._reference.merge_runs, subtract_runs, clip_runs, runs_bytes.
 """
 
 cimport cython
 from libc.stdint cimport int64_t
-from libc.stdlib cimport free, malloc, qsort
+from libc.stdlib cimport free, malloc, qsort, realloc
 
 
 cdef struct Run:
@@ -39,13 +40,15 @@ cdef int _order(const void *a, const void *b) noexcept nogil:
 
 
 cdef list _seq(object runs):
-    return runs if type(runs) is list else list(runs)
+    # A copy even of a list (of pointers: cheap): unpacking an item may run Python code, which
+    # must not be able to shrink what the indices in Run.i point into.
+    return list(runs)
 
 
-cdef Run *_load(list seq, Py_ssize_t extra=0) except NULL:
-    """The pairs of seq (2-item sequences) in a new C array with room for extra more."""
+cdef Run *_load(list seq) except NULL:
+    """The pairs of seq (2-item sequences of offsets in [0, 2**63)) in a new C array."""
     cdef Py_ssize_t n = len(seq), i
-    cdef Run *buf = <Run *>malloc((n + extra + 1) * sizeof(Run))
+    cdef Run *buf = <Run *>malloc((n + 1) * sizeof(Run))
     if buf == NULL:
         raise MemoryError()
     cdef int64_t s, e
@@ -54,6 +57,8 @@ cdef Run *_load(list seq, Py_ssize_t extra=0) except NULL:
         for i in range(n):
             item = seq[i]
             s, e = item
+            if s < 0 or e < 0:
+                raise ValueError(f"negative offset in run {item!r}")
             buf[i].s = s
             buf[i].e = e
             buf[i].i = i if type(item) is tuple else -1
@@ -61,6 +66,19 @@ cdef Run *_load(list seq, Py_ssize_t extra=0) except NULL:
         free(buf)
         raise
     return buf
+
+
+cdef Run *_room(Run *buf, Py_ssize_t *cap, Py_ssize_t m) except NULL:
+    """buf with room for run m: grown (doubled) when full. On failure buf is left as it was,
+    still the caller's to free."""
+    cdef Run *grown
+    if m < cap[0]:
+        return buf
+    grown = <Run *>realloc(buf, 2 * cap[0] * sizeof(Run))
+    if grown == NULL:
+        raise MemoryError()
+    cap[0] *= 2
+    return grown
 
 
 cdef list _pairs(const Run *buf, Py_ssize_t n, list seq):
@@ -77,8 +95,8 @@ cdef list _pairs(const Run *buf, Py_ssize_t n, list seq):
 @cython.cdivision(False)
 def merge_runs(runs, int64_t size, int64_t block=65536):
     """[start, end) runs in any order -> sorted, merged, rounded outward to block, clipped."""
-    if block == 0:
-        raise ZeroDivisionError("block is 0")
+    if block < 1:
+        raise ValueError(f"block is {block}, not a positive size")
     cdef list seq = _seq(runs)
     cdef Py_ssize_t n = len(seq), i, m = 0
     cdef Run *buf = _load(seq)
@@ -86,9 +104,12 @@ def merge_runs(runs, int64_t size, int64_t block=65536):
     try:
         for i in range(n):
             s = buf[i].s - buf[i].s % block
-            e = -(-buf[i].e // block) * block
-            if e > size:
-                e = size
+            if buf[i].e > 0x7FFFFFFFFFFFFFFF - (block - 1):
+                e = size  # rounded up it would pass 2**63 - 1, which no size reaches
+            else:
+                e = -(-buf[i].e // block) * block
+                if e > size:
+                    e = size
             if s != buf[i].s or e != buf[i].e:
                 buf[i].s, buf[i].e, buf[i].i = s, e, -1
         qsort(buf, n, sizeof(Run), _order)
@@ -112,11 +133,13 @@ def subtract_runs(a, b):
     cdef Run *ra = _load(sa)
     cdef Run *rb = NULL
     cdef Run *out = NULL
+    cdef Py_ssize_t cap = na + nb + 1
     cdef int64_t s, e
     try:
         rb = _load(sb)
-        # Each run of a gives at most one piece per run of b it meets, plus one.
-        out = <Run *>malloc((na + nb + 1) * sizeof(Run))
+        # Sorted, disjoint runs of a give at most na + nb pieces; overlapping ones (outside the
+        # contract, but the twin takes them) may give more, so the array grows when full.
+        out = <Run *>malloc(cap * sizeof(Run))
         if out == NULL:
             raise MemoryError()
         for i in range(na):
@@ -127,12 +150,14 @@ def subtract_runs(a, b):
             k = j
             while s < e:
                 if k >= nb or rb[k].s >= e:
+                    out = _room(out, &cap, m)
                     out[m].s = s
                     out[m].e = e
                     out[m].i = ra[i].i if s == ra[i].s else -1  # untouched: a's own tuple
                     m += 1
                     break
                 if rb[k].s > s:
+                    out = _room(out, &cap, m)
                     out[m].s = s
                     out[m].e = rb[k].s
                     out[m].i = -1
