@@ -533,7 +533,7 @@ class Bench:
             busy0 = machine_busy_seconds()
             t0 = time.perf_counter()
             code, usage, timed_out, maxrss_kib = self._spawn_and_reap(argv, stdout, log)
-            if tool == "qemu-img" and target != "null" and code == 0:
+            if tool.startswith("qemu-img") and target != "null" and code == 0:
                 # qemu-img convert never flushes: make its data durable inside the timed region,
                 # as nbdcopy --flush and the engine do.
                 s0 = time.perf_counter()
@@ -836,8 +836,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                    f"(default {','.join(DEFAULT_CASES)}; with --quick "
                                    f"{','.join(QUICK_CASES)}); the issue's bars are about "
                                    f"{PRIMARY}")
-    p.add_argument("--reps", type=int, help="timed runs per tool and target in the first case, "
-                                            "after one warm-up (default 5; 1 with --quick)")
+    p.add_argument("--reps", type=int, help=f"timed runs per tool and target in {PRIMARY} (or, "
+                                            "when it is not run, the first case), after one "
+                                            "warm-up (default 5; 1 with --quick)")
     p.add_argument("--reps-rest", type=int, help="the same in the other cases (default 3; 1 with "
                                                  "--quick)")
     p.add_argument("--targets", default=",".join(TARGETS),
@@ -884,6 +885,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                 "least 1M")
     a.tools = [t for t in TOOLS if t in a.tools]  # interleave in the canonical order
     return a
+
+
+def main_case_of(a: argparse.Namespace) -> str:
+    """The case that gets --reps (the others --reps-rest): the one the issue's bars are about
+    when it is run, else the first listed."""
+    keys = [c.key for c in a.cases]
+    return PRIMARY if PRIMARY in keys else keys[0]
 
 
 def case_targets(a: argparse.Namespace, case: Case) -> list[str]:
@@ -959,6 +967,10 @@ def _prepare_image(workdir: str, a: argparse.Namespace, kind: str = "mixed"
             return image, meta
     except (OSError, ValueError):
         pass
+    try:  # a qcow2 copy of an older image would be served for this one
+        os.unlink(os.path.join(workdir, f"{_image_stem(kind)}.qcow2"))
+    except FileNotFoundError:
+        pass
     t = time.perf_counter()
     if kind == "mixed":
         _say(f"making the {_size_text(a.size)} mixed image, seed {a.seed}, half allocated ...")
@@ -974,10 +986,6 @@ def _prepare_image(workdir: str, a: argparse.Namespace, kind: str = "mixed"
     _say(f"  digest {meta['digest']} in {time.perf_counter() - t:.1f} s")
     with open(meta_path, "w") as f:
         json.dump(meta, f)
-    try:
-        os.unlink(os.path.join(workdir, f"{_image_stem(kind)}.qcow2"))  # of an older image
-    except FileNotFoundError:
-        pass
     return image, meta
 
 
@@ -1087,9 +1095,10 @@ def main(argv: list[str]) -> int:
                 loop = LoopDevice(os.path.join(workdir, "loop-backing.img"), a.size)
                 bench.loop = loop
                 _say(f"loop device {loop.attach()} over {loop.backing}")
-            for i, case in enumerate(a.cases):
+            main_case = main_case_of(a)
+            for case in a.cases:
                 src = sources[case.key]
-                reps = a.reps if i == 0 else a.reps_rest
+                reps = a.reps if case.key == main_case else a.reps_rest
                 bench.use(case, src, reps)
                 if case.cache == "dropped":
                     try:
@@ -1114,6 +1123,10 @@ def main(argv: list[str]) -> int:
                     if not tools:
                         _say(f"  target {target}: none of the tools runs to it; skipped")
                         continue
+                    if case.cache == "hot":
+                        # Again before every target: the previous target's writes and the
+                        # warm-up's compare (another 4 GiB file) may have pushed it out.
+                        warm_cache(src.served)
                     resident = cache_resident(src.served)
                     _say(f"  target {target}: warm-up and check, then {reps} interleaved reps "
                          f"of {', '.join(tools)}")
@@ -1142,7 +1155,7 @@ def main(argv: list[str]) -> int:
                         "command": reproduce_command(a), "provenance": prov})
         _say()
         _say(f"cold-copy: {_size_text(a.size)} images, seed {a.seed}, cases "
-             f"{', '.join(c.key for c in a.cases)}; {a.reps} reps in the first case, "
+             f"{', '.join(c.key for c in a.cases)}; {a.reps} reps in {main_case}, "
              f"{a.reps_rest} in the others, after a warm-up; engine {prov['engine_commit']}")
         _say()
         _say(table(summaries))

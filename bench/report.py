@@ -613,9 +613,13 @@ def plot_kernels(run: Run, png: str) -> None:
     fig, axes = plt.subplots(1, len(kernels), figsize=(5.2 * len(kernels), 4.8), squeeze=False)
     colors = plt.get_cmap("tab10")
     for ax, kernel in zip(axes[0], kernels):
-        impls = mod.KERNELS[kernel]
-        inputs = mod.INPUTS[kernel]
-        engine = mod.ENGINE[kernel]
+        # What the run itself says (an older run's engine may differ from today's), else today's.
+        impls = list(dict.fromkeys(r["impl"] for r in rows if r["kernel"] == kernel)) \
+            or list(mod.KERNELS[kernel])
+        inputs = list(dict.fromkeys(r["buffer"] for r in rows if r["kernel"] == kernel)) \
+            or list(mod.INPUTS[kernel])
+        engine = next((r["impl"] for r in rows if r["kernel"] == kernel and r.get("engine")),
+                      mod.ENGINE[kernel])
         unit = next((r["unit"] for r in rows if r["kernel"] == kernel and r.get("unit")),
                     "GiB/s")
         width = 0.8 / len(impls)
