@@ -2,7 +2,8 @@
 
 It speaks just enough of the protocol for libnbd 1.14: fixed newstyle
 handshake, structured replies, the base:allocation meta context, reads and
-block status, read-only. What it answers to block status is up to the test.
+block status, read-only. What it answers to block status, and which parts of
+a read it sends back, is up to the test.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ CONTEXT_ID = 1
 
 # block_status(offset, length) -> list of (length, flags) pairs to send, or None for no chunk
 Extents = Callable[[int, int], "list[tuple[int, int]] | None"]
+# reads(offset, length) -> the (offset, length) runs of the request to send as OFFSET_DATA
+# chunks, the last one flagged DONE (S11: a test may leave part of the request out)
+Reads = Callable[[int, int], "list[tuple[int, int]]"]
 
 
 def _recv(conn: socket.socket, n: int) -> bytes:
@@ -40,10 +44,12 @@ def _recv(conn: socket.socket, n: int) -> bytes:
 
 
 class BadServer:
-    def __init__(self, path: str, data: bytes, block_status: Extents) -> None:
+    def __init__(self, path: str, data: bytes, block_status: Extents,
+                 reads: Reads | None = None) -> None:
         self.path = path
         self.data = data
         self.block_status = block_status
+        self.reads = reads or (lambda off, n: [(off, n)])
         self.uri = f"nbd+unix:///?socket={path}"
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.bind(path)
@@ -121,8 +127,11 @@ class BadServer:
             if cmd == CMD_DISC:
                 return
             if cmd == CMD_READ:
-                data = self.data[offset : offset + length]
-                self._chunk(conn, handle, REPLY_OFFSET_DATA, struct.pack(">Q", offset) + data)
+                runs = self.reads(offset, length)
+                for i, (off, n) in enumerate(runs):
+                    self._chunk(conn, handle, REPLY_OFFSET_DATA,
+                                struct.pack(">Q", off) + self.data[off : off + n],
+                                done=i == len(runs) - 1)
             elif cmd == CMD_BLOCK_STATUS:
                 pairs = self.block_status(offset, length)
                 if pairs is None:

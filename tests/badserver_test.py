@@ -77,3 +77,51 @@ def test_block_status_errors_mean_read_everything(nbdkit, tmp_path, data):
     r = transfer.copy(src.uri, str(tmp_path / "t.img"))
     assert r.digest == expected_digest_of_file(path)
     assert r.bytes_read == 3 * MiB  # the hole is read too: nothing is zero unless the server says
+
+
+def _half(off: int, n: int) -> list[tuple[int, int]]:
+    """S11: one OFFSET_DATA chunk for the first half of the request, flagged DONE."""
+    return [(off, max(1, n // 2))]
+
+
+def test_a_short_read_is_never_taken_as_data(tmp_path, data):
+    """S11: libnbd 1.14 passes such a read to the completion callback with error 0; the engine
+    must still fail it (retried, then a source error naming the offset), never hash or write it."""
+    raw, _ = data
+    target = tmp_path / "t.img"
+    with BadServer(str(tmp_path / "bad.sock"), raw, lambda off, n: [(n, 0)], reads=_half) as s:
+        with pytest.raises(SourceError, match="offset 0") as e:
+            transfer.copy(s.uri, str(target), retries=1)
+        with pytest.raises(SourceError):
+            transfer.checksum(s.uri, retries=0)
+    assert e.value.exit_code == 3
+    assert not target.exists() or target.read_bytes() == bytes(target.stat().st_size)
+
+
+def test_a_short_read_fails_every_command_through_the_cli(tmp_path, data):
+    """S11 through the CLI: copy, copy --verify, sync, checksum and verify each exit 3 naming
+    the offset, where the engine used to print a digest of the wrong bytes."""
+    from .conftest import run_cli
+
+    raw, path = data
+    # only the request at 1 MiB + 2 MiB (the last MiB) comes back short: the rest is honest
+    bad = 2 * MiB
+
+    def reads(off: int, n: int) -> list[tuple[int, int]]:
+        return _half(off, n) if off <= bad < off + n else [(off, n)]
+
+    with BadServer(str(tmp_path / "bad.sock"), raw, lambda off, n: [(n, 0)], reads=reads) as s:
+        runs = {
+            "copy": run_cli("copy", s.uri, str(tmp_path / "a.img"), "--retries", "1",
+                            "--progress", "none"),
+            "copy --verify": run_cli("copy", s.uri, str(tmp_path / "b.img"), "--retries", "1",
+                                     "--verify", "--progress", "none"),
+            "sync": run_cli("sync", s.uri, str(tmp_path / "c.img"), "--state",
+                            str(tmp_path / "state"), "--retries", "1", "--progress", "none"),
+            "checksum": run_cli("checksum", s.uri, "--retries", "1", "--progress", "none"),
+            "verify": run_cli("verify", s.uri, path, "--retries", "1", "--progress", "none"),
+        }
+    for what, p in runs.items():
+        assert p.returncode == 3, (what, p.returncode, p.stdout, p.stderr)
+        assert "offset 2097152" in p.stderr, (what, p.stderr)
+        assert "Traceback" not in p.stderr and "xxh3-128:" not in p.stdout, (what, p.stdout)

@@ -75,6 +75,11 @@ class Report(_Serializable):
     reconnects: int = 0
 
 
+def _check_retries(retries: int) -> None:
+    if retries < 0:
+        raise BadInput(f"retries must be 0 or more, not {retries}")
+
+
 def _check_target(src: Disk, dst: Disk, *, force: bool) -> None:
     """Target safety, before the first write (RELIABILITY.md T3, T5-T7)."""
     if dst.size is not None and dst.size < src.size:
@@ -113,14 +118,15 @@ def _shape(src: Disk, connections: int | None, in_flight: int | None,
 async def _scan(disk: Disk, manifest: Manifest, kernels: _native.Kernels, *, size: int,
                 connections: int | None, in_flight: int | None, request_size: int | None,
                 on_progress: Callable[[Progress], None] | None,
-                known_zero: Manifest | None = None) -> engine.Result:
+                known_zero: Manifest | None = None,
+                retries: int = engine.RETRIES) -> engine.Result:
     """Read and hash the first size bytes of disk into manifest (the copy engine, to null:)."""
     conns, flight, req_size = _shape(disk, connections, in_flight, request_size)
     sink = open_disk("null:", "target")
     sink.create(size)
     return await engine.run(disk, sink, manifest, kernels, connections=conns, in_flight=flight,
                             request_size=req_size, target_zero=True, on_progress=on_progress,
-                            size=size, known_zero=known_zero)
+                            size=size, known_zero=known_zero, retries=retries)
 
 
 async def _read_back(target: str, manifest: Manifest, kernels: _native.Kernels, *,
@@ -166,8 +172,7 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
     """
     if timeout is not None and timeout <= 0:
         raise BadInput(f"timeout must be positive, not {timeout}")
-    if retries < 0:
-        raise BadInput(f"retries must be 0 or more, not {retries}")
+    _check_retries(retries)
     kernels = _native.kernels(native)
     opening = partial(open_disk, timeout=timeout, kernels=kernels)
     src = await asyncio.to_thread(opening, source, "source")
@@ -243,15 +248,16 @@ class ChecksumReport(_Serializable):
 
 async def checksum_async(disk: str, *, connections: int | None = None,
                          in_flight: int | None = None, request_size: int | None = None,
-                         manifest: str | None = None,
+                         manifest: str | None = None, retries: int = engine.RETRIES,
                          on_progress: Callable[[Progress], None] | None = None,
                          native: str | None = None) -> ChecksumReport:
     """The disk digest of disk (holes and zero extents hashed without reading).
 
     Local disks are read with O_DIRECT: the digest is of what the device holds,
     not of what the page cache holds. manifest: also write the per-block
-    digests to this file.
+    digests to this file. retries: as for copy().
     """
+    _check_retries(retries)
     kernels = _native.kernels(native)
     d = await asyncio.to_thread(open_disk, disk, "source", direct=True, kernels=kernels)
     digests: Manifest | None = None
@@ -259,7 +265,7 @@ async def checksum_async(disk: str, *, connections: int | None = None,
         digests = Manifest.create(manifest, d.size) if manifest else Manifest(d.size)
         result = await _scan(d, digests, kernels, size=d.size, connections=connections,
                              in_flight=in_flight, request_size=request_size,
-                             on_progress=on_progress)
+                             on_progress=on_progress, retries=retries)
         if manifest:
             digests.save()
         return ChecksumReport(disk=d.display, size=d.size, digest=digests.digest_string(),
@@ -299,6 +305,7 @@ _DIGEST = re.compile(r"^xxh3-128:64k:[0-9a-f]{32}$")
 
 
 async def verify_async(source: str | None, target: str, *, expect: str | None = None,
+                       retries: int = engine.RETRIES,
                        on_progress: Callable[[Progress], None] | None = None,
                        native: str | None = None) -> VerifyReport:
     """Compare target with source block by block (both read at once), or with a digest.
@@ -306,8 +313,10 @@ async def verify_async(source: str | None, target: str, *, expect: str | None = 
     The conversion migration type: someone else populated target. Local disks
     are read with O_DIRECT. A target larger than the source is compared over
     the source's size (a PVC is often larger); a smaller one differs. Never
-    retried: a difference is reported, and verify() callers get equal=False.
+    retried: a difference is reported, and verify() callers get equal=False (a failed
+    read is, up to retries times, as for copy()).
     """
+    _check_retries(retries)
     if (source is None) == (expect is None):
         raise BadInput("verify needs a source disk or an expected digest (not both)")
     if expect is not None and not _DIGEST.match(expect):
@@ -328,7 +337,7 @@ async def verify_async(source: str | None, target: str, *, expect: str | None = 
         manifests = [Manifest(size) for _ in disks]
         results = await asyncio.gather(*(
             _scan(d, m, kernels, size=size, connections=None, in_flight=None, request_size=None,
-                  on_progress=on_progress if d is tgt else None)
+                  on_progress=on_progress if d is tgt else None, retries=retries)
             for d, m in zip(disks, manifests)))
         target_digest = manifests[-1].digest_string()
         if source is not None:

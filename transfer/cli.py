@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print a JSON object: digest, size, seconds, bytes_read")
     k.add_argument("--manifest", metavar="FILE", help="also write the per-block digests to FILE")
     k.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
+    k.add_argument("--retries", type=int, default=8, metavar="N", help="as for copy")
 
     v = sub.add_parser(
         "verify", help="prove a target equal to a source, or to a digest (conversion)",
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--expect", metavar="DIGEST", help="the digest TARGET must have")
     v.add_argument("--json", action="store_true", help="print the whole result as JSON")
     v.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
+    v.add_argument("--retries", type=int, default=8, metavar="N", help="as for copy")
 
     w = sub.add_parser(
         "sync", help="one warm-migration pass: the whole disk first, then only what changed",
@@ -255,6 +257,7 @@ def cmd_checksum(args: argparse.Namespace) -> int:
     # With --json the object is stdout's only content, so JSON progress would go to stderr.
     renderer = make_renderer(args.progress, json_stream=sys.stderr if args.json else None)
     r = asyncio.run(_run_cancellable(api.checksum_async(args.disk, manifest=args.manifest,
+                                                        retries=args.retries,
                                                         on_progress=renderer)))
     if args.json:
         print(r.to_json())
@@ -270,6 +273,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     source, target = (None, disks[0]) if args.expect else (disks[0], disks[1])
     renderer = make_renderer(args.progress, json_stream=sys.stderr if args.json else None)
     r = asyncio.run(_run_cancellable(api.verify_async(source, target, expect=args.expect,
+                                                      retries=args.retries,
                                                       on_progress=renderer)))
     if args.json:
         print(r.to_json())
