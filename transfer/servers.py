@@ -119,11 +119,11 @@ class QemuNbd(Server):
 
     program = "qemu-nbd"
 
-    def __init__(self, sock: str, image: str, *, fmt: str = "qcow2", readonly: bool = True,
-                 options: Sequence[str] = ()) -> None:
+    def __init__(self, sock: str, image: str, *, fmt: str | None = "qcow2",
+                 readonly: bool = True, options: Sequence[str] = ()) -> None:
         # --persistent: without it qemu-nbd exits when its first client (our readiness probe)
-        # disconnects.
-        argv = ["qemu-nbd", "--persistent", "-k", sock, "-f", fmt, *options]
+        # disconnects. fmt None: image is not a file (e.g. "--image-opts" with options).
+        argv = ["qemu-nbd", "--persistent", "-k", sock, *(["-f", fmt] if fmt else []), *options]
         if readonly:
             argv.append("-r")
         argv.append(image)

@@ -25,8 +25,10 @@ the caller gets that first error. Progress counts completed writes.
 
 A failed read is issued again after a backoff (reads are idempotent, R4),
 up to `retries` times per request; a connection the server dropped is
-reopened (and the export's size checked again) within the same budget. A
-persistent failure ends the copy with an error naming the offset (R9).
+reopened (and the export's size checked again) within the same budget; the
+reads lost with it are read again one at a time, so that only the read that
+kills a connection is charged to the budget and named (S2). A persistent
+failure ends the copy with an error naming the offset (R9).
 
 Warm passes (transfer.sync) add three things: a plan over some ranges only;
 compare mode, where a block whose new digest equals the manifest's old one
@@ -220,6 +222,8 @@ class Worker:
         self.source_name = source_name
         self.retries = retries
         self._retry: collections.deque[tuple[float, int, Request]] = collections.deque()
+        # reads lost with a connection, culprit unknown: read again one at a time (see _lost)
+        self._suspects: collections.deque[tuple[int, Request]] = collections.deque()
         self._attempts: dict = {}  # offset (or ("extents", offset)) -> failures so far
         self._last_error: BaseException | None = None
         self.stats = Stats()
@@ -236,11 +240,17 @@ class Worker:
             while not self.shared.stop.is_set():
                 self._reclaim(pool, writer, block=False)
                 self._ensure_connected()
-                now = time.monotonic()
-                while self._retry and self._retry[0][0] <= now:
-                    _, slot, req = self._retry.popleft()
-                    self._read(slot, req, pool, outstanding)
-                while pool.free and not exhausted and not self.shared.stop.is_set():
+                if self._suspects:  # reads lost with a connection: one at a time, nothing else
+                    if not outstanding and not self.src.dead:
+                        slot, req = self._suspects.popleft()
+                        self._read(slot, req, pool, outstanding)
+                else:
+                    now = time.monotonic()
+                    while self._retry and self._retry[0][0] <= now and not self._suspects:
+                        _, slot, req = self._retry.popleft()
+                        self._read(slot, req, pool, outstanding)
+                while (pool.free and not exhausted and not self._suspects
+                       and not self.shared.stop.is_set()):
                     try:
                         req = self.plan.next(self._extents)
                     except ConnectionLost as e:  # asking for extents: the same as a read
@@ -259,6 +269,8 @@ class Worker:
                         writer.submit(req.offset, req.length, None, None, None)
                         self.stats.zero_requests += 1
                 if not outstanding:
+                    if self._suspects:
+                        continue
                     if self._retry:  # nothing in flight: sleep until the next retry is due
                         self.shared.stop.wait(max(0.0, self._retry[0][0] - time.monotonic()))
                     elif exhausted:
@@ -271,13 +283,23 @@ class Worker:
                 except ConnectionLost as e:
                     self._lost(outstanding, e)
                     continue
+                failed = []
                 for (slot, req), err in completions:
                     del outstanding[slot]
                     if err is not None:
-                        self._schedule_retry(slot, req, err)
+                        failed.append((slot, req, err))
                         continue
                     view = pool.slots[slot][: req.length]
                     writer.submit(req.offset, req.length, view, self._inspect(req, view), slot)
+                if failed and self.src.dead:  # they failed because the connection died (S2)
+                    outstanding.update((slot, req) for slot, req, _ in failed)
+                    err = failed[0][2]
+                    self._lost(outstanding, ConnectionLost(
+                        f"connection lost: {getattr(err, 'strerror', None) or err}",
+                        disk=self.source_name, errno=getattr(err, "errno", None)))
+                    continue
+                for slot, req, err in failed:
+                    self._schedule_retry(slot, req, err)
         except BaseException as e:
             self.shared.fail(e)
         finally:
@@ -287,7 +309,11 @@ class Worker:
 
     def _read(self, slot: int, req: Request, pool: BufferPool,
               outstanding: dict[int, Request]) -> None:
-        self.src.start_read(pool.slots[slot][: req.length], req.offset, (slot, req))
+        try:
+            self.src.start_read(pool.slots[slot][: req.length], req.offset, (slot, req))
+        except ConnectionLost as e:  # the server hung up since the last reply (S2, S4)
+            self._lost(outstanding, e, unsent=(slot, req))
+            return
         outstanding[slot] = req
         self.stats.requests += 1
 
@@ -305,12 +331,19 @@ class Worker:
         self._retry.append((time.monotonic() + backoff(attempt), slot, req))
 
     def _lost(self, outstanding: dict[int, Request], err: ConnectionLost,
-              what: tuple | None = None) -> None:
-        """The connection died: every read in flight is lost with it and is read again after a
-        backoff; the connection is dropped, to be reopened within the retry budget. what: a
-        request that is not a read (extents), counted against the same budget."""
-        for slot, req in outstanding.items():
-            self._schedule_retry(slot, req, err)
+              what: tuple | None = None, unsent: tuple[int, Request] | None = None) -> None:
+        """The connection died; it is dropped, to be reopened within the retry budget.
+
+        Which request killed it is known only when one was in flight alone
+        (qemu-nbd hangs up on a backend read error, RELIABILITY.md S2): that
+        one is charged a retry. Reads lost together are suspects, charged
+        nothing: they are read again one at a time, so a request that kills
+        every connection is found, and the error names its offset, not that of
+        a read that happened to be in flight beside it. what: a request that
+        is not a read (extents), charged to the same budget. unsent: a read
+        that never left (the handle was already dead), read again as a suspect.
+        """
+        lost = list(outstanding.items())
         outstanding.clear()
         if what is not None:
             attempt = self._attempts.get(what, 0) + 1  # type: ignore[call-overload]
@@ -319,6 +352,14 @@ class Worker:
             self._attempts[what] = attempt  # type: ignore[index]
             self._last_error = err
             self.stats.retries += 1
+        if unsent is not None:
+            lost.append(unsent)
+        if len(lost) == 1 and what is None:
+            self._schedule_retry(*lost[0], err)
+        else:  # each is read again (counted as a retry), none is charged to the budget
+            self._suspects.extend(sorted(lost, key=lambda r: r[1].offset))
+            self.stats.retries += len(lost)
+        self._last_error = err
         self.src.drop()
 
     def _ensure_connected(self) -> None:
