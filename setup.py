@@ -9,13 +9,14 @@ from setuptools import Extension, setup
 
 CFLAGS = ["-O3", "-Wall", "-Wno-unused-function"]
 
-# blockhash links Debian's libxxhash (libxxhash-dev) for its run-time SIMD dispatch.
-LIBRARIES = {"blockhash": ["xxhash"]}
+# blockhash links Debian's libxxhash (libxxhash-dev) for its run-time SIMD dispatch;
+# blockstatus links libnbd (libnbd-dev), the C library under python3-libnbd.
+LIBRARIES = {"blockhash": ["xxhash"], "blockstatus": ["nbd"]}
 
 extensions = [
     Extension(f"transfer._native.{name}", [f"native/{name}.pyx"], extra_compile_args=CFLAGS,
               libraries=LIBRARIES.get(name, []))
-    for name in ("zeroscan", "blockhash", "fileops", "intervals")
+    for name in ("zeroscan", "blockhash", "fileops", "intervals", "blockstatus")
 ]
 
 setup(

@@ -208,7 +208,7 @@ def test_json_progress_and_report(nbdkit, tmp_path, image):
     assert r["bytes_skipped"] == 13 * MiB  # the new file reads as zeroes: nothing written there
     assert r["digest"] == expected_digest_of_file(image)
     assert r["native"] == {"zeroscan": "cython", "blockhash": "cython", "fileops": "cython",
-                           "intervals": "cython"}
+                           "intervals": "cython", "blockstatus": "cython"}
     compare(image, target, size=16 * MiB)
 
 

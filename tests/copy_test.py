@@ -198,9 +198,9 @@ def test_pure_python_twins_give_the_same_copy(make_source, tmp_path, monkeypatch
     check(a, reference, str(garbage), 6 * MiB + 100)
     b = transfer.copy(uri, str(tmp_path / "b.img"), native="cython")
     assert a.native == {"zeroscan": "python", "blockhash": "python", "fileops": "python",
-                        "intervals": "python"}
+                        "intervals": "python", "blockstatus": "python"}
     assert b.native == {"zeroscan": "cython", "blockhash": "cython", "fileops": "cython",
-                        "intervals": "cython"}
+                        "intervals": "cython", "blockstatus": "cython"}
     assert a.digest == b.digest == expected_digest_of_file(reference)
 
 

@@ -103,7 +103,8 @@ def test_choice_is_explicit_and_reported(monkeypatch):
     monkeypatch.setenv(_native.ENV, "python")
     assert _native.kernels().implementation == "python"
     assert _native.kernels().describe() == {"zeroscan": "python", "blockhash": "python",
-                                            "fileops": "python", "intervals": "python"}
+                                            "fileops": "python", "intervals": "python",
+                                            "blockstatus": "python"}
     monkeypatch.setenv(_native.ENV, "cython")
     assert _native.kernels().implementation == "cython"
     monkeypatch.setenv(_native.ENV, "fast")

@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import BadInput, NativeMissing
 
 ENV = "TRANSFER_NATIVE"
-MODULES = ("zeroscan", "blockhash", "fileops", "intervals")
+MODULES = ("zeroscan", "blockhash", "fileops", "intervals", "blockstatus")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class Kernels:
     subtract_runs: Callable[[Any, Any], list]
     clip_runs: Callable[[Any, int, int], list]
     runs_bytes: Callable[[Any], int]
+    block_status: Callable[..., tuple]
 
     def describe(self) -> dict[str, str]:
         return {name: self.implementation for name in MODULES}
@@ -65,6 +66,7 @@ def _compiled() -> dict[str, Any]:
         "subtract_runs": mods["intervals"].subtract_runs,
         "clip_runs": mods["intervals"].clip_runs,
         "runs_bytes": mods["intervals"].runs_bytes,
+        "block_status": mods["blockstatus"].block_status,
     }
 
 
@@ -82,6 +84,7 @@ def _twins() -> dict[str, Any]:
         "subtract_runs": ref.subtract_runs,
         "clip_runs": ref.clip_runs,
         "runs_bytes": ref.runs_bytes,
+        "block_status": ref.block_status,
     }
 
 

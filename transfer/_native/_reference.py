@@ -148,3 +148,52 @@ __all__ = [
     "sync_file_range",
     "zero_blocks",
 ]
+
+
+BS_OK, BS_NO_REPLY, BS_ODD, BS_ZERO_LENGTH = 0, 1, 2, 3  # as in native/blockstatus.pyx
+
+
+def block_status(handle, context: str, offset: int, length: int, cap: int):
+    """The binding's block_status (its whole reply as one Python list: RELIABILITY.md S8, what
+    the compiled kernel avoids), then the kernel's algorithm, reply_extents()."""
+    if cap < 1 or length < 1:
+        raise ValueError("cap and length must be positive")
+    import nbd
+
+    replies: list[list[int]] = []
+
+    def cb(metacontext: str, off: int, entries: list[int], err) -> int:
+        if not replies and metacontext == context and off == offset:
+            replies.append(entries)
+        return 0
+
+    try:
+        handle.block_status(length, offset, cb)
+    except nbd.Error as e:
+        raise OSError(e.errnum or 0, e.string or "block status failed") from None
+    if not replies:
+        return BS_NO_REPLY, [], offset, False
+    return reply_extents(replies[0], offset, length, cap)
+
+
+def reply_extents(entries, offset: int, length: int, cap: int):
+    """One reply's flat [length, flags, ...] entries -> (status, extents, pos, truncated): the
+    extents clipped at offset + length, runs of equal flags merged, at most cap of them."""
+    if len(entries) % 2:
+        return BS_ODD, [], offset, False
+    end, pos, out = offset + length, offset, []
+    for i in range(0, len(entries), 2):
+        n, flags = entries[i], entries[i + 1]
+        if n <= 0:
+            return BS_ZERO_LENGTH, [], pos, False
+        n = min(n, end - pos)
+        if out and out[-1][2] == flags:
+            out[-1] = (out[-1][0], out[-1][1] + n, flags)
+        elif len(out) == cap:
+            return BS_OK, out, pos, True
+        else:
+            out.append((pos, n, flags))
+        pos += n
+        if pos >= end:
+            break
+    return BS_OK, out, pos, False

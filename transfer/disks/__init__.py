@@ -16,7 +16,8 @@ def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | Non
     that what is read is what the device holds (verification). timeout: seconds
     an NBD server may take over a handshake, or with reads in flight, before it
     is given up on (libnbd has no timeout of its own). kernels: the native
-    kernels a local disk's system calls go through (default: $TRANSFER_NATIVE's).
+    kernels a local disk's system calls and an NBD disk's block status go
+    through (default: $TRANSFER_NATIVE's).
     contexts: extra NBD metadata contexts to negotiate (a dirty bitmap's);
     other disk kinds have none.
     """
@@ -37,8 +38,9 @@ def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | Non
         from .nbd import NbdDisk
 
         if timeout is None:
-            return NbdDisk(addr, role, contexts=contexts)
-        return NbdDisk(addr, role, connect_timeout=timeout, io_timeout=timeout, contexts=contexts)
+            return NbdDisk(addr, role, contexts=contexts, kernels=kernels)
+        return NbdDisk(addr, role, connect_timeout=timeout, io_timeout=timeout, contexts=contexts,
+                       kernels=kernels)
     from .local import LocalDisk
 
     return LocalDisk(addr, role, direct=direct, kernels=kernels)

@@ -15,7 +15,8 @@ Facts of libnbd 1.14 this module relies on (DESIGN.md): nbd.Error.errnum is
 the number and .errno a string; a completion callback gets the error as an
 object with .value and retires the command by returning 1; a handle has no
 close(), so it is shut down and dropped; block status replies are not
-validated by libnbd (transfer.ranges does that).
+validated by libnbd (transfer.ranges does that), and the Python binding turns
+a whole reply into one list, so the native block_status kernel reads it in C.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from typing import Any
 
 from ..errors import (BadInput, ConnectionLost, SourceChanged, SourceError, TargetError,
                       TargetRefused)
-from ..ranges import Extent, clip_extents
+from .._native import Kernels, kernels as native_kernels
+from ..ranges import MAX_EXTENTS, Extent, reply_extents
 from ..url import Address
 from .base import NOT_SUPPORTED, Conn, Disk
 
@@ -45,6 +47,7 @@ MAX_ZERO = 1 << 30  # one NBD zero request; the protocol's count is 32 bits
 MAX_BLOCK_STATUS = 1 << 30  # one block status request (count must stay below 2^32)
 MAX_SIZE = 1 << 62  # a larger export size is rejected as absurd (RELIABILITY.md S9)
 MAX_CONNECTIONS = 8
+DIRTY = 1  # qemu:dirty-bitmap flag: the block changed
 
 
 def _errnum(e: Exception) -> int | None:
@@ -61,7 +64,8 @@ class NbdDisk(Disk):
     kind = "nbd"
 
     def __init__(self, addr: Address, role: str, *, connect_timeout: float = CONNECT_TIMEOUT,
-                 io_timeout: float = IO_TIMEOUT, contexts: tuple[str, ...] = ()) -> None:
+                 io_timeout: float = IO_TIMEOUT, contexts: tuple[str, ...] = (),
+                 kernels: Kernels | None = None) -> None:
         if nbd is None:
             raise BadInput("NBD disks need libnbd's Python bindings (Debian: python3-libnbd); "
                            "run tools/setup")
@@ -78,6 +82,7 @@ class NbdDisk(Disk):
         self._watchdog: threading.Thread | None = None
         self._closed = threading.Event()
         self.contexts = contexts  # extra metadata contexts asked for (qemu:dirty-bitmap:NAME)
+        self.kernels = kernels or native_kernels()  # block status is read by a native kernel
         self.negotiated: set[str] = set()
         h = self._open(connect_timeout)
         try:
@@ -153,23 +158,16 @@ class NbdDisk(Disk):
         A block status error raises SourceError: for a change tracker, the caller
         fails closed (RELIABILITY.md R2).
         """
-        h = self._handles[0]
         length = min(length, MAX_BLOCK_STATUS)
-        replies: list[list[int]] = []
-
-        def cb(metacontext: str, off: int, entries: list[int], err: Any) -> int:
-            if metacontext == context and off == offset:
-                replies.append(list(entries))
-            return 0
-
         try:
-            h.block_status(length, offset, cb)
-        except nbd.Error as e:
-            raise SourceError(f"block status for {context} failed: {_why(e)}", disk=self.display,
-                              offset=offset, length=length, errno=_errnum(e)) from None
-        if not replies:
-            return None
-        return clip_extents(replies[0], offset, offset + length, disk=self.display)
+            reply = self.kernels.block_status(self._handles[0], context, offset, length,
+                                              MAX_EXTENTS)
+        except OSError as e:
+            raise SourceError(f"block status for {context} failed: {e.strerror}",
+                              disk=self.display, offset=offset, length=length,
+                              errno=e.errno or None) from None
+        # a reply cut short leaves the rest unknown: dirty, for a change tracker (R2)
+        return reply_extents(reply, offset, offset + length, unknown=DIRTY, disk=self.display)
 
     def signature(self) -> str | None:
         from .probe import probe_signature
@@ -251,23 +249,19 @@ class NbdConn(Conn):
         if not self.disk.can_extents:
             return [(offset, length, 0)]
         length = min(length, MAX_BLOCK_STATUS)
-        replies: list[list[int]] = []
-
-        def cb(metacontext: str, off: int, entries: list[int], err: Any) -> int:
-            if metacontext == "base:allocation" and off == offset:
-                replies.append(list(entries))
-            return 0
-
         try:
-            self.h.block_status(length, offset, cb)
-        except nbd.Error as e:
+            reply = self.disk.kernels.block_status(self.h, "base:allocation", offset, length,
+                                                   MAX_EXTENTS)
+        except OSError as e:
             if self.h.aio_is_dead() or self.h.aio_is_closed():  # R9: reconnect and ask again
-                raise self._fail(ConnectionLost, "block status", e, offset, length) from None
+                raise ConnectionLost(f"block status failed: {e.strerror}",
+                                     disk=self.disk.display, offset=offset, length=length,
+                                     errno=e.errno or None) from None
             # A per-command error: read the range as data (what CDI does); never as zero.
             return [(offset, length, 0)]
-        if not replies:
-            return [(offset, length, 0)]
-        return clip_extents(replies[0], offset, offset + length, disk=self.disk.display)
+        extents = reply_extents(reply, offset, offset + length, unknown=0,
+                                disk=self.disk.display)
+        return [(offset, length, 0)] if extents is None else extents
 
     def start_read(self, view: memoryview, offset: int, tag: Any) -> None:
         done = self._done
