@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from .._native import Kernels
 from ..errors import BadInput
+from ..tls import Tls
 from ..url import Address, parse
 from .base import Conn, Disk
 
 
 def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | None = None,
-              kernels: Kernels | None = None, contexts: tuple[str, ...] = ()) -> Disk:
+              kernels: Kernels | None = None, contexts: tuple[str, ...] = (),
+              tls: Tls | None = None) -> Disk:
     """Open url as a source or target disk; BadInput names what is wrong.
 
     direct: a local source is read with O_DIRECT, bypassing the page cache, so
@@ -18,7 +20,8 @@ def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | Non
     is given up on (libnbd has no timeout of its own). kernels: the native
     kernels a local disk's system calls go through (default: $TRANSFER_NATIVE's).
     contexts: extra NBD metadata contexts to negotiate (a dirty bitmap's);
-    other disk kinds have none.
+    other disk kinds have none. tls: credentials for nbds:// disks (None: the
+    operator's $TRANSFER_TLS_CA / $TRANSFER_TLS_PSK_FILE; see transfer.tls).
     """
     if role not in ("source", "target"):
         raise ValueError(f"role must be 'source' or 'target', not {role!r}")
@@ -37,8 +40,9 @@ def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | Non
         from .nbd import NbdDisk
 
         if timeout is None:
-            return NbdDisk(addr, role, contexts=contexts)
-        return NbdDisk(addr, role, connect_timeout=timeout, io_timeout=timeout, contexts=contexts)
+            return NbdDisk(addr, role, contexts=contexts, tls=tls)
+        return NbdDisk(addr, role, connect_timeout=timeout, io_timeout=timeout, contexts=contexts,
+                       tls=tls)
     from .local import LocalDisk
 
     return LocalDisk(addr, role, direct=direct, kernels=kernels)
