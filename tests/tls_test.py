@@ -243,6 +243,8 @@ def test_ca_directory_without_ca_cert_refused(tcp_nbdkit, pki, image, tmp_path):
     p = run_cli("checksum", f"nbds://localhost:{srv.port}/", "--tls-ca", str(empty),
                 "--progress=none", env=_env())
     _one_line_error(p, 2, "ca-cert.pem")
+    with pytest.raises(BadInput, match="ca-cert.pem"):
+        transfer.checksum(f"nbds://localhost:{srv.port}/", tls=Tls(ca=str(empty)))
 
 
 def test_api_ca(tcp_nbdkit, pki, image, tmp_path):
@@ -376,6 +378,8 @@ def test_cli_credential_with_plaintext_tcp_uri_refused(tcp_nbdkit, psk, image, t
     p = run_cli("copy", f"nbd://127.0.0.1:{srv.port}/", str(dst), "--progress=none",
                 env=_env(TRANSFER_TLS_PSK_FILE=str(psk["file"])))
     _one_line_error(p, 2, "is plaintext but a TLS credential is configured")
+    with pytest.raises(BadInput, match="is plaintext but a TLS credential is configured"):
+        transfer.copy(f"nbd://127.0.0.1:{srv.port}/", str(dst), tls=Tls(psk_file=str(psk["file"])))
     assert sha256_of(str(dst)) == before
 
 
@@ -396,6 +400,8 @@ def test_nbds_unix_with_certificate_refused(nbdkit, pki, image, tmp_path):
     uri = srv.uri.replace("nbd+unix://", "nbds+unix://")
     p = run_cli("checksum", uri, "--tls-ca", str(pki["other"]), "--progress=none", env=_env())
     _one_line_error(p, 2, "cannot be verified over a unix socket")
+    with pytest.raises(BadInput, match="cannot be verified over a unix socket"):
+        transfer.checksum(uri, tls=Tls(ca=str(pki["client"])))
 
 
 def test_nbds_unix_with_psk(nbdkit, psk, image, tmp_path):
