@@ -37,11 +37,13 @@ def _openssl(*args: str, cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Path]:
     """server/: nbdkit's directory (ca-cert.pem, server-cert.pem, server-key.pem);
-    client/: the client's CA directory; ca.pem: the same CA as a file; other/: another CA."""
+    client/: the client's CA directory; ca.pem: the same CA as a file; other/: another CA;
+    client-cert/: the CA with a client certificate and key the CA signed."""
     require("openssl")
     d = tmp_path_factory.mktemp("pki")
     server, client, other = d / "server", d / "client", d / "other"
-    for p in (server, client, other):
+    client_cert = d / "client-cert"
+    for p in (server, client, other, client_cert):
         p.mkdir()
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
     ca_ext = ["-addext", "basicConstraints=critical,CA:TRUE",
@@ -59,9 +61,17 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     _openssl("req", "-x509", *ec, "-keyout", "other/ca-key.pem", "-out", "other/ca-cert.pem",
              "-days", "2", "-subj", "/CN=localhost", *ca_ext, cwd=d)
     os.unlink(other / "ca-key.pem")
-    shutil.copy(d / "ca.pem", server / "ca-cert.pem")
-    shutil.copy(d / "ca.pem", client / "ca-cert.pem")
-    return {"server": server, "client": client, "ca": d / "ca.pem", "other": other}
+    _openssl("req", *ec, "-keyout", "client-cert/client-key.pem", "-out", "client.csr",
+             "-subj", "/CN=transfer client", cwd=d)
+    (d / "client.cnf").write_text("extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n"
+                                  "keyUsage=digitalSignature\n")
+    _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
+             "-CAcreateserial", "-out", "client-cert/client-cert.pem", "-days", "2",
+             "-extfile", "client.cnf", cwd=d)
+    for p in (server, client, client_cert):
+        shutil.copy(d / "ca.pem", p / "ca-cert.pem")
+    return {"server": server, "client": client, "ca": d / "ca.pem", "other": other,
+            "client_cert": client_cert}
 
 
 def _psk_file(path: Path, key: str) -> Path:
@@ -261,6 +271,20 @@ def test_api_ca(tcp_nbdkit, pki, image, tmp_path):
     with pytest.raises(BadInput, match="needs --tls-ca"):
         transfer.copy(f"nbds://localhost:{srv.port}/", str(wrong), tls=Tls())
     assert sha256_of(str(wrong)) == before
+
+
+def test_client_certificate_from_the_ca_directory(tcp_nbdkit, pki, image, tmp_path):
+    """A server that verifies its clients (nbdkit --tls-verify-peer) accepts the client
+    certificate of a --tls-ca directory, and refuses a directory without one."""
+    srv = tcp_nbdkit("--tls=require", f"--tls-certificates={pki['server']}", "--tls-verify-peer",
+                     "-r", "file", str(image))
+    uri = f"nbds://localhost:{srv.port}/"
+    p = run_cli("checksum", uri, "--tls-ca", str(pki["client_cert"]), "--progress=none",
+                env=_env())
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[0] == expected_digest_of_file(str(image))
+    p = run_cli("checksum", uri, "--tls-ca", str(pki["client"]), "--progress=none", env=_env())
+    _one_line_error(p, 3, "cannot connect")
 
 
 def test_api_tls_target_verified(tcp_nbdkit, pki, image, tmp_path):
