@@ -3,7 +3,9 @@
 A disk is named by an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://),
 by `null:` (a sink that discards writes) or by a local path. Messages, logs,
 progress and reports only ever carry redact(url): the password in the
-userinfo and every query value except the socket path are replaced.
+userinfo and every query value except the socket path are replaced. A URI
+never carries TLS settings (tls-certificates=, tls-psk-file=, ...): they would
+name local files on behalf of whoever wrote the URI (see transfer.tls).
 """
 
 from __future__ import annotations
