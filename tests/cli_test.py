@@ -62,7 +62,7 @@ def test_unreadable_source_file(tmp_path, image):
 
 
 def test_secrets_never_reach_the_output(tmp_path, image):
-    p = run_cli("copy", "nbd://admin:CANARY1@127.0.0.1:1/exp?tls-psk-file=CANARY2",
+    p = run_cli("copy", "nbd://admin:CANARY1@127.0.0.1:1/exp?token=CANARY2",
                 str(tmp_path / "t.img"))
     line = one_line_error(p, 3, "admin:***@127.0.0.1:1")
     assert "CANARY" not in p.stderr + p.stdout, line

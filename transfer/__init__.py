@@ -4,6 +4,7 @@ from .api import (ChecksumReport, Report, VerifyReport, checksum, checksum_async
                   copy_async, verify, verify_async)
 from .errors import (BadInput, Interrupted, SourceError, TargetError, TargetRefused,
                      TransferError, VerifyFailed)
+from .tls import Tls
 
 __all__ = [
     "BadInput",
@@ -14,6 +15,7 @@ __all__ = [
     "SyncReport",
     "TargetError",
     "TargetRefused",
+    "Tls",
     "TransferError",
     "VerifyFailed",
     "VerifyReport",

@@ -21,6 +21,7 @@ from .errors import BadInput, TargetRefused, VerifyFailed
 from .integrity import BLOCK, Manifest
 from .pipeline import copy as engine
 from .pipeline.copy import Progress
+from .tls import Tls
 
 # Defaults measured on the 2-core machines (DESIGN.md "What fast means here"), 4 GiB bench image
 # hot on nbdkit to null:, 5 runs each, CPU-s of client + server: 16 x 1 MiB reads in flight per
@@ -131,14 +132,16 @@ async def _scan(disk: Disk, manifest: Manifest, kernels: _native.Kernels, *, siz
 
 async def _read_back(target: str, manifest: Manifest, kernels: _native.Kernels, *,
                      on_progress: Callable[[Progress], None] | None,
-                     limit: int = VERIFY_OFFSETS) -> tuple[int, list[int], int]:
+                     limit: int = VERIFY_OFFSETS,
+                     tls: Tls | None = None) -> tuple[int, list[int], int]:
     """Read target back (O_DIRECT where local) and compare with manifest: (count, offsets, bytes).
 
     Blocks the copy wrote as data are read back; blocks it zeroed or skipped (zero
     digest) are not read again, so the read-back costs at most one read of the
     allocated data, block devices included. `transfer verify` reads everything.
     """
-    disk = await asyncio.to_thread(open_disk, target, "source", direct=True, kernels=kernels)
+    disk = await asyncio.to_thread(open_disk, target, "source", direct=True, kernels=kernels,
+                                   tls=tls)
     back = Manifest(manifest.size)
     try:
         result = await _scan(disk, back, kernels, size=manifest.size, connections=None,
@@ -157,7 +160,7 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
                      manifest: str | None = None, timeout: float | None = None,
                      retries: int = engine.RETRIES,
                      on_progress: Callable[[Progress], None] | None = None,
-                     native: str | None = None) -> Report:
+                     native: str | None = None, tls: Tls | None = None) -> Report:
     """Copy the whole disk at source onto target and return what was done.
 
     source: an NBD URI or a local file or block device. target: the same, a
@@ -168,13 +171,16 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
     to this file. timeout: seconds an NBD server may stay silent (handshake, or
     reads in flight) before the copy fails (default 30 s to connect, 120 s
     for replies). retries: how often one failed read (or a dropped connection)
-    is tried again, with backoff, before the copy fails.
+    is tried again, with backoff, before the copy fails. tls: credentials for
+    nbds:// disks, Tls(ca=...) or Tls(psk_file=...) (default: the operator's
+    $TRANSFER_TLS_CA or $TRANSFER_TLS_PSK_FILE); an nbds:// disk without one
+    is refused, since libnbd would not verify the server (transfer.tls).
     """
     if timeout is not None and timeout <= 0:
         raise BadInput(f"timeout must be positive, not {timeout}")
     _check_retries(retries)
     kernels = _native.kernels(native)
-    opening = partial(open_disk, timeout=timeout, kernels=kernels)
+    opening = partial(open_disk, timeout=timeout, kernels=kernels, tls=tls)
     src = await asyncio.to_thread(opening, source, "source")
     dst: Disk | None = None
     digests: Manifest | None = None
@@ -211,7 +217,7 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
                 dst.close()  # (a local target stays open: O_EXCL keeps holding the device)
             started = time.monotonic()
             count, offsets, read = await _read_back(target, digests, kernels,
-                                                    on_progress=on_progress)
+                                                    on_progress=on_progress, tls=tls)
             report.verify_seconds = round(time.monotonic() - started, 6)
             report.verify_bytes_read = read
             if count:
@@ -250,16 +256,16 @@ async def checksum_async(disk: str, *, connections: int | None = None,
                          in_flight: int | None = None, request_size: int | None = None,
                          manifest: str | None = None, retries: int = engine.RETRIES,
                          on_progress: Callable[[Progress], None] | None = None,
-                         native: str | None = None) -> ChecksumReport:
+                         native: str | None = None, tls: Tls | None = None) -> ChecksumReport:
     """The disk digest of disk (holes and zero extents hashed without reading).
 
     Local disks are read with O_DIRECT: the digest is of what the device holds,
     not of what the page cache holds. manifest: also write the per-block
-    digests to this file. retries: as for copy().
+    digests to this file. retries, tls: as for copy().
     """
     _check_retries(retries)
     kernels = _native.kernels(native)
-    d = await asyncio.to_thread(open_disk, disk, "source", direct=True, kernels=kernels)
+    d = await asyncio.to_thread(open_disk, disk, "source", direct=True, kernels=kernels, tls=tls)
     digests: Manifest | None = None
     try:
         digests = Manifest.create(manifest, d.size) if manifest else Manifest(d.size)
@@ -307,14 +313,14 @@ _DIGEST = re.compile(r"^xxh3-128:64k:[0-9a-f]{32}$")
 async def verify_async(source: str | None, target: str, *, expect: str | None = None,
                        retries: int = engine.RETRIES,
                        on_progress: Callable[[Progress], None] | None = None,
-                       native: str | None = None) -> VerifyReport:
+                       native: str | None = None, tls: Tls | None = None) -> VerifyReport:
     """Compare target with source block by block (both read at once), or with a digest.
 
     The conversion migration type: someone else populated target. Local disks
     are read with O_DIRECT. A target larger than the source is compared over
     the source's size (a PVC is often larger); a smaller one differs. Never
     retried: a difference is reported, and verify() callers get equal=False (a failed
-    read is, up to retries times, as for copy()).
+    read is, up to retries times, as for copy()). tls: as for copy().
     """
     _check_retries(retries)
     if (source is None) == (expect is None):
@@ -328,7 +334,7 @@ async def verify_async(source: str | None, target: str, *, expect: str | None = 
     try:
         for url in ([source] if source is not None else []) + [target]:
             disks.append(await asyncio.to_thread(open_disk, url, "source", direct=True,
-                                                 kernels=kernels))
+                                                 kernels=kernels, tls=tls))
         tgt = disks[-1]
         size = disks[0].size
         if tgt.size < size:

@@ -16,6 +16,7 @@ from typing import Any, Coroutine
 from . import api
 from .errors import EXIT_CODES, BadInput, Interrupted, TransferError, VerifyFailed
 from .observe import human_bytes, make_renderer
+from .tls import Tls
 
 _SIZE = re.compile(r"^(\d+)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
 
@@ -31,6 +32,24 @@ def parse_size(text: str) -> int:
 def _epilog() -> str:
     codes = "\n".join(f"  {code}  {what}" for code, what in sorted(EXIT_CODES.items()))
     return f"exit codes:\n{codes}"
+
+
+def _add_tls(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", metavar="DIR|FILE",
+                   help="nbds://: verify the server's certificate, and that it names the URI's "
+                        "host, with this CA (a PEM file, or a directory holding ca-cert.pem and "
+                        "optionally client-cert.pem, client-key.pem); default $TRANSFER_TLS_CA")
+    p.add_argument("--tls-psk-file", metavar="FILE",
+                   help="nbds://: authenticate with a pre-shared key from FILE (USERNAME:HEXKEY "
+                        "lines; the user is the URI's, nbds://USER@host/); default "
+                        "$TRANSFER_TLS_PSK_FILE")
+
+
+def _tls(args: argparse.Namespace) -> Tls | None:
+    """The options' credentials; None leaves the operator's environment in charge."""
+    if args.tls_ca is None and args.tls_psk_file is None:
+        return None
+    return Tls(ca=args.tls_ca, psk_file=args.tls_psk_file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="give up on an NBD server silent this long over a handshake or with reads "
                         "in flight (default 30 s to connect, 120 s for replies)")
+    _add_tls(c)
 
     k = sub.add_parser(
         "checksum", help="print the disk digest of a disk", epilog=_epilog(),
@@ -93,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--manifest", metavar="FILE", help="also write the per-block digests to FILE")
     k.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
     k.add_argument("--retries", type=int, default=8, metavar="N", help="as for copy")
+    _add_tls(k)
 
     v = sub.add_parser(
         "verify", help="prove a target equal to a source, or to a digest (conversion)",
@@ -106,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print the whole result as JSON")
     v.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
     v.add_argument("--retries", type=int, default=8, metavar="N", help="as for copy")
+    _add_tls(v)
 
     w = sub.add_parser(
         "sync", help="one warm-migration pass: the whole disk first, then only what changed",
@@ -157,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--commit-every", type=parse_size, default=1 << 30, metavar="SIZE",
                    help="flush the target and journal progress at least every SIZE bytes (and "
                         "every 10 s); a killed pass copies at most this again (default 1G)")
+    _add_tls(w)
 
     m = sub.add_parser(
         "migrate", help="a whole cold, warm or live migration of a qemu-storage-daemon disk",
@@ -245,7 +268,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
         args.source, args.target, connections=args.connections, in_flight=args.in_flight,
         request_size=args.request_size, target_is_zero=args.target_is_zero, force=args.force,
         verify=args.verify, manifest=args.manifest, timeout=args.timeout, retries=args.retries,
-        on_progress=renderer)))
+        on_progress=renderer, tls=_tls(args))))
     if args.report:
         _write_report(args.report, report.to_dict())
     if args.progress != "none":
@@ -258,7 +281,7 @@ def cmd_checksum(args: argparse.Namespace) -> int:
     renderer = make_renderer(args.progress, json_stream=sys.stderr if args.json else None)
     r = asyncio.run(_run_cancellable(api.checksum_async(args.disk, manifest=args.manifest,
                                                         retries=args.retries,
-                                                        on_progress=renderer)))
+                                                        on_progress=renderer, tls=_tls(args))))
     if args.json:
         print(r.to_json())
     else:
@@ -274,7 +297,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     renderer = make_renderer(args.progress, json_stream=sys.stderr if args.json else None)
     r = asyncio.run(_run_cancellable(api.verify_async(source, target, expect=args.expect,
                                                       retries=args.retries,
-                                                      on_progress=renderer)))
+                                                      on_progress=renderer, tls=_tls(args))))
     if args.json:
         print(r.to_json())
     elif r.equal and r.source is None:
@@ -304,7 +327,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         source_moved=args.source_moved,
         connections=args.connections, in_flight=args.in_flight, request_size=args.request_size,
         timeout=args.timeout, retries=args.retries, on_progress=renderer,
-        commit_bytes=args.commit_every)))
+        commit_bytes=args.commit_every, tls=_tls(args))))
     if args.report:
         _write_report(args.report, r.to_dict())
     if args.progress != "none":

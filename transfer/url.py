@@ -3,7 +3,9 @@
 A disk is named by an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://),
 by `null:` (a sink that discards writes) or by a local path. Messages, logs,
 progress and reports only ever carry redact(url): the password in the
-userinfo and every query value except the socket path are replaced.
+userinfo and every query value except the socket path are replaced. A URI
+never carries TLS settings (tls-certificates=, tls-psk-file=, ...): they would
+name local files on behalf of whoever wrote the URI (see transfer.tls).
 """
 
 from __future__ import annotations
@@ -46,6 +48,29 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
+def scrub(text: str, url: str) -> str:
+    """text (a library's message about url) with url's secrets replaced as redact() does."""
+    if "://" not in url:
+        return text
+    text = text.replace(url, redact(url))
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return text
+    secrets = [v for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+               if k not in _PUBLIC_QUERY_KEYS]
+    if parts.query:
+        secrets.append(parts.query)
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rsplit("@", 1)[0]
+        if ":" in userinfo:
+            secrets += [userinfo, userinfo.split(":", 1)[1]]
+    for s in sorted(set(secrets), key=len, reverse=True):
+        if len(s) >= 3:  # a one- or two-character value would blot out unrelated text
+            text = text.replace(s, "***")
+    return text
+
+
 def parse(url: str) -> Address:
     """Classify url; raise BadInput naming what is wrong (without its secrets)."""
     if not isinstance(url, str) or not url:
@@ -59,8 +84,14 @@ def parse(url: str) -> Address:
             raise BadInput(
                 f"unsupported scheme {scheme!r}: expected one of "
                 f"{', '.join(s + '://' for s in NBD_SCHEMES)}, null: or a local path", disk=shown)
+        pairs = urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query, keep_blank_values=True)
+        tls_keys = sorted({k for k, _ in pairs if k.lower().startswith("tls")})
+        if tls_keys:  # libnbd would read local files named by an untrusted URI (RELIABILITY X4)
+            raise BadInput(f"the URI sets {', '.join(k + '=' for k in tls_keys)}: TLS settings "
+                           "come only from --tls-ca or --tls-psk-file (or $TRANSFER_TLS_CA, "
+                           "$TRANSFER_TLS_PSK_FILE), never from a disk address", disk=shown)
         if scheme.endswith("+unix"):
-            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+            query = dict(pairs)
             sock = query.get("socket")
             if not sock:
                 raise BadInput("a unix-socket NBD URI needs ?socket=PATH", disk=shown)

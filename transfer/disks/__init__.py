@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from .._native import Kernels
 from ..errors import BadInput
+from ..tls import Tls
 from ..url import Address, parse
 from .base import Conn, Disk
 
 
 def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | None = None,
-              kernels: Kernels | None = None, contexts: tuple[str, ...] = ()) -> Disk:
+              kernels: Kernels | None = None, contexts: tuple[str, ...] = (),
+              tls: Tls | None = None) -> Disk:
     """Open url as a source or target disk; BadInput names what is wrong.
 
     direct: a local source is read with O_DIRECT, bypassing the page cache, so
@@ -19,7 +21,8 @@ def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | Non
     kernels a local disk's system calls and an NBD disk's block status go
     through (default: $TRANSFER_NATIVE's).
     contexts: extra NBD metadata contexts to negotiate (a dirty bitmap's);
-    other disk kinds have none.
+    other disk kinds have none. tls: credentials for nbds:// disks (None: the
+    operator's $TRANSFER_TLS_CA / $TRANSFER_TLS_PSK_FILE; see transfer.tls).
     """
     if role not in ("source", "target"):
         raise ValueError(f"role must be 'source' or 'target', not {role!r}")
@@ -38,9 +41,9 @@ def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | Non
         from .nbd import NbdDisk
 
         if timeout is None:
-            return NbdDisk(addr, role, contexts=contexts, kernels=kernels)
+            return NbdDisk(addr, role, contexts=contexts, kernels=kernels, tls=tls)
         return NbdDisk(addr, role, connect_timeout=timeout, io_timeout=timeout, contexts=contexts,
-                       kernels=kernels)
+                       kernels=kernels, tls=tls)
     from .local import LocalDisk
 
     return LocalDisk(addr, role, direct=direct, kernels=kernels)

@@ -33,7 +33,8 @@ from ..errors import (BadInput, ConnectionLost, SourceChanged, SourceError, Targ
                       TargetRefused)
 from .._native import Kernels, kernels as native_kernels
 from ..ranges import MAX_EXTENTS, Extent, reply_extents
-from ..url import Address
+from ..tls import Tls, resolve as resolve_tls
+from ..url import Address, scrub
 from .base import NOT_SUPPORTED, Conn, Disk
 
 try:
@@ -65,10 +66,12 @@ class NbdDisk(Disk):
 
     def __init__(self, addr: Address, role: str, *, connect_timeout: float = CONNECT_TIMEOUT,
                  io_timeout: float = IO_TIMEOUT, contexts: tuple[str, ...] = (),
-                 kernels: Kernels | None = None) -> None:
+                 kernels: Kernels | None = None, tls: Tls | None = None) -> None:
         if nbd is None:
             raise BadInput("NBD disks need libnbd's Python bindings (Debian: python3-libnbd); "
                            "run tools/setup")
+        self.tls = resolve_tls(tls)  # None: the operator's $TRANSFER_TLS_* (transfer.tls)
+        self.tls.check_address(addr, kind=role)
         self.addr = addr
         self.display = addr.display
         self.role = role
@@ -101,18 +104,23 @@ class NbdDisk(Disk):
                 h.add_meta_context("base:allocation")
                 for ctx in self.contexts:
                     h.add_meta_context(ctx)
-            h.aio_connect_uri(self.addr.url)
-            deadline = time.monotonic() + timeout
-            while h.aio_is_connecting():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise self._error(f"no NBD handshake within {timeout:g} s", disk=self.display)
-                h.poll(int(min(left, 1.0) * 1000) + 1)
+            with self.tls.configure(h, self.addr, nbd):  # a CA directory lives until connected
+                h.aio_connect_uri(self.addr.url)
+                deadline = time.monotonic() + timeout
+                while h.aio_is_connecting():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise self._error(f"no NBD handshake within {timeout:g} s",
+                                          disk=self.display)
+                    h.poll(int(min(left, 1.0) * 1000) + 1)
             if not h.aio_is_ready():
                 raise self._error("NBD connection failed", disk=self.display)
+            if self.tls.wanted(self.addr) and not h.get_tls_negotiated():  # X1: no downgrade
+                raise self._error("the connection is not encrypted (TLS was not negotiated)",
+                                  disk=self.display)
         except nbd.Error as e:
-            raise self._error(f"cannot connect: {_why(e)}", disk=self.display,
-                              errno=_errnum(e)) from None
+            raise self._error(f"cannot connect: {scrub(_why(e), self.addr.url)}",
+                              disk=self.display, errno=_errnum(e)) from None
         return h
 
     def _check(self, h: Any) -> None:

@@ -50,6 +50,7 @@ from typing import Any, Callable
 from .. import _native
 from ..api import VERIFY_OFFSETS, _check_target, _read_back, _scan, _shape
 from ..disks import Disk, open_disk
+from ..tls import Tls
 from ..errors import BadInput, TargetRefused, VerifyFailed
 from ..integrity import BLOCK, Manifest
 from ..pipeline import copy as engine
@@ -263,7 +264,7 @@ async def sync_async(source: str, target: str, *, state: str,
                      retries: int = engine.RETRIES,
                      on_progress: Callable[[Progress], None] | None = None,
                      native: str | None = None, commit_bytes: int = COMMIT_BYTES,
-                     commit_seconds: float = COMMIT_SECONDS) -> SyncReport:
+                     commit_seconds: float = COMMIT_SECONDS, tls: Tls | None = None) -> SyncReport:
     """Run one warm-migration pass of source onto target, keeping state in the directory state.
 
     Raises TransferError subclasses; an interrupted pass raises Interrupted
@@ -301,7 +302,7 @@ async def sync_async(source: str, target: str, *, state: str,
         if st.complete:
             raise BadInput("this state is complete: its final pass ran; a new migration needs "
                            "an empty state directory", disk=state, kind="state")
-        opening = partial(open_disk, timeout=timeout, kernels=kernels)
+        opening = partial(open_disk, timeout=timeout, kernels=kernels, tls=tls)
         src = await asyncio.to_thread(opening, source, "source", contexts=contexts)
         dst = await asyncio.to_thread(opening, target, "target")
         if dst.kind == "null":
@@ -375,7 +376,8 @@ async def sync_async(source: str, target: str, *, state: str,
             if dst.kind == "nbd":  # a single-connection server would make a second one wait
                 dst.close()
             count, offsets, _ = await _read_back(target, manifest, kernels,
-                                                 on_progress=on_progress, limit=manifest.blocks)
+                                                 on_progress=on_progress, limit=manifest.blocks,
+                                                 tls=tls)
             if count:
                 # The target lost what was written there: make those blocks differ from any
                 # source, so the next --compare pass writes them again.
