@@ -80,3 +80,53 @@ def test_ten_percent_random_read_errors_are_outlasted(nbdkit, tmp_path, source):
     r = json.load(open(tmp_path / "r.json"))
     assert r["retries"] >= 1
     compare(source, target, size=32 * MiB)
+
+
+def test_a_stalled_server_shows_in_the_progress_lines(nbdkit, tmp_path, source):
+    """S5: nbdkit's pause filter holds every request; the JSON progress lines say for how long
+    nothing completed, and after the resume the copy finishes equal."""
+    import socket
+    import subprocess
+    import sys
+
+    control = str(tmp_path / "pause.ctl")
+    src = nbdkit("file", source, f"pause-control={control}", "rate=64M", readonly=True,
+                 filters=["pause", "rate"])
+    target = str(tmp_path / "t.img")
+
+    def say(cmd: bytes) -> None:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(control)
+            s.sendall(cmd)
+            assert s.recv(1) == cmd.upper()  # the filter echoes it once in effect
+
+    # few small reads in flight: the pause takes effect once they are answered
+    proc = subprocess.Popen([sys.executable, "-m", "transfer.cli", "copy", src.uri, target,
+                             "--progress", "json", "--connections", "1", "--requests", "2",
+                             "--request-size", "64K"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = iter(proc.stdout)
+        first = json.loads(next(lines))  # a progress line: the copy is under way
+        assert first["event"] == "progress" and not first["final"]
+        say(b"p")
+        for line in lines:  # wait for the stall to show
+            event = json.loads(line)
+            assert not event["final"], "the copy ended while the server was paused"
+            if event["stalled"] >= 2.0:
+                break
+        say(b"r")
+        last = [json.loads(line) for line in lines][-1]
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+    assert last["final"] and last["stalled"] == 0 and last["bytes_done"] == 32 * MiB
+    compare(source, target, size=32 * MiB)
+
+
+def test_retries_and_reconnects_show_in_the_progress_lines(qemu_nbd, tmp_path, source):
+    """S2/S5: a disconnect shows in the progress a pod reads, not only in the final report."""
+    src = blkdebug(qemu_nbd, source, once=True)
+    events = []
+    transfer.copy(src.uri, str(tmp_path / "t.img"), retries=2, on_progress=events.append)
+    assert events[-1].final and events[-1].reconnects >= 1 and events[-1].retries >= 1

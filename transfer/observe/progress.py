@@ -3,7 +3,11 @@
 - TerminalBar: one line redrawn in place on a terminal (stderr).
 - JsonProgress: one JSON object per line, per event (the engine emits one a
   second and a final one): {"event": "progress", "bytes_done", "bytes_total",
-  "percent", "rate" (bytes/s), "seconds", "final"}.
+  "percent", "rate" (bytes/s), "seconds", "final", "retries", "reconnects",
+  "stalled" (seconds since bytes_done last grew)}.
+
+Both show a stall (no completed write for STALL seconds or more: a silent
+server, RELIABILITY.md S5) and the retries and reconnects so far.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Callable, TextIO
 from ..pipeline.copy import Progress
 
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+STALL = 5.0  # seconds without a completed write before the bar says "stalled"
 
 
 def human_bytes(n: float) -> str:
@@ -38,6 +43,10 @@ class TerminalBar:
         line = (f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {frac * 100:5.1f}% "
                 f"{human_bytes(p.done)} / {human_bytes(p.total)}  {human_bytes(p.rate)}/s")
         line += "  done" if p.final else f"  ETA {eta:4.0f} s"
+        if p.retries or p.reconnects:
+            line += f"  retries {p.retries}, reconnects {p.reconnects}"
+        if p.stalled >= STALL:
+            line += f"  stalled {p.stalled:.0f} s"
         self.stream.write(line + ("\n" if p.final else ""))
         self.stream.flush()
 
@@ -55,6 +64,9 @@ class JsonProgress:
             "rate": round(p.rate),
             "seconds": round(p.seconds, 3),
             "final": p.final,
+            "retries": p.retries,
+            "reconnects": p.reconnects,
+            "stalled": round(p.stalled, 1),
         }
         self.stream.write(json.dumps(event) + "\n")
         self.stream.flush()

@@ -447,6 +447,9 @@ class Progress:
     total: int
     seconds: float
     final: bool = False
+    retries: int = 0  # reads issued again after an error or a lost connection
+    reconnects: int = 0
+    stalled: float = 0.0  # seconds since done last grew (S5: a silent server shows here)
 
     @property
     def rate(self) -> float:
@@ -494,10 +497,18 @@ async def run(source: Disk, target: Disk, manifest: Manifest, kernels: Kernels, 
                for s, d in pairs]
     start = time.monotonic()
 
+    moved = [0, start]  # bytes done at the last report, and when they last grew
+
     def report(final: bool = False) -> None:
         if on_progress is not None:
+            now = time.monotonic()
             done = sum(w.stats.done for w in workers)
-            on_progress(Progress(done, plan.bytes, time.monotonic() - start, final))
+            if done != moved[0]:
+                moved[:] = [done, now]
+            on_progress(Progress(done, plan.bytes, now - start, final,
+                                 retries=sum(w.stats.retries for w in workers),
+                                 reconnects=sum(w.stats.reconnects for w in workers),
+                                 stalled=0.0 if final else now - moved[1]))
 
     executor = ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="transfer-io")
     futures = [loop.run_in_executor(executor, w.run) for w in workers]
