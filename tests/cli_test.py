@@ -99,15 +99,38 @@ def test_target_write_error(nbdkit, image):
 
 
 def test_target_out_of_space(tmp_path, image):
-    """A file on a 4 MiB tmpfs: ENOSPC on write is a target failure, not a success."""
+    """T1: a file on a 2 MiB tmpfs for 3 MiB of data. The pre-flight refuses it before
+    writing (exit 2, no file); with --force, ENOSPC on write is a target failure, not a
+    success, and the full-size file it created is removed, not left looking done."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], check=True)
     try:
-        one_line_error(run_cli("copy", image, str(mnt / "t.img")), 4, "transfer: target",
-                       "No space left on device")
+        target = mnt / "t.img"
+        one_line_error(run_cli("copy", image, str(target)), 2, "transfer: target",
+                       "bytes free", "3145728 bytes of data")
+        assert not target.exists()
+        one_line_error(run_cli("copy", image, str(target), "--force"), 4, "transfer: target",
+                       "No space left on device", "incomplete target file was removed")
+        assert not target.exists()
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_failed_copy_names_an_existing_target_incomplete(nbdkit, tmp_path, image):
+    """T1: a target the run did not create is kept (it may be a PVC), and the error says it is
+    incomplete; a file the run created is removed."""
+    target = tmp_path / "t.img"
+    target.write_bytes(bytes(16 * MiB))
+    src = nbdkit("file", image, "error-pread=EIO", "error-pread-rate=100%", readonly=True,
+                 filters=["error"])
+    one_line_error(run_cli("copy", src.uri, str(target), "--retries", "0"), 3,
+                   f"the target {target} is incomplete")
+    assert target.stat().st_size == 16 * MiB
+    created = tmp_path / "new.img"
+    one_line_error(run_cli("copy", src.uri, str(created), "--retries", "0"), 3,
+                   "the incomplete target file was removed")
+    assert not created.exists()
 
 
 def _slow_source(nbdkit, tmp_path):

@@ -144,3 +144,46 @@ def test_library_raises_the_same_refusal(nbdkit, source):
     with pytest.raises(TargetRefused) as e:
         transfer.copy(source, dst.uri)
     assert e.value.exit_code == 2
+
+
+def test_a_symlink_to_a_file_target_is_refused(tmp_path, source):
+    """X7: open only what was named. A link to a file is refused (exit 2), the file untouched;
+    a dangling link too, and nothing is created through it."""
+    real = tmp_path / "real.img"
+    real.write_bytes(b"\x5a" * (4 * MiB))
+    link = tmp_path / "link.img"
+    link.symlink_to(real)
+    p = run_cli("copy", source, str(link))
+    assert p.returncode == 2 and "symbolic link to a file" in p.stderr, p.stderr
+    assert real.read_bytes() == b"\x5a" * (4 * MiB)
+    dangling = tmp_path / "dangling.img"
+    dangling.symlink_to(tmp_path / "nowhere" / "t.img")
+    p = run_cli("copy", source, str(dangling))
+    assert p.returncode == 2 and "dangling symbolic link" in p.stderr, p.stderr
+    assert not (tmp_path / "nowhere").exists()
+    with pytest.raises(TargetRefused, match="symbolic link"):
+        transfer.copy(source, str(link))
+
+
+def test_a_symlink_to_a_block_device_is_followed(loop_device, source, tmp_path):
+    """X7: /dev/disk/by-id/... names are links to devices; those are opened (with O_EXCL)."""
+    dev = loop_device(16 * MiB)
+    link = tmp_path / "by-id-disk"
+    link.symlink_to(dev)
+    transfer.copy(source, str(link))
+    assert transfer.verify(source, dev).equal
+
+
+def test_an_empty_source_is_refused(nbdkit, tmp_path):
+    """S9: 0 < size. A 0-byte export (exit 3, the server's answer is out of range) and a
+    0-byte file (exit 2) are refused before a target is created."""
+    from .conftest import run_cli
+
+    empty = nbdkit("memory", "0", readonly=True)
+    p = run_cli("copy", empty.uri, str(tmp_path / "a.img"))
+    assert p.returncode == 3 and "export size 0 is out of range" in p.stderr, p.stderr
+    f = tmp_path / "empty.img"
+    f.touch()
+    p = run_cli("copy", str(f), str(tmp_path / "b.img"))
+    assert p.returncode == 2 and "the source is empty" in p.stderr, p.stderr
+    assert not (tmp_path / "a.img").exists() and not (tmp_path / "b.img").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ from typing import Any, Callable
 
 from . import _native
 from .disks import Disk, open_disk
-from .errors import BadInput, TargetRefused, VerifyFailed
+from .errors import BadInput, TargetRefused, TransferError, VerifyFailed
 from .integrity import BLOCK, Manifest
 from .pipeline import copy as engine
 from .pipeline.copy import Progress
@@ -94,6 +95,45 @@ def _check_target(src: Disk, dst: Disk, *, force: bool) -> None:
         if sig:
             raise TargetRefused(f"the target holds a {sig} signature; pass --force to overwrite it",
                                 disk=dst.display)
+
+
+def _check_space(src: Disk, dst: Disk) -> None:
+    """T1 pre-flight for a file target: refuse (nothing written) when its file system lacks
+    room for the source's data. Where the free space covers the whole disk, nothing is asked;
+    else the source's data is counted (NBD: base:allocation on the spare handle; a file: its
+    allocated blocks), an upper bound of what the copy writes (zero blocks are not written)."""
+    if dst.kind != "file":
+        return
+    path = getattr(dst, "path")
+    try:
+        fs = os.statvfs(os.path.dirname(os.path.abspath(path)))
+        held = os.stat(path).st_blocks * 512 if dst.size is not None else 0
+    except OSError:
+        return  # the open that follows reports what is wrong
+    room = fs.f_bavail * fs.f_frsize + held
+    if room >= src.size:
+        return
+    need = src.data_bytes()
+    if need > room:
+        raise TargetRefused(f"its file system has {room} bytes free for it, and the source holds "
+                            f"up to {need} bytes of data (--force writes anyway)",
+                            disk=dst.display)
+
+
+def _incomplete(dst: Disk, e: TransferError) -> None:
+    """A failed copy never leaves a target that looks done (T1): a file this run created is
+    removed (there is nothing to resume: `sync` is the resumable form, with its journal), and
+    any other target is named incomplete in the error."""
+    if dst.kind == "null" or "incomplete" in e.message:
+        return
+    if dst.kind == "file" and dst.created:
+        try:
+            os.unlink(getattr(dst, "path"))
+            e.message += "; the incomplete target file was removed"
+            return
+        except OSError:
+            pass
+    e.message += f"; the target {dst.display} is incomplete"
 
 
 def _shape(src: Disk, connections: int | None, in_flight: int | None,
@@ -190,13 +230,19 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
             raise BadInput("null: keeps nothing to verify", disk=dst.display, kind="target")
         _check_target(src, dst, force=force)
         conns, flight, req_size = _shape(src, connections, in_flight, request_size)
+        if not force:
+            await asyncio.to_thread(_check_space, src, dst)
         if dst.size is None:
             dst.create(src.size)
         digests = Manifest.create(manifest, src.size) if manifest else Manifest(src.size)
-        result = await engine.run(src, dst, digests, kernels, connections=conns,
-                                  in_flight=flight, request_size=req_size,
-                                  target_zero=dst.reads_zero or target_is_zero,
-                                  on_progress=on_progress, retries=retries)
+        try:
+            result = await engine.run(src, dst, digests, kernels, connections=conns,
+                                      in_flight=flight, request_size=req_size,
+                                      target_zero=dst.reads_zero or target_is_zero,
+                                      on_progress=on_progress, retries=retries)
+        except TransferError as e:
+            _incomplete(dst, e)
+            raise
         st = result.stats
         report = Report(
             source=src.display, target=dst.display, size=src.size, target_size=dst.size,

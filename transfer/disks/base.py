@@ -109,6 +109,11 @@ class Disk:
         """A filesystem or partition-table signature found on the disk, if any."""
         return None
 
+    def data_bytes(self) -> int:
+        """An upper bound of the bytes a copy of this source reads as data (not holes or zero
+        extents); the whole size where the disk cannot say."""
+        return self.size
+
     def close(self) -> None:
         pass
 

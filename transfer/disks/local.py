@@ -133,10 +133,32 @@ class LocalDisk(Disk):
         else:
             self.close()
             raise BadInput("not a regular file or a block device", disk=self.display, kind="source")
+        if self.size == 0:  # S9: 0 < size
+            self.close()
+            raise BadInput("the source is empty (0 bytes): nothing to copy", disk=self.display,
+                           kind="source")
+
+    def data_bytes(self) -> int:
+        if self.kind == "file":  # allocated blocks: an upper bound of the data
+            return min(self.size, self.st.st_blocks * 512)
+        return self.size
 
     def _open_target(self) -> None:
+        """Open only what was named (RELIABILITY.md X7): a symbolic link is followed only to a
+        block device (/dev/disk/by-id/... names are links); a link to a file, or a dangling
+        one, is refused, and a regular file is opened with O_NOFOLLOW, so a link put in its
+        place meanwhile is not followed either."""
         try:
-            st = os.stat(self.path)
+            st = os.lstat(self.path)
+            if stat.S_ISLNK(st.st_mode):
+                try:
+                    st = os.stat(self.path)
+                except FileNotFoundError:
+                    raise TargetRefused("the target is a dangling symbolic link; name the file "
+                                        "or device itself", disk=self.display) from None
+                if not stat.S_ISBLK(st.st_mode):
+                    raise TargetRefused("the target is a symbolic link to a file; name the file "
+                                        "itself", disk=self.display)
         except FileNotFoundError:
             self.kind = "file"
             self.size = None  # created at the source's size by create()
@@ -146,8 +168,11 @@ class LocalDisk(Disk):
         if stat.S_ISREG(st.st_mode):
             self.kind = "file"
             try:
-                self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise TargetRefused("the target became a symbolic link; name the file "
+                                        "itself", disk=self.display) from None
                 raise self._error("cannot open the target", e) from None
             self._lock_file()
             self.st = os.fstat(self.fd)
@@ -225,6 +250,7 @@ class LocalDisk(Disk):
     def create(self, size: int) -> None:
         """Create the missing target file at size; it then reads as zeroes."""
         try:
+            # O_EXCL: never through a link, nor over a file that appeared meanwhile
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             self._lock_file()
             os.ftruncate(self.fd, size)

@@ -128,8 +128,10 @@ class NbdDisk(Disk):
             size = h.get_size()
         except nbd.Error as e:  # libnbd raises for sizes >= 2^63 (RELIABILITY.md S9)
             raise self._error(f"export size is out of range: {_why(e)}", disk=self.display) from None
-        if size < 0 or size > MAX_SIZE:
-            raise self._error(f"export size {size} is out of range", disk=self.display)
+        if size < 0 or size > MAX_SIZE or size == 0 and self.role == "source":
+            raise self._error(f"export size {size} is out of range"
+                              + (" (an empty export: nothing to copy)" if size == 0 else ""),
+                              disk=self.display)
         self.size = size
         self.max_connections = MAX_CONNECTIONS if h.can_multi_conn() else 1
         if self.role == "source":
@@ -176,6 +178,29 @@ class NbdDisk(Disk):
                               errno=e.errno or None) from None
         # a reply cut short leaves the rest unknown: dirty, for a change tracker (R2)
         return reply_extents(reply, offset, offset + length, unknown=DIRTY, disk=self.display)
+
+    def data_bytes(self) -> int:
+        """The export's data per base:allocation (asked on the spare handle, 1 GiB at a time);
+        an error or no answer counts as data."""
+        if not self.can_extents:
+            return self.size
+        from ..ranges import STATE_ZERO
+
+        data, pos = 0, 0
+        while pos < self.size:
+            n = min(MAX_BLOCK_STATUS, self.size - pos)
+            try:
+                reply = self.kernels.block_status(self._handles[0], "base:allocation", pos, n,
+                                                  MAX_EXTENTS)
+                extents = reply_extents(reply, pos, pos + n, unknown=0, disk=self.display)
+            except (OSError, SourceError):
+                extents = None
+            if not extents:
+                data += self.size - pos
+                break
+            data += sum(length for _, length, flags in extents if not flags & STATE_ZERO)
+            pos = extents[-1][0] + extents[-1][1]
+        return data
 
     def signature(self) -> str | None:
         from .probe import probe_signature
