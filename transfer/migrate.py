@@ -46,6 +46,7 @@ from typing import Any, Callable
 from .errors import BadInput, NotConverging, SourceError
 from .integrity import BLOCK
 from .qmp import Qmp, QmpError
+from .state.journal import Journal
 from .state.sync import SyncReport, sync_async
 
 PREFIX = "transfer-"
@@ -103,6 +104,7 @@ class PassInfo:
     dirty_rate: float | None  # bytes/s the guest dirtied while the pass's bitmap recorded
     predicted_downtime: float | None  # if cutover happened right after this pass
     final: bool = False
+    note: str | None = None  # what else this pass did, in words (a merge of bitmaps, R3)
 
 
 @dataclass
@@ -257,8 +259,34 @@ class Migration:
 
     # -- one pass
 
+    def _merge_unlogged(self, q: Qmp, log: dict[str, Any]) -> str | None:
+        """Before a final pass: if an earlier run handed over from bitmap k to k+1 and died
+        before pass k was logged (before its sync began, during it, or after its commit), the
+        target may lack what bitmap k names, and bitmap k+1 holds every write since the
+        hand-over. R3: copy B_k and B_k+1. Bitmap k is merged into bitmap k+1 (the VM is
+        stopped: k+1 is the last; merging again is harmless) and the final pass runs as pass
+        k+1 under it, so that sync copies the union (with the tainted ranges of an unfinished
+        pass k). Returns a note for the report, or None when there was no such hand-over."""
+        k = log["next"]
+        cur, nxt = f"{PREFIX}{k}", f"{PREFIX}{k + 1}"
+        bitmaps = q.bitmaps(self.node)
+        if self.kind == "cold" or k == 0 or cur not in bitmaps or nxt not in bitmaps:
+            return None
+        if bitmaps[cur].get("inconsistent") or bitmaps[nxt].get("inconsistent"):
+            return None  # _pass falls back to a compare pass (R2)
+        q.execute("block-dirty-bitmap-merge", node=self.node, target=nxt, bitmaps=[cur])
+        # when the hand-over happened is unknown if the run died before logging it: now is
+        # later than it, which only makes the bitmaps look younger than they are
+        log["handover"].setdefault(str(k), time.time())
+        log["next"] = k + 1
+        self._save(log)  # from here pass k+1 holds the union; bitmap k may go (it is < next)
+        return (f"pass {k} was not logged by an earlier run after its hand-over: bitmap {cur} "
+                f"was merged into {nxt}, which the final pass copies")
+
     async def _pass(self, q: Qmp, log: dict[str, Any], report: MigrateReport, *,
                     final: bool) -> PassInfo:
+        self._unexport(q)  # a killed run's export keeps its bitmap busy (merge, remove)
+        note = self._merge_unlogged(q, log) if final else None
         k = log["next"]
         bitmaps = q.bitmaps(self.node)
         cur, nxt = f"{PREFIX}{k}", f"{PREFIX}{k + 1}"
@@ -274,9 +302,19 @@ class Migration:
                 q.execute("block-dirty-bitmap-add", node=self.node, name=nxt)
             log["handover"]["0"] = log["handover"].get("0", time.time())
             bitmap = None
-        elif cur not in bitmaps or bitmaps[cur].get("inconsistent"):
-            # the daemon lost it (restarted): everything may have changed (R2)
-            fallback = f"bitmap {cur} is gone from node {self.node}"
+        elif (cur not in bitmaps or bitmaps[cur].get("inconsistent")
+              or final and nxt in bitmaps
+              or not final and nxt not in bitmaps and not bitmaps[cur].get("recording")):
+            # the daemon lost it (restarted): everything may have changed (R2); or a final
+            # pass found bitmap k+1 unusable for the merge; or an interrupted final pass
+            # disabled bitmap k and a warm pass follows: the VM may have run unrecorded since
+            if cur not in bitmaps:
+                fallback = f"bitmap {cur} is gone from node {self.node}"
+            elif bitmaps[cur].get("inconsistent") or final:
+                fallback = f"bitmap {cur} or {nxt} of node {self.node} is inconsistent"
+            else:
+                fallback = (f"bitmap {cur} stopped recording (an interrupted final pass) with "
+                            "no bitmap after it")
             if nxt not in bitmaps:
                 q.execute("block-dirty-bitmap-add", node=self.node, name=nxt)
             log["handover"][str(k)] = time.time()
@@ -307,7 +345,7 @@ class Migration:
         report.digest = r.digest
         info = PassInfo(k, datetime.datetime.fromtimestamp(began).isoformat(timespec="seconds"),
                         r.change_source, fallback or r.fallback, r.delta_bytes, r.bytes_copied,
-                        r.seconds, copy_rate, dirty_rate, None, final)
+                        r.seconds, copy_rate, dirty_rate, None, final, note)
         log["next"] = k + 1
         log["passes"].append(asdict(info))
         self._save(log)
@@ -413,6 +451,13 @@ class Migration:
             for p in log["passes"]:  # from an earlier, interrupted run
                 p = dict(p)
                 report.passes.append(PassInfo(p.pop("pass_"), **p))
+            done = self._completed()
+            if done is not None:  # killed after its final pass completed, before logging it
+                report.digest = done
+                report.cutover = {"note": "the final pass completed in an earlier run"}
+                report.size = self._manifest_size()
+                report.seconds = round(time.monotonic() - started, 3)
+                return report
             if self.kind == "cold":
                 stop = self._stop_vm()
                 began = time.monotonic()
@@ -423,6 +468,15 @@ class Migration:
             report.size = self._manifest_size()
         report.seconds = round(time.monotonic() - started, 3)
         return report
+
+    def _completed(self) -> str | None:
+        """The digest of the state's final pass if it completed (sync's journal says so)."""
+        path = os.path.join(self.sync_state, "journal")
+        if not os.path.exists(path):
+            return None
+        with Journal.open(path, create=False) as j:
+            last = j.records[-1] if j.records else {}
+        return str(last.get("digest", "")) if last.get("t") == "complete" else None
 
     def _manifest_size(self) -> int:
         from .integrity import Manifest

@@ -1,0 +1,215 @@
+"""A migration killed after a bitmap hand-over, then cut over (RELIABILITY.md R3).
+
+Run 1 copies pass 0 and dies in the interval wait; the guest writes A (recorded by bitmap
+transfer-1); run 2 hands over (transfer-2 recording, transfer-1 disabled) and dies before it
+logs pass 1; the guest writes B, which only transfer-2 records; run 3 cuts over at once. Its
+final pass must copy transfer-1 and transfer-2: the target must hold A and B. The guest writes
+go to fixed offsets through the daemon's writable NBD export, so what is expected is known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from transfer.migrate import migrate_async
+from transfer.qmp import Qmp
+from transfer.servers import Nbdkit, QemuStorageDaemon
+from transfer.state.sync import sync_async
+from transfer.synth import make_image
+
+from .conftest import compare, expected_digest_of_file, export_to_file, require
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+A = (1 * MiB, b"\xa1" * (128 << 10))  # written while only transfer-1 records
+B = (5 * MiB, b"\xb2" * (128 << 10))  # written after the hand-over: only transfer-2 records
+
+
+class Disk:
+    """qemu-storage-daemon holding a raw disk; the test is the guest, writing through `rw`."""
+
+    def __init__(self, tmp_path, seed: int) -> None:
+        require("qemu-storage-daemon")
+        self.dir = tmp_path
+        self.image = str(tmp_path / "disk.raw")
+        make_image(self.image, SIZE, seed)
+        self.qmp = str(tmp_path / "qmp.sock")
+        self.nbd = str(tmp_path / "nbd.sock")
+        self.qsd = QemuStorageDaemon(self.nbd, self.image, qmp=self.qmp, fmt="raw")
+        self.qsd.start()
+
+    def write(self, where: tuple[int, bytes]) -> None:
+        import nbd
+
+        h = nbd.NBD()
+        h.connect_uri(self.qsd.uri)
+        try:
+            h.pwrite(where[1], where[0])
+            h.flush()
+        finally:
+            h.shutdown()
+
+    def bitmaps(self) -> dict[str, dict]:
+        """The node's bitmaps (QMP takes one client: only while no migration runs)."""
+        with Qmp(self.qmp) as q:
+            return q.bitmaps("disk0")
+
+    def contents(self) -> str:
+        return export_to_file(self.qsd.uri, str(self.dir / "now.raw"))
+
+    def close(self) -> None:
+        self.qsd.stop()
+
+
+@pytest.fixture
+def disk(tmp_path):
+    made: list[Disk] = []
+
+    def make(seed: int) -> Disk:
+        d = Disk(tmp_path, seed)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def wait_for(what, cond, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def read_log(state) -> dict | None:
+    try:
+        return json.loads((state / "migrate.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def holds(path: str, where: tuple[int, bytes]) -> bool:
+    with open(path, "rb") as f:
+        f.seek(where[0])
+        return f.read(len(where[1])) == where[1]
+
+
+def pause(control: str, command: bytes) -> None:
+    """nbdkit's pause filter: b"p" holds every later request until b"r"; it answers upper case
+    once that took effect."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(control)
+        s.sendall(command)
+        assert s.recv(1) == command.upper()
+
+
+@pytest.mark.timeout(300)
+def test_a_cutover_after_a_run_killed_past_its_hand_over_copies_both_bitmaps(disk, tmp_path):
+    """Through the CLI, with SIGKILL. The target is a file served by nbdkit with the pause
+    filter: run 2 is killed once its log records the hand-over, with target writes held, so it
+    cannot have finished pass 1 (the state is the one the audit found: transfer-2 recording,
+    transfer-1 disabled, pass 1 not logged)."""
+    require("nbdkit")
+    d = disk(21)
+    target_file, control = str(tmp_path / "t.img"), str(tmp_path / "pause.sock")
+    with open(target_file, "wb") as f:
+        f.truncate(SIZE)
+    target = Nbdkit(str(tmp_path / "target.sock"), "file", target_file,
+                    f"pause-control={control}", filters=["pause"]).start()
+    state, report = tmp_path / "st", tmp_path / "r.json"
+    argv = [sys.executable, "-m", "transfer.cli", "migrate", target.uri, "--type", "warm",
+            "--qmp", d.qmp, "--node", "disk0", "--state", str(state), "--nbd-socket", d.nbd,
+            "--precopy-interval", "600s"]
+    try:
+        # run 1: pass 0, then killed in its interval wait (its pass line is printed just before)
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            line = wait_for("pass 0's line", lambda: p.stderr.readline())
+            assert line.startswith("transfer: pass   0:"), line
+        finally:
+            p.kill()  # our own child
+            p.wait()
+            p.stderr.close()
+        assert read_log(state)["next"] == 1
+        d.write(A)
+        # run 2: its hand-over, then killed before it can log pass 1
+        pause(control, b"p")
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for("run 2's hand-over in the log", lambda: "1" in read_log(state)["handover"])
+        finally:
+            p.kill()
+            p.wait()
+        pause(control, b"r")
+        bitmaps = d.bitmaps()
+        assert bitmaps["transfer-2"]["recording"] and not bitmaps["transfer-1"]["recording"]
+        assert read_log(state)["next"] == 1
+        d.write(B)
+        # run 3: cut over now
+        p = subprocess.run(argv + ["--cutover", "now", "--report", str(report)],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        r = json.loads(report.read_text())
+    finally:
+        target.stop()
+    assert holds(target_file, A) and holds(target_file, B)
+    compare(d.contents(), target_file, size=SIZE)
+    assert expected_digest_of_file(target_file) == r["digest"]
+    final = r["passes"][-1]
+    assert final["final"] and final["change_source"] == "dirty bitmap transfer-2", final
+    assert "transfer-1 was merged into transfer-2" in final["note"], final
+
+
+@pytest.mark.timeout(300)
+def test_a_final_pass_after_a_pass_committed_but_not_logged_copies_both_bitmaps(disk, tmp_path):
+    """Through the Python API. Pass 1 is committed by sync but the migration's log still says
+    pass 1 is next: what a run killed between sync's end record and the log's save leaves
+    (the test takes the hand-over and pass 1 itself, as migrate does, then stops). A cutover
+    must still copy what transfer-2 recorded after that hand-over."""
+    d = disk(22)
+    target, state = str(tmp_path / "t.img"), tmp_path / "st"
+
+    class Stop(Exception):
+        pass
+
+    def after(p) -> None:
+        raise Stop(p.pass_)  # run 1 ends after pass 0 is logged
+
+    common = dict(kind="warm", qmp=d.qmp, node="disk0", state=str(state), nbd_socket=d.nbd)
+    with pytest.raises(Stop):
+        asyncio.run(migrate_async(target, precopy_interval=600, on_pass=after, **common))
+    assert read_log(state)["next"] == 1
+    d.write(A)
+    with Qmp(d.qmp) as q:  # run 2's hand-over and pass 1, up to sync's end record
+        q.execute("transaction", actions=[
+            {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "transfer-2"}},
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "disk0",
+                                                            "name": "transfer-1"}}])
+        q.execute("block-export-add", type="nbd", id="transfer-src", **{"node-name": "disk0"},
+                  name="transfer-src", writable=False, bitmaps=["transfer-1"])
+    one = asyncio.run(sync_async(f"nbd+unix:///transfer-src?socket={d.nbd}", target,
+                                 state=str(state / "sync"), dirty_bitmap="transfer-1",
+                                 checkpoint="transfer-1"))
+    assert one.pass_ == 1 and one.delta_bytes > 0 and holds(target, A)
+    assert read_log(state)["next"] == 1  # not logged: the run "died" here
+    d.write(B)
+    r = asyncio.run(migrate_async(target, cutover="now", **common))
+    assert holds(target, A) and holds(target, B)
+    compare(d.contents(), target, size=SIZE)
+    assert expected_digest_of_file(target) == r.digest
+    final = r.passes[-1]
+    assert final.final and final.change_source == "dirty bitmap transfer-2", final
+    assert "transfer-1 was merged into transfer-2" in final.note, final
