@@ -1,4 +1,5 @@
-"""A migration killed after a bitmap hand-over, then cut over (RELIABILITY.md R3).
+"""A migration killed after a bitmap hand-over, then cut over (RELIABILITY.md R3); a migration
+interrupted by SIGINT in each of its phases (P3).
 
 Run 1 copies pass 0 and dies in the interval wait; the guest writes A (recorded by bitmap
 transfer-1); run 2 hands over (transfer-2 recording, transfer-1 disabled) and dies before it
@@ -37,11 +38,12 @@ B = (5 * MiB, b"\xb2" * (128 << 10))  # written after the hand-over: only transf
 class Disk:
     """qemu-storage-daemon holding a raw disk; the test is the guest, writing through `rw`."""
 
-    def __init__(self, tmp_path, seed: int) -> None:
+    def __init__(self, tmp_path, seed: int, size: int) -> None:
         require("qemu-storage-daemon")
         self.dir = tmp_path
         self.image = str(tmp_path / "disk.raw")
-        make_image(self.image, SIZE, seed)
+        self.size = size
+        make_image(self.image, size, seed)
         self.qmp = str(tmp_path / "qmp.sock")
         self.nbd = str(tmp_path / "nbd.sock")
         self.qsd = QemuStorageDaemon(self.nbd, self.image, qmp=self.qmp, fmt="raw")
@@ -74,8 +76,8 @@ class Disk:
 def disk(tmp_path):
     made: list[Disk] = []
 
-    def make(seed: int) -> Disk:
-        d = Disk(tmp_path, seed)
+    def make(seed: int, size: int = SIZE) -> Disk:
+        d = Disk(tmp_path, seed, size)
         made.append(d)
         return d
 
@@ -213,3 +215,144 @@ def test_a_final_pass_after_a_pass_committed_but_not_logged_copies_both_bitmaps(
     final = r.passes[-1]
     assert final.final and final.change_source == "dirty bitmap transfer-2", final
     assert "transfer-1 was merged into transfer-2" in final.note, final
+
+
+def migrate_argv(d: Disk, target: str, state, *args: str) -> list[str]:
+    return [sys.executable, "-m", "transfer.cli", "migrate", target, "--type", "warm",
+            "--qmp", d.qmp, "--node", "disk0", "--state", str(state), "--nbd-socket", d.nbd,
+            *args]
+
+
+def interrupt(p: subprocess.Popen) -> tuple[int, str]:
+    """SIGINT our child; its exit code and stderr."""
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    return p.returncode, err
+
+
+def resume_and_check(d: Disk, target_file: str, target: str, state, tmp_path) -> dict:
+    """The same command with --cutover now finishes the migration; the target is right."""
+    report = tmp_path / "done.json"
+    p = subprocess.run(migrate_argv(d, target, state, "--cutover", "now", "--on-cutover", "true",
+                                    "--report", str(report)),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(report.read_text())
+    compare(d.contents(), target_file, size=d.size)
+    assert expected_digest_of_file(target_file) == r["digest"]
+    assert r["cutover"]["vm_stopped"] is True and r["cutover"]["on_cutover"].startswith("stopped")
+    return r
+
+
+@pytest.mark.timeout(300)
+def test_sigint_in_the_precopy_wait_exits_5_and_resumes(disk, tmp_path):
+    d = disk(23)
+    target, state, report = str(tmp_path / "t.img"), tmp_path / "st", tmp_path / "r.json"
+    p = subprocess.Popen(migrate_argv(d, target, state, "--precopy-interval", "600s",
+                                      "--on-cutover", "true", "--report", str(report)),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = wait_for("pass 0's line", lambda: p.stderr.readline())
+        assert line.startswith("transfer: pass   0:"), line
+        code, err = interrupt(p)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert code == 5, err
+    assert ("interrupted by a signal in the precopy wait; the VM was not stopped "
+            "(--on-cutover had not run)") in err, err
+    r = json.loads(report.read_text())
+    assert r["exit_code"] == 5 and r["cutover"]["vm_stopped"] is False
+    assert [x["pass"] for x in r["passes"]] == [0]
+    resume_and_check(d, target, target, state, tmp_path)
+
+
+@pytest.mark.timeout(300)
+def test_sigint_in_a_pass_exits_5_and_resumes(disk, tmp_path):
+    """The target (nbdkit, rate filter) takes pass 0 at 4 MiB/s: the signal comes while it
+    copies (after its first progress line). The pass commits what it finished and stops."""
+    require("nbdkit")
+    d = disk(26, 64 * MiB)  # 60 MiB of data: about 15 s at that rate
+    target_file, rate = str(tmp_path / "t.img"), tmp_path / "rate"
+    with open(target_file, "wb") as f:
+        f.truncate(d.size)
+    rate.write_text("32M\n")
+    server = Nbdkit(str(tmp_path / "target.sock"), "file", target_file, f"rate-file={rate}",
+                    filters=["rate"]).start()
+    state, report = tmp_path / "st", tmp_path / "r.json"
+    try:
+        p = subprocess.Popen(migrate_argv(d, server.uri, state, "--precopy-interval", "600s",
+                                          "--on-cutover", "true", "--progress", "json",
+                                          "--report", str(report)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = wait_for("a progress line", lambda: p.stdout.readline())
+            assert json.loads(line)
+            p.send_signal(signal.SIGINT)
+            fast = tmp_path / "rate.new"  # then let what is in flight drain at full speed
+            fast.write_text("100G\n")
+            os.replace(fast, rate)
+            _, err = p.communicate(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 5, err
+        assert ("interrupted by a signal during pass 0; the VM was not stopped "
+                "(--on-cutover had not run)") in err, err
+        r = json.loads(report.read_text())
+        assert r["exit_code"] == 5 and r["passes"] == [] and r["cutover"]["vm_stopped"] is False
+        assert read_log(state)["next"] == 0
+        r = resume_and_check(d, target_file, server.uri, state, tmp_path)
+        assert r["passes"][0]["pass"] == 0 and r["passes"][-1]["final"]
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(300)
+def test_sigint_during_on_cutover_terminates_the_command_and_exits_5(disk, tmp_path):
+    """An --on-cutover command that never ends (a shell waiting for its `sleep 600`), with a
+    --cutover-timeout of 600 s: SIGINT terminates its process group, exits 5 saying the VM
+    may still run, and no final pass was taken."""
+    d = disk(24)
+    target, state, report = str(tmp_path / "t.img"), tmp_path / "st", tmp_path / "r.json"
+    pids = tmp_path / "pids"
+    hang = f"sh -c 'sleep 600 & echo $$ $! > {pids}.tmp; mv {pids}.tmp {pids}; wait'"
+    p = subprocess.Popen(migrate_argv(d, target, state, "--cutover", "now", "--on-cutover", hang,
+                                      "--cutover-timeout", "600s", "--report", str(report)),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started: list[int] = []
+    try:
+        try:
+            started += map(int, wait_for("the command's pids", lambda: pids.exists()
+                                         and pids.read_text().split()))
+            code, err = interrupt(p)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert code == 5, err
+        assert ("interrupted by a signal while the --on-cutover command ran; the --on-cutover "
+                "command was terminated before it completed: the VM may still run; no final "
+                "pass finished") in err, err
+        for pid in started:  # the shell and its sleep: gone, or a zombie until init reaps it
+            wait_for(f"pid {pid} to end", lambda: not alive(pid))
+    finally:
+        for pid in started:  # if the test failed: they are ours to end (not a reused pid)
+            if alive(pid) and b"sleep 600" in open(f"/proc/{pid}/cmdline", "rb").read().replace(
+                    b"\0", b" "):
+                os.kill(pid, signal.SIGKILL)
+    r = json.loads(report.read_text())
+    assert r["exit_code"] == 5 and r["cutover"]["vm_stopped"] is False
+    assert [x["final"] for x in r["passes"]] == [False]  # pass 0 only, no final
+    resume_and_check(d, target, target, state, tmp_path)
+
+
+def alive(pid: int) -> bool:
+    """Is pid a live process (not gone, not a zombie)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -38,12 +38,14 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from .errors import BadInput, NotConverging, SourceError
+from .errors import BadInput, Interrupted, NotConverging, SourceError, TransferError
 from .integrity import BLOCK
 from .qmp import Qmp, QmpError
 from .state.journal import Journal
@@ -183,41 +185,45 @@ class Migration:
         self.sync_state = os.path.join(state, "sync")
         self.log_path = os.path.join(state, "migrate.json")
         self.signal_path = os.path.join(state, "cutover")
+        self.report = MigrateReport(kind, target, node, 0)
+        self.phase = "before the first pass"  # where a signal finds the migration
+        self.vm = "not stopped"  # the VM as --on-cutover left it
 
     # -- the daemon side
 
-    def _export(self, q: Qmp, bitmap: str | None) -> str:
-        self._unexport(q)
+    async def _export(self, q: _Monitor, bitmap: str | None) -> str:
+        await self._unexport(q)
         args: dict[str, Any] = {"type": "nbd", "id": EXPORT, "node-name": self.node,
                                 "name": EXPORT, "writable": False}
         if bitmap:
             args["bitmaps"] = [bitmap]
-        q.execute("block-export-add", **args)
+        await q.execute("block-export-add", **args)
         return f"nbd+unix:///{EXPORT}?socket={self.nbd_socket}"
 
-    def _unexport(self, q: Qmp) -> None:
+    async def _unexport(self, q: _Monitor) -> None:
         """Remove our export (if any) and wait until it is gone: its name is then free."""
-        exports = q.execute("query-block-exports")
+        exports = await q.execute("query-block-exports")
         if not any(isinstance(e, dict) and e.get("id") == EXPORT for e in exports):
             return
         try:
-            q.execute("block-export-del", id=EXPORT)
+            await q.execute("block-export-del", id=EXPORT)
         except QmpError:
             pass  # being deleted already
         deadline = time.monotonic() + 30
         while any(isinstance(e, dict) and e.get("id") == EXPORT
-                  for e in q.execute("query-block-exports")):
+                  for e in await q.execute("query-block-exports")):
             if time.monotonic() > deadline:
                 raise SourceError("the daemon did not remove our NBD export within 30 s",
                                   disk=self.qmp_path)
-            time.sleep(0.02)
+            await asyncio.sleep(0.02)
 
-    def _nbd_server(self, q: Qmp) -> None:
+    async def _nbd_server(self, q: _Monitor) -> None:
         if self.nbd_socket is not None:
             return
         self.nbd_socket = os.path.join(os.path.abspath(self.state), "nbd.sock")
         try:
-            q.execute("nbd-server-start", addr={"type": "unix", "data": {"path": self.nbd_socket}})
+            await q.execute("nbd-server-start",
+                            addr={"type": "unix", "data": {"path": self.nbd_socket}})
         except QmpError as e:
             if "already running" in e.message:
                 raise BadInput("the daemon already runs an NBD server: name its socket with "
@@ -259,7 +265,7 @@ class Migration:
 
     # -- one pass
 
-    def _merge_unlogged(self, q: Qmp, log: dict[str, Any]) -> str | None:
+    async def _merge_unlogged(self, q: _Monitor, log: dict[str, Any]) -> str | None:
         """Before a final pass: if an earlier run handed over from bitmap k to k+1 and died
         before pass k was logged (before its sync began, during it, or after its commit), the
         target may lack what bitmap k names, and bitmap k+1 holds every write since the
@@ -269,12 +275,12 @@ class Migration:
         pass k). Returns a note for the report, or None when there was no such hand-over."""
         k = log["next"]
         cur, nxt = f"{PREFIX}{k}", f"{PREFIX}{k + 1}"
-        bitmaps = q.bitmaps(self.node)
+        bitmaps = await q.bitmaps(self.node)
         if self.kind == "cold" or k == 0 or cur not in bitmaps or nxt not in bitmaps:
             return None
         if bitmaps[cur].get("inconsistent") or bitmaps[nxt].get("inconsistent"):
             return None  # _pass falls back to a compare pass (R2)
-        q.execute("block-dirty-bitmap-merge", node=self.node, target=nxt, bitmaps=[cur])
+        await q.execute("block-dirty-bitmap-merge", node=self.node, target=nxt, bitmaps=[cur])
         # when the hand-over happened is unknown if the run died before logging it: now is
         # later than it, which only makes the bitmaps look younger than they are
         log["handover"].setdefault(str(k), time.time())
@@ -283,23 +289,23 @@ class Migration:
         return (f"pass {k} was not logged by an earlier run after its hand-over: bitmap {cur} "
                 f"was merged into {nxt}, which the final pass copies")
 
-    async def _pass(self, q: Qmp, log: dict[str, Any], report: MigrateReport, *,
+    async def _pass(self, q: _Monitor, log: dict[str, Any], report: MigrateReport, *,
                     final: bool) -> PassInfo:
-        self._unexport(q)  # a killed run's export keeps its bitmap busy (merge, remove)
-        note = self._merge_unlogged(q, log) if final else None
+        await self._unexport(q)  # a killed run's export keeps its bitmap busy (merge, remove)
+        note = await self._merge_unlogged(q, log) if final else None
         k = log["next"]
-        bitmaps = q.bitmaps(self.node)
+        bitmaps = await q.bitmaps(self.node)
         cur, nxt = f"{PREFIX}{k}", f"{PREFIX}{k + 1}"
         for name in bitmaps:  # left by a run killed between its commit and their removal
             m = re.fullmatch(re.escape(PREFIX) + r"(\d+)", name)
             if m and int(m.group(1)) < k:
-                q.execute("block-dirty-bitmap-remove", node=self.node, name=name)
+                await q.execute("block-dirty-bitmap-remove", node=self.node, name=name)
         fallback = None
         if self.kind == "cold":
             bitmap = None
         elif k == 0:
             if nxt not in bitmaps:  # R1 base case: recording before the first read
-                q.execute("block-dirty-bitmap-add", node=self.node, name=nxt)
+                await q.execute("block-dirty-bitmap-add", node=self.node, name=nxt)
             log["handover"]["0"] = log["handover"].get("0", time.time())
             bitmap = None
         elif (cur not in bitmaps or bitmaps[cur].get("inconsistent")
@@ -316,31 +322,31 @@ class Migration:
                 fallback = (f"bitmap {cur} stopped recording (an interrupted final pass) with "
                             "no bitmap after it")
             if nxt not in bitmaps:
-                q.execute("block-dirty-bitmap-add", node=self.node, name=nxt)
+                await q.execute("block-dirty-bitmap-add", node=self.node, name=nxt)
             log["handover"][str(k)] = time.time()
             bitmap = None
         else:
             if nxt not in bitmaps and not final:
-                q.execute("transaction", actions=[
+                await q.execute("transaction", actions=[
                     {"type": "block-dirty-bitmap-add", "data": {"node": self.node, "name": nxt}},
                     {"type": "block-dirty-bitmap-disable", "data": {"node": self.node,
                                                                     "name": cur}}])
             elif bitmaps[cur].get("recording"):  # final: the VM is stopped, nothing to hand to
-                q.execute("block-dirty-bitmap-disable", node=self.node, name=cur)
+                await q.execute("block-dirty-bitmap-disable", node=self.node, name=cur)
             log["handover"].setdefault(str(k), time.time())
             bitmap = cur
         self._save(log)
         recorded = None
         if k >= 1 and str(k - 1) in log["handover"]:
             recorded = log["handover"][str(k)] - log["handover"][str(k - 1)]
-        uri = self._export(q, bitmap)
+        uri = await self._export(q, bitmap)
         began = time.time()
         try:
             r = await sync_async(uri, self.target, state=self.sync_state, dirty_bitmap=bitmap,
                                  compare=bitmap is None and k > 0, checkpoint=cur, final=final,
                                  on_progress=self.on_progress, **self.sync_options)
         finally:
-            self._unexport(q)
+            await self._unexport(q)
         copy_rate, dirty_rate = self.model.add(r, recorded)
         report.digest = r.digest
         info = PassInfo(k, datetime.datetime.fromtimestamp(began).isoformat(timespec="seconds"),
@@ -350,7 +356,7 @@ class Migration:
         log["passes"].append(asdict(info))
         self._save(log)
         if bitmap is not None and not final:  # R3: only once the pass is committed and logged
-            q.execute("block-dirty-bitmap-remove", node=self.node, name=bitmap)
+            await q.execute("block-dirty-bitmap-remove", node=self.node, name=bitmap)
         report.passes.append(info)
         return info
 
@@ -405,23 +411,56 @@ class Migration:
             return True
         return self.cutover_at is not None and time.time() >= self.cutover_at
 
-    def _stop_vm(self) -> float:
+    async def _stop_vm(self) -> float:
+        """Run --on-cutover, without blocking the event loop: a signal meanwhile terminates
+        it (its process group: it runs in a session of its own) and interrupts at once."""
         if not self.on_cutover:
             return 0.0
         began = time.monotonic()
-        try:
-            p = subprocess.run(shlex.split(self.on_cutover), stdin=subprocess.DEVNULL,
-                               capture_output=True, text=True, timeout=self.cutover_timeout)
-        except subprocess.TimeoutExpired:
-            raise SourceError(f"the --on-cutover command did not finish within "
-                              f"{self.cutover_timeout:g} s; the VM may still run, no final "
-                              "pass was taken") from None
-        except OSError as e:
-            raise BadInput(f"cannot run the --on-cutover command: {e.strerror or e}") from None
-        if p.returncode != 0:
-            raise SourceError(f"the --on-cutover command failed (exit {p.returncode}): "
-                              f"{p.stderr.strip()[-300:]}; no final pass was taken")
+        with tempfile.TemporaryFile() as errors:  # a file, not a pipe: nothing to drain
+            try:
+                proc = subprocess.Popen(shlex.split(self.on_cutover), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=errors,
+                                        start_new_session=True)
+            except OSError as e:
+                raise BadInput(f"cannot run the --on-cutover command: {e.strerror or e}") \
+                    from None
+            self.vm = "unknown: --on-cutover was terminated before it completed"
+            waiter = asyncio.ensure_future(asyncio.to_thread(proc.wait))
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), self.cutover_timeout)
+            except asyncio.TimeoutError:
+                self.vm = "unknown: --on-cutover timed out and was terminated"
+                await _end_group(proc, waiter)
+                raise SourceError(f"the --on-cutover command did not finish within "
+                                  f"{self.cutover_timeout:g} s and was terminated; the VM may "
+                                  "still run, no final pass was taken") from None
+            except BaseException:  # cancelled (a signal): the command must not outlive us
+                await _end_group(proc, waiter)
+                raise
+            if proc.returncode != 0:
+                self.vm = f"unknown: --on-cutover failed (exit {proc.returncode})"
+                errors.seek(0)
+                tail = errors.read()[-4096:].decode(errors="replace").strip()[-300:]
+                raise SourceError(f"the --on-cutover command failed (exit {proc.returncode}): "
+                                  f"{tail}; no final pass was taken")
+        self.vm = "stopped: --on-cutover completed"
         return time.monotonic() - began
+
+    def _interrupted(self) -> Interrupted:
+        """The one line a signal ends a migration with: where it was, and the VM's state."""
+        where = self.phase
+        if self.vm.startswith("stopped"):
+            vm = "the VM was stopped (--on-cutover completed)"
+        elif self.vm != "not stopped":
+            vm = ("the --on-cutover command was terminated before it completed: the VM may "
+                  "still run")
+        elif self.on_cutover:
+            vm = "the VM was not stopped (--on-cutover had not run)"
+        else:
+            vm = "no --on-cutover command was given"
+        return Interrupted(f"interrupted by a signal {where}; {vm}; no final pass finished; "
+                           "the same command resumes the migration")
 
     async def run(self) -> MigrateReport:
         os.makedirs(self.state, mode=0o700, exist_ok=True)
@@ -436,18 +475,34 @@ class Migration:
                            kind="state") from None
         try:
             return await self._run(started)
+        except (asyncio.CancelledError, Interrupted):
+            # a signal (the CLI cancels this task) or a cancelled caller: the pass under way
+            # committed what it finished (sync); say where it stopped and what the VM is
+            e = self._interrupted()
+            self._note_vm()
+            e.report = self.report  # type: ignore[attr-defined]
+            raise e from None
+        except TransferError as e:
+            self._note_vm()
+            e.report = self.report  # type: ignore[attr-defined]
+            raise
         finally:
             os.close(lock)
 
+    def _note_vm(self) -> None:
+        self.report.cutover["on_cutover"] = self.vm if self.on_cutover else "none given"
+        self.report.cutover["vm_stopped"] = self.vm.startswith("stopped")
+
     async def _run(self, started: float) -> MigrateReport:
-        with Qmp(self.qmp_path) as q:
+        q = _Monitor(await _connect(self.qmp_path))
+        try:
             try:
-                q.node(self.node)
+                await q.node(self.node)
             except QmpError as e:
                 raise BadInput(e.message, disk=self.qmp_path, kind="qmp") from None
-            self._nbd_server(q)
+            await self._nbd_server(q)
             log = self._load()
-            report = MigrateReport(self.kind, self.target, self.node, 0)
+            report = self.report
             for p in log["passes"]:  # from an earlier, interrupted run
                 p = dict(p)
                 report.passes.append(PassInfo(p.pop("pass_"), **p))
@@ -459,13 +514,18 @@ class Migration:
                 report.seconds = round(time.monotonic() - started, 3)
                 return report
             if self.kind == "cold":
-                stop = self._stop_vm()
+                self.phase = "while the --on-cutover command ran"
+                stop = await self._stop_vm()
                 began = time.monotonic()
+                self.phase = "during the final pass"
                 info = await self._pass(q, log, report, final=True)
                 report.cutover = {"stop_seconds": stop, "downtime": stop + time.monotonic() - began}
             else:
                 report.cutover = await self._warm(q, log, report)
+            self._note_vm()
             report.size = self._manifest_size()
+        finally:
+            q.close()
         report.seconds = round(time.monotonic() - started, 3)
         return report
 
@@ -487,10 +547,12 @@ class Migration:
         finally:
             m.close()
 
-    async def _warm(self, q: Qmp, log: dict[str, Any], report: MigrateReport) -> dict[str, Any]:
+    async def _warm(self, q: _Monitor, log: dict[str, Any],
+                    report: MigrateReport) -> dict[str, Any]:
         deltas: list[int] = []
         while True:
             if log["next"] == 0 or not self._cutover_due():
+                self.phase = f"during pass {log['next']}"
                 info = await self._pass(q, log, report, final=False)
                 if self.model.read_rate is None:
                     self.model.read_rate = await self._read_rate()
@@ -522,13 +584,16 @@ class Migration:
                         f"{', '.join(f'{d / 2**20:.1f}' for d in deltas[-4:])} MiB stopped "
                         "shrinking; cut over anyway with `transfer cutover`, or slow the guest")
                 continue
+            self.phase = "in the precopy wait"
             wait_until = time.monotonic() + self.precopy_interval
             while time.monotonic() < wait_until and not self._cutover_due():
                 await asyncio.sleep(min(0.2, max(0.0, wait_until - time.monotonic())))
         predicted = self.model.predict(time.time() - log["handover"][str(log["next"] - 1)],
                                        self._data_bytes())
-        stop = self._stop_vm()
+        self.phase = "while the --on-cutover command ran"
+        stop = await self._stop_vm()
         began = time.monotonic()
+        self.phase = "during the final pass"
         info = await self._pass(q, log, report, final=True)
         downtime = stop + time.monotonic() - began
         self.model.stop_seconds = stop
@@ -536,6 +601,77 @@ class Migration:
             self.on_pass(info)
         return {"predicted_downtime": predicted, "downtime": round(downtime, 3),
                 "stop_seconds": round(stop, 3), "final_delta_bytes": info.delta_bytes}
+
+
+class _Monitor:
+    """The daemon's QMP monitor for coroutines: each exchange runs on a thread (the event
+    loop stays free for signals) to its end even if cancelled meanwhile (a reply left unread
+    would be taken for the next command's); the cancellation is raised after it."""
+
+    def __init__(self, q: Qmp) -> None:
+        self.q = q
+
+    async def execute(self, command: str, **arguments: Any) -> Any:
+        return await _to_the_end(self.q.execute, command, **arguments)
+
+    async def node(self, name: str) -> dict[str, Any]:
+        return await _to_the_end(self.q.node, name)
+
+    async def bitmaps(self, node: str) -> dict[str, dict[str, Any]]:
+        return await _to_the_end(self.q.bitmaps, node)
+
+    def close(self) -> None:
+        self.q.close()
+
+
+async def _to_the_end(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kw))
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})  # a cancelled wait leaves the task running
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        task.exception()  # retrieved: the cancellation is what the caller hears of
+        raise asyncio.CancelledError
+    return task.result()
+
+
+async def _connect(path: str) -> Qmp:
+    """Qmp(path) on a thread; cancelled meanwhile, the connection is closed once made."""
+    task = asyncio.ensure_future(asyncio.to_thread(Qmp, path))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(
+            lambda t: t.cancelled() or t.exception() is not None or t.result().close())
+        raise
+
+
+async def _end_group(proc: subprocess.Popen, waiter: asyncio.Future) -> None:
+    """Terminate the process group of proc (its own session, started by us): SIGTERM, then
+    after half a second SIGKILL for what is left of it; waiter (proc.wait on a thread) ends."""
+    cancelled = False
+    for sig, grace in ((signal.SIGTERM, 0.5), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break  # the group is gone
+        if grace is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), grace)
+            except asyncio.TimeoutError:
+                pass
+            except asyncio.CancelledError:  # a second signal: go on to SIGKILL
+                cancelled = True
+    while not waiter.done():
+        try:
+            await asyncio.wait({waiter})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def migrate_async(target: str, *, kind: str, qmp: str, node: str, state: str,
