@@ -217,6 +217,93 @@ def test_a_final_pass_after_a_pass_committed_but_not_logged_copies_both_bitmaps(
     assert "transfer-1 was merged into transfer-2" in final.note, final
 
 
+
+@pytest.mark.timeout(300)
+def test_a_final_pass_killed_after_its_merge_then_a_warm_run_compares(disk, tmp_path):
+    """The merged final pass itself dies (SIGKILL once its log holds its hand-over time: the
+    merge, and the disable of transfer-2, are done; target writes are held). The VM runs again
+    and writes C, which no bitmap records; a warm run on this state finds transfer-2 disabled
+    with none after it and compares (R2) instead of trusting it; the cutover then holds A, B
+    and C."""
+    require("nbdkit")
+    d = disk(25)
+    target_file, control = str(tmp_path / "t.img"), str(tmp_path / "pause.sock")
+    with open(target_file, "wb") as f:
+        f.truncate(SIZE)
+    target = Nbdkit(str(tmp_path / "target.sock"), "file", target_file,
+                    f"pause-control={control}", filters=["pause"]).start()
+    state, report = tmp_path / "st", tmp_path / "r.json"
+    argv = migrate_argv(d, target.uri, state, "--precopy-interval", "600s")
+    C = (9 * MiB, b"\xc3" * (64 << 10))
+
+    def killed_when(what, cond, *extra: str) -> None:
+        p = subprocess.Popen(argv + list(extra), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        try:
+            wait_for(what, cond)
+        finally:
+            p.kill()  # our own child
+            p.wait()
+
+    try:
+        killed_when("pass 0 logged", lambda: (read_log(state) or {"next": 0})["next"] == 1)
+        d.write(A)
+        pause(control, b"p")
+        killed_when("run 2's hand-over", lambda: "1" in read_log(state)["handover"])
+        d.write(B)
+        killed_when("the final pass's hand-over", lambda: "2" in read_log(state)["handover"],
+                    "--cutover", "now")
+        pause(control, b"r")
+        assert read_log(state)["next"] == 2
+        bitmaps = d.bitmaps()
+        assert set(bitmaps) == {"transfer-2"} and not bitmaps["transfer-2"]["recording"]
+        d.write(C)
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            line = wait_for("pass 2's line", lambda: p.stderr.readline())
+        finally:
+            p.kill()
+            p.wait()
+            p.stderr.close()
+        assert line.startswith("transfer: pass   2:"), line
+        assert "bitmap transfer-2 stopped recording (an interrupted final pass)" in line, line
+        p = subprocess.run(argv + ["--cutover", "now", "--report", str(report)],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        r = json.loads(report.read_text())
+    finally:
+        target.stop()
+    assert holds(target_file, A) and holds(target_file, B) and holds(target_file, C)
+    compare(d.contents(), target_file, size=SIZE)
+    assert expected_digest_of_file(target_file) == r["digest"]
+    assert [(x["pass"], x["final"]) for x in r["passes"]] == [(0, False), (2, False), (3, True)]
+
+
+def test_a_run_killed_after_its_final_pass_completed_reports_success(disk, tmp_path):
+    """sync completed the final pass but the migration's log was not saved (the log a run
+    killed right then leaves: written before the pass). Running it again says it is done
+    (exit 0, the digest, nothing copied) instead of refusing the complete state (exit 2)."""
+    d = disk(27)
+    target, state, report = str(tmp_path / "t.img"), tmp_path / "st", tmp_path / "r.json"
+    argv = migrate_argv(d, target, state, "--progress", "none", "--report", str(report))
+    argv[argv.index("warm")] = "cold"
+    p = subprocess.run(argv + ["--on-cutover", "true"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    first = json.loads(report.read_text())
+    (state / "migrate.json").write_text(json.dumps(
+        {"next": 0, "passes": [], "handover": {}, "node": "disk0", "type": "cold"}))
+    marker = tmp_path / "ran"
+    p = subprocess.run(argv + ["--on-cutover", f"touch {marker}"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    again = json.loads(report.read_text())
+    assert again["digest"] == first["digest"] == expected_digest_of_file(target)
+    assert again["cutover"]["note"] == "the final pass completed in an earlier run"
+    assert not marker.exists()  # the VM is not stopped again
+    compare(d.contents(), target, size=SIZE)
+
+
 def migrate_argv(d: Disk, target: str, state, *args: str) -> list[str]:
     return [sys.executable, "-m", "transfer.cli", "migrate", target, "--type", "warm",
             "--qmp", d.qmp, "--node", "disk0", "--state", str(state), "--nbd-socket", d.nbd,

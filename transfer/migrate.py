@@ -14,7 +14,18 @@ Each pass is transfer.state.sync under the hood, so a killed migration run
 again resumes the interrupted pass (the bitmaps it needs are still on the
 node: they are removed only after their pass committed). If they are gone
 (the daemon restarted), the pass becomes a compare pass and says so, and a
-new bitmap starts recording.
+new bitmap starts recording. A run killed after a hand-over but before it
+logged that pass leaves transfer-k disabled and transfer-(k+1) recording:
+a later pass k resumes under transfer-k (transfer-(k+1) goes on recording),
+and a final pass merges transfer-k into transfer-(k+1) and copies that (R3:
+B_k and B_k+1). A warm pass that finds its bitmap disabled with none after
+it (an interrupted final pass; the VM may have run since) compares (R2).
+
+A signal (the CLI cancels the task) acts in every phase: QMP exchanges and
+--on-cutover run off the event loop, a pass commits what it finished, and
+a running --on-cutover is terminated with its process group. Interrupted
+(and every TransferError) carries .report: the passes so far and whether
+the VM was stopped.
 
 The change-rate model, after each pass k >= 1: the guest's dirty rate is
 what bitmap k named over the time it recorded; a pass is taken to last a
@@ -681,7 +692,12 @@ async def migrate_async(target: str, *, kind: str, qmp: str, node: str, state: s
                         max_passes: int = 100, on_pass: Callable[[PassInfo], None] | None = None,
                         on_progress: Callable | None = None,
                         **sync_options: Any) -> MigrateReport:
-    """Migrate the block node `node` of the qemu-storage-daemon at `qmp` onto target."""
+    """Migrate the block node `node` of the qemu-storage-daemon at `qmp` onto target.
+
+    Cancelled (or a pass interrupted), it raises Interrupted saying where it stopped and
+    whether the VM was stopped; a TransferError raised here has .report (the MigrateReport
+    so far, cutover["vm_stopped"] and cutover["on_cutover"] included). Run it again to resume.
+    """
     if precopy_interval < 0 or max_downtime <= 0 or cutover_timeout <= 0:
         raise BadInput("durations must be positive")
     when = parse_when(cutover) if cutover is not None else None
