@@ -443,3 +443,33 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.timeout(300)
+def test_an_on_cutover_command_past_its_timeout_is_terminated_with_its_children(disk, tmp_path):
+    """--cutover-timeout 1s on a command that never ends: exit 3 naming the timeout, the
+    command's process group (the shell and its sleep) is gone, the report says the VM may
+    still run, and the state resumes."""
+    d = disk(28)
+    target, state, report = str(tmp_path / "t.img"), tmp_path / "st", tmp_path / "r.json"
+    pids = tmp_path / "pids"
+    hang = f"sh -c 'sleep 600 & echo $$ $! > {pids}.tmp; mv {pids}.tmp {pids}; wait'"
+    p = subprocess.run(migrate_argv(d, target, state, "--cutover", "now", "--on-cutover", hang,
+                                    "--cutover-timeout", "1s", "--report", str(report)),
+                       capture_output=True, text=True, timeout=120)
+    started = [int(x) for x in pids.read_text().split()]
+    try:
+        assert p.returncode == 3, p.stderr
+        assert ("the --on-cutover command did not finish within 1 s and was terminated; the VM "
+                "may still run, no final pass was taken") in p.stderr, p.stderr
+        for pid in started:
+            wait_for(f"pid {pid} to end", lambda: not alive(pid))
+    finally:
+        for pid in started:  # if the test failed: they are ours to end (not a reused pid)
+            if alive(pid) and b"sleep 600" in open(f"/proc/{pid}/cmdline", "rb").read().replace(
+                    b"\0", b" "):
+                os.kill(pid, signal.SIGKILL)
+    r = json.loads(report.read_text())
+    assert r["exit_code"] == 3 and r["cutover"]["vm_stopped"] is False
+    assert r["cutover"]["on_cutover"] == "unknown: --on-cutover timed out and was terminated"
+    resume_and_check(d, target, target, state, tmp_path)

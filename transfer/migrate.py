@@ -501,8 +501,12 @@ class Migration:
             os.close(lock)
 
     def _note_vm(self) -> None:
-        self.report.cutover["on_cutover"] = self.vm if self.on_cutover else "none given"
-        self.report.cutover["vm_stopped"] = self.vm.startswith("stopped")
+        """cutover.vm_stopped: True once --on-cutover completed, None without one (the VM is
+        the caller's), else False (not run, failed, timed out or terminated: see on_cutover)."""
+        if not self.on_cutover:
+            self.report.cutover.update(on_cutover="none given", vm_stopped=None)
+        else:
+            self.report.cutover.update(on_cutover=self.vm, vm_stopped=self.vm.startswith("stopped"))
 
     async def _run(self, started: float) -> MigrateReport:
         q = _Monitor(await _connect(self.qmp_path))
