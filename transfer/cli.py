@@ -347,7 +347,8 @@ def _pass_line(p: Any) -> str:
     pred = "-" if p.predicted_downtime is None else f"{p.predicted_downtime:.2f} s"
     return (f"pass {p.pass_:>3}{' final' if p.final else ''}: {human_bytes(p.delta_bytes):>10} "
             f"in {p.seconds:6.2f} s, copy {rate(p.copy_rate)}, guest dirties {rate(p.dirty_rate)}, "
-            f"predicted downtime {pred}" + (f" [{p.fallback}]" if p.fallback else ""))
+            f"predicted downtime {pred}" + (f" [{p.fallback}]" if p.fallback else "")
+            + (f" [{p.note}]" if p.note else ""))
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -355,13 +356,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     quiet = args.progress == "none"
     say = (lambda s: None) if quiet else (lambda s: print(f"transfer: {s}", file=sys.stderr))
-    r = asyncio.run(_run_cancellable(migrate_async(
-        args.target, kind=args.kind, qmp=args.qmp, node=args.node, state=args.state,
-        nbd_socket=args.nbd_socket, precopy_interval=parse_duration(args.precopy_interval),
-        cutover=args.cutover, max_downtime=parse_duration(args.max_downtime),
-        on_cutover=args.on_cutover, cutover_timeout=parse_duration(args.cutover_timeout),
-        max_passes=args.max_passes, on_pass=lambda p: say(_pass_line(p)),
-        on_progress=make_renderer(args.progress) if args.progress in ("bar", "json") else None)))
+    try:
+        r = asyncio.run(_run_cancellable(migrate_async(
+            args.target, kind=args.kind, qmp=args.qmp, node=args.node, state=args.state,
+            nbd_socket=args.nbd_socket, precopy_interval=parse_duration(args.precopy_interval),
+            cutover=args.cutover, max_downtime=parse_duration(args.max_downtime),
+            on_cutover=args.on_cutover, cutover_timeout=parse_duration(args.cutover_timeout),
+            max_passes=args.max_passes, on_pass=lambda p: say(_pass_line(p)),
+            on_progress=make_renderer(args.progress) if args.progress in ("bar", "json")
+            else None)))
+    except TransferError as e:  # the passes so far and the VM's state, when it got that far
+        if args.report and getattr(e, "report", None) is not None:
+            _write_report(args.report, {**e.report.to_dict(), "error": str(e),
+                                        "exit_code": e.exit_code})
+        raise
     if args.report:
         _write_report(args.report, r.to_dict())
     c = r.cutover

@@ -14,7 +14,18 @@ Each pass is transfer.state.sync under the hood, so a killed migration run
 again resumes the interrupted pass (the bitmaps it needs are still on the
 node: they are removed only after their pass committed). If they are gone
 (the daemon restarted), the pass becomes a compare pass and says so, and a
-new bitmap starts recording.
+new bitmap starts recording. A run killed after a hand-over but before it
+logged that pass leaves transfer-k disabled and transfer-(k+1) recording:
+a later pass k resumes under transfer-k (transfer-(k+1) goes on recording),
+and a final pass merges transfer-k into transfer-(k+1) and copies that (R3:
+B_k and B_k+1). A warm pass that finds its bitmap disabled with none after
+it (an interrupted final pass; the VM may have run since) compares (R2).
+
+A signal (the CLI cancels the task) acts in every phase: QMP exchanges and
+--on-cutover run off the event loop, a pass commits what it finished, and
+a running --on-cutover is terminated with its process group. Interrupted
+(and every TransferError) carries .report: the passes so far and whether
+the VM was stopped.
 
 The change-rate model, after each pass k >= 1: the guest's dirty rate is
 what bitmap k named over the time it recorded; a pass is taken to last a
@@ -38,14 +49,17 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from .errors import BadInput, NotConverging, SourceError
+from .errors import BadInput, Interrupted, NotConverging, SourceError, TransferError
 from .integrity import BLOCK
 from .qmp import Qmp, QmpError
+from .state.journal import Journal
 from .state.sync import SyncReport, sync_async
 
 PREFIX = "transfer-"
@@ -103,6 +117,7 @@ class PassInfo:
     dirty_rate: float | None  # bytes/s the guest dirtied while the pass's bitmap recorded
     predicted_downtime: float | None  # if cutover happened right after this pass
     final: bool = False
+    note: str | None = None  # what else this pass did, in words (a merge of bitmaps, R3)
 
 
 @dataclass
@@ -181,41 +196,45 @@ class Migration:
         self.sync_state = os.path.join(state, "sync")
         self.log_path = os.path.join(state, "migrate.json")
         self.signal_path = os.path.join(state, "cutover")
+        self.report = MigrateReport(kind, target, node, 0)
+        self.phase = "before the first pass"  # where a signal finds the migration
+        self.vm = "not stopped"  # the VM as --on-cutover left it
 
     # -- the daemon side
 
-    def _export(self, q: Qmp, bitmap: str | None) -> str:
-        self._unexport(q)
+    async def _export(self, q: _Monitor, bitmap: str | None) -> str:
+        await self._unexport(q)
         args: dict[str, Any] = {"type": "nbd", "id": EXPORT, "node-name": self.node,
                                 "name": EXPORT, "writable": False}
         if bitmap:
             args["bitmaps"] = [bitmap]
-        q.execute("block-export-add", **args)
+        await q.execute("block-export-add", **args)
         return f"nbd+unix:///{EXPORT}?socket={self.nbd_socket}"
 
-    def _unexport(self, q: Qmp) -> None:
+    async def _unexport(self, q: _Monitor) -> None:
         """Remove our export (if any) and wait until it is gone: its name is then free."""
-        exports = q.execute("query-block-exports")
+        exports = await q.execute("query-block-exports")
         if not any(isinstance(e, dict) and e.get("id") == EXPORT for e in exports):
             return
         try:
-            q.execute("block-export-del", id=EXPORT)
+            await q.execute("block-export-del", id=EXPORT)
         except QmpError:
             pass  # being deleted already
         deadline = time.monotonic() + 30
         while any(isinstance(e, dict) and e.get("id") == EXPORT
-                  for e in q.execute("query-block-exports")):
+                  for e in await q.execute("query-block-exports")):
             if time.monotonic() > deadline:
                 raise SourceError("the daemon did not remove our NBD export within 30 s",
                                   disk=self.qmp_path)
-            time.sleep(0.02)
+            await asyncio.sleep(0.02)
 
-    def _nbd_server(self, q: Qmp) -> None:
+    async def _nbd_server(self, q: _Monitor) -> None:
         if self.nbd_socket is not None:
             return
         self.nbd_socket = os.path.join(os.path.abspath(self.state), "nbd.sock")
         try:
-            q.execute("nbd-server-start", addr={"type": "unix", "data": {"path": self.nbd_socket}})
+            await q.execute("nbd-server-start",
+                            addr={"type": "unix", "data": {"path": self.nbd_socket}})
         except QmpError as e:
             if "already running" in e.message:
                 raise BadInput("the daemon already runs an NBD server: name its socket with "
@@ -257,62 +276,98 @@ class Migration:
 
     # -- one pass
 
-    async def _pass(self, q: Qmp, log: dict[str, Any], report: MigrateReport, *,
-                    final: bool) -> PassInfo:
+    async def _merge_unlogged(self, q: _Monitor, log: dict[str, Any]) -> str | None:
+        """Before a final pass: if an earlier run handed over from bitmap k to k+1 and died
+        before pass k was logged (before its sync began, during it, or after its commit), the
+        target may lack what bitmap k names, and bitmap k+1 holds every write since the
+        hand-over. R3: copy B_k and B_k+1. Bitmap k is merged into bitmap k+1 (the VM is
+        stopped: k+1 is the last; merging again is harmless) and the final pass runs as pass
+        k+1 under it, so that sync copies the union (with the tainted ranges of an unfinished
+        pass k). Returns a note for the report, or None when there was no such hand-over."""
         k = log["next"]
-        bitmaps = q.bitmaps(self.node)
+        cur, nxt = f"{PREFIX}{k}", f"{PREFIX}{k + 1}"
+        bitmaps = await q.bitmaps(self.node)
+        if self.kind == "cold" or k == 0 or cur not in bitmaps or nxt not in bitmaps:
+            return None
+        if bitmaps[cur].get("inconsistent") or bitmaps[nxt].get("inconsistent"):
+            return None  # _pass falls back to a compare pass (R2)
+        await q.execute("block-dirty-bitmap-merge", node=self.node, target=nxt, bitmaps=[cur])
+        # when the hand-over happened is unknown if the run died before logging it: now is
+        # later than it, which only makes the bitmaps look younger than they are
+        log["handover"].setdefault(str(k), time.time())
+        log["next"] = k + 1
+        self._save(log)  # from here pass k+1 holds the union; bitmap k may go (it is < next)
+        return (f"pass {k} was not logged by an earlier run after its hand-over: bitmap {cur} "
+                f"was merged into {nxt}, which the final pass copies")
+
+    async def _pass(self, q: _Monitor, log: dict[str, Any], report: MigrateReport, *,
+                    final: bool) -> PassInfo:
+        await self._unexport(q)  # a killed run's export keeps its bitmap busy (merge, remove)
+        note = await self._merge_unlogged(q, log) if final else None
+        k = log["next"]
+        bitmaps = await q.bitmaps(self.node)
         cur, nxt = f"{PREFIX}{k}", f"{PREFIX}{k + 1}"
         for name in bitmaps:  # left by a run killed between its commit and their removal
             m = re.fullmatch(re.escape(PREFIX) + r"(\d+)", name)
             if m and int(m.group(1)) < k:
-                q.execute("block-dirty-bitmap-remove", node=self.node, name=name)
+                await q.execute("block-dirty-bitmap-remove", node=self.node, name=name)
         fallback = None
         if self.kind == "cold":
             bitmap = None
         elif k == 0:
             if nxt not in bitmaps:  # R1 base case: recording before the first read
-                q.execute("block-dirty-bitmap-add", node=self.node, name=nxt)
+                await q.execute("block-dirty-bitmap-add", node=self.node, name=nxt)
             log["handover"]["0"] = log["handover"].get("0", time.time())
             bitmap = None
-        elif cur not in bitmaps or bitmaps[cur].get("inconsistent"):
-            # the daemon lost it (restarted): everything may have changed (R2)
-            fallback = f"bitmap {cur} is gone from node {self.node}"
+        elif (cur not in bitmaps or bitmaps[cur].get("inconsistent")
+              or final and nxt in bitmaps
+              or not final and nxt not in bitmaps and not bitmaps[cur].get("recording")):
+            # the daemon lost it (restarted): everything may have changed (R2); or a final
+            # pass found bitmap k+1 unusable for the merge; or an interrupted final pass
+            # disabled bitmap k and a warm pass follows: the VM may have run unrecorded since
+            if cur not in bitmaps:
+                fallback = f"bitmap {cur} is gone from node {self.node}"
+            elif bitmaps[cur].get("inconsistent") or final:
+                fallback = f"bitmap {cur} or {nxt} of node {self.node} is inconsistent"
+            else:
+                fallback = (f"bitmap {cur} stopped recording (an interrupted final pass) with "
+                            "no bitmap after it")
             if nxt not in bitmaps:
-                q.execute("block-dirty-bitmap-add", node=self.node, name=nxt)
+                await q.execute("block-dirty-bitmap-add", node=self.node, name=nxt)
             log["handover"][str(k)] = time.time()
             bitmap = None
         else:
             if nxt not in bitmaps and not final:
-                q.execute("transaction", actions=[
+                await q.execute("transaction", actions=[
                     {"type": "block-dirty-bitmap-add", "data": {"node": self.node, "name": nxt}},
                     {"type": "block-dirty-bitmap-disable", "data": {"node": self.node,
                                                                     "name": cur}}])
             elif bitmaps[cur].get("recording"):  # final: the VM is stopped, nothing to hand to
-                q.execute("block-dirty-bitmap-disable", node=self.node, name=cur)
+                await q.execute("block-dirty-bitmap-disable", node=self.node, name=cur)
             log["handover"].setdefault(str(k), time.time())
             bitmap = cur
         self._save(log)
         recorded = None
         if k >= 1 and str(k - 1) in log["handover"]:
             recorded = log["handover"][str(k)] - log["handover"][str(k - 1)]
-        uri = self._export(q, bitmap)
+        uri = await self._export(q, bitmap)
         began = time.time()
         try:
             r = await sync_async(uri, self.target, state=self.sync_state, dirty_bitmap=bitmap,
                                  compare=bitmap is None and k > 0, checkpoint=cur, final=final,
                                  on_progress=self.on_progress, **self.sync_options)
         finally:
-            self._unexport(q)
+            await self._unexport(q)
         copy_rate, dirty_rate = self.model.add(r, recorded)
         report.digest = r.digest
         info = PassInfo(k, datetime.datetime.fromtimestamp(began).isoformat(timespec="seconds"),
                         r.change_source, fallback or r.fallback, r.delta_bytes, r.bytes_copied,
-                        r.seconds, copy_rate, dirty_rate, None, final)
+                        r.seconds, copy_rate, dirty_rate, None, final, note)
         log["next"] = k + 1
         log["passes"].append(asdict(info))
         self._save(log)
         if bitmap is not None and not final:  # R3: only once the pass is committed and logged
-            q.execute("block-dirty-bitmap-remove", node=self.node, name=bitmap)
+            await q.execute("block-dirty-bitmap-remove", node=self.node, name=bitmap)
         report.passes.append(info)
         return info
 
@@ -367,23 +422,56 @@ class Migration:
             return True
         return self.cutover_at is not None and time.time() >= self.cutover_at
 
-    def _stop_vm(self) -> float:
+    async def _stop_vm(self) -> float:
+        """Run --on-cutover, without blocking the event loop: a signal meanwhile terminates
+        it (its process group: it runs in a session of its own) and interrupts at once."""
         if not self.on_cutover:
             return 0.0
         began = time.monotonic()
-        try:
-            p = subprocess.run(shlex.split(self.on_cutover), stdin=subprocess.DEVNULL,
-                               capture_output=True, text=True, timeout=self.cutover_timeout)
-        except subprocess.TimeoutExpired:
-            raise SourceError(f"the --on-cutover command did not finish within "
-                              f"{self.cutover_timeout:g} s; the VM may still run, no final "
-                              "pass was taken") from None
-        except OSError as e:
-            raise BadInput(f"cannot run the --on-cutover command: {e.strerror or e}") from None
-        if p.returncode != 0:
-            raise SourceError(f"the --on-cutover command failed (exit {p.returncode}): "
-                              f"{p.stderr.strip()[-300:]}; no final pass was taken")
+        with tempfile.TemporaryFile() as errors:  # a file, not a pipe: nothing to drain
+            try:
+                proc = subprocess.Popen(shlex.split(self.on_cutover), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=errors,
+                                        start_new_session=True)
+            except OSError as e:
+                raise BadInput(f"cannot run the --on-cutover command: {e.strerror or e}") \
+                    from None
+            self.vm = "unknown: --on-cutover was terminated before it completed"
+            waiter = asyncio.ensure_future(asyncio.to_thread(proc.wait))
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), self.cutover_timeout)
+            except asyncio.TimeoutError:
+                self.vm = "unknown: --on-cutover timed out and was terminated"
+                await _end_group(proc, waiter)
+                raise SourceError(f"the --on-cutover command did not finish within "
+                                  f"{self.cutover_timeout:g} s and was terminated; the VM may "
+                                  "still run, no final pass was taken") from None
+            except BaseException:  # cancelled (a signal): the command must not outlive us
+                await _end_group(proc, waiter)
+                raise
+            if proc.returncode != 0:
+                self.vm = f"unknown: --on-cutover failed (exit {proc.returncode})"
+                errors.seek(0)
+                tail = errors.read()[-4096:].decode(errors="replace").strip()[-300:]
+                raise SourceError(f"the --on-cutover command failed (exit {proc.returncode}): "
+                                  f"{tail}; no final pass was taken")
+        self.vm = "stopped: --on-cutover completed"
         return time.monotonic() - began
+
+    def _interrupted(self) -> Interrupted:
+        """The one line a signal ends a migration with: where it was, and the VM's state."""
+        where = self.phase
+        if self.vm.startswith("stopped"):
+            vm = "the VM was stopped (--on-cutover completed)"
+        elif self.vm != "not stopped":
+            vm = ("the --on-cutover command was terminated before it completed: the VM may "
+                  "still run")
+        elif self.on_cutover:
+            vm = "the VM was not stopped (--on-cutover had not run)"
+        else:
+            vm = "no --on-cutover command was given"
+        return Interrupted(f"interrupted by a signal {where}; {vm}; no final pass finished; "
+                           "the same command resumes the migration")
 
     async def run(self) -> MigrateReport:
         os.makedirs(self.state, mode=0o700, exist_ok=True)
@@ -398,31 +486,72 @@ class Migration:
                            kind="state") from None
         try:
             return await self._run(started)
+        except (asyncio.CancelledError, Interrupted):
+            # a signal (the CLI cancels this task) or a cancelled caller: the pass under way
+            # committed what it finished (sync); say where it stopped and what the VM is
+            e = self._interrupted()
+            self._note_vm()
+            e.report = self.report  # type: ignore[attr-defined]
+            raise e from None
+        except TransferError as e:
+            self._note_vm()
+            e.report = self.report  # type: ignore[attr-defined]
+            raise
         finally:
             os.close(lock)
 
+    def _note_vm(self) -> None:
+        """cutover.vm_stopped: True once --on-cutover completed, None without one (the VM is
+        the caller's), else False (not run, failed, timed out or terminated: see on_cutover)."""
+        if not self.on_cutover:
+            self.report.cutover.update(on_cutover="none given", vm_stopped=None)
+        else:
+            self.report.cutover.update(on_cutover=self.vm, vm_stopped=self.vm.startswith("stopped"))
+
     async def _run(self, started: float) -> MigrateReport:
-        with Qmp(self.qmp_path) as q:
+        q = _Monitor(await _connect(self.qmp_path))
+        try:
             try:
-                q.node(self.node)
+                await q.node(self.node)
             except QmpError as e:
                 raise BadInput(e.message, disk=self.qmp_path, kind="qmp") from None
-            self._nbd_server(q)
+            await self._nbd_server(q)
             log = self._load()
-            report = MigrateReport(self.kind, self.target, self.node, 0)
+            report = self.report
             for p in log["passes"]:  # from an earlier, interrupted run
                 p = dict(p)
                 report.passes.append(PassInfo(p.pop("pass_"), **p))
+            done = self._completed()
+            if done is not None:  # killed after its final pass completed, before logging it
+                report.digest = done
+                report.cutover = {"note": "the final pass completed in an earlier run"}
+                report.size = self._manifest_size()
+                report.seconds = round(time.monotonic() - started, 3)
+                return report
             if self.kind == "cold":
-                stop = self._stop_vm()
+                self.phase = "while the --on-cutover command ran"
+                stop = await self._stop_vm()
                 began = time.monotonic()
+                self.phase = "during the final pass"
                 info = await self._pass(q, log, report, final=True)
                 report.cutover = {"stop_seconds": stop, "downtime": stop + time.monotonic() - began}
             else:
                 report.cutover = await self._warm(q, log, report)
+            self._note_vm()
             report.size = self._manifest_size()
+        finally:
+            q.close()
         report.seconds = round(time.monotonic() - started, 3)
         return report
+
+    def _completed(self) -> str | None:
+        """The digest of the state's final pass if it completed (sync's journal says so)."""
+        path = os.path.join(self.sync_state, "journal")
+        if not os.path.exists(path):
+            return None
+        with Journal.open(path, create=False) as j:
+            last = j.records[-1] if j.records else {}
+        return str(last.get("digest", "")) if last.get("t") == "complete" else None
 
     def _manifest_size(self) -> int:
         from .integrity import Manifest
@@ -433,10 +562,12 @@ class Migration:
         finally:
             m.close()
 
-    async def _warm(self, q: Qmp, log: dict[str, Any], report: MigrateReport) -> dict[str, Any]:
+    async def _warm(self, q: _Monitor, log: dict[str, Any],
+                    report: MigrateReport) -> dict[str, Any]:
         deltas: list[int] = []
         while True:
             if log["next"] == 0 or not self._cutover_due():
+                self.phase = f"during pass {log['next']}"
                 info = await self._pass(q, log, report, final=False)
                 if self.model.read_rate is None:
                     self.model.read_rate = await self._read_rate()
@@ -468,13 +599,16 @@ class Migration:
                         f"{', '.join(f'{d / 2**20:.1f}' for d in deltas[-4:])} MiB stopped "
                         "shrinking; cut over anyway with `transfer cutover`, or slow the guest")
                 continue
+            self.phase = "in the precopy wait"
             wait_until = time.monotonic() + self.precopy_interval
             while time.monotonic() < wait_until and not self._cutover_due():
                 await asyncio.sleep(min(0.2, max(0.0, wait_until - time.monotonic())))
         predicted = self.model.predict(time.time() - log["handover"][str(log["next"] - 1)],
                                        self._data_bytes())
-        stop = self._stop_vm()
+        self.phase = "while the --on-cutover command ran"
+        stop = await self._stop_vm()
         began = time.monotonic()
+        self.phase = "during the final pass"
         info = await self._pass(q, log, report, final=True)
         downtime = stop + time.monotonic() - began
         self.model.stop_seconds = stop
@@ -484,6 +618,77 @@ class Migration:
                 "stop_seconds": round(stop, 3), "final_delta_bytes": info.delta_bytes}
 
 
+class _Monitor:
+    """The daemon's QMP monitor for coroutines: each exchange runs on a thread (the event
+    loop stays free for signals) to its end even if cancelled meanwhile (a reply left unread
+    would be taken for the next command's); the cancellation is raised after it."""
+
+    def __init__(self, q: Qmp) -> None:
+        self.q = q
+
+    async def execute(self, command: str, **arguments: Any) -> Any:
+        return await _to_the_end(self.q.execute, command, **arguments)
+
+    async def node(self, name: str) -> dict[str, Any]:
+        return await _to_the_end(self.q.node, name)
+
+    async def bitmaps(self, node: str) -> dict[str, dict[str, Any]]:
+        return await _to_the_end(self.q.bitmaps, node)
+
+    def close(self) -> None:
+        self.q.close()
+
+
+async def _to_the_end(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kw))
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})  # a cancelled wait leaves the task running
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        task.exception()  # retrieved: the cancellation is what the caller hears of
+        raise asyncio.CancelledError
+    return task.result()
+
+
+async def _connect(path: str) -> Qmp:
+    """Qmp(path) on a thread; cancelled meanwhile, the connection is closed once made."""
+    task = asyncio.ensure_future(asyncio.to_thread(Qmp, path))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(
+            lambda t: t.cancelled() or t.exception() is not None or t.result().close())
+        raise
+
+
+async def _end_group(proc: subprocess.Popen, waiter: asyncio.Future) -> None:
+    """Terminate the process group of proc (its own session, started by us): SIGTERM, then
+    after half a second SIGKILL for what is left of it; waiter (proc.wait on a thread) ends."""
+    cancelled = False
+    for sig, grace in ((signal.SIGTERM, 0.5), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break  # the group is gone
+        if grace is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), grace)
+            except asyncio.TimeoutError:
+                pass
+            except asyncio.CancelledError:  # a second signal: go on to SIGKILL
+                cancelled = True
+    while not waiter.done():
+        try:
+            await asyncio.wait({waiter})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 async def migrate_async(target: str, *, kind: str, qmp: str, node: str, state: str,
                         nbd_socket: str | None = None, precopy_interval: float = 3600.0,
                         cutover: str | None = None, max_downtime: float = 5.0,
@@ -491,7 +696,12 @@ async def migrate_async(target: str, *, kind: str, qmp: str, node: str, state: s
                         max_passes: int = 100, on_pass: Callable[[PassInfo], None] | None = None,
                         on_progress: Callable | None = None,
                         **sync_options: Any) -> MigrateReport:
-    """Migrate the block node `node` of the qemu-storage-daemon at `qmp` onto target."""
+    """Migrate the block node `node` of the qemu-storage-daemon at `qmp` onto target.
+
+    Cancelled (or a pass interrupted), it raises Interrupted saying where it stopped and
+    whether the VM was stopped; a TransferError raised here has .report (the MigrateReport
+    so far, cutover["vm_stopped"] and cutover["on_cutover"] included). Run it again to resume.
+    """
     if precopy_interval < 0 or max_downtime <= 0 or cutover_timeout <= 0:
         raise BadInput("durations must be positive")
     when = parse_when(cutover) if cutover is not None else None
