@@ -199,3 +199,38 @@ def test_eight_million_extents_in_one_reply_cost_little_memory(tmp_path, data):
     assert "Traceback" not in err
     assert usage.ru_maxrss < 256 * 1024, f"peak RSS {usage.ru_maxrss >> 10} MiB"
     assert expected_digest_of_file(str(target)) == expected_digest_of_file(path)
+
+
+def test_a_hole_without_the_zero_flag_is_read_as_data(tmp_path, data):
+    """A HOLE extent without ZERO (a backing file shows through, as qemu says of a qcow2 over a
+    backing chain) must be read: nbdkit always sends HOLE|ZERO, so only this server tries it.
+    The middle MiB is random data flagged HOLE: taken as zero, the copy would be wrong."""
+    raw = os.urandom(3 * MiB)
+    expected = tmp_path / "expected.raw"
+    expected.write_bytes(raw)
+
+    def status(off, n):
+        return [(MiB - off % MiB, 1 if MiB <= off < 2 * MiB else 0)]
+
+    target = tmp_path / "t.img"
+    with serve(tmp_path, raw, status) as s:
+        r = transfer.copy(s.uri, str(target))
+        assert r.bytes_read == 3 * MiB
+        assert transfer.checksum(s.uri).digest == expected_digest_of_file(str(expected))
+    assert target.read_bytes() == raw
+
+
+def test_a_hole_without_the_zero_flag_is_read_through_the_cli(tmp_path, data):
+    """The same, as a user runs it: copy --verify and verify SOURCE TARGET both see the data."""
+    from .conftest import run_cli
+
+    raw = os.urandom(3 * MiB)
+    expected = tmp_path / "expected.raw"
+    expected.write_bytes(raw)
+    target = tmp_path / "t.img"
+    with serve(tmp_path, raw, lambda off, n: [(n, 1)]) as s:  # all of it HOLE, never ZERO
+        p = run_cli("copy", s.uri, str(target), "--verify", "--progress", "none")
+        assert p.returncode == 0, p.stderr
+        q = run_cli("verify", s.uri, str(expected), "--progress", "none")
+        assert q.returncode == 0, q.stdout + q.stderr
+    assert target.read_bytes() == raw
