@@ -421,10 +421,6 @@ async def sync_async(source: str, target: str, *, state: str,
             if dst.size is None:
                 dst.create(src.size)
         mpath = os.path.join(state, "manifest")
-        if moved and not size_changed:  # moved, or an id given: bind the new identity
-            bind = {**st.bind, "source": src_ident}
-            journal.append(bind)
-            st.bind = bind
         if st.bind is None or size_changed:
             manifest = Manifest.create(mpath, src.size)
             manifest.save()
@@ -443,6 +439,10 @@ async def sync_async(source: str, target: str, *, state: str,
                        changed_areas=changed_areas, size_changed=size_changed)
         if audit_blocks and not plan.skip and not plan.compare and plan.ranges is not None:
             plan = await _audit(src, manifest, plan, audit_blocks, source_id)
+        if moved and not size_changed:  # a new address, or an id given: bind the new identity
+            bind = {**st.bind, "source": src_ident}  # (after the audit: a refused pass writes
+            journal.append(bind)  # nothing, to the state either)
+            st.bind = bind
         report = SyncReport(
             source=src.display, target=dst.display, state=state, pass_=plan.number,
             checkpoint=checkpoint, change_source=plan.change_source, fallback=plan.fallback,
