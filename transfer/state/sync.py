@@ -13,8 +13,12 @@ An orchestrator runs one pass per checkpoint (RELIABILITY.md section (c)):
 The state directory holds three kinds of file:
 
     journal         transfer.state.journal records, each carrying the state's id:
-                      bind    source and target identities, size, block, hash
-                      begin   pass, checkpoint, change source, planned ranges
+                      bind    source and target identities, size, block, hash (again
+                              when the source is served at a new address: recorded, not
+                              refused; the source is its --source-id, or its export name,
+                              or a local file's inode; version 1, the fields added since
+                              optional)
+                      begin   pass, checkpoint, change source, planned ranges, audit
                       commit  pass, upto: every planned byte below is durable
                       end     pass, checkpoint, digest, delta bytes
                       complete
@@ -34,6 +38,10 @@ when their digest matches: the manifest there may be ahead of the target.
 
 Fail closed (R2): a missing or unanswered dirty bitmap becomes a compare pass,
 a source whose size changed a full pass, and the report says so in words.
+Before a delta pass begins, the tracker audit (transfer.tracking.audit, P6)
+reads a sample of the blocks its change source calls unchanged: one differing
+from the manifest makes the pass a compare pass; with --source-id, most
+differing refuse it (another disk).
 """
 
 from __future__ import annotations
