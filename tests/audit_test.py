@@ -228,18 +228,30 @@ def test_another_disk_at_the_same_address_without_a_source_id_is_compared(tmp_pa
 
 def test_the_sample_is_spread_evenly_and_at_random_over_unchanged_blocks():
     """choose(): only blocks inside the unchanged runs (the disk's short last block included),
-    distinct, half spread evenly, the rest differing from one draw to the next."""
+    distinct, half spread evenly over the disk and the same whatever the delta, the rest
+    differing from one draw to the next."""
     size = 1000 * BLOCK + 100
     unchanged = [(0, 10 * BLOCK), (50 * BLOCK, 900 * BLOCK), (990 * BLOCK, size)]
     inside = {o for s, e in unchanged for o in range(s, e, BLOCK)}
+    blocks = size // BLOCK + 1
+
+    def evens(inside: set[int]) -> set[int]:  # the first candidate from each even place on
+        return {min((o for o in inside if o >= int((k + 0.5) * blocks / 32) * BLOCK),
+                    default=max(inside)) for k in range(32)}
+
     picks = [choose(unchanged, size, 64, rng=random.Random(seed)) for seed in range(3)]
     for p in picks:
         assert len(p) == len(set(p)) == 64 and set(p) <= inside and p == sorted(p)
-    common = set(picks[0]) & set(picks[1]) & set(picks[2])
-    assert len(common) >= 32  # the even half is the same every time...
+        assert evens(inside) <= set(p)  # the even half is the same every time...
     assert len(set(picks[0]) | set(picks[1])) > 64  # ...the random half is not
-    gaps = sorted(common)
-    assert gaps[0] < 60 * BLOCK and gaps[-1] >= 850 * BLOCK  # from one end to the other
+    spread = sorted(evens(inside))
+    assert spread[-1] >= 980 * BLOCK  # to the end; and places in the changed run [10, 50)
+    assert spread[0] == 50 * BLOCK and 78 * BLOCK in spread  # move to the next unchanged block
+    # another delta moves none of the even blocks outside it: the same blocks pass after pass
+    other = [(0, 300 * BLOCK), (301 * BLOCK, size)]
+    places = {int((k + 0.5) * blocks / 32) * BLOCK for k in range(32)}
+    kept = {o for o in spread if o in places and o != 300 * BLOCK}  # not moved, not in it
+    assert len(kept) > 20 and kept <= set(choose(other, size, 64))
     assert choose(unchanged, size, 10_000) == sorted(inside)  # fewer candidates: all of them
     assert choose([], size, 64) == [] and choose(unchanged, size, 0) == []
     assert choose([(990 * BLOCK, size)], size, 64)[-1] == 1000 * BLOCK  # the short last block

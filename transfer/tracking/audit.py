@@ -11,11 +11,16 @@ the manifest: they must be what the last passes copied.
 
 The sample: blocks outside the pass's planned ranges (which hold the blocks
 an interrupted pass left uncommitted, so every candidate's digest in the
-manifest is committed), half of them spread evenly over the candidates in
-disk order, the other half drawn at random (a fresh seed each pass, so a
-tracker cannot keep missing the same blocks unseen). Blocks the manifest
-marks for rewriting (a failed read-back's poison digest) are left out.
-Zero blocks are sampled like any other (their digest is a zero block's).
+manifest is committed), half of them spread evenly over the disk (at fixed
+offsets, each moved to the next unchanged block: the same blocks pass after
+pass whatever the delta, so a source with a cache has them there), the other
+half drawn at random (a fresh seed each pass, so a tracker cannot keep
+missing the same blocks unseen). Blocks the manifest marks for rewriting (a
+failed read-back's poison digest) are left out. Zero blocks are sampled like
+any other (their digest is a zero block's).
+
+What it costs is the random half's reads, cold on most storage: 32 reads of
+64 KiB by default, a few milliseconds.
 
 Reads go through one Conn of the source on the calling thread, a batch of
 requests in flight at a time: for an NBD source the handle no copy worker
@@ -56,7 +61,9 @@ class AuditResult:
 def choose(unchanged: list[tuple[int, int]], size: int, count: int, *,
            rng: random.Random | None = None) -> list[int]:
     """Offsets of up to count blocks inside the runs unchanged (sorted, disjoint, block-aligned
-    starts, ends block-aligned or size): half evenly spread, half random; sorted, distinct."""
+    starts, ends block-aligned or size): half spread evenly over the disk, each at the first
+    unchanged block from its place on (the last one when none follows), the rest at random;
+    sorted, distinct."""
     starts, ends, before = [], [], [0]
     for s, e in unchanged:
         e = min(e, size)
@@ -77,8 +84,12 @@ def choose(unchanged: list[tuple[int, int]], size: int, count: int, *,
     if n == total:
         picked = set(range(total))
     else:
-        even = (n + 1) // 2
-        picked = {int((k + 0.5) * total / even) for k in range(even)}
+        even, blocks = (n + 1) // 2, (size + BLOCK - 1) // BLOCK
+        picked = set()
+        for k in range(even):
+            place = int((k + 0.5) * blocks / even)
+            r = bisect.bisect_right(ends, place)  # the first run ending after place
+            picked.add(total - 1 if r == len(ends) else before[r] + max(place - starts[r], 0))
         rng = rng or random.Random()
         while len(picked) < n:
             picked.add(rng.randrange(total))
