@@ -43,7 +43,7 @@ from ..disks.base import Conn
 from ..errors import SourceError
 from ..integrity import BLOCK, Manifest
 
-BATCH = 32  # reads in flight at once: 2 MiB of buffers
+BATCH = 8  # reads in flight at once: 512 KiB of buffers (more is no faster, measured)
 
 
 @dataclass
