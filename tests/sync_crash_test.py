@@ -361,14 +361,15 @@ def test_corrupt_manifest_and_ranges_files_are_refused(tmp_path):
 
 def test_final_verify_catches_a_tracker_that_missed_writes(tmp_path):
     """--final --verify=source re-hashes the source: a write the changed-areas file did not
-    name is found (exit 6), and the state is not completed."""
+    name is found (exit 6), and the state is not completed. (The tracker audit, which samples
+    blocks and may or may not find it first, is off: this is the net behind it.)"""
     size, src, dst, state, areas = _two_passes(tmp_path, 43)
     with open(src, "r+b") as f:
         f.seek(5 * MiB)
         f.write(b"missed" * 100)
     empty = write_areas(tmp_path / "none.json", size, [])
     out = sync(src, dst, state, "--changed-areas", empty, "--final", "--verify=source",
-               expect=6)["stderr"]
+               "--audit-blocks", "0", expect=6)["stderr"]
     assert "change tracker missed writes" in out and str(5 * MiB) in out
     r = sync(src, dst, state, "--compare", "--final")
     assert r["complete"] and r["bytes_copied"] == 64 * 1024

@@ -272,30 +272,41 @@ def test_a_reused_checkpoint_copies_what_its_source_names_beyond_the_commit(nbdk
     assert r["delta_bytes"] == 0 and r["change_source"].startswith("none")
 
 
-def test_a_moved_source_is_refused_unless_said(tmp_path):
-    """The state binds the source's address; the same disk at a new socket needs
-    --source-moved, and is then bound there."""
+def test_a_new_socket_for_each_pass_needs_no_flag(tmp_path):
+    """Item 5: an orchestrator serves each stage from a new socket (a new importer pod). The
+    state is bound to the disk (export name and size), not its address: pass 0, a delta and
+    the final pass from three sockets, no extra flag, and the target is right. Each new address
+    is recorded, redacted, in a bind record and said in the report's notes."""
     from transfer.servers import Nbdkit
+    from transfer.state.journal import Journal
 
     size = 4 * MiB
     src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
     make_disk(src, size, 14)
-    a = Nbdkit(str(tmp_path / "a.sock"), "file", src, readonly=True).start()
-    try:
-        sync(a.uri, dst, state)
-    finally:
-        a.stop()
-    b = Nbdkit(str(tmp_path / "b.sock"), "file", src, readonly=True).start()
-    try:
-        out = sync(b.uri, dst, state, "--compare", expect=2)["stderr"]
-        assert "belongs to another source" in out and "--source-moved" in out
-        r = sync(b.uri, dst, state, "--compare", "--source-moved")
-        assert r["notes"] and "a.sock" in r["notes"][0] and "b.sock" in r["notes"][0]
-        r = sync(b.uri, dst, state, "--compare", "--final")  # bound to b now
-        assert r["complete"] and not r["notes"]
+    reports = []
+    for k, name in enumerate(("a", "b", "c")):
+        server = Nbdkit(str(tmp_path / f"{name}.sock"), "file", src, readonly=True).start()
+        try:
+            if k == 0:
+                reports.append(sync(server.uri, dst, state, "--checkpoint", "c0"))
+                continue
+            areas = write_areas(tmp_path / f"a{k}.json", size, scribble(src, 30 + k, count=3))
+            final = ["--final", "--verify=source"] if k == 2 else []
+            reports.append(sync(server.uri, dst, state, "--changed-areas", areas,
+                                "--checkpoint", f"c{k}", *final))
+        finally:
+            server.stop()
+        r = reports[-1]
+        assert r["change_source"] == "changed areas" and r["fallback"] is None, r
+        assert r["notes"] and f"{'abc'[k - 1]}.sock" in r["notes"][0] and f"{name}.sock" in \
+            r["notes"][0], r["notes"]
+        assert r["audit"]["sampled"] > 0 and r["audit"]["mismatched"] == 0
         check_equal(src, dst, size, r)
-    finally:
-        b.stop()
+    assert reports[-1]["complete"]
+    with Journal.open(str(state / "journal"), create=False) as j:
+        binds = [x["source"] for x in j.records if x["t"] == "bind"]
+    assert [b["uri"].split("/")[-1] for b in binds] == ["a.sock", "b.sock", "c.sock"]
+    assert all(b["export"] == "" and "id" not in b for b in binds)
 
 
 def test_a_moved_source_resumes_an_interrupted_pass(tmp_path):

@@ -165,9 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "change tracker that missed writes)")
     w.add_argument("--force", action="store_true",
                    help="first pass: overwrite a target that carries a signature")
+    w.add_argument("--source-id", metavar="ID",
+                   help="the orchestrator's name for the source disk (a VMware disk UUID, a qemu "
+                        "node name): the state is bound to it, wherever the disk is served, and "
+                        "another ID is refused (without it: the NBD export name and size, or a "
+                        "local file's inode)")
     w.add_argument("--source-moved", action="store_true",
-                   help="the state's source disk is now served at another address (socket path, "
-                        "host): accept it, on your word, and bind the state to it")
+                   help="accept a source whose export name or inode differs from the bound one, "
+                        "on your word (a new address alone needs no flag now)")
+    w.add_argument("--audit-blocks", type=int, default=64, metavar="N",
+                   help="a delta pass first reads N blocks its change source calls unchanged and "
+                        "checks them against the manifest; a mismatch makes it a --compare pass "
+                        "(with --source-id, most differing refuses it); 0 disables (default 64)")
     w.add_argument("--report", metavar="FILE", help="write a JSON report to FILE")
     w.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
     w.add_argument("--connections", type=int, metavar="N")
@@ -324,7 +333,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         args.source, args.target, state=args.state, dirty_bitmap=args.dirty_bitmap,
         changed_areas=args.changed_areas, compare=args.compare, checkpoint=args.checkpoint,
         final=args.final, verify_source=args.verify == "source", force=args.force,
-        source_moved=args.source_moved,
+        source_moved=args.source_moved, source_id=args.source_id,
+        audit_blocks=args.audit_blocks,
         connections=args.connections, in_flight=args.in_flight, request_size=args.request_size,
         timeout=args.timeout, retries=args.retries, on_progress=renderer,
         commit_bytes=args.commit_every, tls=_tls(args))))

@@ -352,10 +352,13 @@ class Migration:
             recorded = log["handover"][str(k)] - log["handover"][str(k - 1)]
         uri = await self._export(q, bitmap)
         began = time.time()
+        options = dict(self.sync_options)
+        if not final:  # the guest still writes: its writes since the hand-over (in bitmap k+1,
+            options.setdefault("audit_blocks", 0)  # not k) would fail the tracker audit
         try:
             r = await sync_async(uri, self.target, state=self.sync_state, dirty_bitmap=bitmap,
                                  compare=bitmap is None and k > 0, checkpoint=cur, final=final,
-                                 on_progress=self.on_progress, **self.sync_options)
+                                 on_progress=self.on_progress, **options)
         finally:
             await self._unexport(q)
         copy_rate, dirty_rate = self.model.add(r, recorded)

@@ -13,8 +13,12 @@ An orchestrator runs one pass per checkpoint (RELIABILITY.md section (c)):
 The state directory holds three kinds of file:
 
     journal         transfer.state.journal records, each carrying the state's id:
-                      bind    source and target identities, size, block, hash
-                      begin   pass, checkpoint, change source, planned ranges
+                      bind    source and target identities, size, block, hash (again
+                              when the source is served at a new address: recorded, not
+                              refused; the source is its --source-id, or its export name,
+                              or a local file's inode; version 1, the fields added since
+                              optional)
+                      begin   pass, checkpoint, change source, planned ranges, audit
                       commit  pass, upto: every planned byte below is durable
                       end     pass, checkpoint, digest, delta bytes
                       complete
@@ -34,6 +38,10 @@ when their digest matches: the manifest there may be ahead of the target.
 
 Fail closed (R2): a missing or unanswered dirty bitmap becomes a compare pass,
 a source whose size changed a full pass, and the report says so in words.
+Before a delta pass begins, the tracker audit (transfer.tracking.audit, P6)
+reads a sample of the blocks its change source calls unchanged: one differing
+from the manifest makes the pass a compare pass; with --source-id, most
+differing refuse it (another disk).
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ from ..pipeline import copy as engine
 from ..pipeline.copy import Progress
 from ..tracking.areas import (clip_runs, load_changed_areas, runs_bytes, subtract_runs,
                               union_runs)
+from ..tracking.audit import audit as audit_sample
 from ..tracking.bitmap import TrackingUnavailable, context_name, dirty_ranges
 from .journal import Journal, JournalError
 from .ranges_file import read_ranges, write_ranges
@@ -66,6 +75,8 @@ HASH = "xxh3-128"
 POISON = b"\xff" * 16  # a manifest digest no block has (2^-128): "rewrite this block"
 COMMIT_BYTES = 1 << 30  # commit at least every GiB copied...
 COMMIT_SECONDS = 10.0  # ...or every 10 s: a kill re-copies at most this much
+AUDIT_BLOCKS = 64  # unchanged blocks a delta pass reads to check its change source (P6)
+MAX_AUDIT_BLOCKS = 1 << 20
 _CHECKPOINT = re.compile(r"^[\x20-\x7e]{1,256}$")
 
 
@@ -100,6 +111,7 @@ class SyncReport:
     reconnects: int = 0
     native: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what else happened, in words
+    audit: dict[str, Any] | None = None  # the tracker audit: sampled, mismatched, seconds
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -239,6 +251,76 @@ def _differences(bound: dict[str, Any], now: dict[str, Any]) -> list[str]:
             for k in sorted(set(bound) | set(now)) if k != "size" and bound.get(k) != now.get(k)]
 
 
+def _export_name(uri: str) -> str:
+    """The export name an NBD URI asks for: its path without the leading slash."""
+    import urllib.parse
+
+    return urllib.parse.unquote(urllib.parse.urlsplit(uri).path[1:])
+
+
+def _source_identity(src: Disk, source_id: str | None) -> dict[str, Any]:
+    """What the state binds the source to: the disk's identity fields, with its address
+    (redacted) recorded beside them, and the orchestrator's --source-id when given."""
+    ident = dict(src.identity())
+    if ident.get("kind") == "nbd":
+        ident["export"] = _export_name(ident.get("uri", ""))
+    if source_id is not None:
+        ident["id"] = source_id
+    return ident
+
+
+def _disk_key(ident: dict[str, Any]) -> dict[str, Any]:
+    """Which disk an identity names, wherever it is served: an NBD export's name; a file's
+    device and inode (it may be renamed); a block device's number, or a loop device's backing
+    file. The address (uri, path) is not part of it: orchestrators serve every stage from a
+    new socket or URL. Bind records before --source-id have no "export": the uri's."""
+    kind = ident.get("kind")
+    if kind == "nbd":
+        return {"kind": kind, "export": ident.get("export", _export_name(ident.get("uri", "")))}
+    if kind == "file":
+        return {"kind": kind, "dev": ident.get("dev"), "inode": ident.get("inode")}
+    if kind == "block":
+        if ident.get("loop_backing"):
+            return {"kind": kind, "loop_backing": ident["loop_backing"]}
+        return {"kind": kind, "rdev": ident.get("rdev")}
+    return {k: v for k, v in ident.items() if k not in ("uri", "path", "size", "id")}
+
+
+def _check_source(bound: dict[str, Any], now: dict[str, Any], source_id: str | None,
+                  source_moved: bool, display: str, notes: list[str]) -> None:
+    """Refuse a source that is not the bound disk (TargetRefused, exit 2); note what changed.
+
+    With a bound --source-id, the id decides: the same id is the same disk wherever it is
+    served, another id (or none) is refused. Without one, the disk key decides (_disk_key);
+    --source-moved accepts a different key on the operator's word, as before. The tracker
+    audit (transfer.tracking.audit) then checks the disk's content before any delta pass.
+    """
+    bound_id = bound.get("id")
+    if bound_id is not None and source_id is None:
+        raise TargetRefused(f"this state is bound to source id {bound_id!r}; pass --source-id "
+                            f"{bound_id}", disk=display, kind="source")
+    if bound_id is not None and bound_id != source_id:
+        raise TargetRefused(f"this state belongs to source id {bound_id!r}, not {source_id!r}",
+                            disk=display, kind="source")
+    if bound_id is None:
+        diff = _differences(_disk_key(bound), _disk_key(now))
+        if diff and not source_moved:
+            raise TargetRefused("this state belongs to another source: " + "; ".join(diff)
+                                + " (if it is the same disk, pass --source-id or --source-moved)",
+                                disk=display, kind="source")
+        if diff:
+            notes.append("source accepted on --source-moved: " + "; ".join(diff))
+        elif source_moved:
+            notes.append("--source-moved is no longer needed: the state is bound to the disk, "
+                         "not to its address")
+    moved = _differences({k: v for k, v in bound.items() if k != "id"},
+                         {k: now.get(k) for k in bound if k != "id"})
+    if moved:
+        notes.append("source moved: " + "; ".join(moved))
+    if bound_id is None and source_id is not None:
+        notes.append(f"the state is now bound to source id {source_id!r}")
+
+
 @dataclass
 class _Pass:
     """What this run will copy and how."""
@@ -253,12 +335,15 @@ class _Pass:
     carries: int | None = None
     skip: bool = False  # the checkpoint was committed already: nothing to copy (R4)
     start: int = 0  # planned bytes below this were committed by an earlier attempt
+    tainted: Any | None = None  # what an interrupted pass left uncommitted (inside ranges)
+    audit: dict[str, Any] | None = None  # the tracker audit's record, when one ran
 
 
 async def sync_async(source: str, target: str, *, state: str,
                      dirty_bitmap: str | None = None, changed_areas: str | None = None,
                      compare: bool = False, checkpoint: str | None = None, final: bool = False,
                      verify_source: bool = False, force: bool = False, source_moved: bool = False,
+                     source_id: str | None = None, audit_blocks: int = AUDIT_BLOCKS,
                      connections: int | None = None, in_flight: int | None = None,
                      request_size: int | None = None, timeout: float | None = None,
                      retries: int = engine.RETRIES,
@@ -269,10 +354,16 @@ async def sync_async(source: str, target: str, *, state: str,
 
     Raises TransferError subclasses; an interrupted pass raises Interrupted
     after committing what it finished, and the same call later completes it.
-    source_moved: the bound source is now served at another address (a new
-    socket path or host): accept it and bind the state to it. Nothing can
-    prove it is the same disk, so this is the operator's word; a size change
-    still makes a full pass.
+    The state is bound to the source disk, not to its address: a new socket
+    path, host or URL for the same disk is accepted (and recorded). source_id:
+    the orchestrator's name for the disk (a VMware disk UUID, a qemu node
+    name); once bound, another id (or none) is refused. Without one, the disk
+    is an NBD export's name (and size), a local file's inode. source_moved:
+    accept a source whose export name or inode differs, on the operator's word.
+    audit_blocks: blocks a delta pass reads among those its change source calls
+    unchanged, checked against the manifest before the pass begins; a mismatch
+    makes it a compare pass, and with source_id, most samples differing refuses
+    the pass (another disk). 0 disables the audit.
     """
     if sum(x is not None and x is not False for x in (dirty_bitmap, changed_areas, compare)) > 1:
         raise BadInput("give one change source: --dirty-bitmap, --changed-areas or --compare")
@@ -284,6 +375,12 @@ async def sync_async(source: str, target: str, *, state: str,
         raise BadInput(f"timeout must be positive, not {timeout}")
     if retries < 0:
         raise BadInput(f"retries must be 0 or more, not {retries}")
+    if source_id is not None and not _CHECKPOINT.match(source_id):
+        raise BadInput("--source-id must be 1-256 printable ASCII characters")
+    if (isinstance(audit_blocks, bool) or not isinstance(audit_blocks, int)
+            or not 0 <= audit_blocks <= MAX_AUDIT_BLOCKS):
+        raise BadInput(f"--audit-blocks must be a whole number from 0 to {MAX_AUDIT_BLOCKS}, "
+                       f"not {audit_blocks!r}")
     contexts = (context_name(dirty_bitmap),) if dirty_bitmap is not None else ()
     kernels = _native.kernels(native)
     notes: list[str] = []
@@ -310,16 +407,11 @@ async def sync_async(source: str, target: str, *, state: str,
                            kind="target")
         size_changed: str | None = None
         moved = False
+        src_ident = _source_identity(src, source_id)
         if st.bind is not None:
             bound_src, bound_dst = st.bind["source"], st.bind["target"]
-            diff = _differences(bound_src, src.identity())
-            if diff and not source_moved:  # the size may change (R2: a full pass); not this
-                raise TargetRefused("this state belongs to another source: " + "; ".join(diff)
-                                    + " (if the same disk is now served there, pass "
-                                    "--source-moved)", disk=src.display, kind="source")
-            if diff:
-                moved = True
-                notes.append("source moved: " + "; ".join(diff))
+            _check_source(bound_src, src_ident, source_id, source_moved, src.display, notes)
+            moved = bool(_differences(bound_src, src_ident))  # the size aside (R2: a full pass)
             diff = _differences(bound_dst, dst.identity())
             if diff:  # its size may grow with the source's (a PVC resized); nothing else may
                 raise TargetRefused("this state belongs to another target: " + "; ".join(diff),
@@ -338,16 +430,12 @@ async def sync_async(source: str, target: str, *, state: str,
             if dst.size is None:
                 dst.create(src.size)
         mpath = os.path.join(state, "manifest")
-        if moved and not size_changed:  # moved: bind the new address
-            bind = {**st.bind, "source": src.identity()}
-            journal.append(bind)
-            st.bind = bind
         if st.bind is None or size_changed:
             manifest = Manifest.create(mpath, src.size)
             manifest.save()
             bind = {"t": "bind", "state": st.id or uuid.uuid4().hex, "version": VERSION,
                     "block": BLOCK, "hash": HASH, "size": src.size,
-                    "source": src.identity(), "target": dst.identity()}
+                    "source": src_ident, "target": dst.identity()}
             journal.append(bind)
             st.id, st.bind = bind["state"], bind
         else:
@@ -358,13 +446,19 @@ async def sync_async(source: str, target: str, *, state: str,
 
         plan = _choose(st, src, checkpoint=checkpoint, dirty_bitmap=dirty_bitmap,
                        changed_areas=changed_areas, size_changed=size_changed)
+        if audit_blocks and not plan.skip and not plan.compare and plan.ranges is not None:
+            plan = await _audit(src, manifest, plan, audit_blocks, source_id)
+        if moved and not size_changed:  # a new address, or an id given: bind the new identity
+            bind = {**st.bind, "source": src_ident}  # (after the audit: a refused pass writes
+            journal.append(bind)  # nothing, to the state either)
+            st.bind = bind
         report = SyncReport(
             source=src.display, target=dst.display, state=state, pass_=plan.number,
             checkpoint=checkpoint, change_source=plan.change_source, fallback=plan.fallback,
             resumed=plan.resumed, delta_bytes=0, bytes_copied=0, bytes_zeroed=0,
             bytes_skipped=0, bytes_unchanged=0, bytes_read=0, seconds=0.0, digest="", size=src.size,
             commits=0, final=final, verify_source=verify_source, native=kernels.describe(),
-            notes=notes)
+            notes=notes, audit=plan.audit)
         if not plan.skip:
             await _copy(st, journal, src, dst, manifest, plan, report, kernels,
                         checkpoint=checkpoint, final=final, connections=connections,
@@ -470,10 +564,11 @@ def _choose(st: State, src: Disk, *, checkpoint: str | None, dirty_bitmap: str |
                      carries=carries, start=start)
     if same and last.ranges is not None and len(subtract_runs(new, last.ranges)) == 0:
         # the same tracker names nothing new: the plan goes on from its last commit
-        return _Pass(number, last.ranges, False, kind, fallback, resumed=True, start=last.upto)
+        return _Pass(number, last.ranges, False, kind, fallback, resumed=True, start=last.upto,
+                     tainted=tainted)
     # a new checkpoint (R3: B_k and B_k+1), or a tracker that grew: its ranges and the tainted
     return _Pass(number, union_runs(new, tainted, size), False, kind, fallback, resumed=True,
-                 carries=carries)
+                 carries=carries, tainted=tainted)
 
 
 def _again(last: PassState, src: Disk, checkpoint: str, dirty_bitmap: str | None,
@@ -506,6 +601,34 @@ def _again(last: PassState, src: Disk, checkpoint: str, dirty_bitmap: str | None
     return _Pass(last.number, _empty(), False, f"none ({done})", skip=True)
 
 
+async def _audit(src: Disk, manifest: Manifest, plan: _Pass, count: int,
+                 source_id: str | None) -> _Pass:
+    """The tracker audit (RELIABILITY.md P6), before the pass's begin record: a sample of the
+    blocks the change source calls unchanged is read and hashed, and compared with the
+    manifest. All equal: the delta pass goes ahead. Any differing: the change source missed
+    writes (or this is another disk), so the pass becomes a compare pass (R2: fail closed),
+    which reads everything and writes what differs. With source_id, most samples differing
+    means another disk than the bound one: refused, before anything is written."""
+    size = manifest.size
+    unchanged = subtract_runs([(0, size)], plan.ranges)  # the plan holds the tainted ranges
+    result = await asyncio.to_thread(audit_sample, src, manifest, unchanged, count,
+                                     skip_digest=POISON)
+    plan.audit = result.record()
+    if not result.mismatched:
+        return plan
+    found = (f"the tracker audit found {result.mismatched} of {result.sampled} sampled blocks "
+             f"that the change source ({plan.change_source}) calls unchanged differ from "
+             f"what was copied "
+             f"(the first at offset {result.first})")
+    if source_id is not None and 2 * result.mismatched > result.sampled:
+        raise TargetRefused(found + f": this is not the disk bound as source id {source_id!r}; "
+                            "nothing was written", disk=src.display, kind="source")
+    why = found + ": the change source missed writes, or this is another disk: compare pass"
+    return _Pass(plan.number, None, True, "compare",
+                 "; ".join(x for x in (plan.fallback, why) if x), force=plan.tainted,
+                 resumed=plan.resumed, carries=plan.carries, audit=plan.audit)
+
+
 def _empty() -> list[tuple[int, int]]:
     return []
 
@@ -523,6 +646,8 @@ async def _copy(st: State, journal: Journal, src: Disk, dst: Disk, manifest: Man
                              "compare": plan.compare, "size": size}
     if plan.carries is not None:
         begin["carries"] = plan.carries
+    if plan.audit is not None:
+        begin["audit"] = plan.audit
     if plan.ranges is None:
         begin["ranges"] = "all"
     else:
