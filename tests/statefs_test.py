@@ -1,12 +1,12 @@
-"""The state's own storage failing (RELIABILITY.md T9, R6) and two engines (R8).
+"""The state's own storage failing (RELIABILITY.md T9, R6) and two engines (R8, P4).
 
 Real small file systems hold the state directory: a tmpfs mounted with a tiny size (ENOSPC
 when the manifest is created, when the journal is appended to, when a pass's ranges file is
 written) and ext2 on a loop device over nbdfuse over nbdkit's error filter (EIO under msync
 and fsync, the T2 rig). Each failure must end the run with one line and exit 4, and the same
 command, run again once the storage is repaired, must finish with a correct target. Many
-engines started at once on one fresh state must leave exactly one engine writing and the
-others refused cleanly (exit 2).
+engines started at once on one fresh state, and two state directories on one NBD target,
+must leave exactly one engine writing and the others refused cleanly (exit 2).
 """
 
 from __future__ import annotations
@@ -319,3 +319,72 @@ def test_many_simultaneous_starts_on_a_fresh_state_cli(nbdkit, tmp_path):
         r = sync(source.uri, dst, state, "--compare", "--final")
         assert r["complete"] and r["pass"] == len(winners)  # one pass per winner, none lost
         compare(src, dst, size=size)
+
+
+def test_two_state_directories_on_one_nbd_target_cli(nbdkit, tmp_path):
+    """P4: an NBD export cannot be flocked or opened O_EXCL, so two state directories wrote
+    one target at once. Now the second engine on this host is refused (exit 2) while the
+    first runs, and runs once the first is done."""
+    size = 16 * MiB
+    src = str(tmp_path / "src.img")
+    make_disk(src, size, 10)
+    source = nbdkit("file", src, "rate=" + RATE, readonly=True, filters=("rate",))
+    target = nbdkit("memory", str(size))
+    env = {**os.environ, "TRANSFER_LOCK_DIR": str(tmp_path / "locks")}
+    first_state, second_state = tmp_path / "s1", tmp_path / "s2"
+    p = subprocess.Popen([sys.executable, "-m", "transfer.cli", "sync", source.uri, target.uri,
+                          "--state", str(first_state), "--progress", "none"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: journal_has(first_state, "begin"), "begin record", p)
+        second = cli_sync(source.uri, target.uri, second_state, env=env)
+        one_line_error(second, 2, "another engine on this host is writing this target")
+        assert p.poll() is None  # the refusal came while the first still held the target
+        assert p.wait(timeout=DEADLINE) == 0, p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stderr.close()
+    compare(src, export_to_file(target.uri, str(tmp_path / "out.img")), size=size)
+    # the lock went with the first engine: the second state runs now
+    r = sync(source.uri, target.uri, second_state, env=env)
+    assert r["pass"] == 0
+
+
+def test_the_target_lock_is_keyed_by_the_export_not_its_spelling(nbdkit, tmp_path,
+                                                                  monkeypatch):
+    """The lock module alone: another spelling of one socket (a symlink, a doubled slash) is
+    the same target; another export name, or another server, is not; a plain copy is refused
+    too; closing releases it."""
+    import transfer
+    from transfer.disks.lock import lock_target
+    from transfer.errors import TargetRefused
+
+    monkeypatch.setenv("TRANSFER_LOCK_DIR", str(tmp_path / "locks"))
+    size = 4 * MiB
+    src = str(tmp_path / "src.img")
+    make_disk(src, size, 11)
+    target = nbdkit("memory", str(size))
+    other = nbdkit("memory", str(size))
+    sock = target.uri.split("socket=", 1)[1]
+    os.symlink(sock, tmp_path / "alias.sock")
+    held = lock_target(target.uri)
+    try:
+        assert held is not None
+        for spelling in (f"nbd+unix:///?socket={tmp_path / 'alias.sock'}",
+                         f"nbd+unix:///?socket={os.path.dirname(sock)}//{os.path.basename(sock)}"):
+            with pytest.raises(TargetRefused, match="another engine on this host") as e:
+                lock_target(spelling)
+            assert e.value.exit_code == 2
+        with pytest.raises(TargetRefused, match="another engine on this host"):
+            transfer.copy(src, target.uri)
+        for free in (f"nbd+unix:///other?socket={sock}", other.uri):
+            lock = lock_target(free)
+            assert lock is not None
+            lock.close()
+        assert lock_target(str(tmp_path / "file.img")) is None  # files lock themselves
+    finally:
+        held.close()
+    transfer.copy(src, target.uri)
+    compare(src, export_to_file(target.uri, str(tmp_path / "out.img")), size=size)
