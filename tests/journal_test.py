@@ -201,3 +201,28 @@ def test_simultaneous_starts_never_lose_or_replace_a_journal(tmp_path):
     with Journal.open(path, create=False) as j:
         assert sorted(x["winner"] for x in j.records) == winners
     assert sorted(os.listdir(tmp_path)) == ["journal"]  # no temp file left behind
+
+
+def test_a_state_directory_it_may_not_write_is_bad_input(tmp_path):
+    """EACCES creating the journal is the operator's to fix, before anything was written:
+    JournalError (exit 2), not a traceback nor an I/O failure. Run as an unprivileged user
+    (root passes permission checks) in a child process."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    pid = os.fork()
+    if pid == 0:
+        code = 9
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            Journal.open(str(closed / "journal"))
+        except StateIOError:
+            code = 8
+        except JournalError as e:
+            code = 7 if "cannot create: Permission denied" in str(e) else 6
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] >> 8 == 7
+    assert os.listdir(closed) == []

@@ -156,6 +156,8 @@ def _create(path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except PermissionError as e:  # the operator's to fix, before anything was written
+        raise JournalError(f"cannot create: {_why(e)}", disk=path) from None
     except OSError as e:
         raise StateIOError(f"cannot create: {_why(e)}", disk=path, kind="journal") from None
     try:
