@@ -212,3 +212,69 @@ def test_manifest_file_round_trip_and_validation(tmp_path):
         bad.write_bytes(content)
         with pytest.raises(ManifestError, match=why):
             Manifest.open(str(bad))
+
+
+# --- the manifest's own storage (RELIABILITY.md T9, R6) ------------------------------------------
+
+from transfer.errors import BadInput, StateIOError  # noqa: E402
+
+from .statefs_test import failing_fs, tmpfs  # noqa: E402,F401  (fixtures)
+
+
+def _allocated(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_a_file_manifest_is_preallocated(tmp_path):
+    """Stores into the map must never need a block (on a full file system that is SIGBUS):
+    a created manifest, and a sparse one opened for writing, have every byte allocated."""
+    size = 64 * MiB
+    length = 64 + size // K64 * 16
+    m = Manifest.create(str(tmp_path / "m"), size)
+    try:
+        assert _allocated(tmp_path / "m.tmp") >= length
+        m.save()
+    finally:
+        m.close()
+    sparse = tmp_path / "sparse"
+    with open(tmp_path / "m", "rb") as f:
+        header = f.read(64)
+    with open(sparse, "wb") as f:  # the same manifest written sparse (all-zero digests)
+        f.write(header)
+        f.truncate(length)
+    assert _allocated(sparse) < length
+    Manifest.open(str(sparse)).close()  # read-only: left as it is
+    assert _allocated(sparse) < length
+    m = Manifest.open(str(sparse), writable=True)
+    try:
+        assert _allocated(sparse) >= length and m.size == size
+    finally:
+        m.close()
+
+
+def test_no_space_for_a_manifest_is_a_state_io_error(tmpfs):
+    """An 8 KiB tmpfs cannot hold a 32 MiB disk's manifest (8 KiB + header): creating it
+    fails at once, with exit 4 (not bad input) and no temp file left to keep the space."""
+    fs = tmpfs("8k")
+    with pytest.raises(StateIOError, match="No space left on device") as e:
+        Manifest.create(str(fs / "manifest"), 32 * MiB)
+    assert e.value.exit_code == 4 and not isinstance(e.value, BadInput)
+    assert "8256 bytes" in str(e.value)
+    assert os.listdir(fs) == []
+
+
+def test_an_msync_eio_is_a_state_io_error(failing_fs):
+    """EIO under the manifest's file (ext2 on loop on nbdfuse on nbdkit's error filter):
+    msync fails with StateIOError (exit 4), never a traceback or a silent success."""
+    mnt, inject, _ = failing_fs
+    m = Manifest.create(str(mnt / "manifest"), 8 * MiB)
+    try:
+        m.save()
+        m.slice(0, 8 * MiB)[:] = b"\x5a" * (8 * MiB // K64 * 16)
+        inject.touch()
+        with pytest.raises(StateIOError, match="msync failed: Input/output error") as e:
+            m.sync()
+        assert e.value.exit_code == 4
+    finally:
+        inject.unlink(missing_ok=True)
+        m.close()

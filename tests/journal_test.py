@@ -134,3 +134,95 @@ def test_a_zero_filled_tail_is_a_torn_tail(tmp_path):
     path.write_bytes(data + bytes(300))
     with Journal.open(str(path)) as j:
         assert j.records == RECORDS and j.discarded == 300
+
+
+# --- the journal's own storage (RELIABILITY.md T9, R6) and two engines (R8) ----------------------
+
+import subprocess  # noqa: E402
+
+from transfer.errors import StateIOError  # noqa: E402
+
+from .statefs_test import tmpfs  # noqa: E402,F401  (the fixture)
+
+
+def test_a_full_file_system_fails_an_append_cleanly(tmpfs):
+    """A journal on an 8 KiB tmpfs: the append that does not fit raises StateIOError (exit 4,
+    not "bad input, nothing was written"), the journal takes no more appends (R6), and the
+    record cut short is a torn tail the next open discards."""
+    fs = tmpfs("8k")
+    path = str(fs / "journal")
+    big = {"pad": "x" * 1500}
+    with Journal.open(path) as j:
+        with pytest.raises(StateIOError, match="append failed: No space left on device") as e:
+            for _ in range(10):
+                j.append(big)
+        assert e.value.exit_code == 4 and not isinstance(e.value, BadInput)
+        kept = list(j.records)
+        assert kept and all(r == big for r in kept)
+        with pytest.raises(StateIOError, match="refused after an earlier failure"):
+            j.append({"small": 1})  # never retried, even what would fit
+    subprocess.run(["mount", "-o", "remount,size=1M", str(fs)], check=True)
+    with Journal.open(path) as j:
+        assert j.records == kept
+        j.append({"after": "space"})
+    with Journal.open(path) as j:
+        assert j.records == kept + [{"after": "space"}]
+
+
+def test_simultaneous_starts_never_lose_or_replace_a_journal(tmp_path):
+    """24 processes open one missing journal at once and each winner appends its pid. Before:
+    a shared temp name (renamed away under the others: FileNotFoundError), a journal read
+    while empty ("wrong magic"), or one created again over a journal a winner had written.
+    Now each wins or is refused as locked, and every winner's record is in the journal."""
+    path = str(tmp_path / "journal")
+    r, w = os.pipe()
+    kids = []
+    for _ in range(24):
+        pid = os.fork()
+        if pid == 0:
+            code = 9
+            try:
+                os.close(w)
+                os.read(r, 1)  # EOF for all at once when the parent closes its end
+                with Journal.open(path) as j:
+                    j.append({"winner": os.getpid()})
+                code = 0
+            except JournalError as e:
+                code = 7 if "in use by another engine" in str(e) else 8
+            finally:
+                os._exit(code)
+        kids.append(pid)
+    os.close(r)
+    os.close(w)
+    codes = {pid: os.waitpid(pid, 0)[1] >> 8 for pid in kids}
+    assert set(codes.values()) <= {0, 7}, codes
+    winners = sorted(pid for pid, c in codes.items() if c == 0)
+    assert winners
+    with Journal.open(path, create=False) as j:
+        assert sorted(x["winner"] for x in j.records) == winners
+    assert sorted(os.listdir(tmp_path)) == ["journal"]  # no temp file left behind
+
+
+def test_a_state_directory_it_may_not_write_is_bad_input(tmp_path):
+    """EACCES creating the journal is the operator's to fix, before anything was written:
+    JournalError (exit 2), not a traceback nor an I/O failure. Run as an unprivileged user
+    (root passes permission checks) in a child process."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    pid = os.fork()
+    if pid == 0:
+        code = 9
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            Journal.open(str(closed / "journal"))
+        except StateIOError:
+            code = 8
+        except JournalError as e:
+            code = 7 if "cannot create: Permission denied" in str(e) else 6
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] >> 8 == 7
+    assert os.listdir(closed) == []

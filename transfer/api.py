@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from . import _native
 from .disks import Disk, open_disk
+from .disks.lock import lock_target
 from .errors import BadInput, TargetRefused, TransferError, VerifyFailed
 from .integrity import BLOCK, Manifest
 from .pipeline import copy as engine
@@ -224,7 +225,9 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
     src = await asyncio.to_thread(opening, source, "source")
     dst: Disk | None = None
     digests: Manifest | None = None
+    target_lock = None
     try:
+        target_lock = lock_target(target)  # an NBD target: one engine per host (P4)
         dst = await asyncio.to_thread(opening, target, "target")
         if verify and dst.kind == "null":
             raise BadInput("null: keeps nothing to verify", disk=dst.display, kind="target")
@@ -276,6 +279,8 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
             digests.close()
         if dst is not None:
             dst.close()
+        if target_lock is not None:
+            target_lock.close()
         src.close()
 
 

@@ -79,6 +79,16 @@ class TargetError(TransferError):
     kind = "target"
 
 
+class StateIOError(TransferError):
+    """Writing (or reading) the engine's own state failed: a journal, ranges or manifest file
+    on a file system that is full or failing. Not bad input, and writes may have happened: it
+    exits with the target's I/O code, because the remedy is the same (fix the storage, run the
+    same command again) and what the journal holds stays resumable (RELIABILITY.md R5, R6)."""
+
+    exit_code = 4
+    kind = "state"
+
+
 class Interrupted(TransferError):
     """Stopped by a signal or a cancellation before the end; nothing is claimed done."""
 
@@ -105,7 +115,7 @@ EXIT_CODES = {
     1: "internal error (a bug: the message has a traceback)",
     BadInput.exit_code: "bad input or refused target (nothing was written)",
     SourceError.exit_code: "source I/O failure",
-    TargetError.exit_code: "target I/O failure",
+    TargetError.exit_code: "target I/O failure, or the state directory's (fix it, run again)",
     Interrupted.exit_code: "interrupted (SIGINT/SIGTERM)",
     VerifyFailed.exit_code: "verification failed: the target differs",
     NotConverging.exit_code: "live migration does not converge within --max-downtime",

@@ -12,10 +12,18 @@ have the same digest.
 Digests live in a memory map, anonymous or of a manifest file (16 bytes per
 64 KiB: 256 MiB for 1 TiB); pipeline workers write disjoint slices of it
 without locking.
+
+A mapped file is preallocated (posix_fallocate, or zeroes written where the
+file system cannot) before it is mapped writable: a store into a page of a
+sparse file on a full file system kills the process with SIGBUS, with no
+message and nothing flushed. A full or failing file system is a StateIOError
+(exit 4) when the file is created, opened, synced or saved; msync and fsync
+failures are final, never retried (RELIABILITY.md R6).
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
@@ -23,12 +31,13 @@ from functools import lru_cache
 
 import xxhash
 
-from ..errors import BadInput
+from ..errors import BadInput, StateIOError
 
 BLOCK = 64 * 1024
 DIGEST_SIZE = 16
 PREFIX = "xxh3-128:64k:"
 _FILL_BLOCKS = 65536  # zero digests written per slice assignment: 1 MiB of manifest
+_WRITE_BACK = 1 << 20  # bytes written back per step where the file system cannot fallocate
 
 
 @lru_cache(maxsize=8)
@@ -82,28 +91,51 @@ class Manifest:
     def create(cls, path: str, size: int) -> "Manifest":
         """A new file-backed manifest; it takes the name path when save() succeeds."""
         blocks = (size + BLOCK - 1) // BLOCK
+        length = HEADER_SIZE + blocks * DIGEST_SIZE
         tmp = f"{path}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            os.ftruncate(fd, HEADER_SIZE + blocks * DIGEST_SIZE)
-            os.pwrite(fd, _header(size, BLOCK), 0)
-            m = mmap.mmap(fd, HEADER_SIZE + blocks * DIGEST_SIZE)
-        finally:
-            os.close(fd)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise StateIOError(f"cannot create the manifest: {_why(e)}", disk=path,
+                               kind="manifest") from None
+        try:
+            try:
+                os.ftruncate(fd, length)
+                _preallocate(fd, length, path)
+                os.pwrite(fd, _header(size, BLOCK), 0)
+                m = mmap.mmap(fd, length)
+            finally:
+                os.close(fd)
+        except BaseException as e:
+            try:
+                os.unlink(tmp)  # a full file system gets its space back
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                raise StateIOError(f"cannot create the manifest ({length} bytes): {_why(e)}",
+                                   disk=path, kind="manifest") from None
+            raise
         return cls(size, _map=m, _offset=HEADER_SIZE, _path=path, _tmp=tmp)
 
     @classmethod
     def open(cls, path: str, *, writable: bool = False) -> "Manifest":
-        """Open and validate a manifest file; ManifestError names what is wrong."""
+        """Open and validate a manifest file; ManifestError names what is wrong. A writable
+        one is preallocated first (a file written sparse, by a copy or an older engine)."""
         try:
             fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         except OSError as e:
             raise ManifestError(f"cannot open the manifest: {os.strerror(e.errno)}",
                                 disk=path, kind="manifest") from None
         try:
-            length = os.fstat(fd).st_size
-            head = os.pread(fd, HEADER_SIZE, 0)
+            try:
+                length = os.fstat(fd).st_size
+                head = os.pread(fd, HEADER_SIZE, 0)
+            except OSError as e:
+                raise StateIOError(f"cannot read the manifest: {_why(e)}", disk=path,
+                                   kind="manifest") from None
             size = _check_header(head, length, path)
+            if writable:
+                _preallocate(fd, length, path)
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             m = mmap.mmap(fd, length, prot=prot) if length else mmap.mmap(-1, 1)
         finally:
@@ -111,28 +143,38 @@ class Manifest:
         return cls(size, _map=m, _offset=HEADER_SIZE, _path=path)
 
     def save(self) -> None:
-        """Make a file-backed manifest durable, then give it its name (tmp, fsync, rename)."""
+        """Make a file-backed manifest durable, then give it its name (tmp, fsync, rename).
+        A failure is a StateIOError and final (R6): the name is not given."""
         if self.path is None:
             raise ValueError("an in-memory manifest has no file to save")
-        self._map.flush()
-        src = self._tmp or self.path
-        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if self._tmp is not None:
-            os.replace(self._tmp, self.path)
-            self._tmp = None
-            dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            self._map.flush()
+            src = self._tmp or self.path
+            fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                os.fsync(dfd)
+                os.fsync(fd)
             finally:
-                os.close(dfd)
+                os.close(fd)
+            if self._tmp is not None:
+                os.replace(self._tmp, self.path)
+                self._tmp = None
+                dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except OSError as e:
+            raise StateIOError(f"cannot save the manifest: {_why(e)}", disk=self.path,
+                               kind="manifest") from None
 
     def sync(self) -> None:
-        """Write a file-backed manifest's changed digests to its file, durably (msync)."""
-        self._map.flush()
+        """Write a file-backed manifest's changed digests to its file, durably (msync). A
+        failure is a StateIOError and final (R6): the pages it lost are not written again."""
+        try:
+            self._map.flush()
+        except OSError as e:
+            raise StateIOError(f"msync failed: {_why(e)}", disk=self.path, kind="manifest") \
+                from None
 
     def block_length(self, index: int) -> int:
         return min(self.block, self.size - index * self.block)
@@ -215,6 +257,38 @@ class Manifest:
                 os.unlink(self._tmp)
             except FileNotFoundError:
                 pass
+
+
+def _why(e: OSError) -> str:
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
+def _preallocate(fd: int, length: int, path: str) -> None:
+    """Give every byte of the file's first `length` its blocks now, so that stores into a
+    shared mapping of it never need a block (ENOSPC there is SIGBUS). Where the file system
+    has no fallocate (EOPNOTSUPP; glibc emulates it on most), what the file holds is written
+    back over itself instead; ENOSPC (or EDQUOT, EFBIG) is a StateIOError naming the size."""
+    try:
+        os.posix_fallocate(fd, 0, length)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise StateIOError(f"cannot preallocate the manifest ({length} bytes): {_why(e)}",
+                               disk=path, kind="manifest") from None
+    try:
+        for off in range(0, length, _WRITE_BACK):
+            # what the file holds there, written back: every block it covers is then allocated
+            view = memoryview(os.pread(fd, min(_WRITE_BACK, length - off), off))
+            pos = off
+            while view:  # a short write on a full file system: go on until its ENOSPC
+                w = os.pwrite(fd, view, pos)
+                if w <= 0:
+                    raise OSError(0, f"write returned {w}")
+                view, pos = view[w:], pos + w
+    except OSError as e:
+        raise StateIOError(f"cannot preallocate the manifest ({length} bytes) by writing it "
+                           f"(the file system cannot fallocate): {_why(e)}",
+                           disk=path, kind="manifest") from None
 
 
 def _header(size: int, block: int) -> bytes:

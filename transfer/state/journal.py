@@ -3,9 +3,15 @@
     file    = MAGIC record*
     record  = u32le length | u64le seq | payload (length bytes of JSON) | u64le xxh3_64(all before)
 
-- A record is one write(2) followed by fsync: once append() returns, it is
-  durable (R5 step 3). The file is created as a temp file, fsynced, renamed
-  and its directory fsynced, so it exists whole or not at all (T9).
+- A record is written (one write(2), more only after a short write) and
+  fsynced: once append() returns, it is durable (R5 step 3). The file is
+  created as a temp file of a name of its own, fsynced, hard-linked to its
+  name (which never replaces a journal another engine created meanwhile)
+  and its directory fsynced, so it exists whole or not at all (T9, R8).
+- The file system failing under it (ENOSPC, EIO, a failed fsync) raises
+  StateIOError (exit 4), never a traceback: what the journal held before
+  stays, a record cut short is a torn tail the next open discards, and a
+  journal whose append failed takes no more appends (R6: never retried).
 - Sequence numbers start at 1 and grow by one; a gap is corruption.
 - A torn tail, a last record cut short or failing its checksum where the
   file ends (or zeroes there), is what a crash mid-append leaves: it is
@@ -17,7 +23,8 @@
   of the file over a valid later record: forgetting records is not harmless
   (a dropped begin record forgets the ranges its pass left tainted).
 - The journal is locked (flock, exclusive, non-blocking) while open: a second
-  engine on the same state is refused (R8).
+  engine on the same state is refused (R8), and it is read only under that
+  lock, so never while another engine writes it.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any
 
 import xxhash
 
-from ..errors import BadInput
+from ..errors import BadInput, StateIOError
 
 MAGIC = b"TRJOURN1"
 _HEAD = struct.Struct("<IQ")
@@ -42,12 +49,29 @@ class JournalError(BadInput):
     kind = "journal"
 
 
+def _why(e: OSError) -> str:
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_all(fd: int, data: bytes, offset: int | None = None) -> None:
+    """Write all of data (at offset, or at the file's position), looping on short writes, so
+    that a full file system reports its ENOSPC instead of a short count."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        if n <= 0:  # a regular file never does this; refuse to spin if one does
+            raise OSError(0, f"write returned {n}")
+        view = view[n:]
+        if offset is not None:
+            offset += n
 
 
 def encode(seq: int, record: dict[str, Any]) -> bytes:
@@ -62,6 +86,7 @@ class Journal:
         self._fd = fd
         self.records = records
         self.discarded = discarded  # bytes of torn tail dropped when opened
+        self._failed: str | None = None  # why an append failed: no more appends (R6)
 
     @classmethod
     def open(cls, path: str, *, create: bool = True) -> "Journal":
@@ -73,32 +98,42 @@ class Journal:
         try:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         except OSError as e:
-            raise JournalError(f"cannot open: {os.strerror(e.errno)}", disk=path) from None
+            raise JournalError(f"cannot open: {_why(e)}", disk=path) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise JournalError("in use by another engine (locked)", disk=path) from None
+                raise JournalError("in use by another engine (locked): it holds this state "
+                                   "until it ends", disk=path) from None
             records, good_end, size = _read(fd, path)
             if good_end < size:  # a torn tail: drop it, durably, before appending after it
-                os.ftruncate(fd, good_end)
-                os.fsync(fd)
+                try:
+                    os.ftruncate(fd, good_end)
+                    os.fsync(fd)
+                except OSError as e:
+                    raise StateIOError(f"cannot drop the torn tail: {_why(e)}", disk=path,
+                                       kind="journal") from None
             return cls(path, fd, records, size - good_end)
         except BaseException:
             os.close(fd)
             raise
 
     def append(self, record: dict[str, Any]) -> int:
-        """Write the record and fsync; return its sequence number. A failure is final (R6)."""
+        """Write the record and fsync; return its sequence number. A failure is final (R6):
+        the journal takes no more appends, and the record (maybe written in part, a torn tail
+        the next open discards) is not in self.records."""
+        if self._failed is not None:
+            raise StateIOError(f"append refused after an earlier failure ({self._failed})",
+                               disk=self.path, kind="journal")
         seq = len(self.records) + 1
         data = encode(seq, record)
         try:
-            written = os.write(self._fd, data)
-            if written != len(data):
-                raise OSError(0, f"short write of {written} of {len(data)} bytes")
+            write_all(self._fd, data)
             os.fsync(self._fd)
         except OSError as e:
-            raise JournalError(f"append failed: {e.strerror or e}", disk=self.path) from None
+            self._failed = _why(e)
+            raise StateIOError(f"append failed: {self._failed}", disk=self.path,
+                               kind="journal") from None
         self.records.append(record)
         return seq
 
@@ -115,21 +150,51 @@ class Journal:
 
 
 def _create(path: str) -> None:
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    """Create an empty journal at path unless one appears there meanwhile (another engine
+    starting on the same fresh state): a temp file of this process's own, made durable, then
+    hard-linked to path, which fails rather than replace what is there."""
+    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     try:
-        os.write(fd, MAGIC)
-        os.fsync(fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except PermissionError as e:  # the operator's to fix, before anything was written
+        raise JournalError(f"cannot create: {_why(e)}", disk=path) from None
+    except OSError as e:
+        raise StateIOError(f"cannot create: {_why(e)}", disk=path, kind="journal") from None
+    try:
+        try:
+            write_all(fd, MAGIC)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return  # another engine created it first: open and lock that one
+        _fsync_dir(path)
+    except OSError as e:
+        raise StateIOError(f"cannot create: {_why(e)}", disk=path, kind="journal") from None
     finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    _fsync_dir(path)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def _read(fd: int, path: str) -> tuple[list[dict[str, Any]], int, int]:
     """(records, end of the last good record, file size); JournalError on corruption."""
-    size = os.fstat(fd).st_size
-    data = os.pread(fd, size, 0)
+    try:
+        size = os.fstat(fd).st_size
+        chunks, pos = [], 0
+        while pos < size:
+            chunk = os.pread(fd, size - pos, pos)
+            if not chunk:
+                break  # shrank under us: only a torn-tail truncation does that, under the lock
+            chunks.append(chunk)
+            pos += len(chunk)
+    except OSError as e:
+        raise StateIOError(f"cannot read: {_why(e)}", disk=path, kind="journal") from None
+    data = b"".join(chunks)
+    size = len(data)
     if data[: len(MAGIC)] != MAGIC:
         raise JournalError("not a journal (wrong magic)", disk=path)
     records: list[dict[str, Any]] = []

@@ -5,8 +5,9 @@
 A resumed pass needs the plan of the attempt that was interrupted (its
 uncommitted part must be copied again, R3/R4), and a change source may not
 answer the same way twice, so the plan is kept, not recomputed. Written as a
-temp file, fsynced, renamed, directory fsynced (T9). Read back as untrusted
-input: checksum, count, order, alignment and bounds are checked.
+temp file, fsynced, renamed, directory fsynced (T9); a file system that is full
+or failing raises StateIOError (exit 4) and leaves no temp file behind. Read
+back as untrusted input: checksum, count, order, alignment and bounds are checked.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import sys
 import xxhash
 
 from ..integrity import BLOCK
-from .journal import JournalError, _fsync_dir
+from ..errors import StateIOError
+from .journal import JournalError, _fsync_dir, _why, write_all
 
 MAGIC = b"TRRANGE1"
 _COUNT = struct.Struct("<Q")
@@ -33,16 +35,22 @@ def write_ranges(path: str, ranges: list[tuple[int, int]]) -> str:
     body = MAGIC + _COUNT.pack(len(ranges)) + flat.tobytes()
     check = xxhash.xxh3_64_hexdigest(body)
     tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(body + bytes.fromhex(check)[::-1])  # u64le of the checksum
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    _fsync_dir(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            write_all(fd, body + bytes.fromhex(check)[::-1])  # u64le of the checksum
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        _fsync_dir(path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)  # a full file system gets its space back
+        except OSError:
+            pass
+        raise StateIOError(f"cannot write the pass's ranges file: {_why(e)}", disk=path,
+                           kind="state") from None
     return check
 
 

@@ -58,6 +58,7 @@ from typing import Any, Callable
 from .. import _native
 from ..api import VERIFY_OFFSETS, _check_target, _read_back, _scan, _shape
 from ..disks import Disk, open_disk
+from ..disks.lock import TargetLock, lock_target
 from ..tls import Tls
 from ..errors import BadInput, TargetRefused, VerifyFailed
 from ..integrity import BLOCK, Manifest
@@ -394,6 +395,7 @@ async def sync_async(source: str, target: str, *, state: str,
     src: Disk | None = None
     dst: Disk | None = None
     manifest: Manifest | None = None
+    target_lock: TargetLock | None = None
     try:
         st = _load(state, journal)
         if st.complete:
@@ -401,6 +403,7 @@ async def sync_async(source: str, target: str, *, state: str,
                            "an empty state directory", disk=state, kind="state")
         opening = partial(open_disk, timeout=timeout, kernels=kernels, tls=tls)
         src = await asyncio.to_thread(opening, source, "source", contexts=contexts)
+        target_lock = lock_target(target)  # an NBD target: one engine per host (P4)
         dst = await asyncio.to_thread(opening, target, "target")
         if dst.kind == "null":
             raise BadInput("null: keeps nothing for a later pass", disk=dst.display,
@@ -509,6 +512,8 @@ async def sync_async(source: str, target: str, *, state: str,
             dst.close()
         if src is not None:
             src.close()
+        if target_lock is not None:
+            target_lock.close()
         journal.close()
 
 
