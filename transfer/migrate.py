@@ -107,7 +107,7 @@ def parse_when(text: str) -> float | None:
 @dataclass
 class PassInfo:
     pass_: int
-    start: str  # ISO time the pass began
+    start: str  # ISO time the pass began (local, to the millisecond)
     change_source: str
     fallback: str | None
     delta_bytes: int
@@ -363,7 +363,7 @@ class Migration:
             await self._unexport(q)
         copy_rate, dirty_rate = self.model.add(r, recorded)
         report.digest = r.digest
-        info = PassInfo(k, datetime.datetime.fromtimestamp(began).isoformat(timespec="seconds"),
+        info = PassInfo(k, datetime.datetime.fromtimestamp(began).isoformat(timespec="milliseconds"),
                         r.change_source, fallback or r.fallback, r.delta_bytes, r.bytes_copied,
                         r.seconds, copy_rate, dirty_rate, None, final, note)
         log["next"] = k + 1
