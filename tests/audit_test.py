@@ -389,12 +389,11 @@ def test_another_export_name_is_another_disk(nbdkit, tmp_path):
     assert "belongs to another source" in out and "export 'disk-a' is now 'disk-b'" in out
 
 
-def test_migrate_audits_its_final_pass_not_those_the_guest_races(tmp_path):
+def test_migrate_audits_every_pass_and_the_guest_races_stay_deltas(tmp_path):
     """`migrate` reads a node the guest still writes: a write after a hand-over lands in bitmap
-    k+1, not k, and an audit of pass k would take it for a missed write (a compare pass each
-    time, the warm test's "deltas, not full copies" then fails now and then). So its passes
-    before cutover skip the audit, and the final one, with the guest stopped, has it; the
-    migration's deltas stay deltas and the target is right."""
+    k+1, not k, so a live audit of pass k takes what differs only as a suspect, and pass k+1's
+    bitmap must name it. Every pass is audited, the migration's deltas stay deltas (a suspect
+    named by the next bitmap is no fallback) and the target is right."""
     import datetime
     import json
 
@@ -413,12 +412,96 @@ def test_migrate_audits_its_final_pass_not_those_the_guest_races(tmp_path):
         passes = r["passes"]
         assert len(passes) >= 3 and passes[-1]["final"]
         assert all(0 < x["delta_bytes"] < v.size for x in passes[1:]), passes
+        assert not any(x["fallback"] for x in passes), passes
         audits = [x.get("audit") for x in begins(state / "sync")]
-        assert len(audits) == len(passes) and all(a is None for a in audits[:-1]), audits
-        assert audits[-1]["sampled"] > 0 and audits[-1]["mismatched"] == 0
+        assert len(audits) == len(passes) and audits[0] is None  # pass 0 copies everything
+        assert all(a["sampled"] > 0 for a in audits[1:]), audits
+        assert audits[-1]["mismatched"] == 0 and "suspects" not in audits[-1]
         check_target(v, target, r)
     finally:
         v.close()
+
+
+def test_migrate_catches_a_write_no_bitmap_recorded(tmp_path):
+    """A write made behind qemu's back (into the image file under the daemon: no dirty bitmap
+    records it) between two passes of a running migration. Without the audit the cutover
+    would exit 0 with the old bytes there; the audit (every block sampled) finds it, the pass
+    compares, and the target ends equal to the disk."""
+    import asyncio
+
+    from transfer.migrate import migrate_async
+
+    from .migrate_test import Vm, check_target
+
+    v = Vm(tmp_path, size=8 * MiB, seed=5, rate=1 * MiB, pattern="hotspot")
+    try:
+        v.start_guest()
+        target, state = str(tmp_path / "t.img"), tmp_path / "st"
+
+        async def run() -> dict:
+            passes = []
+
+            def on_pass(info) -> None:
+                passes.append(info)
+                if len(passes) == 2:  # after pass 1: a write no tracker sees
+                    with open(v.image, "r+b") as f:
+                        f.seek(5 * MiB + 77)
+                        f.write(b"behind the tracker's back")
+                        f.flush()
+                        os.fsync(f.fileno())
+                if len(passes) == 3:
+                    request_cutover(str(state))
+
+            from transfer.migrate import request_cutover
+
+            r = await migrate_async(target, kind="warm", qmp=v.qmp, node="disk0",
+                                    state=str(state), nbd_socket=v.nbd, precopy_interval=0.1,
+                                    on_cutover=v.on_cutover, on_pass=on_pass,
+                                    audit_blocks=1 << 20)
+            return r.to_dict()
+
+        r = asyncio.run(run())
+        check_target(v, target, r)  # without the audit: the old bytes at 5 MiB, and exit 0
+        found = [x for x in r["passes"] if "tracker audit" in (x["fallback"] or "")]
+        assert found and found[0]["pass"] >= 2, r["passes"]
+    finally:
+        v.close()
+
+
+def test_a_live_audit_waits_for_the_next_change_source(nbdkit, tmp_path):
+    """sync's audit_live (what migrate's precopy passes use): a changed block the areas file
+    omits is a suspect, not a fallback, in the pass that finds it; the next pass's areas file
+    names it (the VM wrote it meanwhile) and it stays a delta pass; a pass whose areas file
+    does not name a suspect compares."""
+    size = 4 * MiB
+    src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
+    data_disk(src, size, 31)
+    uri = nbdkit("file", src, readonly=True).uri
+    api_sync(uri, dst, state=str(state), checkpoint="c0")
+    with open(src, "r+b") as f:  # written "after the hand-over": not in c1's areas
+        f.seek(9 * BLOCK + 5)
+        f.write(b"late")
+    none = write_areas(tmp_path / "none.json", size, [])
+    r = api_sync(uri, dst, state=str(state), changed_areas=none, checkpoint="c1",
+                 audit_live=True)
+    assert r.fallback is None and r.audit["mismatched"] == 1
+    assert begins(state)[-1]["audit"]["suspects"] == [9 * BLOCK]
+    named = write_areas(tmp_path / "named.json", size, [{"start": 9 * BLOCK, "length": 4}])
+    r = api_sync(uri, dst, state=str(state), changed_areas=named, checkpoint="c2",
+                 audit_live=True)
+    assert r.fallback is None and r.change_source == "changed areas"
+    compare(src, dst, size=size)
+    # a live pass finds another change; the next source does not name it: compare
+    with open(src, "r+b") as f:
+        f.seek(40 * BLOCK)
+        f.write(b"never named")
+    r = api_sync(uri, dst, state=str(state), changed_areas=none, checkpoint="c3",
+                 audit_live=True)
+    assert r.fallback is None and begins(state)[-1]["audit"]["suspects"] == [40 * BLOCK]
+    r = api_sync(uri, dst, state=str(state), changed_areas=none, checkpoint="c4", final=True)
+    assert r.change_source == "compare" and "neither its change source" in r.fallback
+    assert "offset 2621440" in r.fallback and r.complete
+    compare(src, dst, size=size)
 
 
 def test_a_block_device_source_is_audited_too(loop_device, tmp_path):

@@ -352,13 +352,12 @@ class Migration:
             recorded = log["handover"][str(k)] - log["handover"][str(k - 1)]
         uri = await self._export(q, bitmap)
         began = time.time()
-        options = dict(self.sync_options)
-        if not final:  # the guest still writes: its writes since the hand-over (in bitmap k+1,
-            options.setdefault("audit_blocks", 0)  # not k) would fail the tracker audit
-        try:
+        try:  # the guest still writes before the final pass: what the tracker audit finds
+            # changed there, bitmap k+1 (the next pass's) must name (sync's audit_live)
             r = await sync_async(uri, self.target, state=self.sync_state, dirty_bitmap=bitmap,
                                  compare=bitmap is None and k > 0, checkpoint=cur, final=final,
-                                 on_progress=self.on_progress, **options)
+                                 on_progress=self.on_progress, audit_live=not final,
+                                 **self.sync_options)
         finally:
             await self._unexport(q)
         copy_rate, dirty_rate = self.model.add(r, recorded)

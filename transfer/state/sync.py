@@ -47,6 +47,7 @@ differing refuse it (another disk).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 import re
 import time
@@ -78,6 +79,7 @@ COMMIT_BYTES = 1 << 30  # commit at least every GiB copied...
 COMMIT_SECONDS = 10.0  # ...or every 10 s: a kill re-copies at most this much
 AUDIT_BLOCKS = 64  # unchanged blocks a delta pass reads to check its change source (P6)
 MAX_AUDIT_BLOCKS = 1 << 20
+MAX_SUSPECTS = 1 << 16  # blocks a live audit may leave for the next pass to explain
 _CHECKPOINT = re.compile(r"^[\x20-\x7e]{1,256}$")
 
 
@@ -205,6 +207,12 @@ def _load(directory: str, journal: Journal) -> State:
             if (not _offset(start, rec.get("size")) or not isinstance(rec.get("change_source"), str)
                     or not isinstance(rec.get("compare"), bool)):
                 raise bad(i, f"(begin) has an invalid start {start!r}, change source or mode")
+            audit = rec.get("audit")
+            suspects = audit.get("suspects", []) if isinstance(audit, dict) else None
+            if audit is not None and not (
+                    isinstance(suspects, list) and len(suspects) <= MAX_SUSPECTS
+                    and all(_offset(o, rec["size"]) and o < rec["size"] for o in suspects)):
+                raise bad(i, "(begin) has an invalid audit record")
             st.resized = None
             st.passes.append(PassState(n, rec, None, upto=start))
         elif kind == "commit":
@@ -338,6 +346,7 @@ class _Pass:
     start: int = 0  # planned bytes below this were committed by an earlier attempt
     tainted: Any | None = None  # what an interrupted pass left uncommitted (inside ranges)
     audit: dict[str, Any] | None = None  # the tracker audit's record, when one ran
+    suspects: list[int] | None = None  # live audit: changed blocks the next tracker must name
 
 
 async def sync_async(source: str, target: str, *, state: str,
@@ -345,6 +354,7 @@ async def sync_async(source: str, target: str, *, state: str,
                      compare: bool = False, checkpoint: str | None = None, final: bool = False,
                      verify_source: bool = False, force: bool = False, source_moved: bool = False,
                      source_id: str | None = None, audit_blocks: int = AUDIT_BLOCKS,
+                     audit_live: bool = False,
                      connections: int | None = None, in_flight: int | None = None,
                      request_size: int | None = None, timeout: float | None = None,
                      retries: int = engine.RETRIES,
@@ -364,7 +374,11 @@ async def sync_async(source: str, target: str, *, state: str,
     audit_blocks: blocks a delta pass reads among those its change source calls
     unchanged, checked against the manifest before the pass begins; a mismatch
     makes it a compare pass, and with source_id, most samples differing refuses
-    the pass (another disk). 0 disables the audit.
+    the pass (another disk). 0 disables the audit. audit_live: the source is
+    live (a VM still writes it, recorded by the next checkpoint's tracker, as
+    in a migration's precopy passes): a sampled block that differs is only a
+    suspect, recorded in the begin record, and the next pass's change source
+    must name it, or that pass becomes a compare pass.
     """
     if sum(x is not None and x is not False for x in (dirty_bitmap, changed_areas, compare)) > 1:
         raise BadInput("give one change source: --dirty-bitmap, --changed-areas or --compare")
@@ -449,8 +463,10 @@ async def sync_async(source: str, target: str, *, state: str,
 
         plan = _choose(st, src, checkpoint=checkpoint, dirty_bitmap=dirty_bitmap,
                        changed_areas=changed_areas, size_changed=size_changed)
+        if not plan.skip:
+            plan = _check_suspects(st, plan)
         if audit_blocks and not plan.skip and not plan.compare and plan.ranges is not None:
-            plan = await _audit(src, manifest, plan, audit_blocks, source_id)
+            plan = await _audit(src, manifest, plan, audit_blocks, source_id, live=audit_live)
         if moved and not size_changed:  # a new address, or an id given: bind the new identity
             bind = {**st.bind, "source": src_ident}  # (after the audit: a refused pass writes
             journal.append(bind)  # nothing, to the state either)
@@ -606,8 +622,37 @@ def _again(last: PassState, src: Disk, checkpoint: str, dirty_bitmap: str | None
     return _Pass(last.number, _empty(), False, f"none ({done})", skip=True)
 
 
+def _check_suspects(st: State, plan: _Pass) -> _Pass:
+    """The deferred verdict of a live audit: blocks the last pass's audit found changed while
+    the VM ran must be named by this pass's change source (the tracker that recorded the VM
+    then). A resumed attempt of the same pass carries them on to the next checkpoint; a
+    compare or full pass reads them anyway. One that is not named: the tracker missed a write,
+    so this pass compares (R2)."""
+    last = st.last
+    suspects = (last.begin.get("audit") or {}).get("suspects") if last is not None else None
+    if not suspects:
+        return plan
+    if plan.number == last.number:  # the same checkpoint again: the next one must name them
+        plan.suspects = list(suspects)
+        return plan
+    if plan.compare or plan.ranges is None:
+        return plan
+    starts = [a for a, _ in plan.ranges]
+    outside = [o for o in suspects
+               if (i := bisect.bisect_right(starts, o) - 1) < 0 or plan.ranges[i][1] <= o]
+    if not outside:
+        return plan
+    why = (f"the tracker audit of pass {last.number} found {len(outside)} sampled blocks "
+           f"changed that neither its change source nor this pass's ({plan.change_source}) "
+           f"names (the first at offset {outside[0]}): the change source missed writes: "
+           "compare pass")
+    return _Pass(plan.number, None, True, "compare",
+                 "; ".join(x for x in (plan.fallback, why) if x), force=plan.tainted,
+                 resumed=plan.resumed, carries=plan.carries)
+
+
 async def _audit(src: Disk, manifest: Manifest, plan: _Pass, count: int,
-                 source_id: str | None) -> _Pass:
+                 source_id: str | None, *, live: bool = False) -> _Pass:
     """The tracker audit (RELIABILITY.md P6), before the pass's begin record: a sample of the
     blocks the change source calls unchanged is read and hashed, and compared with the
     manifest. All equal: the delta pass goes ahead. Any differing: the change source missed
@@ -620,6 +665,10 @@ async def _audit(src: Disk, manifest: Manifest, plan: _Pass, count: int,
                                      skip_digest=POISON)
     plan.audit = result.record()
     if not result.mismatched:
+        return plan
+    if live and not (source_id is not None and 2 * result.mismatched > result.sampled):
+        # the VM may have written them since the hand-over: the next pass's tracker must say
+        plan.suspects = sorted(set(plan.suspects or []) | set(result.offsets or []))
         return plan
     found = (f"the tracker audit found {result.mismatched} of {result.sampled} sampled blocks "
              f"that the change source ({plan.change_source}) calls unchanged differ from "
@@ -651,8 +700,10 @@ async def _copy(st: State, journal: Journal, src: Disk, dst: Disk, manifest: Man
                              "compare": plan.compare, "size": size}
     if plan.carries is not None:
         begin["carries"] = plan.carries
-    if plan.audit is not None:
-        begin["audit"] = plan.audit
+    if plan.audit is not None or plan.suspects:
+        begin["audit"] = {**(plan.audit or {"sampled": 0, "mismatched": 0, "seconds": 0.0})}
+        if plan.suspects:
+            begin["audit"]["suspects"] = plan.suspects
     if plan.ranges is None:
         begin["ranges"] = "all"
     else:

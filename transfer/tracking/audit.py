@@ -51,7 +51,11 @@ class AuditResult:
     sampled: int
     mismatched: int
     seconds: float
-    first: int | None = None  # offset of the first mismatching block
+    offsets: list[int] | None = None  # the mismatching blocks, in disk order
+
+    @property
+    def first(self) -> int | None:
+        return self.offsets[0] if self.offsets else None
 
     def record(self) -> dict:
         return {"sampled": self.sampled, "mismatched": self.mismatched,
@@ -124,7 +128,7 @@ def audit(disk: Disk, manifest: Manifest, unchanged: list[tuple[int, int]], coun
     offsets = choose(unchanged, manifest.size, count, rng=rng)
     if skip_digest is not None:
         offsets = [o for o in offsets if bytes(manifest.slice(o, 1)) != skip_digest]
-    mismatched, first = 0, None
+    mismatched: list[int] = []
     if offsets:
         conn, owned = _sample_conn(disk)
         buf = mmap.mmap(-1, BATCH * BLOCK)  # page-aligned: good for O_DIRECT reads too
@@ -150,11 +154,10 @@ def audit(disk: Disk, manifest: Manifest, unchanged: list[tuple[int, int]], coun
                     length = min(BLOCK, manifest.size - off)
                     got = xxhash.xxh3_128(view[i * BLOCK : i * BLOCK + length]).digest()
                     if got != bytes(manifest.slice(off, 1)):
-                        mismatched += 1
-                        first = off if first is None else first
+                        mismatched.append(off)
         finally:
             view.release()
             buf.close()
             if owned:
                 conn.close()
-    return AuditResult(len(offsets), mismatched, time.monotonic() - started, first)
+    return AuditResult(len(offsets), len(mismatched), time.monotonic() - started, mismatched)
