@@ -109,6 +109,17 @@ def holds(path: str, where: tuple[int, bytes]) -> bool:
         return f.read(len(where[1])) == where[1]
 
 
+def paused_target(tmp_path) -> tuple[str, str, Nbdkit]:
+    """A SIZE-byte target file served by nbdkit with the pause filter: (file, control socket,
+    the started server); the caller stops the server."""
+    target_file, control = str(tmp_path / "t.img"), str(tmp_path / "pause.sock")
+    with open(target_file, "wb") as f:
+        f.truncate(SIZE)
+    server = Nbdkit(str(tmp_path / "target.sock"), "file", target_file,
+                    f"pause-control={control}", filters=["pause"]).start()
+    return target_file, control, server
+
+
 def pause(control: str, command: bytes) -> None:
     """nbdkit's pause filter: b"p" holds every later request until b"r"; it answers upper case
     once that took effect."""
@@ -126,11 +137,7 @@ def test_a_cutover_after_a_run_killed_past_its_hand_over_copies_both_bitmaps(dis
     transfer-1 disabled, pass 1 not logged)."""
     require("nbdkit")
     d = disk(21)
-    target_file, control = str(tmp_path / "t.img"), str(tmp_path / "pause.sock")
-    with open(target_file, "wb") as f:
-        f.truncate(SIZE)
-    target = Nbdkit(str(tmp_path / "target.sock"), "file", target_file,
-                    f"pause-control={control}", filters=["pause"]).start()
+    target_file, control, target = paused_target(tmp_path)
     state, report = tmp_path / "st", tmp_path / "r.json"
     argv = [sys.executable, "-m", "transfer.cli", "migrate", target.uri, "--type", "warm",
             "--qmp", d.qmp, "--node", "disk0", "--state", str(state), "--nbd-socket", d.nbd,
@@ -227,11 +234,7 @@ def test_a_final_pass_killed_after_its_merge_then_a_warm_run_compares(disk, tmp_
     and C."""
     require("nbdkit")
     d = disk(25)
-    target_file, control = str(tmp_path / "t.img"), str(tmp_path / "pause.sock")
-    with open(target_file, "wb") as f:
-        f.truncate(SIZE)
-    target = Nbdkit(str(tmp_path / "target.sock"), "file", target_file,
-                    f"pause-control={control}", filters=["pause"]).start()
+    target_file, control, target = paused_target(tmp_path)
     state, report = tmp_path / "st", tmp_path / "r.json"
     argv = migrate_argv(d, target.uri, state, "--precopy-interval", "600s")
     C = (9 * MiB, b"\xc3" * (64 << 10))
