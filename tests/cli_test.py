@@ -289,3 +289,22 @@ def test_absurd_export_size_is_refused_before_any_write(nbdkit, tmp_path):
     target = tmp_path / "t.img"
     one_line_error(run_cli("copy", src.uri, str(target)), 3, "export size", "out of range")
     assert not target.exists()
+
+
+def test_zero_blocks_inside_data_are_found_and_not_written(tmp_path):
+    """The zero scan: a source whose middle MiB is written zeroes (allocated: SEEK_DATA calls it
+    data, so it is read) copied to a new file: the report counts that MiB as skipped, not
+    copied, and the target holds a hole there, not written zeroes."""
+    src = tmp_path / "src.img"
+    with open(src, "wb") as f:
+        f.write(os.urandom(MiB) + bytes(MiB) + os.urandom(MiB))
+        os.fsync(f.fileno())
+    assert os.stat(src).st_blocks * 512 >= 3 * MiB  # allocated, zeroes included
+    target, report = tmp_path / "t.img", tmp_path / "r.json"
+    p = run_cli("copy", str(src), str(target), "--progress", "none", "--report", str(report))
+    assert p.returncode == 0, p.stderr
+    r = json.load(open(report))
+    assert r["bytes_read"] == 3 * MiB
+    assert r["bytes_copied"] == 2 * MiB and r["bytes_skipped"] == MiB
+    assert os.stat(target).st_blocks * 512 <= 2 * MiB + 64 * 1024  # a hole where the zeroes were
+    compare(str(src), str(target), size=3 * MiB)

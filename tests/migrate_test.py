@@ -338,3 +338,38 @@ def test_a_daemon_without_an_nbd_server_gets_one_in_the_state_directory(tmp_path
         assert expected_digest_of_file(target) == json.loads(report.read_text())["digest"]
     finally:
         qsd.stop()
+
+
+def test_a_target_corrupted_behind_the_engine_fails_the_cutover(vm, tmp_path):
+    """R10 through migrate: between passes a data block of the target is overwritten behind
+    the engine (no change source can know); the cutover's read-back finds it: exit 6 naming the
+    offset, never a completed migration. (The second guard of the --final comparison, beside
+    sync_test's read-back test.)"""
+    v = vm(size=16 * MiB, seed=9, rate=1 * MiB, pattern="scattered")  # seed 9: data at 0
+    with open(v.image, "rb") as f:
+        assert f.read(BLOCK) != bytes(BLOCK)
+    target, state = tmp_path / "t.img", tmp_path / "st"
+    argv = v.migrate_argv(str(target), state, "--type", "warm", "--precopy-interval", "600s")
+    argv[argv.index("--on-cutover") + 1] = "true"  # no guest runs here
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # pass 0 logged: the run waits for its next interval
+            try:
+                if json.loads((state / "migrate.json").read_text())["next"] >= 1:
+                    break
+            except (OSError, ValueError):
+                pass
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.05)
+        with open(target, "r+b") as f:  # the storage loses a write
+            f.seek(100)
+            f.write(b"not what was copied")
+        subprocess.run([sys.executable, "-m", "transfer.cli", "cutover", "--state", str(state)],
+                       check=True)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 6, err
+    assert "read back from the target differ" in err and "at offset 0" in err, err
+    assert "Traceback" not in err
