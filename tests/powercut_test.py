@@ -262,6 +262,16 @@ def test_power_cut_of_the_engine_host(nbdkit, tmp_path, moment):
         else:
             assert seen_commits == 0 and upto == 0, (seen_commits, after)
 
+        if source.proc.poll() is not None:
+            # nbdkit 1.32 can abort when a client dies with reads in flight (connections.c:402
+            # raw_send_socket: Assertion `sock >= 0' failed; seen once in ten runs here, as in
+            # test_kill_9_at_random_moments): the source, on another host, comes back at its
+            # address, as a restarted source pod's would. Any other death is a failure.
+            source._log.seek(0)
+            log = source._log.read().decode(errors="replace")
+            assert "raw_send_socket" in log, f"the source died: {log}"
+            source.stop()
+            source.start()
         r = sync(source.uri, tloop, state, *args)  # the same command, after the reboot
         assert r["pass"] == 0 and r["complete"] is False
         if after is not None and upto:
