@@ -22,10 +22,11 @@ from transfer.state.sync import _load
 
 from .conftest import run_cli
 from .sync_test import (SyncChild, check_equal, journal_records, make_disk, scribble, sync,
-                        wait_until, write_areas)
+                        write_areas)
 
 MiB = 1 << 20
 RATE = "32M"  # nbdkit's rate filter counts bits (4 MB/s after a burst): a pass lasts about 2 s
+SLOW = "16M"  # 2 MB/s: a 24 MiB pass lasts about 5 s, with progress lines each second
 
 
 def journal_state(state) -> tuple:
@@ -45,6 +46,29 @@ def journal_state(state) -> tuple:
 def begins_of(state, number: int) -> list[dict]:
     with Journal.open(str(state / "journal"), create=False) as j:
         return [x for x in j.records if x["t"] == "begin" and x["pass"] == number]
+
+
+def unthrottle(rate_file) -> None:
+    """Lift a rate filter's limit through its rate-file (replaced whole, as the filter asks; it
+    rereads it shortly): the reruns after a failure need not go slowly."""
+    new = rate_file.with_name(rate_file.name + ".new")
+    new.write_text("10G")
+    os.replace(new, rate_file)
+
+
+def wait_mid_pass(child: SyncChild, state) -> dict:
+    """Wait until the pass has committed and goes on: a progress line with some of the plan
+    written, not all, once the journal holds a commit record. Returns the last commit record
+    seen. (A commit count alone is no clock: one slow request can hold the frontier, and so
+    the commits, until the end of the pass.)"""
+    seen: list[dict] = []
+
+    def check(e: dict) -> bool:
+        seen[:] = [x for x in journal_records(state) if x["t"] == "commit"]
+        return 0 < e["bytes_done"] < e["bytes_total"] and bool(seen)
+
+    child.wait_progress("part of the plan written, after a commit", check)
+    return seen[-1]
 
 
 def _kill_at(child: SyncChild, state, seen: int, commits: int | None, final: bool) -> str | None:
@@ -225,13 +249,14 @@ def test_target_write_eio_mid_pass_then_resume(nbdkit, tmp_path):
     with open(tgt, "wb") as f:
         f.truncate(size)
     trigger = tmp_path / "inject"
-    source = nbdkit("file", src, "rate=" + RATE, readonly=True, filters=("rate",))
+    rate = tmp_path / "rate"
+    source = nbdkit("file", src, "rate=" + SLOW, f"rate-file={rate}", readonly=True,
+                    filters=("rate",))
     target = nbdkit("file", tgt, "error-pwrite=EIO", "error-pwrite-rate=100%",
                     f"error-pwrite-file={trigger}", filters=("error",))
     child = SyncChild(source.uri, target.uri, state, "--commit-every", "1M")
-    try:  # writes start failing once the pass has committed twice
-        good = wait_until("a second commit record", lambda: [
-            x for x in journal_records(state) if x["t"] == "commit"][1:], child.proc)[0]
+    try:  # writes start failing once the pass has committed and goes on
+        good = wait_mid_pass(child, state)
         trigger.touch()
         rc, out = child.finish(timeout=120)
     finally:
@@ -244,6 +269,7 @@ def test_target_write_eio_mid_pass_then_resume(nbdkit, tmp_path):
     with open(src, "rb") as a, open(tgt, "rb") as b:
         assert a.read(upto) == b.read(upto)
     trigger.unlink()
+    unthrottle(rate)
     r = sync(source.uri, target.uri, state)
     assert r["resumed"]
     check_equal(src, tgt, size, r)
@@ -253,7 +279,7 @@ def test_failed_flush_is_fatal_and_not_retried(nbdkit, tmp_path):
     """R6: the first failed flush ends the pass (exit 4): it is never issued again and trusted,
     and no commit follows it. nbdkit's eval plugin serves a file, logs every write and flush
     with wall-clock times (each call is a shell of its own pid) and fails flush on demand, once
-    the pass has committed twice. Checked exactly on that log: every commit record is older
+    the pass has committed and goes on (wait_mid_pass). Checked exactly on that log: every commit record is older
     than the failed flush, and covers only writes that had ended before a flush that then
     succeeded, also before the commit; so the last commit covers nothing written after the
     failed flush."""
@@ -264,7 +290,9 @@ def test_failed_flush_is_fatal_and_not_retried(nbdkit, tmp_path):
     with open(tgt, "wb") as f:
         f.truncate(size)
     now = "$(date +%s.%N)"
-    source = nbdkit("file", src, "rate=" + RATE, readonly=True, filters=("rate",))
+    rate = tmp_path / "rate"
+    source = nbdkit("file", src, "rate=" + SLOW, f"rate-file={rate}", readonly=True,
+                    filters=("rate",))
     target = nbdkit(
         "eval", f"get_size=echo {size}",
         f"pread=dd if={tgt} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
@@ -276,8 +304,7 @@ def test_failed_flush_is_fatal_and_not_retried(nbdkit, tmp_path):
         "can_write=exit 0", "can_flush=exit 0", "can_multi_conn=exit 0")
     child = SyncChild(source.uri, target.uri, state, "--commit-every", "1M")
     try:
-        wait_until("a second commit record", lambda: [
-            x for x in journal_records(state) if x["t"] == "commit"][1:], child.proc)
+        wait_mid_pass(child, state)
         trigger.touch()
         rc, out = child.finish(timeout=120)
     finally:
@@ -294,7 +321,7 @@ def test_failed_flush_is_fatal_and_not_retried(nbdkit, tmp_path):
     commits = [x for x in journal_records(state) if x["t"] == "commit"]
     oks_before = sum(1 for _, end in flushes if end < failed_at)
     assert len(commits) <= oks_before // 2 + 1  # a commit needs both connections' flush
-    assert len(commits) >= 2 and not journal_state(state)[3]
+    assert len(commits) >= 1 and not journal_state(state)[3]
     for c in commits:
         assert c["time"] < failed_at, (c, failed_at)  # no commit follows the failed flush
         below = [(done, off) for done, off, _ in writes if off < c["upto"]]
@@ -305,6 +332,7 @@ def test_failed_flush_is_fatal_and_not_retried(nbdkit, tmp_path):
     after = [(off, n) for done, off, n in writes if done > failed_at]
     assert all(off >= last for off, n in after), (last, after)
     trigger.unlink()
+    unthrottle(rate)
     r = sync(source.uri, target.uri, state)
     check_equal(src, tgt, size, r)
 
@@ -341,12 +369,13 @@ def test_source_gone_stops_resumably(nbdkit, tmp_path):
     from transfer.servers import Nbdkit
 
     sock = str(tmp_path / "src.sock")
-    server = Nbdkit(sock, "file", src, "rate=" + RATE, readonly=True, filters=("rate",)).start()
+    rate = tmp_path / "rate"
+    server = Nbdkit(sock, "file", src, "rate=" + SLOW, f"rate-file={rate}", readonly=True,
+                    filters=("rate",)).start()
     try:
         child = SyncChild(server.uri, dst, state, "--commit-every", "1M", "--retries", "2")
-        try:  # the server goes away once the pass has committed twice
-            good = wait_until("a second commit record", lambda: [
-                x for x in journal_records(state) if x["t"] == "commit"][1:], child.proc)[0]
+        try:  # the server goes away once the pass has committed and goes on
+            good = wait_mid_pass(child, state)
             server.stop()
             rc, err = child.finish(timeout=60)
         finally:
@@ -354,6 +383,7 @@ def test_source_gone_stops_resumably(nbdkit, tmp_path):
         assert rc == 3, err
         number, upto, above, ended = journal_state(state)
         assert not ended and good["upto"] <= upto < size and above == size - upto
+        unthrottle(rate)
         server.start()
         r = sync(server.uri, dst, state)
         assert r["resumed"] and r["delta_bytes"] == above
@@ -520,9 +550,9 @@ def test_a_target_power_cut_loses_only_what_was_not_committed(nbdkit, tmp_path):
     disk = str(tmp_path / "behind-the-cache.img")
     with open(disk, "wb") as f:
         f.truncate(size)
-    # at 2 MB/s (after a burst) a pass lasts seconds; the reruns after the cuts go fast
+    # SLOW: a pass lasts seconds; the reruns after the cuts go fast (unthrottle)
     rate = tmp_path / "rate"
-    source = nbdkit("file", src, "rate=16M", f"rate-file={rate}", readonly=True,
+    source = nbdkit("file", src, "rate=" + SLOW, f"rate-file={rate}", readonly=True,
                     filters=("rate",))
     target = Nbdkit(str(tmp_path / "t.sock"), "file", disk, "cache=writeback",
                     filters=("cache",))
@@ -545,7 +575,7 @@ def test_a_target_power_cut_loses_only_what_was_not_committed(nbdkit, tmp_path):
             assert "begin" in kinds[seen:] and "end" not in kinds[seen:], kinds  # mid-pass
             cuts += 1
         assert cuts == 3
-        rate.write_text("10G")  # the rate filter rereads it
+        unthrottle(rate)
         target.start()
         r = sync(source.uri, target.uri, state)
         r = sync(source.uri, target.uri, state, "--compare", "--final")  # reads the target back

@@ -69,21 +69,6 @@ def journal_records(state) -> list[dict]:
     return records
 
 
-def wait_until(what: str, check, proc: subprocess.Popen, timeout: float = 120.0):
-    """Poll check() until it returns something true, and return that; fail if proc exits
-    first or the (generous) deadline passes. The sleep is only the poll interval."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if proc.poll() is not None:
-            pytest.fail(f"the engine exited ({proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} within {timeout} s")
-        time.sleep(0.005)
-
-
 class SyncChild:
     """`transfer sync ... --progress json` as a child process: its JSON progress lines (stdout)
     and stderr are read on threads as they come, so the test can wait for one."""
@@ -103,7 +88,10 @@ class SyncChild:
 
     def _lines(self) -> None:
         for line in self.proc.stdout:
-            self.events.put(json.loads(line))
+            try:
+                self.events.put(json.loads(line))
+            except ValueError:  # wait_progress fails on it, showing the line
+                self.events.put({"event": "not JSON", "line": line})
         self.events.put(None)  # stdout closed: the engine ended
 
     def wait_progress(self, what: str, check, timeout: float = 120.0) -> dict:
