@@ -7,12 +7,12 @@ equal to the source.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -21,10 +21,12 @@ from transfer.state.journal import Journal, encode
 from transfer.state.sync import _load
 
 from .conftest import run_cli
-from .sync_test import check_equal, make_disk, scribble, sync, write_areas
+from .sync_test import (SyncChild, check_equal, journal_records, make_disk, scribble, sync,
+                        write_areas)
 
 MiB = 1 << 20
 RATE = "32M"  # nbdkit's rate filter counts bits (4 MB/s after a burst): a pass lasts about 2 s
+SLOW = "16M"  # 2 MB/s: a 24 MiB pass lasts about 5 s, with progress lines each second
 
 
 def journal_state(state) -> tuple:
@@ -46,23 +48,69 @@ def begins_of(state, number: int) -> list[dict]:
         return [x for x in j.records if x["t"] == "begin" and x["pass"] == number]
 
 
-def popen_sync(source: str, target: str, state, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "transfer.cli", "sync", source, target,
-                             "--state", str(state), "--progress", "none", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def unthrottle(rate_file) -> None:
+    """Lift a rate filter's limit through its rate-file (replaced whole, as the filter asks; it
+    rereads it shortly): the reruns after a failure need not go slowly."""
+    new = rate_file.with_name(rate_file.name + ".new")
+    new.write_text("10G")
+    os.replace(new, rate_file)
+
+
+def wait_mid_pass(child: SyncChild, state) -> dict:
+    """Wait until the pass has committed and goes on: a progress line with some of the plan
+    written, not all, once the journal holds a commit record. Returns the last commit record
+    seen. (A commit count alone is no clock: one slow request can hold the frontier, and so
+    the commits, until the end of the pass.)"""
+    seen: list[dict] = []
+
+    def check(e: dict) -> bool:
+        seen[:] = [x for x in journal_records(state) if x["t"] == "commit"]
+        return 0 < e["bytes_done"] < e["bytes_total"] and bool(seen)
+
+    child.wait_progress("part of the plan written, after a commit", check)
+    return seen[-1]
+
+
+def _kill_at(child: SyncChild, state, seen: int, commits: int | None, final: bool) -> str | None:
+    """SIGKILL the child at an event of its run (records after the first `seen` are its own):
+    right after its begin record once `commits` commit records follow it ("copying"); in a
+    final pass, right after its end record when that comes first or commits is None: the
+    read-back and the source's re-hash follow it ("verifying"). None when the run ended, or its
+    (not final) pass ended, before the moment came: it is let finish."""
+    deadline = time.monotonic() + 120
+    while True:
+        kinds = [x["t"] for x in journal_records(state)[seen:]]
+        if "end" in kinds:
+            if not final:
+                return None
+            child.kill()
+            return "verifying"
+        if commits is not None and "begin" in kinds and kinds.count("commit") >= commits:
+            child.kill()
+            return "copying"
+        if child.proc.poll() is not None:
+            return None
+        assert time.monotonic() < deadline, f"no event in 120 s: {kinds}"
+        time.sleep(0.005)  # the poll interval
 
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments(nbdkit, tmp_path):
     """P1: at least 20 kills that land while a pass runs (copying, committing, verifying),
     over a full pass, changed-areas passes (as many as it takes to reach 12 kills) and a final
-    --compare pass with --verify=source (killed 8 times before it may finish)."""
+    --compare pass with --verify=source (killed 8 times before it may finish). Each moment is
+    random but defined by the run's own events (_kill_at): right after its begin record, or
+    its 1st or 2nd commit record; in the final pass, from its 5th kill on (or when its end
+    record comes first), in the verification after its end record (a rerun then compares
+    again). After each kill the journal shows that it landed there: a begin record of the run
+    with no end after it, or the run's final pass ended and not complete."""
     size = 24 * MiB
     src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
     make_disk(src, size, 31)
     server = nbdkit("file", src, "rate=" + RATE, readonly=True, filters=("rate",))
     r = random.Random(7)
     kills, resumes, restarts, per_pass = 0, 0, 0, []
+    landings = {"copying": 0, "verifying": 0}
 
     def passes():
         yield ("--checkpoint", "c0")
@@ -75,6 +123,7 @@ def test_kill_9_at_random_moments(nbdkit, tmp_path):
         yield ("--compare", "--checkpoint", "final", "--final", "--verify=source")
 
     for k, args in enumerate(passes()):
+        final = "--final" in args
         killed_here = 0
         for attempt in range(100):
             before = journal_state(state) if (state / "journal").exists() else None
@@ -86,17 +135,31 @@ def test_kill_9_at_random_moments(nbdkit, tmp_path):
                 server.stop()
                 server.start()
                 restarts += 1
-            p = popen_sync(server.uri, dst, state, "--commit-every", "1M", *args)
+            records = journal_records(state)
+            seen = len(records)
+            commits = None if final and killed_here >= 4 else r.randrange(3)
+            child = SyncChild(server.uri, dst, state, "--commit-every", "1M", *args)
             try:
-                p.wait(timeout=r.uniform(0.1, 0.5) if killed_here < 8 else 120)  # then let it finish
-            except subprocess.TimeoutExpired:
-                p.kill()  # our own child, by its pid
-                p.wait()
-            err = p.stderr.read()
-            p.stderr.close()
-            if p.returncode == 3 and server.proc.poll() is not None:
+                landed = None
+                if killed_here < 8:  # then let it finish
+                    landed = _kill_at(child, state, seen, commits, final)
+                rc, err = child.finish(timeout=120)
+            finally:
+                child.kill()
+            if rc == 3 and server.proc.poll() is not None:
                 continue  # the server died under the previous kill (above); not our failure
-            assert p.returncode in (0, -signal.SIGKILL), (k, attempt, kills, err)
+            if landed is None:
+                assert rc == 0, (k, attempt, kills, err)
+            else:
+                assert rc == -signal.SIGKILL, (k, attempt, kills, landed, rc, err)
+                records = journal_records(state)  # whole records (a torn tail is dropped later)
+                kinds = [x["t"] for x in records[seen:]]
+                if landed == "copying":  # the run's begin, with no end after it
+                    assert "begin" in kinds and "end" not in kinds, (landed, kinds)
+                else:  # the run's final pass ended, and was not completed
+                    assert "end" in kinds and records[-1]["t"] == "end" and \
+                        records[-1]["final"], (landed, kinds)
+                landings[landed] += 1
             after = journal_state(state)
             if before is not None and not before[3]:
                 begins = begins_of(state, before[0])
@@ -104,7 +167,7 @@ def test_kill_9_at_random_moments(nbdkit, tmp_path):
                     # the pass was resumed: its new plan is exactly what was not committed (R4)
                     assert begins[-1]["bytes"] == before[2], (before, begins[-1])
                     resumes += 1
-            if p.returncode == 0:
+            if rc == 0:
                 assert after is not None and after[3], "a pass that exited 0 is ended"
                 per_pass.append(killed_here)
                 break
@@ -113,8 +176,10 @@ def test_kill_9_at_random_moments(nbdkit, tmp_path):
         else:
             pytest.fail(f"pass {k} never finished")
     assert kills >= 20, f"only {kills} kills {per_pass} landed ({restarts} server restarts)"
-    print(f"{kills} kills {per_pass}, {resumes} resumed attempts, {restarts} source restarts")
+    print(f"{kills} kills {per_pass} {landings}, {resumes} resumed attempts, "
+          f"{restarts} source restarts")
     assert resumes >= 5
+    assert landings["copying"] >= 12 and landings["verifying"] >= 1, landings
     with Journal.open(str(state / "journal"), create=False) as j:
         assert j.records[-1]["t"] == "complete"
     report = sync(server.uri, dst, state, "--compare", expect=2)  # complete: refused
@@ -132,14 +197,18 @@ def test_sigterm_commits_then_exits_5(nbdkit, tmp_path):
     src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
     make_disk(src, size, 32)
     server = nbdkit("file", src, "rate=" + RATE, readonly=True, filters=("rate",))
-    p = popen_sync(server.uri, dst, state)  # commit every 1 GiB or 10 s: only SIGTERM commits
-    time.sleep(0.8)
-    p.send_signal(signal.SIGTERM)
-    p.wait(timeout=30)
-    err = p.stderr.read()
-    p.stderr.close()
-    assert p.returncode == 5, err
+    child = SyncChild(server.uri, dst, state)  # commit every 1 GiB or 10 s: only SIGTERM commits
+    try:
+        # a progress line with bytes done: the pass runs (the handlers were installed before it)
+        child.wait_progress("bytes done mid-pass", lambda e: 0 < e["bytes_done"] < size)
+        assert [x["t"] for x in journal_records(state)][-1] == "begin"  # nothing committed yet
+        child.proc.send_signal(signal.SIGTERM)
+        rc, err = child.finish(timeout=30)
+    finally:
+        child.kill()
+    assert rc == 5, err
     assert "interrupted" in err and "Traceback" not in err
+    assert [x["t"] for x in journal_records(state)][-2:] == ["begin", "commit"]  # SIGTERM's
     number, upto, above, ended = journal_state(state)
     assert number == 0 and not ended and 0 < upto < size
     r = sync(server.uri, dst, state)
@@ -170,19 +239,6 @@ def test_target_enospc_then_resume(tmp_path):
         subprocess.run(["umount", str(mnt)], check=True)
 
 
-def _touch_later(path, delay: float, *, remove_after: float | None = None) -> threading.Thread:
-    def run() -> None:
-        time.sleep(delay)
-        path.touch()
-        if remove_after is not None:
-            time.sleep(remove_after)
-            path.unlink()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
-
-
 def test_target_write_eio_mid_pass_then_resume(nbdkit, tmp_path):
     """T2: writes failing mid-pass stop it (exit 4) with nothing committed past the last good
     flush; the rerun finishes."""
@@ -193,16 +249,27 @@ def test_target_write_eio_mid_pass_then_resume(nbdkit, tmp_path):
     with open(tgt, "wb") as f:
         f.truncate(size)
     trigger = tmp_path / "inject"
-    source = nbdkit("file", src, "rate=" + RATE, readonly=True, filters=("rate",))
+    rate = tmp_path / "rate"
+    source = nbdkit("file", src, "rate=" + SLOW, f"rate-file={rate}", readonly=True,
+                    filters=("rate",))
     target = nbdkit("file", tgt, "error-pwrite=EIO", "error-pwrite-rate=100%",
                     f"error-pwrite-file={trigger}", filters=("error",))
-    t = _touch_later(trigger, 0.6)
-    out = sync(source.uri, target.uri, state, "--commit-every", "1M", expect=4)["stderr"]
-    t.join()
-    assert "write failed" in out
+    child = SyncChild(source.uri, target.uri, state, "--commit-every", "1M")
+    try:  # writes start failing once the pass has committed and goes on
+        good = wait_mid_pass(child, state)
+        trigger.touch()
+        rc, out = child.finish(timeout=120)
+    finally:
+        child.kill()
+    assert rc == 4, out
+    assert "write failed" in out and "Traceback" not in out
     number, upto, _, ended = journal_state(state)
-    assert not ended and upto < size
+    assert not ended and good["upto"] <= upto < size
+    # everything the journal says is committed is on the target (the failed writes are above)
+    with open(src, "rb") as a, open(tgt, "rb") as b:
+        assert a.read(upto) == b.read(upto)
     trigger.unlink()
+    unthrottle(rate)
     r = sync(source.uri, target.uri, state)
     assert r["resumed"]
     check_equal(src, tgt, size, r)
@@ -210,32 +277,62 @@ def test_target_write_eio_mid_pass_then_resume(nbdkit, tmp_path):
 
 def test_failed_flush_is_fatal_and_not_retried(nbdkit, tmp_path):
     """R6: the first failed flush ends the pass (exit 4): it is never issued again and trusted,
-    and no commit follows it. nbdkit's eval plugin serves a file and fails flush on demand."""
+    and no commit follows it. nbdkit's eval plugin serves a file, logs every write and flush
+    with wall-clock times (each call is a shell of its own pid) and fails flush on demand, once
+    the pass has committed and goes on (wait_mid_pass). Checked exactly on that log: every commit record is older
+    than the failed flush, and covers only writes that had ended before a flush that then
+    succeeded, also before the commit; so the last commit covers nothing written after the
+    failed flush."""
     size = 24 * MiB
     src, state = str(tmp_path / "src.img"), tmp_path / "state"
     make_disk(src, size, 44)
-    tgt, trigger, calls = str(tmp_path / "t.img"), tmp_path / "inject", tmp_path / "flushes"
+    tgt, trigger, calls = str(tmp_path / "t.img"), tmp_path / "inject", tmp_path / "calls"
     with open(tgt, "wb") as f:
         f.truncate(size)
-    source = nbdkit("file", src, "rate=" + RATE, readonly=True, filters=("rate",))
+    now = "$(date +%s.%N)"
+    rate = tmp_path / "rate"
+    source = nbdkit("file", src, "rate=" + SLOW, f"rate-file={rate}", readonly=True,
+                    filters=("rate",))
     target = nbdkit(
         "eval", f"get_size=echo {size}",
         f"pread=dd if={tgt} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
-        f"pwrite=dd of={tgt} seek=$4 conv=notrunc oflag=seek_bytes status=none",
-        f"flush=if test -f {trigger}; then echo fail >> {calls}; echo 'EIO injected' >&2; "
-        f"exit 1; fi; echo ok >> {calls}",
+        f"pwrite=dd of={tgt} seek=$4 conv=notrunc oflag=seek_bytes status=none && "
+        f"echo write $$ {now} $4 $3 >> {calls}",
+        f"flush=echo flush $$ {now} >> {calls}; if test -f {trigger}; then "
+        f"echo fail $$ {now} >> {calls}; echo 'EIO injected' >&2; exit 1; fi; "
+        f"echo ok $$ {now} >> {calls}",
         "can_write=exit 0", "can_flush=exit 0", "can_multi_conn=exit 0")
-    t = _touch_later(trigger, 0.8)
-    out = sync(source.uri, target.uri, state, "--commit-every", "1M", expect=4)["stderr"]
-    t.join()
-    assert "flush failed" in out
-    log = calls.read_text().split()
-    assert log.count("fail") == 1, log  # never retried
-    with Journal.open(str(state / "journal"), create=False) as j:
-        commits = [x for x in j.records if x["t"] == "commit"]
-    assert len(commits) <= log.index("fail") // 2 + 1  # a commit needs both connections' flush
-    assert not journal_state(state)[3]
+    child = SyncChild(source.uri, target.uri, state, "--commit-every", "1M")
+    try:
+        wait_mid_pass(child, state)
+        trigger.touch()
+        rc, out = child.finish(timeout=120)
+    finally:
+        child.kill()
+    assert rc == 4, out
+    assert "flush failed" in out and "Traceback" not in out
+    log = [line.split() for line in calls.read_text().splitlines()]
+    assert [x[0] for x in log].count("fail") == 1, log  # never retried
+    fail = next(x for x in log if x[0] == "fail")
+    started = {x[1]: float(x[2]) for x in log if x[0] == "flush"}
+    flushes = [(started[x[1]], float(x[2])) for x in log if x[0] == "ok"]  # (began, ended)
+    writes = [(float(x[2]), int(x[3]), int(x[4])) for x in log if x[0] == "write"]  # ended, off
+    failed_at = started[fail[1]]
+    commits = [x for x in journal_records(state) if x["t"] == "commit"]
+    oks_before = sum(1 for _, end in flushes if end < failed_at)
+    assert len(commits) <= oks_before // 2 + 1  # a commit needs both connections' flush
+    assert len(commits) >= 1 and not journal_state(state)[3]
+    for c in commits:
+        assert c["time"] < failed_at, (c, failed_at)  # no commit follows the failed flush
+        below = [(done, off) for done, off, _ in writes if off < c["upto"]]
+        assert below, c  # the commit covers writes (the check below is not empty)
+        for done, off in below:  # each ended before a flush that succeeded before the commit
+            assert any(done <= began and end <= c["time"] for began, end in flushes), (c, off)
+    last = commits[-1]["upto"]
+    after = [(off, n) for done, off, n in writes if done > failed_at]
+    assert all(off >= last for off, n in after), (last, after)
     trigger.unlink()
+    unthrottle(rate)
     r = sync(source.uri, target.uri, state)
     check_equal(src, tgt, size, r)
 
@@ -249,10 +346,16 @@ def test_transient_source_errors_are_retried(nbdkit, tmp_path):
     trigger.touch()
     server = nbdkit("file", src, "error-pread=EIO", "error-pread-rate=100%",
                     f"error-pread-file={trigger}", readonly=True, filters=("error",))
-    t = _touch_later(tmp_path / "unused", 0.0, remove_after=None)
-    threading.Timer(0.8, trigger.unlink).start()
-    r = sync(server.uri, dst, state)
-    t.join()
+    report = tmp_path / "r.json"
+    child = SyncChild(server.uri, dst, state, "--report", str(report))
+    try:  # the outage ends once a progress line shows the engine retrying (not the pass's end)
+        child.wait_progress("a retry", lambda e: e["retries"] >= 1)
+        trigger.unlink()
+        rc, err = child.finish(timeout=120)
+    finally:
+        child.kill()
+    assert rc == 0, err
+    r = json.loads(report.read_text())
     assert r["retries"] > 0
     check_equal(src, dst, size, r)
 
@@ -266,17 +369,21 @@ def test_source_gone_stops_resumably(nbdkit, tmp_path):
     from transfer.servers import Nbdkit
 
     sock = str(tmp_path / "src.sock")
-    server = Nbdkit(sock, "file", src, "rate=" + RATE, readonly=True, filters=("rate",)).start()
+    rate = tmp_path / "rate"
+    server = Nbdkit(sock, "file", src, "rate=" + SLOW, f"rate-file={rate}", readonly=True,
+                    filters=("rate",)).start()
     try:
-        p = popen_sync(server.uri, dst, state, "--commit-every", "1M", "--retries", "2")
-        time.sleep(0.7)
-        server.stop()
-        p.wait(timeout=60)
-        err = p.stderr.read()
-        p.stderr.close()
-        assert p.returncode == 3, err
+        child = SyncChild(server.uri, dst, state, "--commit-every", "1M", "--retries", "2")
+        try:  # the server goes away once the pass has committed and goes on
+            good = wait_mid_pass(child, state)
+            server.stop()
+            rc, err = child.finish(timeout=60)
+        finally:
+            child.kill()
+        assert rc == 3, err
         number, upto, above, ended = journal_state(state)
-        assert not ended
+        assert not ended and good["upto"] <= upto < size and above == size - upto
+        unthrottle(rate)
         server.start()
         r = sync(server.uri, dst, state)
         assert r["resumed"] and r["delta_bytes"] == above
@@ -431,7 +538,10 @@ def test_a_target_power_cut_loses_only_what_was_not_committed(nbdkit, tmp_path):
     loses exactly the unflushed writes. Cut it at three moments of a pass, bring it back at the
     same address, run the same command again: the pass must finish and the disk behind the
     server must equal the source. A journal that committed before flushing would resume past
-    blocks that were lost, and the read-back (and qemu-img compare) would find them."""
+    blocks that were lost, and the read-back (and qemu-img compare) would find them. Each cut
+    follows the first progress line of its run with 20, 50 or 30 % of the run's plan written
+    (a slower source keeps the pass going for seconds), and each is checked to have landed
+    mid-pass: the run's begin record, no end, and the engine failing on the target (exit 4)."""
     from transfer.servers import Nbdkit
 
     size = 24 * MiB
@@ -440,24 +550,32 @@ def test_a_target_power_cut_loses_only_what_was_not_committed(nbdkit, tmp_path):
     disk = str(tmp_path / "behind-the-cache.img")
     with open(disk, "wb") as f:
         f.truncate(size)
-    source = nbdkit("file", src, "rate=" + RATE, readonly=True, filters=("rate",))
+    # SLOW: a pass lasts seconds; the reruns after the cuts go fast (unthrottle)
+    rate = tmp_path / "rate"
+    source = nbdkit("file", src, "rate=" + SLOW, f"rate-file={rate}", readonly=True,
+                    filters=("rate",))
     target = Nbdkit(str(tmp_path / "t.sock"), "file", disk, "cache=writeback",
                     filters=("cache",))
     cuts = 0
     try:
-        for moment in (0.6, 0.9, 1.2):
+        for part in (0.2, 0.5, 0.3):  # cut once this part of the run's plan was written
             target.start()
-            p = popen_sync(source.uri, target.uri, state, "--commit-every", "1M")
-            time.sleep(moment)
-            os.kill(target.pid, signal.SIGKILL)  # our own child: the power cut
-            rc = p.wait(timeout=60)
-            p.stderr.close()
+            seen = len(journal_records(state))
+            child = SyncChild(source.uri, target.uri, state, "--commit-every", "1M")
+            try:
+                child.wait_progress(f"{part:.0%} of the plan written",
+                                    lambda e: e["bytes_done"] >= part * e["bytes_total"])
+                os.kill(target.pid, signal.SIGKILL)  # our own child: the power cut
+                rc, err = child.finish(timeout=60)
+            finally:
+                child.kill()
             target.stop()
-            if rc == 0:
-                break  # the pass ended before the cut
-            assert rc == 4, rc
+            assert rc == 4, err
+            kinds = [x["t"] for x in journal_records(state)]
+            assert "begin" in kinds[seen:] and "end" not in kinds[seen:], kinds  # mid-pass
             cuts += 1
-        assert cuts >= 1
+        assert cuts == 3
+        unthrottle(rate)
         target.start()
         r = sync(source.uri, target.uri, state)
         r = sync(source.uri, target.uri, state, "--compare", "--final")  # reads the target back

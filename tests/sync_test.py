@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
+import struct
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
+import xxhash
 
 from .conftest import compare, expected_digest_of_file, require, run_cli
 from .oplog_test import _OP
@@ -37,6 +42,87 @@ def sync(source: str, target: str, state, *args: str, tmp_path=None, expect: int
         return {"stderr": p.stderr}
     with open(report) as f:
         return json.load(f)
+
+
+def journal_records(state) -> list[dict]:
+    """The journal's whole records, parsed read-only from the file (format: the docstring of
+    transfer/state/journal.py). Journal.open would take the lock a running engine holds (and
+    could truncate a tail being appended), so this never locks nor writes: a running engine is
+    not disturbed. A record not yet whole (still being appended, or torn by a kill) ends the
+    list; the next engine to open the journal drops it."""
+    try:
+        with open(os.path.join(str(state), "journal"), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:  # not created yet (it appears whole, by a link)
+        return []
+    assert data[:8] == b"TRJOURN1", data[:8]
+    records, pos = [], 8
+    while pos + 12 <= len(data):
+        length, seq = struct.unpack_from("<IQ", data, pos)
+        end = pos + 12 + length + 8
+        if end > len(data) or xxhash.xxh3_64_intdigest(data[pos:end - 8]) != \
+                struct.unpack_from("<Q", data, end - 8)[0]:
+            break
+        assert seq == len(records) + 1, (seq, len(records))
+        records.append(json.loads(data[pos + 12:end - 8]))
+        pos = end
+    return records
+
+
+class SyncChild:
+    """`transfer sync ... --progress json` as a child process: its JSON progress lines (stdout)
+    and stderr are read on threads as they come, so the test can wait for one."""
+
+    def __init__(self, source: str, target: str, state, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "transfer.cli", "sync", source, target, "--state", str(state),
+             "--progress", "json", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.events: queue.Queue = queue.Queue()
+        self._err: list[str] = []
+        self._threads = [threading.Thread(target=self._lines, daemon=True),
+                         threading.Thread(target=lambda: self._err.append(self.proc.stderr.read()),
+                                          daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _lines(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.events.put(json.loads(line))
+            except ValueError:  # wait_progress fails on it, showing the line
+                self.events.put({"event": "not JSON", "line": line})
+        self.events.put(None)  # stdout closed: the engine ended
+
+    def wait_progress(self, what: str, check, timeout: float = 120.0) -> dict:
+        """The first progress event for which check(event) is true; fail if the engine ends
+        (or reports its final event) before one comes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                e = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no progress line with {what} within {timeout} s")
+            if e is None:
+                pytest.fail(f"the engine ended (exit {self.proc.wait()}) before a progress line "
+                            f"with {what}: {''.join(self._err)}")
+            assert e["event"] == "progress", e
+            if check(e):
+                return e
+            assert not e["final"], f"the pass ended before a progress line with {what}: {e}"
+
+    def finish(self, timeout: float = 120.0) -> tuple[int, str]:
+        """(exit code, stderr) once the child has ended."""
+        rc = self.proc.wait(timeout=timeout)
+        for t in self._threads:
+            t.join(timeout=30)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return rc, "".join(self._err)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # our own child, by its pid
 
 
 def make_disk(path: str, size: int, seed: int) -> None:
@@ -311,9 +397,9 @@ def test_a_new_socket_for_each_pass_needs_no_flag(tmp_path):
 
 def test_a_moved_source_resumes_an_interrupted_pass(tmp_path):
     """A pass interrupted, then its source served elsewhere: the rebind lands mid-pass, and the
-    journal stays readable; the pass resumes from its commit."""
+    journal stays readable; the pass resumes from its commit. SIGTERM is sent once a progress
+    line shows the pass under way (the signal handlers are installed before it starts)."""
     import signal
-    import time
 
     from transfer.servers import Nbdkit
 
@@ -323,12 +409,17 @@ def test_a_moved_source_resumes_an_interrupted_pass(tmp_path):
     a = Nbdkit(str(tmp_path / "a.sock"), "file", src, "rate=32M", readonly=True,
                filters=("rate",)).start()
     try:
-        p = subprocess.Popen([sys.executable, "-m", "transfer.cli", "sync", a.uri, dst,
-                              "--state", str(state), "--progress", "none"],
-                             stderr=subprocess.DEVNULL)
-        time.sleep(0.8)
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=30) == 5
+        child = SyncChild(a.uri, dst, state)
+        try:
+            child.wait_progress("bytes done mid-pass", lambda e: 0 < e["bytes_done"] < size)
+            child.proc.send_signal(signal.SIGTERM)
+            rc, err = child.finish(timeout=30)
+        finally:
+            child.kill()
+        assert rc == 5, err
+        records = journal_records(state)
+        assert [x["t"] for x in records].count("begin") == 1 and records[-1]["t"] == "commit"
+        assert 0 < records[-1]["upto"] < size  # SIGTERM committed what finished, mid-pass
     finally:
         a.stop()
     b = Nbdkit(str(tmp_path / "b.sock"), "file", src, readonly=True).start()
