@@ -150,3 +150,18 @@ def sha256_of(path: str) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _nbd_target_locks(tmp_path_factory) -> Iterator[None]:
+    """NBD targets' host-local locks (transfer.disks.lock) go to a directory of this run, not
+    the host's /run/lock/transfer, which would keep a file per export the tests ever wrote;
+    the CLI processes the tests start inherit it. A test that needs its own sets its own."""
+    if os.environ.get("TRANSFER_LOCK_DIR"):
+        yield
+        return
+    os.environ["TRANSFER_LOCK_DIR"] = str(tmp_path_factory.mktemp("nbd-target-locks"))
+    try:
+        yield
+    finally:
+        os.environ.pop("TRANSFER_LOCK_DIR", None)
