@@ -32,7 +32,7 @@ from transfer.servers import Nbdkit
 
 from .conftest import compare, expected_digest_of_file, require, sha256_of
 from .statefs_test import wait_for
-from .sync_crash_test import journal_state, popen_sync
+from .sync_crash_test import journal_state
 from .sync_test import make_disk, sync
 
 MiB = 1 << 20
@@ -44,6 +44,13 @@ WRITEBACK_DELAY = "10ms"
 # Two connections, two requests each: the commit frontier moves steadily once it starts (with
 # more in flight a slow early read can hold it back until the end); about ten commits a pass
 SHAPE = ("--commit-every", "256K", "--connections", "2", "--requests", "2")
+
+
+def popen_sync(source: str, target: str, state, *args: str) -> subprocess.Popen:
+    """`transfer sync` started in the background, its stderr kept for the failure message."""
+    return subprocess.Popen([sys.executable, "-m", "transfer.cli", "sync", source, target,
+                             "--state", str(state), "--progress", "none", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _run(*argv: str) -> str:
