@@ -12,7 +12,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -20,7 +19,6 @@ import pytest
 from transfer.state.journal import Journal, encode
 from transfer.state.sync import _load
 
-from .conftest import run_cli
 from .sync_test import (SyncChild, check_equal, journal_records, make_disk, scribble, sync,
                         write_areas)
 

@@ -14,7 +14,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 

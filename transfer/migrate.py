@@ -535,7 +535,7 @@ class Migration:
                 stop = await self._stop_vm()
                 began = time.monotonic()
                 self.phase = "during the final pass"
-                info = await self._pass(q, log, report, final=True)
+                await self._pass(q, log, report, final=True)
                 report.cutover = {"stop_seconds": stop, "downtime": stop + time.monotonic() - began}
             else:
                 report.cutover = await self._warm(q, log, report)
