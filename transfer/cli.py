@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="command that stops the VM; it must succeed before the final pass")
     m.add_argument("--cutover-timeout", default="5m", metavar="DURATION")
     m.add_argument("--max-passes", type=int, default=100, metavar="N")
+    m.add_argument("--source-id", metavar="ID", help="as for sync (e.g. the qemu node's name)")
+    m.add_argument("--audit-blocks", type=int, default=64, metavar="N",
+                   help="as for sync: precopy passes are audited live (a block the guest "
+                        "changed must be named by the next bitmap), the final pass at once")
     m.add_argument("--report", metavar="FILE", help="write a JSON report to FILE")
     m.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
 
@@ -374,7 +378,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             on_cutover=args.on_cutover, cutover_timeout=parse_duration(args.cutover_timeout),
             max_passes=args.max_passes, on_pass=lambda p: say(_pass_line(p)),
             on_progress=make_renderer(args.progress) if args.progress in ("bar", "json")
-            else None)))
+            else None, source_id=args.source_id, audit_blocks=args.audit_blocks)))
     except TransferError as e:  # the passes so far and the VM's state, when it got that far
         if args.report and getattr(e, "report", None) is not None:
             _write_report(args.report, {**e.report.to_dict(), "error": str(e),
