@@ -104,6 +104,21 @@ def vm(tmp_path):
         v.close()
 
 
+def wait_logged(state, p: subprocess.Popen, passes: int, deadline: float = 120.0) -> None:
+    """Wait until the migration running as p has logged `passes` passes (its migrate.json
+    says so); fails if p ends first or the deadline passes."""
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            if json.loads((state / "migrate.json").read_text())["next"] >= passes:
+                return
+        except (OSError, ValueError):
+            pass  # not written yet, or being replaced
+        assert time.monotonic() < end, f"no {passes} passes logged within {deadline:g} s"
+        assert p.poll() is None, p.stderr.read() if p.stderr else p.returncode
+        time.sleep(0.05)
+
+
 def check_target(v: Vm, target: str, report: dict) -> None:
     now = v.contents()
     compare(now, target, size=v.size)
@@ -221,14 +236,7 @@ def test_a_restarted_daemon_loses_its_bitmaps_and_the_pass_compares(vm, tmp_path
     p = subprocess.Popen(v.migrate_argv(target, state, "--type", "warm",
                                         "--precopy-interval", "0.3s"),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # until pass 1 is logged
-        try:
-            if json.loads((state / "migrate.json").read_text())["next"] >= 2:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
+    wait_logged(state, p, 2)  # pass 1 logged
     os.kill(v.qsd.pid, signal.SIGKILL)  # our own child
     assert p.wait(timeout=60) != 0
     p.stderr.close()
@@ -281,10 +289,7 @@ def test_kill_9_the_engine_mid_migration_and_run_it_again(vm, nbdkit, tmp_path):
         assert "end" not in kinds[last_begin:], kinds  # the kill landed inside a pass
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # after a later pass was logged: in the precopy wait or the next pass
-        deadline = time.monotonic() + 120
-        while json.loads((state / "migrate.json").read_text())["next"] < 2:
-            assert time.monotonic() < deadline and p.poll() is None
-            time.sleep(0.05)
+        wait_logged(state, p, 2)
     finally:
         p.kill()
         p.wait()
@@ -353,15 +358,7 @@ def test_a_target_corrupted_behind_the_engine_fails_the_cutover(vm, tmp_path):
     argv[argv.index("--on-cutover") + 1] = "true"  # no guest runs here
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:  # pass 0 logged: the run waits for its next interval
-            try:
-                if json.loads((state / "migrate.json").read_text())["next"] >= 1:
-                    break
-            except (OSError, ValueError):
-                pass
-            assert time.monotonic() < deadline and p.poll() is None
-            time.sleep(0.05)
+        wait_logged(state, p, 1)  # pass 0 logged: the run waits for its next interval
         with open(target, "r+b") as f:  # the storage loses a write
             f.seek(100)
             f.write(b"not what was copied")
@@ -386,15 +383,7 @@ def test_migrate_audit_through_the_cli_catches_a_write_no_bitmap_saw(vm, tmp_pat
     argv[argv.index("--on-cutover") + 1] = "true"  # no guest runs here
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:  # pass 0 logged: the run waits for its next interval
-            try:
-                if json.loads((state / "migrate.json").read_text())["next"] >= 1:
-                    break
-            except (OSError, ValueError):
-                pass
-            assert time.monotonic() < deadline and p.poll() is None
-            time.sleep(0.05)
+        wait_logged(state, p, 1)  # pass 0 logged: the run waits for its next interval
         with open(v.image, "r+b") as f:
             f.seek(3 * MiB + 5)
             f.write(b"no bitmap saw this")
