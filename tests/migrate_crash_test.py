@@ -120,6 +120,14 @@ def paused_target(tmp_path) -> tuple[str, str, Nbdkit]:
     return target_file, control, server
 
 
+def end_ours(pids) -> None:
+    """After a failed test: end the --on-cutover shell and sleep we started, if still there
+    (checked by their command line, so a reused pid is left alone)."""
+    for pid in pids:
+        if alive(pid) and b"sleep 600" in open(f"/proc/{pid}/cmdline", "rb").read().replace(
+                b"\0", b" "):
+            os.kill(pid, signal.SIGKILL)
+
 def pause(control: str, command: bytes) -> None:
     """nbdkit's pause filter: b"p" holds every later request until b"r"; it answers upper case
     once that took effect."""
@@ -429,10 +437,7 @@ def test_sigint_during_on_cutover_terminates_the_command_and_exits_5(disk, tmp_p
         for pid in started:  # the shell and its sleep: gone, or a zombie until init reaps it
             wait_for(f"pid {pid} to end", lambda: not alive(pid))
     finally:
-        for pid in started:  # if the test failed: they are ours to end (not a reused pid)
-            if alive(pid) and b"sleep 600" in open(f"/proc/{pid}/cmdline", "rb").read().replace(
-                    b"\0", b" "):
-                os.kill(pid, signal.SIGKILL)
+        end_ours(started)
     r = json.loads(report.read_text())
     assert r["exit_code"] == 5 and r["cutover"]["vm_stopped"] is False
     assert [x["final"] for x in r["passes"]] == [False]  # pass 0 only, no final
@@ -468,10 +473,7 @@ def test_an_on_cutover_command_past_its_timeout_is_terminated_with_its_children(
         for pid in started:
             wait_for(f"pid {pid} to end", lambda: not alive(pid))
     finally:
-        for pid in started:  # if the test failed: they are ours to end (not a reused pid)
-            if alive(pid) and b"sleep 600" in open(f"/proc/{pid}/cmdline", "rb").read().replace(
-                    b"\0", b" "):
-                os.kill(pid, signal.SIGKILL)
+        end_ours(started)
     r = json.loads(report.read_text())
     assert r["exit_code"] == 3 and r["cutover"]["vm_stopped"] is False
     assert r["cutover"]["on_cutover"] == "unknown: --on-cutover timed out and was terminated"
