@@ -345,6 +345,24 @@ def test_a_daemon_without_an_nbd_server_gets_one_in_the_state_directory(tmp_path
         qsd.stop()
 
 
+def write_after_pass_0_then_cut_over(argv: list[str], state, path, offset: int,
+                                     data: bytes) -> tuple[subprocess.Popen, str]:
+    """Run the migration argv (a long --precopy-interval); once pass 0 is logged, write data
+    into the file path behind the engine, then `transfer cutover`; the ended process and its
+    stderr."""
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_logged(state, p, 1)  # pass 0 logged: the run waits for its next interval
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+        subprocess.run([sys.executable, "-m", "transfer.cli", "cutover", "--state", str(state)],
+                       check=True)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    return p, err
+
 def test_a_target_corrupted_behind_the_engine_fails_the_cutover(vm, tmp_path):
     """R10 through migrate: between passes a data block of the target is overwritten behind
     the engine (no change source can know); the cutover's read-back finds it: exit 6 naming the
@@ -356,17 +374,7 @@ def test_a_target_corrupted_behind_the_engine_fails_the_cutover(vm, tmp_path):
     target, state = tmp_path / "t.img", tmp_path / "st"
     argv = v.migrate_argv(str(target), state, "--type", "warm", "--precopy-interval", "600s")
     argv[argv.index("--on-cutover") + 1] = "true"  # no guest runs here
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_logged(state, p, 1)  # pass 0 logged: the run waits for its next interval
-        with open(target, "r+b") as f:  # the storage loses a write
-            f.seek(100)
-            f.write(b"not what was copied")
-        subprocess.run([sys.executable, "-m", "transfer.cli", "cutover", "--state", str(state)],
-                       check=True)
-        _, err = p.communicate(timeout=120)
-    finally:
-        p.kill()
+    p, err = write_after_pass_0_then_cut_over(argv, state, target, 100, b"not what was copied")
     assert p.returncode == 6, err
     assert "read back from the target differ" in err and "at offset 0" in err, err
     assert "Traceback" not in err
@@ -381,17 +389,8 @@ def test_migrate_audit_through_the_cli_catches_a_write_no_bitmap_saw(vm, tmp_pat
     argv = v.migrate_argv(str(target), state, "--type", "warm", "--precopy-interval", "600s",
                           "--audit-blocks", "1048576", "--report", str(report))
     argv[argv.index("--on-cutover") + 1] = "true"  # no guest runs here
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_logged(state, p, 1)  # pass 0 logged: the run waits for its next interval
-        with open(v.image, "r+b") as f:
-            f.seek(3 * MiB + 5)
-            f.write(b"no bitmap saw this")
-        subprocess.run([sys.executable, "-m", "transfer.cli", "cutover", "--state", str(state)],
-                       check=True)
-        _, err = p.communicate(timeout=120)
-    finally:
-        p.kill()
+    p, err = write_after_pass_0_then_cut_over(argv, state, v.image, 3 * MiB + 5,
+                                              b"no bitmap saw this")
     assert p.returncode == 0, err
     r = json.loads(report.read_text())
     assert "tracker audit" in (r["passes"][-1]["fallback"] or ""), r["passes"]
