@@ -105,6 +105,8 @@ PLAN_REQUEST_SIZE = 1 << 20
 # Bars from the issue.
 BAR_DELTA_OVER_FULL = 0.05
 BAR_PLAN_S = 0.5
+BAR_AUDIT_SHARE = 0.02  # issue 11: the tracker audit under 2 % of a 1 %-dirty pass
+ONE_PERCENT = ("delta", "delta1-scattered", "delta1-clustered")  # the 1 %-dirty delta kinds
 # The interleaving order of a round (pass0 runs once, before the first).
 # empty: a pass with an empty changed-areas file (the fixed cost of any pass: start-up, connect,
 # journal commit); startup: `transfer sync --help` (the interpreter and the CLI's imports alone).
@@ -509,6 +511,11 @@ class Warm:
             # every scalar field of the report (lists and objects left out)
             rec["engine_report"] = {k: v for k, v in report.items()
                                     if v is None or isinstance(v, (bool, int, float, str))}
+            audit = report.get("audit")
+            if isinstance(audit, dict) and isinstance(audit.get("seconds"), (int, float)):
+                # the tracker audit (P6): its own clock, inside this run's wall
+                rec["audit"] = {k: audit.get(k) for k in ("sampled", "mismatched", "seconds")}
+                rec["audit_share"] = round(audit["seconds"] / wall, 6) if wall > 0 else None
             notes += self.report_notes(tool, report, dirty, src_digest)
         if tool in PASSES and code == 0:
             self.pass_no = report.get("pass", self.pass_no + (tool != "pass0"))
@@ -649,6 +656,11 @@ def summarize(w: Warm, plan: dict[str, Any] | None) -> dict[str, Any]:
                                           if isinstance(x.get("bytes_read"), int)]),
             "delta_bytes_median": _median([x["delta_bytes"] for x in rep
                                            if isinstance(x.get("delta_bytes"), int)]),
+            "audit_s_median": _median([r["audit"]["seconds"] for r in good if r.get("audit")]),
+            "audit_share_median": _median([r["audit_share"] for r in good
+                                           if r.get("audit_share") is not None]),
+            "audit_share_max": max((r["audit_share"] for r in good
+                                    if r.get("audit_share") is not None), default=None),
         }
     ratios = {f"{t}_over_{peer}": _paired(w.runs, t, peer)
               for t in RATIOS for peer in ("full", "nbdcopy")}
@@ -658,10 +670,17 @@ def summarize(w: Warm, plan: dict[str, Any] | None) -> dict[str, Any]:
             "plan": plan, "provenance": w.prov}
 
 
+def _audit_cell(t: dict[str, Any]) -> str:
+    """The tracker audit's median milliseconds and median share of the run's wall."""
+    if t.get("audit_s_median") is None:
+        return "–"
+    return f"{t['audit_s_median'] * 1000:.1f} ({t['audit_share_median'] * 100:.1f} %)"
+
+
 def table(s: dict[str, Any]) -> str:
     head = ("| tool | median s (min–max) | ÷ full pass (min–max) | ÷ nbdcopy | own s "
-            "| bytes read MiB | CPU-s client | CPU-s server | peak RSS MiB client / server "
-            "| check |")
+            "| audit ms (÷ wall) | bytes read MiB | CPU-s client | CPU-s server "
+            "| peak RSS MiB client / server | check |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
 
     def over_full(tool: str) -> str:
@@ -682,7 +701,7 @@ def table(s: dict[str, Any]) -> str:
         rn = {"nbdcopy": 1.0, "pass0": None}.get(
             tool, (s.get(f"{tool}_over_nbdcopy") or {}).get("median"))
         lines.append(f"| {NAMES.get(tool, tool)} | {med} | {rf} | {_fmt(rn, '.3f')} | "
-                     f"{_fmt(t['own_seconds_median'], '.3f')} | "
+                     f"{_fmt(t['own_seconds_median'], '.3f')} | {_audit_cell(t)} | "
                      f"{_fmt(t['bytes_read_median'] and t['bytes_read_median'] / MiB, '.1f')} | "
                      f"{_fmt(t['client_cpu_s_median'], '.2f')} | "
                      f"{_fmt(t['server_cpu_s_median'], '.2f')} | "
@@ -697,6 +716,14 @@ def bars(s: dict[str, Any] | None, plan: dict[str, Any] | None) -> list[dict[str
         v = s["delta_over_full"]["median"]
         out.append({"bar": f"delta pass wall ÷ full pass wall ≤ {BAR_DELTA_OVER_FULL:g}",
                     "value": v, "format": ".3f", "met": v is not None and v <= BAR_DELTA_OVER_FULL})
+        for tool in ONE_PERCENT:
+            t = s["tools"].get(tool) or {}
+            if not t.get("runs"):
+                continue
+            v = t.get("audit_share_median")
+            out.append({"bar": f"{NAMES[tool]}: tracker audit ÷ pass wall ≤ {BAR_AUDIT_SHARE:g}",
+                        "value": v, "format": ".4f",
+                        "met": v is not None and v <= BAR_AUDIT_SHARE})
     if plan is not None:
         v = plan.get("total_s_median")
         out.append({"bar": f"plan {plan.get('areas', PLAN_AREAS):,} areas (load + plan), median "
