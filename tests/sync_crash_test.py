@@ -398,7 +398,8 @@ def _two_passes(tmp_path, seed: int):
     with open(dst, "rb") as f, open(str(tmp_path / "dst-after-pass-0.img"), "wb") as g:
         g.write(f.read())
     areas = write_areas(tmp_path / "a1.json", size, scribble(src, seed + 1, count=6))
-    sync(src, dst, state, "--changed-areas", areas, "--checkpoint", "c1")
+    # --read-back final: the journal ends with pass 1's end record (no read-back after it)
+    sync(src, dst, state, "--changed-areas", areas, "--checkpoint", "c1", "--read-back", "final")
     return size, src, dst, state, areas
 
 

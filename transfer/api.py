@@ -161,33 +161,41 @@ async def _scan(disk: Disk, manifest: Manifest, kernels: _native.Kernels, *, siz
                 connections: int | None, in_flight: int | None, request_size: int | None,
                 on_progress: Callable[[Progress], None] | None,
                 known_zero: Manifest | None = None,
-                retries: int = engine.RETRIES) -> engine.Result:
-    """Read and hash the first size bytes of disk into manifest (the copy engine, to null:)."""
+                retries: int = engine.RETRIES,
+                ranges: list[tuple[int, int]] | None = None) -> engine.Result:
+    """Read and hash the first size bytes of disk into manifest (the copy engine, to null:);
+    with ranges, only those (sorted, block-aligned) ranges."""
     conns, flight, req_size = _shape(disk, connections, in_flight, request_size)
     sink = open_disk("null:", "target")
     sink.create(size)
     return await engine.run(disk, sink, manifest, kernels, connections=conns, in_flight=flight,
                             request_size=req_size, target_zero=True, on_progress=on_progress,
-                            size=size, known_zero=known_zero, retries=retries)
+                            size=size, known_zero=known_zero, retries=retries, ranges=ranges)
 
 
 async def _read_back(target: str, manifest: Manifest, kernels: _native.Kernels, *,
                      on_progress: Callable[[Progress], None] | None,
                      limit: int = VERIFY_OFFSETS,
-                     tls: Tls | None = None) -> tuple[int, list[int], int]:
+                     tls: Tls | None = None,
+                     ranges: list[tuple[int, int]] | None = None) -> tuple[int, list[int], int]:
     """Read target back (O_DIRECT where local) and compare with manifest: (count, offsets, bytes).
 
     Blocks the copy wrote as data are read back; blocks it zeroed or skipped (zero
     digest) are not read again, so the read-back costs at most one read of the
     allocated data, block devices included. `transfer verify` reads everything.
+    ranges: read back only these (sorted, block-aligned) ranges; the rest is not compared.
     """
+    if ranges is not None and not ranges:
+        return 0, [], 0
     disk = await asyncio.to_thread(open_disk, target, "source", direct=True, kernels=kernels,
                                    tls=tls)
     back = Manifest(manifest.size)
     try:
+        if ranges is not None:  # blocks outside ranges are not read: they compare equal
+            back.view[:] = manifest.view
         result = await _scan(disk, back, kernels, size=manifest.size, connections=None,
                              in_flight=None, request_size=None, on_progress=on_progress,
-                             known_zero=manifest)
+                             known_zero=manifest, ranges=ranges)
         count, offsets = manifest.differences(back, limit)
         return count, offsets, result.stats.bytes_read
     finally:

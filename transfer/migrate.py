@@ -63,26 +63,9 @@ from .state.journal import Journal
 from .state.sync import SyncReport, sync_async
 
 PREFIX = "transfer-"
-READ_SAMPLE = 256 << 20  # target data read back after pass 0 to learn the read-back rate
 BIG_PASS = 64 << 20  # bytes moved by a pass that says more about the copy rate than overhead
 EXPORT = "transfer-src"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-
-
-def _data_runs(m) -> list[tuple[int, int]]:
-    """(offset, length) runs of the manifest's non-zero blocks."""
-    out, pos = [], 0
-    for off, n in m.zero_runs(0, m.size) + [(m.size, 0)]:
-        if off > pos:
-            out.append((pos, off - pos))
-        pos = off + n
-    return out
-
-
-def _native_kernels():
-    from . import _native
-
-    return _native.kernels()
 
 
 def parse_duration(text: str) -> float:
@@ -153,26 +136,38 @@ class Model:
         self.stop_seconds = 0.0
 
     def add(self, report: SyncReport, recorded: float | None) -> tuple[float | None, float | None]:
-        """Fold one pass in: a pass takes overhead + moved / copy_rate seconds. Big passes
-        (pass 0) give the copy rate, small ones the overhead."""
-        seconds = max(report.seconds, 1e-3)
+        """Fold one pass in: a pass takes overhead + moved / copy_rate + read back / read_rate
+        seconds. Big passes (pass 0) give the copy rate and, by their read-back of all they
+        wrote, the read-back rate; small ones the overhead."""
+        back = report.read_back or {}
+        back_bytes, back_seconds = back.get("bytes", 0), back.get("seconds", 0.0)
+        if back_bytes >= BIG_PASS and back_seconds > 0:
+            rate = back_bytes / back_seconds
+            self.read_rate = rate if self.read_rate is None else 0.5 * (self.read_rate + rate)
+        seconds = max(report.seconds - back_seconds, 1e-3)  # the copy's own
         moved = report.bytes_copied + report.bytes_zeroed
         if moved >= BIG_PASS or self.copy_rate is None and moved:
             rate = moved / seconds
             self.copy_rate = rate if self.copy_rate is None else 0.5 * (self.copy_rate + rate)
-        elif self.copy_rate:  # a small pass: mostly the fixed cost
-            fixed = max(0.0, seconds - moved / self.copy_rate)
+        elif self.copy_rate:  # a small pass: mostly the fixed cost, its read-back's included
+            reading = back_bytes / self.read_rate if self.read_rate else back_seconds
+            fixed = max(0.0, report.seconds - moved / self.copy_rate - reading)
             self.overhead = fixed if self.overhead is None else min(self.overhead, fixed)
         if recorded is not None and recorded > 0:
             self.dirty_rate = report.delta_bytes / recorded
         return self.copy_rate, self.dirty_rate
 
-    def predict(self, since_handover: float, data_bytes: int) -> float | None:
+    def predict(self, since_handover: float, unverified: int,
+                source_data: int = 0) -> float | None:
+        """The downtime of a cutover now: the stop, a pass's fixed cost, the delta dirtied
+        since the last hand-over copied and read back, the unverified target data read back,
+        and (--verify source) the source's data read and hashed at the copy rate."""
         if self.copy_rate is None or self.dirty_rate is None:
             return None
         delta = self.dirty_rate * since_handover
-        verify = data_bytes / self.read_rate if self.read_rate else 0.0
-        return self.stop_seconds + (self.overhead or 0.0) + delta / self.copy_rate + verify
+        verify = (unverified + delta) / self.read_rate if self.read_rate else 0.0
+        return (self.stop_seconds + (self.overhead or 0.0) + (delta + source_data) / self.copy_rate
+                + verify)
 
 
 class Migration:
@@ -193,6 +188,7 @@ class Migration:
         self.max_passes = max_passes
         self.on_pass, self.on_progress, self.sync_options = on_pass, on_progress, sync_options
         self.model = Model()
+        self.verify_source = False  # the final pass hashes the whole source again
         self.sync_state = os.path.join(state, "sync")
         self.log_path = os.path.join(state, "migrate.json")
         self.signal_path = os.path.join(state, "cutover")
@@ -357,6 +353,7 @@ class Migration:
             r = await sync_async(uri, self.target, state=self.sync_state, dirty_bitmap=bitmap,
                                  compare=bitmap is None and k > 0, checkpoint=cur, final=final,
                                  on_progress=self.on_progress, audit_live=not final,
+                                 verify_source=final and self.verify_source,
                                  **self.sync_options)
         finally:
             await self._unexport(q)
@@ -373,8 +370,11 @@ class Migration:
         report.passes.append(info)
         return info
 
-    def _data_bytes(self) -> int:
-        """The target's data per the manifest (what a read-back reads)."""
+    def _source_data(self) -> int:
+        """With --verify source: the source's data as copied (the manifest's non-zero blocks),
+        which the final pass reads and hashes again; else 0."""
+        if not self.verify_source:
+            return 0
         from .integrity import Manifest
 
         m = Manifest.open(os.path.join(self.sync_state, "manifest"))
@@ -383,40 +383,21 @@ class Migration:
         finally:
             m.close()
 
-    async def _read_rate(self) -> float | None:
-        """Time a read-back of the target's first READ_SAMPLE bytes of data, as the final
-        verification will read it (O_DIRECT, blocks the manifest says are data): the read-back
-        is most of the downtime, and no earlier pass measures it (pass 0 reads the source)."""
-        from .api import _scan
-        from .disks import open_disk
+    def _unverified_bytes(self) -> int:
+        """The target's data that a final pass would read back besides its own delta: what
+        the passes since the last read-back wrote (a crash before a pass's read-back, or a
+        pass run with --read-back final), and blocks a read-back found wrong."""
         from .integrity import Manifest
+        from .state.sync import POISON, _load, _pending
+        from .tracking.areas import union_runs
 
+        with Journal.open(os.path.join(self.sync_state, "journal"), create=False) as j:
+            st = _load(self.sync_state, j)
         m = Manifest.open(os.path.join(self.sync_state, "manifest"))
-        disk = None
         try:
-            end, data = 0, 0
-            for off, n in _data_runs(m):
-                take = min(n, READ_SAMPLE - data)
-                end, data = off + take, data + take
-                if data >= READ_SAMPLE:
-                    break
-            if data < 4 * BLOCK:
-                return None
-            end = min(-(-end // BLOCK) * BLOCK, m.size)
-            disk = await asyncio.to_thread(open_disk, self.target, "source", direct=True)
-            sink = Manifest(m.size)
-            try:
-                began = time.monotonic()
-                r = await _scan(disk, sink, _native_kernels(), size=end, connections=None,
-                                in_flight=None, request_size=None, on_progress=None,
-                                known_zero=m)
-                seconds = time.monotonic() - began
-            finally:
-                sink.close()
-            return r.stats.bytes_read / seconds if r.stats.bytes_read and seconds > 0 else None
+            runs = union_runs(_pending(st, m.size), m.runs_of(POISON), m.size)
+            return sum(e - s - sum(n for _, n in m.zero_runs(s, e - s)) for s, e in runs)
         finally:
-            if disk is not None:
-                disk.close()
             m.close()
 
     def _cutover_due(self) -> bool:
@@ -571,12 +552,11 @@ class Migration:
             if log["next"] == 0 or not self._cutover_due():
                 self.phase = f"during pass {log['next']}"
                 info = await self._pass(q, log, report, final=False)
-                if self.model.read_rate is None:
-                    self.model.read_rate = await self._read_rate()
                 if info.pass_ >= 1:
                     deltas.append(info.delta_bytes)
                 since = time.time() - log["handover"][str(log["next"] - 1)]
-                info.predicted_downtime = self.model.predict(since, self._data_bytes())
+                info.predicted_downtime = self.model.predict(since, self._unverified_bytes(),
+                                                             self._source_data())
                 report.passes[-1] = info
                 if self.on_pass is not None:
                     self.on_pass(info)
@@ -606,7 +586,7 @@ class Migration:
             while time.monotonic() < wait_until and not self._cutover_due():
                 await asyncio.sleep(min(0.2, max(0.0, wait_until - time.monotonic())))
         predicted = self.model.predict(time.time() - log["handover"][str(log["next"] - 1)],
-                                       self._data_bytes())
+                                       self._unverified_bytes(), self._source_data())
         self.phase = "while the --on-cutover command ran"
         stop = await self._stop_vm()
         began = time.monotonic()
@@ -696,13 +676,15 @@ async def migrate_async(target: str, *, kind: str, qmp: str, node: str, state: s
                         cutover: str | None = None, max_downtime: float = 5.0,
                         on_cutover: str | None = None, cutover_timeout: float = 300.0,
                         max_passes: int = 100, on_pass: Callable[[PassInfo], None] | None = None,
-                        on_progress: Callable | None = None,
+                        on_progress: Callable | None = None, verify_source: bool = False,
                         **sync_options: Any) -> MigrateReport:
     """Migrate the block node `node` of the qemu-storage-daemon at `qmp` onto target.
 
     Cancelled (or a pass interrupted), it raises Interrupted saying where it stopped and
     whether the VM was stopped; a TransferError raised here has .report (the MigrateReport
     so far, cutover["vm_stopped"] and cutover["on_cutover"] included). Run it again to resume.
+    verify_source: the final pass also reads and hashes the whole source again (the VM is
+    stopped: downtime that grows with the disk's data, and the prediction counts it).
     """
     if precopy_interval < 0 or max_downtime <= 0 or cutover_timeout <= 0:
         raise BadInput("durations must be positive")
@@ -712,6 +694,7 @@ async def migrate_async(target: str, *, kind: str, qmp: str, node: str, state: s
                   cutover_now=cutover == "now", max_downtime=max_downtime, on_cutover=on_cutover,
                   cutover_timeout=cutover_timeout, max_passes=max_passes, on_pass=on_pass,
                   on_progress=on_progress, sync_options=sync_options)
+    m.verify_source = verify_source
     return await m.run()
 
 

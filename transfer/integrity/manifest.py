@@ -219,6 +219,27 @@ class Manifest:
         return [(int(first + a) * self.block, min(int(first + b) * self.block, end) -
                  int(first + a) * self.block) for a, b in zip(edges[::2], edges[1::2])]
 
+    def runs_of(self, digest: bytes) -> list[tuple[int, int]]:
+        """(start, end) runs of the blocks whose digest is digest, in disk order (ends clipped
+        to the size); scanned in slices, so memory stays bounded for any disk size."""
+        import numpy as np
+
+        want = np.frombuffer(digest, np.uint8)
+        runs: list[tuple[int, int]] = []
+        for first in range(0, self.blocks, _COMPARE_BLOCKS):
+            n = min(_COMPARE_BLOCKS, self.blocks - first)
+            d = np.frombuffer(self.view, np.uint8, n * DIGEST_SIZE, first * DIGEST_SIZE)
+            hit = (d.reshape(n, DIGEST_SIZE) == want).all(1)
+            edges = np.flatnonzero(np.diff(np.concatenate(([0], hit.view(np.int8), [0]))))
+            for a, b in zip(edges[::2], edges[1::2]):
+                start, end = int(first + a) * self.block, min(int(first + b) * self.block,
+                                                              self.size)
+                if runs and runs[-1][1] == start:
+                    runs[-1] = (runs[-1][0], end)
+                else:
+                    runs.append((start, end))
+        return runs
+
     def digest(self) -> bytes:
         h = xxhash.xxh3_128()
         h.update(self.view)

@@ -4,7 +4,8 @@
 - JsonProgress: one JSON object per line, per event (the engine emits one a
   second and a final one): {"event": "progress", "bytes_done", "bytes_total",
   "percent", "rate" (bytes/s), "seconds", "final", "retries", "reconnects",
-  "stalled" (seconds since bytes_done last grew)}.
+  "stalled" (seconds since bytes_done last grew), "phase" ("copy", or "read-back":
+  the target read back against the digests taken while copying)}.
 
 Both show a stall (no completed write for STALL seconds or more: a silent
 server, RELIABILITY.md S5) and the retries and reconnects so far.
@@ -43,6 +44,8 @@ class TerminalBar:
         line = (f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {frac * 100:5.1f}% "
                 f"{human_bytes(p.done)} / {human_bytes(p.total)}  {human_bytes(p.rate)}/s")
         line += "  done" if p.final else f"  ETA {eta:4.0f} s"
+        if p.phase != "copy":
+            line += f"  ({p.phase})"
         if p.retries or p.reconnects:
             line += f"  retries {p.retries}, reconnects {p.reconnects}"
         if p.stalled >= STALL:
@@ -67,6 +70,7 @@ class JsonProgress:
             "retries": p.retries,
             "reconnects": p.reconnects,
             "stalled": round(p.stalled, 1),
+            "phase": p.phase,
         }
         self.stream.write(json.dumps(event) + "\n")
         self.stream.flush()

@@ -450,6 +450,7 @@ class Progress:
     retries: int = 0  # reads issued again after an error or a lost connection
     reconnects: int = 0
     stalled: float = 0.0  # seconds since done last grew (S5: a silent server shows here)
+    phase: str = "copy"  # or "read-back": the target read back against the manifest
 
     @property
     def rate(self) -> float:

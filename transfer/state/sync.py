@@ -7,8 +7,19 @@ An orchestrator runs one pass per checkpoint (RELIABILITY.md section (c)):
                 a VMware changed-areas file, or --compare (read all, write
                 only blocks whose digest differs from the manifest)
     --final     the last delta, then the target read back against the
-                manifest (and with verify_source, the whole source hashed
-                again); the state is then complete and takes no more passes
+                manifest where it was not yet (and with verify_source, the
+                whole source hashed again); the state is then complete and
+                takes no more passes
+
+Every pass ends by reading back (O_DIRECT where local) what the passes since
+the last read-back planned, and comparing it with the manifest (read_back=
+"pass", the default; "final" leaves it all to --final). So a warm migration's
+cutover reads back only its final delta, plus whatever a crash or a failed
+read-back left unverified: the guarantee of --final is unchanged (every data
+block of the target was read back after its last write, and matched), and the
+downtime no longer grows with the disk. A block that does not match gets the
+POISON digest in the manifest, and every later pass plans it again (a
+--final cannot complete while one is left).
 
 The state directory holds three kinds of file:
 
@@ -21,6 +32,8 @@ The state directory holds three kinds of file:
                       begin   pass, checkpoint, change source, planned ranges, audit
                       commit  pass, upto: every planned byte below is durable
                       end     pass, checkpoint, digest, delta bytes
+                      verified pass, bytes, mismatched: every begin record before
+                              it was read back (its mismatches POISONed first)
                       complete
     manifest        the per-block digests (transfer.integrity), memory-mapped
     pass-K-S.ranges pass K's planned ranges, for the begin record S (transfer.state.ranges_file);
@@ -48,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import os
 import re
 import time
@@ -115,6 +129,8 @@ class SyncReport:
     native: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what else happened, in words
     audit: dict[str, Any] | None = None  # the tracker audit: sampled, mismatched, seconds
+    read_back: dict[str, Any] | None = None  # bytes, mismatched, seconds of this run's read-back
+    rewritten: int = 0  # bytes a read-back had found wrong, planned again by this pass
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -149,6 +165,7 @@ class State:
     passes: list[PassState] = field(default_factory=list)
     complete: bool = False
     resized: tuple | None = None  # (old, new) size of a bind no pass has begun after
+    pending: list[dict[str, Any]] = field(default_factory=list)  # begins not yet read back
 
     @property
     def last(self) -> PassState | None:
@@ -215,6 +232,7 @@ def _load(directory: str, journal: Journal) -> State:
                 raise bad(i, "(begin) has an invalid audit record")
             st.resized = None
             st.passes.append(PassState(n, rec, None, upto=start))
+            st.pending.append(rec)
         elif kind == "commit":
             last = st.last
             upto = rec.get("upto")
@@ -228,6 +246,13 @@ def _load(directory: str, journal: Journal) -> State:
             if last is None or last.ended or rec.get("pass") != last.number:
                 raise bad(i, "(end) is for no pass in progress")
             last.ended = rec
+        elif kind == "verified":
+            last = st.last
+            if last is None or not last.ended or rec.get("pass") != last.number:
+                raise bad(i, "(verified) follows no finished pass")
+            if type(rec.get("mismatched")) is not int or rec["mismatched"] < 0:
+                raise bad(i, "(verified) has no valid count of mismatched blocks")
+            st.pending = []
         elif kind == "complete":
             if st.last is None or not st.last.ended:
                 raise bad(i, "(complete) follows no finished pass")
@@ -360,7 +385,8 @@ async def sync_async(source: str, target: str, *, state: str,
                      retries: int = engine.RETRIES,
                      on_progress: Callable[[Progress], None] | None = None,
                      native: str | None = None, commit_bytes: int = COMMIT_BYTES,
-                     commit_seconds: float = COMMIT_SECONDS, tls: Tls | None = None) -> SyncReport:
+                     commit_seconds: float = COMMIT_SECONDS, tls: Tls | None = None,
+                     read_back: str = "pass") -> SyncReport:
     """Run one warm-migration pass of source onto target, keeping state in the directory state.
 
     Raises TransferError subclasses; an interrupted pass raises Interrupted
@@ -378,12 +404,17 @@ async def sync_async(source: str, target: str, *, state: str,
     live (a VM still writes it, recorded by the next checkpoint's tracker, as
     in a migration's precopy passes): a sampled block that differs is only a
     suspect, recorded in the begin record, and the next pass's change source
-    must name it, or that pass becomes a compare pass.
+    must name it, or that pass becomes a compare pass. read_back: "pass" (each pass
+    reads back what the passes since the last read-back wrote, after its copy, and marks
+    a block that differs for the next pass, which writes it again) or "final" (only the
+    --final pass reads back, all that was written since the last read-back).
     """
     if sum(x is not None and x is not False for x in (dirty_bitmap, changed_areas, compare)) > 1:
         raise BadInput("give one change source: --dirty-bitmap, --changed-areas or --compare")
     if verify_source and not final:
         raise BadInput("--verify=source belongs to the --final pass")
+    if read_back not in ("pass", "final"):
+        raise BadInput(f"--read-back must be pass or final, not {read_back!r}")
     if checkpoint is not None and not _CHECKPOINT.match(checkpoint):
         raise BadInput("--checkpoint must be 1-256 printable ASCII characters")
     if timeout is not None and timeout <= 0:
@@ -465,6 +496,11 @@ async def sync_async(source: str, target: str, *, state: str,
                        changed_areas=changed_areas, size_changed=size_changed)
         if not plan.skip:
             plan = _check_suspects(st, plan)
+        rewritten = 0
+        if not size_changed:  # (a new size makes a new manifest and a full pass)
+            before = runs_bytes(plan.ranges) if plan.ranges is not None else 0
+            plan = _rewrite(plan, manifest)
+            rewritten = (runs_bytes(plan.ranges) - before) if plan.ranges is not None else 0
         if audit_blocks and not plan.skip and not plan.compare and plan.ranges is not None:
             plan = await _audit(src, manifest, plan, audit_blocks, source_id, live=audit_live)
         if moved and not size_changed:  # a new address, or an id given: bind the new identity
@@ -478,6 +514,10 @@ async def sync_async(source: str, target: str, *, state: str,
             bytes_skipped=0, bytes_unchanged=0, bytes_read=0, seconds=0.0, digest="", size=src.size,
             commits=0, final=final, verify_source=verify_source, native=kernels.describe(),
             notes=notes, audit=plan.audit)
+        if rewritten:
+            report.rewritten = rewritten
+            notes.append(f"{rewritten} bytes that a read-back found wrong on the target are "
+                         "written again")
         if not plan.skip:
             await _copy(st, journal, src, dst, manifest, plan, report, kernels,
                         checkpoint=checkpoint, final=final, connections=connections,
@@ -485,21 +525,24 @@ async def sync_async(source: str, target: str, *, state: str,
                         on_progress=on_progress, commit_bytes=commit_bytes,
                         commit_seconds=commit_seconds)
         report.digest = manifest.digest_string()
-        if final:
+        if final or read_back == "pass":
             if dst.kind == "nbd":  # a single-connection server would make a second one wait
                 dst.close()
-            count, offsets, _ = await _read_back(target, manifest, kernels,
-                                                 on_progress=on_progress, limit=manifest.blocks,
-                                                 tls=tls)
+            st = _load(state, journal)  # with this pass's begin and end
+            count, offsets = 0, []
+            if st.pending:
+                count, offsets, report.read_back = await _verify(
+                    target, manifest, st, kernels, on_progress=on_progress, tls=tls)
+                journal.append({"t": "verified", "state": st.id, "pass": st.last.number,
+                                "bytes": report.read_back["bytes"], "mismatched": count})
             if count:
-                # The target lost what was written there: make those blocks differ from any
-                # source, so the next --compare pass writes them again.
-                for off in offsets:
-                    manifest.slice(off, 1)[:] = POISON
-                manifest.sync()
-                raise VerifyFailed(f"{count} blocks of {BLOCK} bytes read back from the target "
-                                   "differ from the manifest (run a --compare pass to rewrite "
-                                   "them); the first", disk=dst.display, offset=offsets[0])
+                found = (f"{count} blocks of {BLOCK} bytes read back from the target differ "
+                         "from the manifest (the next pass writes them again)")
+                if final:
+                    raise VerifyFailed(found + "; the first", disk=dst.display,
+                                       offset=offsets[0])
+                notes.append(f"{found}; the first at offset {offsets[0]}")
+        if final:
             if verify_source:
                 src.close()
                 again = await asyncio.to_thread(opening, source, "source", direct=True)
@@ -685,6 +728,61 @@ async def _audit(src: Disk, manifest: Manifest, plan: _Pass, count: int,
 
 def _empty() -> list[tuple[int, int]]:
     return []
+
+
+def _pending(st: State, size: int) -> list[tuple[int, int]]:
+    """What the passes begun since the last read-back planned: the target ranges that may
+    have been written and not read back since. A plan that is the whole disk, or whose ranges
+    file is unusable or for another size, makes it the whole disk (read more, never less)."""
+    runs: list[tuple[int, int]] = []
+    for rec in st.pending:
+        plan = rec["ranges"]
+        if plan == "all" or rec["size"] != size:
+            return [(0, size)]
+        try:
+            got = read_ranges(os.path.join(st.path, plan["file"]), size, plan["check"],
+                              plan["count"])
+        except JournalError:
+            return [(0, size)]
+        runs = union_runs(runs, [(int(a), int(b)) for a, b in got], size)
+    return runs
+
+
+def _rewrite(plan: _Pass, manifest: Manifest) -> _Pass:
+    """Blocks a read-back found wrong on the target (POISON in the manifest) are planned by
+    every pass until one rewrites them: a delta pass adds them to its ranges, a compare or full
+    pass writes them anyway (no read digest is POISON), and a checkpoint committed already
+    becomes a new pass of just them (R4: harmless to run again)."""
+    bad = manifest.runs_of(POISON)
+    if not bad or plan.compare or plan.ranges is None:
+        return plan
+    if plan.skip:
+        return _Pass(plan.number + 1, bad, False,
+                     f"blocks a read-back found wrong ({plan.change_source})",
+                     suspects=plan.suspects)
+    plan.ranges = union_runs(plan.ranges, bad, manifest.size)
+    return plan
+
+
+async def _verify(target: str, manifest: Manifest, st: State, kernels: _native.Kernels, *,
+                  on_progress: Callable[[Progress], None] | None,
+                  tls: Tls | None) -> tuple[int, list[int], dict[str, Any]]:
+    """Read back what is pending (_pending) and compare it with the manifest; the blocks that
+    differ get the POISON digest (msynced), so that the next pass writes them again. Returns
+    (count, the first offsets, the report's read_back record)."""
+    ranges = _pending(st, manifest.size)
+    began = time.monotonic()
+    phase = None if on_progress is None else (
+        lambda p: on_progress(dataclasses.replace(p, phase="read-back")))
+    count, offsets, read = await _read_back(target, manifest, kernels, on_progress=phase,
+                                            limit=manifest.blocks, tls=tls, ranges=ranges)
+    if count:
+        for off in offsets:
+            manifest.slice(off, 1)[:] = POISON
+        manifest.sync()
+    return count, offsets[:VERIFY_OFFSETS], {
+        "bytes": read, "planned": runs_bytes(ranges), "mismatched": count,
+        "seconds": round(time.monotonic() - began, 6)}
 
 
 async def _copy(st: State, journal: Journal, src: Disk, dst: Disk, manifest: Manifest,
