@@ -361,6 +361,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if args.progress != "none":
         how = r.change_source + (f" ({r.fallback})" if r.fallback else "")
         done = " verified and complete" if r.complete else ""
+        if r.read_back:
+            done += f"; read back {human_bytes(r.read_back['bytes'])}"
         print(f"transfer: pass {r.pass_} [{how}]: {human_bytes(r.delta_bytes)} planned, copied "
               f"{human_bytes(r.bytes_copied)}, zeroed {human_bytes(r.bytes_zeroed)}, unchanged "
               f"{human_bytes(r.bytes_unchanged)} in {r.seconds:.2f} s; digest {r.digest}{done}",

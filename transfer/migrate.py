@@ -33,11 +33,12 @@ fixed overhead plus what it moves over the copy rate, the copy rate coming
 from big passes (pass 0) and the overhead from the smallest remainder of
 the others; the predicted downtime if cutover happened now is the stop
 command's time (from the last cutover, else 0) + overhead + the delta the
-guest has dirtied since the last hand-over over the copy rate + the
-read-back of the target: its data over a read-back rate measured after
-pass 0 on a sample of the target (pass 0's own rate was a poor guide: it
-reads the source while the guest runs; the bench saw predictions off by
-a third whenever pass 0 ran slow).
+guest has dirtied since the last hand-over over the copy rate + the final
+read-back: that delta and what is still unverified (a pass killed before
+its read-back, blocks a read-back found wrong) over the read-back rate,
+measured by pass 0's own read-back of everything it wrote (every pass
+reads back what it wrote, so this does not grow with the disk) + with
+--verify source, the source's data over the copy rate.
 """
 
 from __future__ import annotations
