@@ -142,7 +142,7 @@ class Model:
         wrote, the read-back rate; small ones the overhead."""
         back = report.read_back or {}
         back_bytes, back_seconds = back.get("bytes", 0), back.get("seconds", 0.0)
-        if back_bytes >= BIG_PASS and back_seconds > 0:
+        if (back_bytes >= BIG_PASS or self.read_rate is None and back_bytes) and back_seconds > 0:
             rate = back_bytes / back_seconds
             self.read_rate = rate if self.read_rate is None else 0.5 * (self.read_rate + rate)
         seconds = max(report.seconds - back_seconds, 1e-3)  # the copy's own
