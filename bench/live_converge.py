@@ -4,11 +4,17 @@ The issue: "On a 2 GiB disk, for guest write rates of 1, 4, 16 and 64 MiB/s: the
 convergence, the final delta, the predicted and the measured downtime (prediction within ±25 % of
 the measurement), as a table and a plot."
 
-For every rate and rep, from scratch: the bench image (transfer.synth, same size and seed as the
-other scenarios) copied to a fresh raw disk, a fresh qemu-storage-daemon holding it as node disk0
-(QMP socket, NBD server exporting it writable as `rw`), and a guest (bench/live_guest.py, a child
-process running transfer.workload.GuestWriter, scattered writes at the rate) writing through that
-export. After --warmup seconds of writing:
+The size axis (--sizes 1G,4G,16G; its issue: "1, 4 and 16 GiB disks (half data) at 4 MiB/s
+guest writes. Downtime at 16 GiB within 1.5× of the 1 GiB downtime, every prediction within
+±25 %, and live converging at 16 GiB under the default 5 s budget"): the same runs for every
+size, the rate 4 MiB/s unless --rates; bars on the largest size's median measured downtime over
+the smallest's, and on every run at the largest size converging within --max-downtime.
+
+For every size, rate and rep, from scratch: the bench image (transfer.synth, same size and seed
+as the other scenarios) copied to a fresh raw disk, a fresh qemu-storage-daemon holding it as
+node disk0 (QMP socket, NBD server exporting it writable as `rw`), and a guest
+(bench/live_guest.py, a child process running transfer.workload.GuestWriter, scattered writes at
+the rate) writing through that export. After --warmup seconds of writing:
 
   transfer migrate TARGET --type live --qmp QMP --node disk0 --state STATE --nbd-socket NBD
       --max-downtime 5s --on-cutover CMD --report R --progress none --max-passes 30
@@ -23,8 +29,9 @@ Measured downtime: from the STOP file's creation (the moment the stop command ac
 migrate process being reaped (the target is complete and verified, and the VM could start there):
 what an orchestrator waiting for `transfer migrate` sees. The engine's own figure (stop command +
 final pass, its clock) is shown beside. Bar: |predicted / measured - 1| <= 0.25, on every
-converged run of a rate. CPU of the engine, the guest, the daemon and the whole machine over the
-migration is recorded (2 CPUs here: a 64 MiB/s guest competes with the engine). See bench/README.md.
+converged run of a size and rate. CPU of the engine, the guest, the daemon and the whole machine
+over the migration is recorded (2 CPUs here: a 64 MiB/s guest competes with the engine). See
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from .cold_copy import (
     _cmd_output,
     _fmt,
     _median,
+    _image_info,
     _prepare_image,
     _say,
     _size_text,
@@ -77,6 +85,7 @@ DEFAULT_SIZE = 2 * GiB
 QUICK_SIZE = 256 * MiB
 RATES = (1.0, 4.0, 16.0, 64.0)  # MiB/s, from the issue
 QUICK_RATES = (1.0, 16.0)
+SIZES_RATES = (4.0,)  # MiB/s: the size axis's guest rate (--sizes without --rates), its issue's
 DEFAULT_REPS = 5
 MAX_DOWNTIME = "5s"
 MAX_PASSES = 30
@@ -84,6 +93,8 @@ WARMUP_S = 1.0     # the guest writes this long before the migration starts
 PATTERN = "scattered"
 # The issue's bar: the predicted downtime within ±25 % of the measured one.
 BAR_PREDICTION = 0.25
+# The size axis's bar: the measured downtime at the largest size within 1.5× the smallest's.
+BAR_SIZE_RATIO = 1.5
 NOT_CONVERGING = 7
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 
@@ -91,15 +102,13 @@ PYTHON = str(ROOT / ".venv" / "bin" / "python")
 # ---------------------------------------------------------------- one run
 
 class Live:
-    def __init__(self, args: argparse.Namespace, workdir: str, image: str, prov: dict[str, Any],
+    def __init__(self, args: argparse.Namespace, workdir: str, prov: dict[str, Any],
                  out: TextIO) -> None:
         self.args = args
         self.workdir = workdir
-        self.image = image
         self.prov = prov
         self.out = out
         self.runs: list[dict[str, Any]] = []
-        self.timeout = max(180.0, 90.0 * args.size / GiB)
         self.nproc = len(os.sched_getaffinity(0))
         # The engine's and the guest's bytecode under the work directory (as warm-delta does):
         # never in the tree, and not compiled again by every run in a PYTHONDONTWRITEBYTECODE shell.
@@ -121,9 +130,12 @@ class Live:
         self.out.write(json.dumps(record, sort_keys=True) + "\n")
         self.out.flush()
 
-    def run(self, rate_mib: float, rep: int, seed: int) -> dict[str, Any]:
+    def run(self, size: int, image: str, rate_mib: float, rep: int, seed: int) -> dict[str, Any]:
+        """One migration from scratch: image (of size bytes) copied to a fresh disk, a fresh
+        daemon, the guest at rate_mib, transfer migrate; its record is emitted and returned."""
         a = self.args
-        d = os.path.join(self.workdir, f"run-{rate_mib:g}-{rep + 1}")
+        timeout = max(180.0, 90.0 * size / GiB)
+        d = os.path.join(self.workdir, f"run-{_size_text(size)}-{rate_mib:g}-{rep + 1}")
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
         p = {name: os.path.join(d, name) for name in (
@@ -137,13 +149,13 @@ class Live:
                 "--max-downtime", a.max_downtime, "--on-cutover", on_cutover,
                 "--report", p["report.json"], "--progress", "none",
                 "--max-passes", str(a.max_passes)]
-        rec: dict[str, Any] = {"type": "run", "scenario": SCENARIO, "rate_mib_s": rate_mib,
-                               "rep": rep, "guest_seed": seed, "pattern": a.pattern,
-                               "argv": argv}
+        rec: dict[str, Any] = {"type": "run", "scenario": SCENARIO, "size": size,
+                               "rate_mib_s": rate_mib, "rep": rep, "guest_seed": seed,
+                               "pattern": a.pattern, "argv": argv}
         problems: list[str] = []
         notes: list[str] = []
         t = time.perf_counter()
-        sparse_copy(self.image, p["disk.img"])  # a fresh disk for every run
+        sparse_copy(image, p["disk.img"])  # a fresh disk for every run
         rec["disk_copy_s"] = round(time.perf_counter() - t, 2)
         guest: subprocess.Popen[bytes] | None = None
         qsd = QemuStorageDaemon(p["nbd.sock"], p["disk.img"], qmp=p["qmp.sock"], fmt="raw")
@@ -175,7 +187,7 @@ class Live:
                 busy0 = machine_busy_seconds()
                 t0 = time.perf_counter()
                 code, usage, timed_out, maxrss_kib = spawn_and_reap(
-                    argv, p["migrate.out"], p["migrate.log"], p["maxrss.txt"], self.timeout,
+                    argv, p["migrate.out"], p["migrate.log"], p["maxrss.txt"], timeout,
                     env=self.env)
                 ended = time.time()
                 wall = time.perf_counter() - t0
@@ -229,7 +241,8 @@ class Live:
                         problems.append("exit 0 but no report")
                         report = {}
                     rec.update(self._converged(report, log, stop_at, ended, g, notes))
-                    rec["verify"] = self._verify(qsd.uri, p["target.img"], report, problems, d)
+                    rec["verify"] = self._verify(qsd.uri, p["target.img"], report, problems,
+                                                 timeout)
                 elif code == NOT_CONVERGING:
                     rec.update(self._not_converged(log, stderr, g, notes))
         except (_RunFailed, ServerError, OSError, subprocess.SubprocessError) as e:
@@ -334,13 +347,13 @@ class Live:
                 "message": stderr.strip().splitlines()[-1] if stderr.strip() else ""}
 
     def _verify(self, uri: str, target: str, report: dict[str, Any], problems: list[str],
-                d: str) -> dict[str, Any]:
+                timeout: float) -> dict[str, Any]:
         """The target against the daemon's disk (guest stopped, daemon running)."""
         t = time.perf_counter()
         try:
             v = subprocess.run([str(ENGINE), "verify", uri, target, "--json", "--progress",
                                 "none"], env=self.env, capture_output=True, text=True,
-                               timeout=self.timeout, check=False)
+                               timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             problems.append("transfer verify timed out")
             return {"exit": None}
@@ -404,7 +417,7 @@ def _pass_fields(x: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_line(r: dict[str, Any]) -> str:
-    head = f"  {r['rate_mib_s']:5g} MiB/s rep {r['rep'] + 1}: "
+    head = f"  {_size_text(r['size'])} {r['rate_mib_s']:5g} MiB/s rep {r['rep'] + 1}: "
     g = r.get("guest") or {}
     wrote = (f"guest {g['window_rate'] / MiB:.1f} MiB/s" if g.get("window_rate")
              else "guest ?")
@@ -452,54 +465,100 @@ def _span(xs: list[float], spec: str) -> str:
     return f"{med} ({format(min(xs), spec)}–{format(max(xs), spec)})"
 
 
-def summarize(live: Live, rates: list[float]) -> dict[str, Any]:
-    per_rate = []
-    for rate in rates:
-        runs = [r for r in live.runs if r["rate_mib_s"] == rate]
-        good = [r for r in runs if r["valid"]]
-        conv = [r for r in good if r.get("result") in ("converged", "cut over")]
-        ratios = [r["pred_over_measured"] for r in conv if r.get("pred_over_measured")]
-        worst = max((abs(x - 1) for x in ratios), default=None)
-
-        def vals(key: str, rs: list[dict[str, Any]] = conv) -> list[float]:
-            return [r[key] for r in rs if isinstance(r.get(key), (int, float))]
-
-        def cpu(key: str, rs: list[dict[str, Any]] = good) -> list[float]:
-            return [r["cpu_pct"][key] for r in rs
-                    if isinstance((r.get("cpu_pct") or {}).get(key), (int, float))]
-
-        per_rate.append({
-            "rate_mib_s": rate, "runs": len(runs), "valid": len(good), "converged": len(conv),
-            "not_converging": sum(r.get("result") == "not converging" for r in good),
-            "guest_rate_mib_s": [round(r["guest"]["window_rate"] / MiB, 2) for r in good
-                                 if (r.get("guest") or {}).get("window_rate")],
-            "precopy_passes": vals("precopy_passes", good),
-            "final_delta_bytes": vals("final_delta_bytes"),
-            "predicted_downtime_s": vals("predicted_downtime_s"),
-            "measured_downtime_s": vals("measured_downtime_s"),
-            "engine_downtime_s": vals("engine_downtime_s"),
-            "pred_over_measured": ratios, "worst_error": None if worst is None else round(worst, 4),
-            "pred_over_engine_downtime": vals("pred_over_engine_downtime"),
-            "within_bar": sum(bool(r.get("within_bar")) for r in conv),
-            "wall_s": vals("wall_s", good),
-            "cpu_pct": {k: cpu(k) for k in ("engine", "guest", "qsd", "machine")},
-            "engine_maxrss_mib": max((r["engine_maxrss_mib"] for r in runs
-                                      if r.get("engine_maxrss_mib") is not None), default=None),
-            "qsd_maxrss_mib": max((r["qsd_maxrss_mib"] for r in runs
-                                   if r.get("qsd_maxrss_mib") is not None), default=None),
-            "verified": sum((r.get("verify") or {}).get("exit") == 0 for r in conv),
-            "dirty_over_write_rate": vals("dirty_over_write_rate"),
-            "model_final_delta_over_expected": [r["model"]["final_delta_over_expected"]
-                                                for r in conv if (r.get("model") or {}).get(
-                                                    "final_delta_over_expected")],
-        })
-    return {"type": "summary", "scenario": SCENARIO, "size": live.args.size,
-            "max_downtime_s": parse_duration(live.args.max_downtime), "rates": per_rate,
+def summarize(live: Live, sizes: list[int], rates: list[float]) -> dict[str, Any]:
+    """Per (size, rate), over its reps (the list keeps its old name, `rates`): passes, final
+    delta, predicted and measured downtime, CPU, peak RSS, verified; with more than one size,
+    `size_axis`: per rate, the largest size's downtime against the smallest's."""
+    groups = []
+    for size in sizes:
+        for rate in rates:
+            groups.append(_group(size, rate, [r for r in live.runs
+                                              if r["size"] == size and r["rate_mib_s"] == rate]))
+    budget = parse_duration(live.args.max_downtime)
+    return {"type": "summary", "scenario": SCENARIO, "sizes": sizes, "max_downtime_s": budget,
+            "rates": groups,
+            "size_axis": _size_axis(groups, sizes, rates, budget) if len(sizes) > 1 else None,
             "provenance": live.prov}
 
 
+def _group(size: int, rate: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [r for r in runs if r["valid"]]
+    conv = [r for r in good if r.get("result") in ("converged", "cut over")]
+    seven = [r for r in good if r.get("result") == "not converging"]
+    ratios = [r["pred_over_measured"] for r in conv if r.get("pred_over_measured")]
+    worst = max((abs(x - 1) for x in ratios), default=None)
+
+    def vals(key: str, rs: list[dict[str, Any]] = conv) -> list[float]:
+        return [r[key] for r in rs if isinstance(r.get(key), (int, float))]
+
+    def cpu(key: str, rs: list[dict[str, Any]] = good) -> list[float]:
+        return [r["cpu_pct"][key] for r in rs
+                if isinstance((r.get("cpu_pct") or {}).get(key), (int, float))]
+
+    return {
+        "size": size, "rate_mib_s": rate, "runs": len(runs), "valid": len(good),
+        "converged": len(conv), "not_converging": len(seven),
+        "guest_rate_mib_s": [round(r["guest"]["window_rate"] / MiB, 2) for r in good
+                             if (r.get("guest") or {}).get("window_rate")],
+        "precopy_passes": vals("precopy_passes", good),
+        "final_delta_bytes": vals("final_delta_bytes"),
+        "predicted_downtime_s": vals("predicted_downtime_s"),
+        # exit 7: the engine's last prediction, from its message (no downtime to compare)
+        "predicted_not_converging_s": vals("predicted_downtime_s", seven),
+        "measured_downtime_s": vals("measured_downtime_s"),
+        "engine_downtime_s": vals("engine_downtime_s"),
+        "pred_over_measured": ratios, "worst_error": None if worst is None else round(worst, 4),
+        "pred_over_engine_downtime": vals("pred_over_engine_downtime"),
+        "within_bar": sum(bool(r.get("within_bar")) for r in conv),
+        "wall_s": vals("wall_s", good),
+        "cpu_pct": {k: cpu(k) for k in ("engine", "guest", "qsd", "machine")},
+        "engine_maxrss_mib": max((r["engine_maxrss_mib"] for r in runs
+                                  if r.get("engine_maxrss_mib") is not None), default=None),
+        "qsd_maxrss_mib": max((r["qsd_maxrss_mib"] for r in runs
+                               if r.get("qsd_maxrss_mib") is not None), default=None),
+        "verified": sum((r.get("verify") or {}).get("exit") == 0 for r in conv),
+        "dirty_over_write_rate": vals("dirty_over_write_rate"),
+        "model_final_delta_over_expected": [r["model"]["final_delta_over_expected"]
+                                            for r in conv if (r.get("model") or {}).get(
+                                                "final_delta_over_expected")],
+    }
+
+
+def _size_axis(groups: list[dict[str, Any]], sizes: list[int], rates: list[float],
+               budget: float) -> list[dict[str, Any]]:
+    """Per rate: the median measured downtime at the largest size over the smallest's (the
+    issue's "within 1.5×"), the largest size's median prediction (exit 7 runs' included: the
+    downtime the engine refused), and its runs that converged with a measured downtime within
+    the --max-downtime budget."""
+    out = []
+    for rate in rates:
+        small, large = (next(g for g in groups if g["size"] == n and g["rate_mib_s"] == rate)
+                        for n in (sizes[0], sizes[-1]))
+        m_small, m_large = _median(small["measured_downtime_s"]), _median(
+            large["measured_downtime_s"])
+        p_large = _median(large["predicted_downtime_s"] + large["predicted_not_converging_s"])
+        out.append({
+            "rate_mib_s": rate, "smallest": sizes[0], "largest": sizes[-1],
+            "measured_smallest_s": m_small, "measured_largest_s": m_large,
+            "ratio": _r(m_large / m_small) if m_small and m_large is not None else None,
+            "predicted_largest_s": p_large,
+            "predicted_largest_over_measured_smallest": _r(p_large / m_small)
+            if m_small and p_large is not None else None,
+            "largest_runs": large["runs"],
+            "largest_within_budget": sum(x <= budget for x in large["measured_downtime_s"]),
+        })
+    return out
+
+
+def _sizes(s: dict[str, Any]) -> list[int]:
+    """The summary's disk sizes (a summary from before the size axis has one, `size`)."""
+    return s.get("sizes") or [s["size"]]
+
+
 def table(s: dict[str, Any]) -> str:
-    head = ("| guest MiB/s | achieved MiB/s | converged | passes until convergence | "
+    """A row per size and rate (medians over the reps, min–max beside); with a size axis, its
+    table below (size_table)."""
+    head = ("| disk | guest MiB/s | achieved MiB/s | converged | passes until convergence | "
             "final delta MiB | predicted downtime s | measured downtime s | predicted ÷ measured "
             "| engine's own downtime s | wall s | CPU % engine / guest / qsd / machine "
             "| peak RSS MiB engine / qsd | verified |")
@@ -508,31 +567,79 @@ def table(s: dict[str, Any]) -> str:
         c = x["cpu_pct"]
         cpu = " / ".join(_fmt(_median(c[k]), ".0f") for k in ("engine", "guest", "qsd",
                                                                 "machine"))
-        conv = f"{x['converged']}/{x['runs']}"
-        if x["not_converging"]:
-            conv += f" ({x['not_converging']} exit 7)"
         lines.append(
-            f"| {x['rate_mib_s']:g} | {_span(x['guest_rate_mib_s'], '.1f')} | {conv} | "
+            f"| {_size_text(x.get('size') or _sizes(s)[0])} | {x['rate_mib_s']:g} | "
+            f"{_span(x['guest_rate_mib_s'], '.1f')} | {_converged_text(x)} | "
             f"{_span(x['precopy_passes'], '.0f')} | "
             f"{_span([b / MiB for b in x['final_delta_bytes']], '.2f')} | "
-            f"{_span(x['predicted_downtime_s'], '.2f')} | "
-            f"{_span(x['measured_downtime_s'], '.2f')} | "
+            f"{_predicted_text(x)} | {_span(x['measured_downtime_s'], '.2f')} | "
             f"{_span(x['pred_over_measured'], '.2f')} | {_span(x['engine_downtime_s'], '.2f')} | "
             f"{_span(x['wall_s'], '.1f')} | {cpu} | {_fmt(x['engine_maxrss_mib'], '.0f')} / "
             f"{_fmt(x.get('qsd_maxrss_mib'), '.0f')} | {x['verified']}/{x['converged']} |")
+    if s.get("size_axis"):
+        lines += ["", size_table(s)]
+    return "\n".join(lines)
+
+
+def _converged_text(x: dict[str, Any]) -> str:
+    conv = f"{x['converged']}/{x['runs']}"
+    return conv + (f" ({x['not_converging']} exit 7)" if x["not_converging"] else "")
+
+
+def _predicted_text(x: dict[str, Any]) -> str:
+    """The converged runs' predictions; with none, the exit 7 runs' last one, marked so."""
+    if not x["predicted_downtime_s"] and x.get("predicted_not_converging_s"):
+        return f"– (exit 7: {_span(x['predicted_not_converging_s'], '.2f')})"
+    return _span(x["predicted_downtime_s"], ".2f")
+
+
+def size_table(s: dict[str, Any]) -> str:
+    """The size axis: per size and rate, the passes, final delta, predicted and measured
+    downtime (medians) and the measured downtime over the smallest size's at that rate; then
+    per rate the line "downtime at the largest size ÷ at the smallest"."""
+    sizes = _sizes(s)
+    head = ("| disk | guest MiB/s | converged | passes | final delta MiB | predicted downtime s "
+            "| measured downtime s | measured ÷ smallest disk's |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for x in s["rates"]:
+        base = next(_median(g["measured_downtime_s"]) for g in s["rates"]
+                    if g["size"] == sizes[0] and g["rate_mib_s"] == x["rate_mib_s"])
+        m = _median(x["measured_downtime_s"])
+        lines.append(
+            f"| {_size_text(x['size'])} | {x['rate_mib_s']:g} | {_converged_text(x)} | "
+            f"{_span(x['precopy_passes'], '.0f')} | "
+            f"{_span([b / MiB for b in x['final_delta_bytes']], '.2f')} | "
+            f"{_predicted_text(x)} | {_span(x['measured_downtime_s'], '.2f')} | "
+            f"{_fmt(m / base if m is not None and base else None, '.2f')} |")
+    lines.append("")
+    for ax in s["size_axis"]:
+        small, large = _size_text(ax["smallest"]), _size_text(ax["largest"])
+        if ax["ratio"] is not None:
+            value = (f"{ax['measured_largest_s']:.2f} s ÷ {ax['measured_smallest_s']:.2f} s = "
+                     f"{ax['ratio']:.2f}")
+        else:
+            value = (f"– (no converged run at {large}; its predicted downtime "
+                     f"{_fmt(ax['predicted_largest_s'], '.2f')} s is "
+                     f"{_fmt(ax['predicted_largest_over_measured_smallest'], '.1f')}× the "
+                     f"{small} measured downtime)" if ax["measured_smallest_s"] else
+                     f"– (no converged run at {small})")
+        lines.append(f"downtime at the largest size ÷ at the smallest ({large} ÷ {small}, "
+                     f"{ax['rate_mib_s']:g} MiB/s): {value} (bar ≤ {BAR_SIZE_RATIO:g}); "
+                     f"converged within the {s['max_downtime_s']:g} s budget at {large}: "
+                     f"{ax['largest_within_budget']} of {ax['largest_runs']} runs")
     return "\n".join(lines)
 
 
 def runs_table(runs: list[dict[str, Any]]) -> str:
-    head = ("| MiB/s | rep | result | passes | deltas MiB (pass 0, 1, …, final) | predicted s | "
-            "measured s | ratio | ±25 % | engine s | stop s | final pass s | pass 0 s | wall s "
-            "| verify |")
+    head = ("| disk | MiB/s | rep | result | passes | deltas MiB (pass 0, 1, …, final) | "
+            "predicted s | measured s | ratio | ±25 % | engine s | stop s | final pass s "
+            "| pass 0 s | wall s | verify |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in runs:
         deltas = ", ".join(_mib_text(x["delta_bytes"]) for x in r.get("passes") or [])
         within = r.get("within_bar")
         lines.append(
-            f"| {r['rate_mib_s']:g} | {r['rep'] + 1} | "
+            f"| {_size_text(r['size'])} | {r['rate_mib_s']:g} | {r['rep'] + 1} | "
             f"{r.get('result') or ('INVALID' if r['problems'] else '?')} | "
             f"{r.get('precopy_passes', '–')} | {deltas} | "
             f"{_fmt(r.get('predicted_downtime_s'), '.3f')} | "
@@ -559,28 +666,66 @@ def _pass0_s(r: dict[str, Any]) -> float | None:
 
 
 def bars(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's bars, each with its `kind`: per size and rate, every converged run's
+    prediction within ±25 % (`prediction`); with a size axis, per rate, the largest size's
+    measured downtime within 1.5× the smallest's (`size_ratio`) and every run at the largest
+    size converged with its measured downtime within the budget (`largest_converged`)."""
     out = []
+    multi = len(_sizes(s)) > 1
     for x in s["rates"]:
-        name = (f"{x['rate_mib_s']:g} MiB/s: predicted downtime within ±{BAR_PREDICTION:.0%} of "
-                f"the measured one, every converged run")
+        where = f"{_size_text(x['size'])}, " if multi else ""
+        name = (f"{where}{x['rate_mib_s']:g} MiB/s: predicted downtime within "
+                f"±{BAR_PREDICTION:.0%} of the measured one, every converged run")
         if not x["converged"]:
-            out.append({"bar": name, "value": None, "met": None,
+            out.append({"bar": name, "kind": "prediction", "value": None, "met": None,
                         "why": "no run converged (exit 7 is the result)" if x["not_converging"]
                         else "no valid run"})
             continue
         ok = x["within_bar"] == x["converged"] and len(x["pred_over_measured"]) == x["converged"]
         own = max((abs(r - 1) for r in x["pred_over_engine_downtime"]), default=None)
-        out.append({"bar": name, "value": x["worst_error"], "met": ok,
+        out.append({"bar": name, "kind": "prediction", "value": x["worst_error"], "met": ok,
                     "ratios": x["pred_over_measured"],
                     "worst_error_against_engine_downtime": own})
+    for ax in s.get("size_axis") or []:
+        small, large = _size_text(ax["smallest"]), _size_text(ax["largest"])
+        rate = f"{ax['rate_mib_s']:g} MiB/s"
+        b = {"bar": f"{rate}: measured downtime at {large} ÷ at {small} ≤ {BAR_SIZE_RATIO:g} "
+                    "(medians)", "kind": "size_ratio", "value": ax["ratio"], "format": ".2f"}
+        if ax["measured_smallest_s"] is None:
+            b.update(met=None, why=f"no converged run at {small}")
+        elif ax["ratio"] is None:  # nothing at the largest size cut over: over the budget
+            b.update(met=False, why=(
+                f"no converged run at {large}: predicted "
+                f"{_fmt(ax['predicted_largest_s'], '.2f')} s there, "
+                f"{_fmt(ax['predicted_largest_over_measured_smallest'], '.1f')}× the {small} "
+                "measured downtime"))
+        else:
+            b["met"] = ax["ratio"] <= BAR_SIZE_RATIO
+        out.append(b)
+        out.append({"bar": f"{rate}: every run at {large} converged, its measured downtime "
+                           f"within the {s['max_downtime_s']:g} s budget",
+                    "kind": "largest_converged", "value": ax["largest_within_budget"],
+                    "runs": ax["largest_runs"],
+                    "met": ax["largest_runs"] > 0
+                    and ax["largest_within_budget"] == ax["largest_runs"]})
     return out
+
+
+def bar_value(b: dict[str, Any]) -> str:
+    """A size-axis bar's value as text (the markdown report prints it too)."""
+    if b["kind"] == "size_ratio":
+        return b.get("why") or f"{b['value']:.2f}"
+    return f"{b['value']} of {b['runs']} runs"
 
 
 def bar_line(b: dict[str, Any]) -> str:
     if b["met"] is None:
         return f"  n/a    {b['bar']}: {b['why']}"
+    mark = "met   " if b["met"] else "MISSED"
+    if b["kind"] != "prediction":
+        return f"  {mark} {b['bar']}: {bar_value(b)}"
     ratios = ", ".join(f"{r:.2f}" for r in b["ratios"])
-    return (f"  {'met   ' if b['met'] else 'MISSED'} {b['bar']}: worst |predicted/measured - 1| "
+    return (f"  {mark} {b['bar']}: worst |predicted/measured - 1| "
             f"= {_fmt(b['value'] and 100 * b['value'], '.0f')} % (ratios {ratios}; against the "
             f"engine's own downtime: "
             f"{_fmt(_pct_of(b.get('worst_error_against_engine_downtime')), '.0f')} %)")
@@ -599,7 +744,7 @@ def ascii_plot(runs: list[dict[str, Any]], width: int = 50) -> str:
               + [r["predicted_downtime_s"] or 0 for r in conv] + [1e-9])
     lines = [f"downtime per run, 0 … {top:.2f} s ({width} columns; ] marks measured ±25 %)"]
     for r in runs:
-        label = f"{r['rate_mib_s']:>5g} MiB/s #{r['rep'] + 1}"
+        label = f"{_size_text(r['size']):>4} {r['rate_mib_s']:>5g} MiB/s #{r['rep'] + 1}"
         if r.get("measured_downtime_s") is None:
             lines.append(f"{label}  {r.get('result') or 'INVALID'}")
             continue
@@ -621,6 +766,7 @@ def ascii_plot(runs: list[dict[str, Any]], width: int = 50) -> str:
 
 COLORS = {1.0: "#1f77b4", 4.0: "#2ca02c", 16.0: "#ff7f0e", 64.0: "#d62728"}
 EXTRA = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+PALETTE = tuple(COLORS.values()) + EXTRA  # a color per (size, rate) on a size axis
 
 
 def _color(rate: float, rates: list[float]) -> str:
@@ -630,8 +776,21 @@ def _color(rate: float, rates: list[float]) -> str:
 def svg_plot(s: dict[str, Any], runs: list[dict[str, Any]], title: str) -> str:
     """Three panels, drawn by hand (no matplotlib here): the delta of every pass (log scale) per
     rate; predicted against measured downtime per rate (with the ±25 % band); the passes until
-    convergence per rate."""
-    rates = [x["rate_mib_s"] for x in s["rates"]]
+    convergence per rate. With a size axis, each (size, rate) is a category and a color."""
+    cats = [(x["size"], x["rate_mib_s"]) for x in s["rates"]]
+    multi = len(_sizes(s)) > 1
+    rates = list(dict.fromkeys(rate for _, rate in cats))
+    axis = "disk, guest write rate MiB/s" if multi else "guest write rate MiB/s"
+
+    def color(cat: tuple[int, float]) -> str:
+        return PALETTE[cats.index(cat) % len(PALETTE)] if multi else _color(cat[1], rates)
+
+    def label(cat: tuple[int, float]) -> str:
+        return f"{_size_text(cat[0])} {cat[1]:g}" if multi else f"{cat[1]:g}"
+
+    def of(cat: tuple[int, float]) -> list[dict[str, Any]]:
+        return [r for r in runs if (r["size"], r["rate_mib_s"]) == cat]
+
     W, H, PW, PH, L, T = 1260, 420, 330, 280, 70, 70
     el: list[str] = [
         (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
@@ -651,13 +810,13 @@ def svg_plot(s: dict[str, Any], runs: list[dict[str, Any]], title: str) -> str:
                   f'text-anchor="middle">{_esc(ylabel)}</text>')
         return x0, y0
 
-    def cat_x(x0: float, rate: float) -> float:
-        return x0 + PW * (rates.index(rate) + 0.5) / len(rates)
+    def cat_x(x0: float, cat: tuple[int, float]) -> float:
+        return x0 + PW * (cats.index(cat) + 0.5) / len(cats)
 
     def cat_axis(x0: float, y0: float) -> None:
-        for rate in rates:
-            el.append(f'<text x="{cat_x(x0, rate)}" y="{y0 + PH + 16}" text-anchor="middle">'
-                      f'{rate:g}</text>')
+        for cat in cats:
+            el.append(f'<text x="{cat_x(x0, cat)}" y="{y0 + PH + 16}" text-anchor="middle">'
+                      f'{label(cat)}</text>')
 
     def lin_axis(x0: float, y0: float, top: float, fmt: str) -> Any:
         step = _nice_step(top / 5)
@@ -696,7 +855,7 @@ def svg_plot(s: dict[str, Any], runs: list[dict[str, Any]], title: str) -> str:
     for i in range(n_pass):
         el.append(f'<text x="{px(i):.1f}" y="{y0 + PH + 16}" text-anchor="middle">{i}</text>')
     for r in series:
-        c = _color(r["rate_mib_s"], rates)
+        c = color((r["size"], r["rate_mib_s"]))
         pts = [(px(i), ly(p["delta_bytes"] / MiB)) for i, p in enumerate(r["passes"])
                if p.get("delta_bytes")]
         dash = "" if r.get("result") != "not converging" else ' stroke-dasharray="4 3"'
@@ -705,25 +864,25 @@ def svg_plot(s: dict[str, Any], runs: list[dict[str, Any]], title: str) -> str:
         for (x, y), p in zip(pts, r["passes"]):
             fill = c if p.get("final") else "white"
             el.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{fill}" stroke="{c}"/>')
-    for i, rate in enumerate(rates):
+    for i, cat in enumerate(cats):
         y = y0 + 14 + 15 * i
         el.append(f'<line x1="{x0 + PW - 88}" x2="{x0 + PW - 70}" y1="{y - 4}" y2="{y - 4}" '
-                  f'stroke="{_color(rate, rates)}" stroke-width="2"/>')
-        el.append(f'<text x="{x0 + PW - 66}" y="{y}">{rate:g} MiB/s</text>')
+                  f'stroke="{color(cat)}" stroke-width="2"/>')
+        el.append(f'<text x="{x0 + PW - 66}" y="{y}">{label(cat)} MiB/s</text>')
 
     # 2: downtime, predicted against measured
-    x0, y0 = frame(1, "downtime: measured ● predicted ◇", "guest write rate MiB/s",
+    x0, y0 = frame(1, "downtime: measured ● predicted ◇", axis,
                    "seconds")
     conv = [r for r in runs if r.get("measured_downtime_s") is not None]
     top = max([r["measured_downtime_s"] * (1 + BAR_PREDICTION) for r in conv]
               + [r["predicted_downtime_s"] or 0 for r in conv] + [0.1]) * 1.1
     y_of = lin_axis(x0, y0, top, ".2g" if top < 1 else ".1f")
     cat_axis(x0, y0)
-    for rate in rates:
-        rs = [r for r in runs if r["rate_mib_s"] == rate]
-        c = _color(rate, rates)
+    for cat in cats:
+        rs = of(cat)
+        c = color(cat)
         for j, r in enumerate(rs):
-            x = cat_x(x0, rate) + (j - (len(rs) - 1) / 2) * 12
+            x = cat_x(x0, cat) + (j - (len(rs) - 1) / 2) * 12
             m, pr = r.get("measured_downtime_s"), r.get("predicted_downtime_s")
             if m is None:
                 el.append(f'<text x="{x:.1f}" y="{y0 + PH - 6}" text-anchor="middle" fill="{c}">'
@@ -750,18 +909,18 @@ def svg_plot(s: dict[str, Any], runs: list[dict[str, Any]], title: str) -> str:
     el.append(f'<text x="{x0 + 4}" y="{y0 + 28}" fill="#666">band: measured ±25 %</text>')
 
     # 3: passes until convergence
-    x0, y0 = frame(2, "passes until convergence", "guest write rate MiB/s",
+    x0, y0 = frame(2, "passes until convergence", axis,
                    "pre-copy passes (pass 0 included)")
     top = max([r.get("precopy_passes") or 0 for r in runs] + [2]) + 1
     y_of = lin_axis(x0, y0, top, ".0f")
     cat_axis(x0, y0)
-    for rate in rates:
-        rs = [r for r in runs if r["rate_mib_s"] == rate]
-        c = _color(rate, rates)
+    for cat in cats:
+        rs = of(cat)
+        c = color(cat)
         for j, r in enumerate(rs):
             if r.get("precopy_passes") is None:
                 continue
-            x = cat_x(x0, rate) + (j - (len(rs) - 1) / 2) * 12
+            x = cat_x(x0, cat) + (j - (len(rs) - 1) / 2) * 12
             y = y_of(r["precopy_passes"])
             if r.get("result") == "not converging":
                 el.append(f'<text x="{x:.1f}" y="{y + 5:.1f}" text-anchor="middle" fill="{c}" '
@@ -796,12 +955,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Live-migrate a qemu-storage-daemon disk while a guest writes to it at "
                     "1, 4, 16 and 64 MiB/s: passes until convergence, the final delta, the "
                     "predicted against the measured downtime.")
-    p.add_argument("--size", type=parse_size, help="disk size (default 2G; 256M with --quick)")
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--size", type=parse_size,
+                       help="disk size (default 2G; 256M with --quick)")
+    sizes.add_argument("--sizes",
+                       help="the size axis: disk sizes, comma-separated (1G,4G,16G), each "
+                            "with every rate and rep; the rates default to 4 MiB/s")
     p.add_argument("--seed", type=int, default=1, help="image seed (default 1)")
     p.add_argument("--rates", help="guest write rates in MiB/s, comma-separated "
-                                   "(default 1,4,16,64; 1,16 with --quick)")
-    p.add_argument("--reps", type=int, help=f"runs per rate, interleaved over the rates "
-                                            f"(default {DEFAULT_REPS}; 1 with --quick)")
+                                   "(default 1,4,16,64; 1,16 with --quick; 4 with --sizes)")
+    p.add_argument("--reps", type=int, help=f"runs per size and rate, interleaved over the "
+                                            f"rates (default {DEFAULT_REPS}; 1 with --quick)")
     p.add_argument("--pattern", default=PATTERN, choices=("scattered", "hotspot", "sequential"),
                    help=f"the guest's write pattern (default {PATTERN})")
     p.add_argument("--guest-seed", type=int, default=1,
@@ -825,20 +989,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 256 MiB disk, rates 1 and 16 MiB/s, 1 rep")
     p.add_argument("--require-bars", action="store_true",
-                   help="exit 3 when a valid run misses the issue's bar")
+                   help="exit 3 when a valid run misses one of the issue's bars")
     a = p.parse_args(argv)
-    a.size = a.size if a.size is not None else (QUICK_SIZE if a.quick else DEFAULT_SIZE)
+    if a.sizes is not None:
+        try:
+            a.size_list = sorted(parse_size(x) for x in a.sizes.split(",") if x.strip())
+        except argparse.ArgumentTypeError as e:
+            p.error(f"--sizes: {e}")
+        if not a.size_list or len(set(a.size_list)) != len(a.size_list):
+            p.error("--sizes must be distinct sizes, comma-separated")
+    else:
+        a.size_list = [a.size if a.size is not None
+                       else (QUICK_SIZE if a.quick else DEFAULT_SIZE)]
     a.reps = a.reps if a.reps is not None else (1 if a.quick else DEFAULT_REPS)
     try:
         a.rate_list = ([float(x) for x in a.rates.split(",") if x.strip()] if a.rates
-                       else list(QUICK_RATES if a.quick else RATES))
+                       else list(SIZES_RATES if a.sizes is not None
+                                 else QUICK_RATES if a.quick else RATES))
     except ValueError:
         p.error("--rates takes numbers (MiB/s), comma-separated")
     if not a.rate_list or any(r <= 0 for r in a.rate_list) or len(set(a.rate_list)) != len(
             a.rate_list):
         p.error("--rates must be distinct positive numbers")
-    if a.reps < 1 or a.size < 16 * MiB or a.size % (64 * 1024):
-        p.error("--reps must be at least 1 and --size a multiple of 64K, at least 16M")
+    if a.reps < 1 or any(n < 16 * MiB or n % (64 * 1024) for n in a.size_list):
+        p.error("--reps must be at least 1 and every size a multiple of 64K, at least 16M")
     try:
         if parse_duration(a.max_downtime) <= 0:
             raise ValueError
@@ -850,8 +1024,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def reproduce_command(a: argparse.Namespace) -> str:
+    sizes = ",".join(_size_text(n) for n in a.size_list)
     parts = ["cd", shlex.quote(str(ROOT)), "&&", ".venv/bin/python", "-m", "bench", SCENARIO,
-             "--size", _size_text(a.size), "--seed", str(a.seed),
+             "--sizes" if a.sizes is not None else "--size", sizes, "--seed", str(a.seed),
              "--rates", ",".join(f"{r:g}" for r in a.rate_list), "--reps", str(a.reps),
              "--pattern", a.pattern, "--guest-seed", str(a.guest_seed),
              "--max-downtime", a.max_downtime, "--max-passes", str(a.max_passes),
@@ -898,6 +1073,7 @@ def main(argv: list[str]) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
 
+    sizes_text = ", ".join(_size_text(n) for n in a.size_list)
     made_dir = a.workdir is None or not os.path.exists(a.workdir)
     if a.workdir is None:
         workdir = tempfile.mkdtemp(prefix=f"bench-{SCENARIO}-", dir="/var/tmp")
@@ -912,11 +1088,21 @@ def main(argv: list[str]) -> int:
     code = 0
     try:
         with open(out_path, "w") as out:
-            image, meta = _prepare_image(workdir, a)
-            image_info = {"size": a.size, "seed": a.seed, "allocated_fraction": meta.get(
-                "allocated_fraction"), "alloc_bytes": meta["alloc_bytes"],
-                "layout": meta["layout"], "digest": meta["digest"]}
-            prov = provenance(image_info, workdir)
+            images: dict[str, Any] = {}  # size text -> the image's provenance, as each is made
+
+            def image_of(size: int) -> str:
+                """The synth image of this size, made in workdir as source.img: it replaces the
+                previous size's (truncated), so one image at a time takes the disk."""
+                image, meta = _prepare_image(workdir, argparse.Namespace(size=size,
+                                                                         seed=a.seed))
+                images[_size_text(size)] = _image_info(meta)
+                return image
+
+            size_started = time.time()
+            image = image_of(a.size_list[0])
+            prov = provenance(images[_size_text(a.size_list[0])], workdir)
+            if len(a.size_list) > 1:
+                prov["images"] = images  # filled in as each size's image is made
             prov["qemu_storage_daemon"] = _cmd_output(["qemu-storage-daemon",
                                                        "--version"]).splitlines()[0]
             prov["guest"] = {"pattern": a.pattern, "seed": a.guest_seed, "warmup_s": a.warmup,
@@ -925,17 +1111,28 @@ def main(argv: list[str]) -> int:
             _say(f"engine {prov['engine_commit']} (fingerprint {prov['engine_fingerprint']}), "
                  f"{prov['qemu_storage_daemon']}, kernel {prov['kernel']}, "
                  f"{prov['cpu_model']} x {prov['nproc']}")
-            live = Live(a, workdir, image, prov, out)
+            live = Live(a, workdir, prov, out)
             _say(f"bytecode compiled into {live.pycache} in {live.warm_bytecode():.1f} s")
             rates_text = ", ".join(f"{r:g}" for r in a.rate_list)
             _say(f"{a.reps} rep{'s' if a.reps > 1 else ''} of guest rates {rates_text} MiB/s "
-                 f"({a.pattern}), each on a fresh copy of the image, daemon, state and target; "
+                 f"({a.pattern}) on {sizes_text} disk{'s' if len(a.size_list) > 1 else ''}, "
+                 f"each on a fresh copy of the image, daemon, state and target; "
                  f"the guest writes {a.warmup:g} s before transfer migrate --type live "
                  f"--max-downtime {a.max_downtime} starts")
-            for rep in range(a.reps):
-                for i, rate in enumerate(a.rate_list):
-                    live.run(rate, rep, a.guest_seed * 100_000 + rep * 1000 + i)
-            summary = summarize(live, a.rate_list)
+            size_seconds: dict[str, float] = {}  # per size: its image and its runs
+            for k, size in enumerate(a.size_list):
+                if k:
+                    size_started = time.time()
+                    image = image_of(size)
+                for rep in range(a.reps):
+                    for i, rate in enumerate(a.rate_list):
+                        live.run(size, image, rate, rep,
+                                 a.guest_seed * 100_000 + rep * 1000 + i)
+                size_seconds[_size_text(size)] = round(time.time() - size_started, 1)
+                if len(a.size_list) > 1:
+                    _say(f"{_size_text(size)}: {size_seconds[_size_text(size)] / 60:.1f} min, "
+                         "its image included")
+            summary = summarize(live, a.size_list, a.rate_list)
             live.emit(summary)
             verdict_bars = bars(summary)
             fp_end = engine_fingerprint()
@@ -943,21 +1140,23 @@ def main(argv: list[str]) -> int:
                          | {prov["engine_fingerprint"], fp_end})
             valid = all(r["valid"] for r in live.runs)
             duration = time.time() - started
-            title = (f"live-converge: {_size_text(a.size)} disk, guest {a.pattern}, "
+            title = (f"live-converge: {sizes_text} disk, guest {a.pattern}, "
                      f"--max-downtime {a.max_downtime}, {a.reps} rep{'s' if a.reps > 1 else ''}, "
                      f"engine {prov['engine_commit']}, {stamp}")
             with open(plot_path, "w") as f:
                 f.write(svg_plot(summary, live.runs, title))
             live.emit({"type": "verdict", "scenario": SCENARIO, "valid": valid,
                        "bars": verdict_bars, "duration_s": round(duration, 1),
+                       "size_seconds": size_seconds,
                        "engine_changed_during_run": len(fps) > 1, "engine_fingerprints": fps,
                        "plot": plot_path, "command": reproduce_command(a), "provenance": prov})
         _say()
-        _say(f"{SCENARIO}: {_size_text(a.size)} raw disk (image seed {a.seed}) in "
+        _say(f"{SCENARIO}: {sizes_text} raw disk{'s' if len(a.size_list) > 1 else ''} (image "
+             f"seed {a.seed}) in "
              f"qemu-storage-daemon, guest {a.pattern} writes through NBD in its own process, "
              f"transfer migrate --type live --max-downtime {a.max_downtime}; {a.reps} "
-             f"rep{'s' if a.reps > 1 else ''} per rate; engine {prov['engine_commit']}; "
-             f"{prov['nproc']} CPUs")
+             f"rep{'s' if a.reps > 1 else ''} per {'size and ' if len(a.size_list) > 1 else ''}"
+             f"rate; engine {prov['engine_commit']}; {prov['nproc']} CPUs")
         _say()
         _say(table(summary))
         _say()
@@ -980,7 +1179,8 @@ def main(argv: list[str]) -> int:
             for r in models:
                 m = r["model"]
                 wrote = (r.get("guest") or {}).get("window_rate")
-                _say(f"  {r['rate_mib_s']:5g} MiB/s #{r['rep'] + 1}: dirty rate "
+                _say(f"  {_size_text(r['size'])} {r['rate_mib_s']:5g} MiB/s #{r['rep'] + 1}: "
+                     f"dirty rate "
                      f"{m['dirty_rate'] / MiB:.1f} MiB/s (guest wrote "
                      f"{_fmt(wrote and wrote / MiB, '.1f')}"
                      f" MiB/s), copy rate {_fmt(m['copy_rate'] and m['copy_rate'] / MiB, '.0f')} "

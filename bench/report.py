@@ -162,7 +162,9 @@ def bar_lines(run: Run) -> list[str]:
             out.append(f"- n/a: {b['bar']}" + (f" ({b['why']})" if b.get("why") else ""))
             continue
         mark = "met" if b["met"] else "**MISSED**"
-        if run.scenario == "live-converge":
+        if run.scenario == "live-converge" and b.get("kind", "prediction") != "prediction":
+            value = _module(run.scenario).bar_value(b)
+        elif run.scenario == "live-converge":
             ratios = ", ".join(f"{r:.2f}" for r in b.get("ratios") or [])
             value = (f"worst \\|predicted ÷ measured − 1\\| = "
                      f"{_fmt(b['value'] and 100 * b['value'], '.0f')} % (ratios {ratios})")
@@ -240,9 +242,9 @@ def extra_lines(run: Run) -> list[str]:
     elif run.scenario == "live-converge":
         s = next(iter(run.of_type("summary")), None)
         if s:
-            out.append(f"- disk {_fmt(s.get('size') and s['size'] / GiB, '.2g')} GiB, "
-                       f"--max-downtime {_fmt(s.get('max_downtime_s'), 'g')} s; medians over "
-                       "the reps (min–max)")
+            sizes = ", ".join(f"{n / GiB:.2g}" for n in _module(run.scenario)._sizes(s))
+            out.append(f"- disk {sizes} GiB, --max-downtime {_fmt(s.get('max_downtime_s'), 'g')}"
+                       " s; medians over the reps (min–max)")
     return out
 
 
@@ -324,7 +326,9 @@ def glance(runs: dict[str, Run]) -> str:
         for b in (run.verdict or {}).get("bars") or []:
             met = "n/a" if b.get("met") is None else ("met" if b["met"] else "**MISSED**")
             value = b.get("value")
-            if name == "live-converge":
+            if name == "live-converge" and b.get("kind", "prediction") != "prediction":
+                value = _module(name).bar_value(b)
+            elif name == "live-converge":
                 value = "–" if value is None else f"worst error {100 * value:.0f} %"
             else:
                 value = _fmt(value, b.get("format", ".3g"))
@@ -539,60 +543,80 @@ def plot_warm_delta(run: Run, png: str) -> None:
 def plot_live_converge(run: Run, png: str) -> None:
     """Downtime against the guest's write rate: every run's measured (●) and predicted (◇)
     downtime, the medians joined, the ±25 % band around the measured median; beside it the
-    passes until convergence per rate."""
+    passes until convergence per rate. With a size axis (more than one disk size), the same
+    against the disk size, the medians joined per rate."""
     plt = _pyplot()
     mod = _module(run.scenario)
     s = next(iter(run.of_type("summary")), None)
     runs = run.of_type("run")
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [2, 1]})
-    rates = [x["rate_mib_s"] for x in (s or {}).get("rates", [])]
-    if rates:
+    groups = (s or {}).get("rates", [])
+    by_size = bool(s) and len(mod._sizes(s)) > 1
+
+    def x_of(r: dict[str, Any]) -> float:
+        return r["size"] / GiB if by_size else r["rate_mib_s"]
+
+    xs_all = sorted({x_of(x) for x in groups})
+    if xs_all:
         conv = [r for r in runs if r.get("measured_downtime_s") is not None]
-        ax.scatter([r["rate_mib_s"] for r in conv], [r["measured_downtime_s"] for r in conv],
+        ax.scatter([x_of(r) for r in conv], [r["measured_downtime_s"] for r in conv],
                    marker="o", color="#1f77b4", label="measured", zorder=3)
-        ax.scatter([r["rate_mib_s"] for r in conv if r.get("predicted_downtime_s") is not None],
+        ax.scatter([x_of(r) for r in conv if r.get("predicted_downtime_s") is not None],
                    [r["predicted_downtime_s"] for r in conv
                     if r.get("predicted_downtime_s") is not None],
                    marker="D", facecolors="none", edgecolors="#ff7f0e", label="predicted",
                    zorder=3)
-        med_m = [(x["rate_mib_s"], statistics.median(x["measured_downtime_s"]))
-                 for x in s["rates"] if x["measured_downtime_s"]]
-        med_p = [(x["rate_mib_s"], statistics.median(x["predicted_downtime_s"]))
-                 for x in s["rates"] if x["predicted_downtime_s"]]
-        if med_m:
-            xs, ys = zip(*med_m)
-            ax.plot(xs, ys, color="#1f77b4", alpha=0.6)
-            band = mod.BAR_PREDICTION
-            ax.fill_between(xs, [y * (1 - band) for y in ys], [y * (1 + band) for y in ys],
-                            color="#1f77b4", alpha=0.12, label=f"measured median ±{band:.0%}")
-        if med_p:
-            xs, ys = zip(*med_p)
-            ax.plot(xs, ys, color="#ff7f0e", alpha=0.6, linestyle="--")
+        # the medians joined: over the rates, or per rate over the sizes
+        series = sorted({x["rate_mib_s"] for x in groups}) if by_size else [None]
+        for k, rate in enumerate(series):
+            gs = [x for x in groups if rate is None or x["rate_mib_s"] == rate]
+            med_m = [(x_of(x), statistics.median(x["measured_downtime_s"]))
+                     for x in gs if x["measured_downtime_s"]]
+            med_p = [(x_of(x), statistics.median(x["predicted_downtime_s"]))
+                     for x in gs if x["predicted_downtime_s"]]
+            if med_m:
+                xs, ys = zip(*med_m)
+                ax.plot(xs, ys, color="#1f77b4", alpha=0.6)
+                band = mod.BAR_PREDICTION
+                ax.fill_between(xs, [y * (1 - band) for y in ys], [y * (1 + band) for y in ys],
+                                color="#1f77b4", alpha=0.12,
+                                label=f"measured median ±{band:.0%}" if k == 0 else None)
+            if med_p:
+                xs, ys = zip(*med_p)
+                ax.plot(xs, ys, color="#ff7f0e", alpha=0.6, linestyle="--")
+        if by_size:
+            budget = s.get("max_downtime_s")
+            if budget:
+                ax.axhline(budget, color="#d62728", linestyle=":",
+                           label=f"--max-downtime {budget:g} s")
         ax.set_xscale("log", base=2)
-        ax.set_xticks(rates, [f"{r:g}" for r in rates])
+        ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
-        passes = [(r["rate_mib_s"], r.get("precopy_passes")) for r in runs
+        passes = [(x_of(r), r.get("precopy_passes")) for r in runs
                   if r.get("precopy_passes") is not None]
-        seven = [r["rate_mib_s"] for r in runs if r.get("result") == "not converging"]
+        seven = [x_of(r) for r in runs if r.get("result") == "not converging"]
         if passes:
             ax2.scatter(*zip(*passes), color="#2ca02c", label="converged")
         if seven:
             ax2.scatter(seven, [max([p for _, p in passes] or [1])] * len(seven), marker="x",
                         color="#d62728", label="exit 7 (not converging)")
         ax2.set_xscale("log", base=2)
-        ax2.set_xticks(rates, [f"{r:g}" for r in rates])
+        ax2.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
         ax2.set_ylim(bottom=0)
         ax2.yaxis.get_major_locator().set_params(integer=True)
         ax2.legend(fontsize=8)
-    ax.set_xlabel("guest write rate, MiB/s")
+    xlabel = "disk size, GiB" if by_size else "guest write rate, MiB/s"
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("downtime, s")
     ax.grid(alpha=0.3)
-    ax2.set_xlabel("guest write rate, MiB/s")
+    ax2.set_xlabel(xlabel)
     ax2.set_ylabel("pre-copy passes until convergence")
     ax2.grid(alpha=0.3)
-    size = (s or {}).get("size") or 0
-    fig.suptitle(_title(run, f"{size / GiB:g} GiB disk, transfer migrate --type live"),
+    sizes = ", ".join(f"{n / GiB:g}" for n in mod._sizes(s)) if s else "?"
+    rates = ", ".join(f"{x:g}" for x in sorted({x["rate_mib_s"] for x in groups}))
+    fig.suptitle(_title(run, f"{sizes} GiB disk, transfer migrate --type live"
+                             + (f", guest {rates} MiB/s" if by_size else "")),
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=100)

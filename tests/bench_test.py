@@ -46,7 +46,9 @@ def test_bad_arguments_exit_2_before_anything_runs(tmp_path):
                  ["cold-copy", "--cases", "mixed/vmware"], ["cold-copy", "--cases", "random"],
                  ["cold-copy", "--cases", "mixed/nbdkit,mixed/nbdkit/hot"],
                  ["cold-copy", "--cases", "mixed/nbdkit/lukewarm"],
-                 ["cold-copy", "--reps-rest", "0"]):
+                 ["cold-copy", "--reps-rest", "0"],
+                 ["live-converge", "--size", "1G", "--sizes", "2G"],
+                 ["live-converge", "--sizes", "1G,1G"], ["live-converge", "--sizes", "1G,3"]):
         p = bench("--out", str(tmp_path), *args)
         assert p.returncode == 2, (args, p.stdout, p.stderr)
         assert "Traceback" not in p.stderr
@@ -68,6 +70,47 @@ def test_results_without_runs_says_so(tmp_path):
     for name in SCENARIOS:
         assert f"## {name}" in text
     assert text.count("no full (default options) run") == len(SCENARIOS)
+
+
+def _live_run(size: int, rate: float, measured: float | None, predicted: float) -> dict:
+    """A live-converge run record with what its summary reads: converged when measured is
+    given, else exit 7 with the engine's last prediction."""
+    rec = {"size": size, "rate_mib_s": rate, "valid": True, "precopy_passes": 2,
+           "predicted_downtime_s": predicted, "wall_s": 1.0, "cpu_pct": {}, "guest": {}}
+    if measured is None:
+        return dict(rec, result="not converging", precopy_passes=16)
+    return dict(rec, result="converged", measured_downtime_s=measured, final_delta_bytes=1 << 20,
+                engine_downtime_s=measured, pred_over_measured=predicted / measured,
+                within_bar=abs(predicted / measured - 1) <= 0.25, verify={"exit": 0})
+
+
+def test_live_converge_size_axis_bars_take_exit_7_at_the_largest_size_as_a_result():
+    from types import SimpleNamespace
+
+    from bench import live_converge as lc
+    a = lc.parse_args(["--sizes", "4G,1G,16G"])
+    assert a.size_list == [1 << 30, 4 << 30, 16 << 30] and a.rate_list == [4.0]
+    assert lc.parse_args(["--sizes", "1G", "--rates", "1,16"]).rate_list == [1.0, 16.0]
+    assert "--sizes 1G,4G,16G --seed" in lc.reproduce_command(a)
+    assert "--size 2G --seed" in lc.reproduce_command(lc.parse_args([]))  # the default run
+
+    def bars(largest: dict) -> dict:
+        live = SimpleNamespace(args=a, prov={}, runs=[
+            _live_run(1 << 30, 4.0, 0.5, 0.45), _live_run(4 << 30, 4.0, 0.6, 0.55), largest])
+        s = lc.summarize(live, a.size_list, a.rate_list)
+        table = lc.table(s)
+        assert "downtime at the largest size ÷ at the smallest" in table
+        assert all(lc.bar_line(b) for b in lc.bars(s))
+        return {b["kind"]: b for b in lc.bars(s) if b["kind"] != "prediction"}
+
+    seven = bars(_live_run(16 << 30, 4.0, None, 6.2))
+    assert seven["size_ratio"]["met"] is False and "6.20 s" in seven["size_ratio"]["why"]
+    assert seven["largest_converged"]["met"] is False
+    fine = bars(_live_run(16 << 30, 4.0, 0.7, 0.65))
+    assert fine["size_ratio"]["met"] is True and fine["size_ratio"]["value"] == 1.4
+    assert fine["largest_converged"]["met"] is True
+    slow = bars(_live_run(16 << 30, 4.0, 5.5, 4.9))  # converged, but over the 5 s budget
+    assert slow["size_ratio"]["met"] is False and slow["largest_converged"]["met"] is False
 
 
 @pytest.mark.slow
