@@ -68,6 +68,17 @@ def test_unverified_bytes_and_a_source_rehash_are_costed():
     assert m.predict(5.0, 0, source_data=1 * GiB) == pytest.approx(base + 1024 / 400, rel=1e-3)
 
 
+def test_the_overhead_counts_the_whole_pass_qmp_included():
+    """A pass's wall in migrate (QMP hand-over and export around sync) beyond its copy and
+    read-back is the fixed cost a final pass will take too: the median of the small passes'."""
+    m = model_after(1 * GiB)
+    d = 20 * MiB
+    work = d / (400 * MiB) + d / GiB
+    for qmp in (0.02, 0.03, 0.5):  # one slow outlier does not move the median far
+        m.add(report(0.05 + work, d, d, (d, d / GiB)), 5.0, wall=0.05 + work + qmp)
+    assert m.overhead == pytest.approx(0.05 + 0.025, rel=1e-3)
+
+
 def test_no_prediction_before_a_dirty_rate():
     m = Model()
     m.add(report(2.0, GiB, GiB, (GiB, 1.0)), None)

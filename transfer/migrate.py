@@ -51,6 +51,7 @@ import os
 import re
 import shlex
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -131,15 +132,19 @@ class Model:
 
     def __init__(self) -> None:
         self.overhead: float | None = None  # seconds of a pass that copies nothing
+        self._fixed: list[float] = []  # each small pass's cost beyond its copy and read-back
         self.copy_rate: float | None = None
         self.dirty_rate: float | None = None
         self.read_rate: float | None = None  # read-back of the target, bytes/s
         self.stop_seconds = 0.0
 
-    def add(self, report: SyncReport, recorded: float | None) -> tuple[float | None, float | None]:
+    def add(self, report: SyncReport, recorded: float | None,
+            wall: float | None = None) -> tuple[float | None, float | None]:
         """Fold one pass in: a pass takes overhead + moved / copy_rate + read back / read_rate
         seconds. Big passes (pass 0) give the copy rate and, by their read-back of all they
-        wrote, the read-back rate; small ones the overhead."""
+        wrote, the read-back rate; small ones the overhead: the median of their wall (the
+        sync pass and migrate's QMP hand-over and export around it, when given) beyond their
+        copy and read-back."""
         back = report.read_back or {}
         back_bytes, back_seconds = back.get("bytes", 0), back.get("seconds", 0.0)
         if (back_bytes >= BIG_PASS or self.read_rate is None and back_bytes) and back_seconds > 0:
@@ -152,8 +157,9 @@ class Model:
             self.copy_rate = rate if self.copy_rate is None else 0.5 * (self.copy_rate + rate)
         elif self.copy_rate:  # a small pass: mostly the fixed cost, its read-back's included
             reading = back_bytes / self.read_rate if self.read_rate else back_seconds
-            fixed = max(0.0, report.seconds - moved / self.copy_rate - reading)
-            self.overhead = fixed if self.overhead is None else min(self.overhead, fixed)
+            total = report.seconds if wall is None else max(wall, report.seconds)
+            self._fixed.append(max(0.0, total - moved / self.copy_rate - reading))
+            self.overhead = statistics.median(self._fixed[-8:])
         if recorded is not None and recorded > 0:
             self.dirty_rate = report.delta_bytes / recorded
         return self.copy_rate, self.dirty_rate
@@ -299,6 +305,7 @@ class Migration:
 
     async def _pass(self, q: _Monitor, log: dict[str, Any], report: MigrateReport, *,
                     final: bool) -> PassInfo:
+        entered = time.monotonic()  # the pass's whole cost: QMP hand-over and export included
         await self._unexport(q)  # a killed run's export keeps its bitmap busy (merge, remove)
         note = await self._merge_unlogged(q, log) if final else None
         k = log["next"]
@@ -358,7 +365,7 @@ class Migration:
                                  **self.sync_options)
         finally:
             await self._unexport(q)
-        copy_rate, dirty_rate = self.model.add(r, recorded)
+        copy_rate, dirty_rate = self.model.add(r, recorded, time.monotonic() - entered)
         report.digest = r.digest
         info = PassInfo(k, datetime.datetime.fromtimestamp(began).isoformat(timespec="milliseconds"),
                         r.change_source, fallback or r.fallback, r.delta_bytes, r.bytes_copied,
