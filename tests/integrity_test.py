@@ -279,3 +279,19 @@ def test_an_msync_eio_is_a_state_io_error(failing_fs):
     finally:
         inject.unlink(missing_ok=True)
         m.close()
+
+
+def test_runs_of_finds_whole_digest_slots_only():
+    """Manifest.runs_of (the blocks a read-back found wrong): adjacent blocks merge into one run,
+    the short last block's run ends at the size, and bytes that straddle two digest slots (the
+    tail of one digest and the head of the next) are no block's digest."""
+    m = Manifest(10 * 65536 + 100)
+    poison = b"\xff" * 16
+    for i in (0, 1, 3, 10):
+        m.slice(i * 65536, 1)[:] = poison
+    m.slice(5 * 65536, 1)[:] = bytes(8) + b"\xff" * 8
+    m.slice(6 * 65536, 1)[:] = b"\xff" * 8 + bytes(8)
+    assert m.runs_of(poison) == [(0, 2 * 65536), (3 * 65536, 4 * 65536),
+                                 (10 * 65536, 10 * 65536 + 100)]
+    assert Manifest(65536).runs_of(poison) == []
+    m.close()
