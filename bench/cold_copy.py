@@ -1,6 +1,6 @@
 """cold-copy: the engine against nbdcopy and qemu-img convert, copying a whole disk from nbdkit.
 
-A synthetic image (transfer.synth, reproducible from a seed: random data, text-like data,
+A synthetic image (transfer.demo.synth, reproducible from a seed: random data, text-like data,
 zero-filled allocated blocks and holes, half of it allocated) is served read-only by nbdkit's
 file plugin on a unix socket, with the image hot in the page cache. Each tool copies it to
 `null:`, a regular file and a loop device, ending with the data durable (or, for checksum, reads
@@ -46,8 +46,8 @@ from typing import Any, TextIO
 
 from transfer.cli import parse_size
 from transfer.demo import file_digest
-from transfer.servers import Nbdkit, QemuNbd, Server
-from transfer.synth import make_image
+from transfer.demo.servers import Nbdkit, QemuNbd, Server
+from transfer.demo.synth import make_image
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = ROOT / ".venv" / "bin" / "transfer"

@@ -10,10 +10,10 @@ guest writes. Downtime at 16 GiB within 1.5× of the 1 GiB downtime, every predi
 size, the rate 4 MiB/s unless --rates; bars on the largest size's median measured downtime over
 the smallest's, and on every run at the largest size converging within --max-downtime.
 
-For every size, rate and rep, from scratch: the bench image (transfer.synth, same size and seed
+For every size, rate and rep, from scratch: the bench image (transfer.demo.synth, same size and seed
 as the other scenarios) copied to a fresh raw disk, a fresh qemu-storage-daemon holding it as
 node disk0 (QMP socket, NBD server exporting it writable as `rw`), and a guest
-(bench/live_guest.py, a child process running transfer.workload.GuestWriter, scattered writes at
+(bench/live_guest.py, a child process running transfer.demo.workload.GuestWriter, scattered writes at
 the rate) writing through that export. After --warmup seconds of writing:
 
   transfer migrate TARGET --type live --qmp QMP --node disk0 --state STATE --nbd-socket NBD
@@ -55,7 +55,7 @@ from typing import Any, TextIO
 from transfer.cli import parse_size
 from transfer.errors import BadInput
 from transfer.migrate import parse_duration
-from transfer.servers import QemuStorageDaemon, ServerError
+from transfer.demo.servers import QemuStorageDaemon, ServerError
 
 from .cold_copy import (
     ENGINE,
@@ -118,7 +118,7 @@ class Live:
 
     def warm_bytecode(self) -> float:
         t = time.perf_counter()
-        imports = ("import transfer.cli, transfer.migrate, transfer.api, transfer.workload, "
+        imports = ("import transfer.cli, transfer.migrate, transfer.api, transfer.demo.workload, "
                    "bench.live_guest, nbd, numpy")
         subprocess.run([PYTHON, "-c", imports], cwd=ROOT, env=self.env, check=True,
                        capture_output=True)
@@ -1106,7 +1106,7 @@ def main(argv: list[str]) -> int:
             prov["qemu_storage_daemon"] = _cmd_output(["qemu-storage-daemon",
                                                        "--version"]).splitlines()[0]
             prov["guest"] = {"pattern": a.pattern, "seed": a.guest_seed, "warmup_s": a.warmup,
-                             "process": "bench.live_guest (transfer.workload.GuestWriter)"}
+                             "process": "bench.live_guest (transfer.demo.workload.GuestWriter)"}
             prov["migrate"] = {"max_downtime": a.max_downtime, "max_passes": a.max_passes}
             _say(f"engine {prov['engine_commit']} (fingerprint {prov['engine_fingerprint']}), "
                  f"{prov['qemu_storage_daemon']}, kernel {prov['kernel']}, "

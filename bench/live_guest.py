@@ -1,6 +1,6 @@
 """The live-converge scenario's guest, in a process of its own (python -m bench.live_guest ...).
 
-A transfer.workload.GuestWriter writes to the daemon's writable NBD export at --rate bytes/s
+A transfer.demo.workload.GuestWriter writes to the daemon's writable NBD export at --rate bytes/s
 until the file --stop appears (the --on-cutover command touches it: the VM is being stopped);
 then it stops (every logged write has completed), touches --stopped (the command then returns
 and the engine takes its final pass) and writes a JSON summary of what it wrote to --summary.
@@ -22,7 +22,7 @@ import time
 
 import nbd
 
-from transfer.workload import GuestWriter
+from transfer.demo.workload import GuestWriter
 
 BLOCK = 64 * 1024  # the dirty bitmap's granularity on a raw file (qemu's default)
 POLL = 0.005

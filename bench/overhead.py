@@ -36,7 +36,7 @@ from typing import Any
 
 from transfer.cli import parse_size
 from transfer.demo import file_digest
-from transfer.servers import Nbdkit
+from transfer.demo.servers import Nbdkit
 
 from .cold_copy import (
     ENGINE,

@@ -6,7 +6,7 @@ commit included; a changed-areas file of 100,000 areas is planned in under 0.5 s
 issue asks, "warm passes at 1 % and 10 % dirty (scattered and clustered) as a fraction of the full
 pass": the delta kinds of KINDS, each its own row with its ratio to the same round's full pass.
 
-The cold-copy image (transfer.synth, same size and seed, same bytes) is copied to a private
+The cold-copy image (transfer.demo.synth, same size and seed, same bytes) is copied to a private
 `warm-source.img` (holes kept), which this scenario changes between passes; the pristine image is
 never written. A fresh nbdkit serves the private copy read-only (file plugin, unix socket) for
 every run. First `transfer sync` makes pass 0 (checkpoint c0) into a target file with a state
@@ -62,7 +62,7 @@ import numpy as np
 from transfer.cli import parse_size
 from transfer.demo import file_digest
 from transfer.integrity import BLOCK
-from transfer.servers import Nbdkit
+from transfer.demo.servers import Nbdkit
 
 from .cold_copy import (
     ENGINE,

@@ -18,7 +18,7 @@ import subprocess
 import pytest
 
 from transfer.errors import TargetRefused
-from transfer.servers import Nbdkit, QemuNbd
+from transfer.demo.servers import Nbdkit, QemuNbd
 from transfer.state.journal import Journal
 from transfer.state.sync import sync as api_sync
 from transfer.tracking.audit import choose

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import pytest
 import xxhash
 
-from transfer.servers import Nbdkit, QemuNbd, Server
+from transfer.demo.servers import Nbdkit, QemuNbd, Server
 
 BLOCK = 64 * 1024
 

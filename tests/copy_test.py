@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 import transfer
-from transfer.synth import make_image
+from transfer.demo.synth import make_image
 
 from .conftest import compare, expected_digest_of_file, export_to_file
 

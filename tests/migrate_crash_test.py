@@ -23,9 +23,9 @@ import pytest
 
 from transfer.migrate import migrate_async
 from transfer.qmp import Qmp
-from transfer.servers import Nbdkit, QemuStorageDaemon
+from transfer.demo.servers import Nbdkit, QemuStorageDaemon
 from transfer.state.sync import sync_async
-from transfer.synth import make_image
+from transfer.demo.synth import make_image
 
 from .conftest import compare, expected_digest_of_file, export_to_file, require
 

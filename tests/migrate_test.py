@@ -20,11 +20,11 @@ import time
 
 import pytest
 
-from transfer.servers import QemuStorageDaemon
+from transfer.demo.servers import QemuStorageDaemon
 from transfer.state.journal import Journal
 from transfer.state.ranges_file import read_ranges
-from transfer.synth import make_image
-from transfer.workload import GuestWriter
+from transfer.demo.synth import make_image
+from transfer.demo.workload import GuestWriter
 
 from .conftest import compare, expected_digest_of_file, export_to_file, require
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from transfer.servers import Nbdkit
+from transfer.demo.servers import Nbdkit
 
 from .conftest import compare, expected_digest_of_file, require, sha256_of
 from .statefs_test import wait_for

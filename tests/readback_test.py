@@ -29,7 +29,7 @@ import time
 
 import pytest
 
-from transfer.servers import Nbdkit
+from transfer.demo.servers import Nbdkit
 from transfer.state.journal import Journal, JournalError, encode
 from transfer.state.ranges_file import read_ranges
 from transfer.state.sync import State, _load, _pending

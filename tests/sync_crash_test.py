@@ -364,7 +364,7 @@ def test_source_gone_stops_resumably(nbdkit, tmp_path):
     size = 24 * MiB
     src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"
     make_disk(src, size, 36)
-    from transfer.servers import Nbdkit
+    from transfer.demo.servers import Nbdkit
 
     sock = str(tmp_path / "src.sock")
     rate = tmp_path / "rate"
@@ -541,7 +541,7 @@ def test_a_target_power_cut_loses_only_what_was_not_committed(nbdkit, tmp_path):
     follows the first progress line of its run with 20, 50 or 30 % of the run's plan written
     (a slower source keeps the pass going for seconds), and each is checked to have landed
     mid-pass: the run's begin record, no end, and the engine failing on the target (exit 4)."""
-    from transfer.servers import Nbdkit
+    from transfer.demo.servers import Nbdkit
 
     size = 24 * MiB
     src, state = str(tmp_path / "src.img"), tmp_path / "state"

@@ -22,7 +22,7 @@ import xxhash
 
 from .conftest import compare, expected_digest_of_file, require, run_cli
 from .oplog_test import _OP
-from transfer.servers import QemuNbd
+from transfer.demo.servers import QemuNbd
 
 BLOCK = 64 * 1024
 MiB = 1 << 20
@@ -363,7 +363,7 @@ def test_a_new_socket_for_each_pass_needs_no_flag(tmp_path):
     state is bound to the disk (export name and size), not its address: pass 0, a delta and
     the final pass from three sockets, no extra flag, and the target is right. Each new address
     is recorded, redacted, in a bind record and said in the report's notes."""
-    from transfer.servers import Nbdkit
+    from transfer.demo.servers import Nbdkit
     from transfer.state.journal import Journal
 
     size = 4 * MiB
@@ -401,7 +401,7 @@ def test_a_moved_source_resumes_an_interrupted_pass(tmp_path):
     line shows the pass under way (the signal handlers are installed before it starts)."""
     import signal
 
-    from transfer.servers import Nbdkit
+    from transfer.demo.servers import Nbdkit
 
     size = 24 * MiB
     src, dst, state = str(tmp_path / "src.img"), str(tmp_path / "dst.img"), tmp_path / "state"

@@ -21,7 +21,7 @@ import pytest
 
 import transfer
 from transfer import BadInput, SourceError, TargetError, Tls
-from transfer.servers import Server
+from transfer.demo.servers import Server
 
 from .conftest import compare, expected_digest_of_file, require, run_cli, sha256_of
 

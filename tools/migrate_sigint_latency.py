@@ -26,8 +26,8 @@ import tempfile
 import time
 
 from transfer.cli import parse_size
-from transfer.servers import QemuStorageDaemon
-from transfer.synth import make_image
+from transfer.demo.servers import QemuStorageDaemon
+from transfer.demo.synth import make_image
 
 
 def wait_line(stream, prefix: str, timeout: float = 120) -> None:

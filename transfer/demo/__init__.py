@@ -24,10 +24,10 @@ from typing import Callable
 
 import xxhash
 
-from .errors import BadInput, VerifyFailed
-from .integrity import BLOCK, digest_string
-from .migrate import MigrateReport, PassInfo, migrate_async, request_cutover
-from .pipeline.copy import Progress
+from ..errors import BadInput, VerifyFailed
+from ..integrity import BLOCK, digest_string
+from ..migrate import MigrateReport, PassInfo, migrate_async, request_cutover
+from ..pipeline.copy import Progress
 from .servers import QemuStorageDaemon
 from .synth import make_image
 
@@ -99,7 +99,7 @@ def run_demo(*, size: int = DEMO_SIZE, seed: int = 1, rate: float = DEMO_RATE,
             + ", ".join(f"{k.replace('_', ' ')} {v >> 20} MiB" for k, v in layout.items()))
         daemon = QemuStorageDaemon(os.path.join(work, "nbd.sock"), image,
                                    qmp=os.path.join(work, "qmp.sock"), fmt="raw").start()
-        guest = subprocess.Popen([sys.executable, "-m", "transfer.workload", daemon.uri,
+        guest = subprocess.Popen([sys.executable, "-m", "transfer.demo.workload", daemon.uri,
                                   "--rate", str(rate), "--seed", str(seed), "--stop", stop,
                                   "--stopped", stopped], stdin=subprocess.DEVNULL)
         say(f"qemu-storage-daemon holds it as node disk0; a guest writes {rate / 2**20:g} MiB/s "

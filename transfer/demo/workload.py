@@ -103,13 +103,13 @@ class GuestWriter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m transfer.workload URI --rate BYTES/S [--pattern P] [--seed N] --stop FILE
+    """python -m transfer.demo.workload URI --rate BYTES/S [--pattern P] [--seed N] --stop FILE
     --stopped FILE: write until FILE appears (the VM is being shut down), then create the
     stopped file and exit (the demo's guest, in its own process)."""
     import argparse
     import os
 
-    p = argparse.ArgumentParser(prog="python -m transfer.workload")
+    p = argparse.ArgumentParser(prog="python -m transfer.demo.workload")
     p.add_argument("uri")
     p.add_argument("--rate", type=float, required=True)
     p.add_argument("--pattern", choices=PATTERNS, default="hotspot")
