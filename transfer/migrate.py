@@ -573,8 +573,14 @@ class Migration:
             if self.kind == "live":
                 pred = info.predicted_downtime
                 if pred is not None and pred <= self.max_downtime:
-                    report.converged = True
-                    break
+                    # it fits; cut over unless one more short pass would at least halve the
+                    # final delta (a long pass, e.g. the first delta of a big disk, leaves a
+                    # big one): passes then shrink to the floor the fixed cost sets
+                    final = (self.model.dirty_rate or 0.0) * since
+                    if info.delta_bytes <= 2 * final or len(report.passes) >= self.max_passes:
+                        report.converged = True
+                        break
+                    continue
                 # the deltas stopped shrinking (or never will fit): say so, do not loop forever
                 if (len(deltas) >= 4 and deltas[-1] >= 0.9 * deltas[-2] >= 0.81 * deltas[-3]
                         and (pred is None or pred > self.max_downtime)
