@@ -58,6 +58,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from .durable import write_atomic
 from .errors import BadInput, Interrupted, NotConverging, SourceError, TransferError
 from .integrity import BLOCK
 from .qmp import Qmp, QmpError
@@ -265,17 +266,7 @@ class Migration:
 
     def _save(self, log: dict[str, Any]) -> None:
         log.update(node=self.node, type=self.kind)
-        tmp = self.log_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(log, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.log_path)
-        dfd = os.open(self.state, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(self.log_path, json.dumps(log).encode())
 
     # -- one pass
 

@@ -31,6 +31,7 @@ from functools import lru_cache
 
 import xxhash
 
+from ..durable import fsync_file, replace, why
 from ..errors import BadInput, StateIOError
 
 BLOCK = 64 * 1024
@@ -97,7 +98,7 @@ class Manifest:
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as e:
-            raise StateIOError(f"cannot create the manifest: {_why(e)}", disk=path,
+            raise StateIOError(f"cannot create the manifest: {why(e)}", disk=path,
                                kind="manifest") from None
         try:
             try:
@@ -113,7 +114,7 @@ class Manifest:
             except OSError:
                 pass
             if isinstance(e, OSError):
-                raise StateIOError(f"cannot create the manifest ({length} bytes): {_why(e)}",
+                raise StateIOError(f"cannot create the manifest ({length} bytes): {why(e)}",
                                    disk=path, kind="manifest") from None
             raise
         return cls(size, _map=m, _offset=HEADER_SIZE, _path=path, _tmp=tmp)
@@ -132,7 +133,7 @@ class Manifest:
                 length = os.fstat(fd).st_size
                 head = os.pread(fd, HEADER_SIZE, 0)
             except OSError as e:
-                raise StateIOError(f"cannot read the manifest: {_why(e)}", disk=path,
+                raise StateIOError(f"cannot read the manifest: {why(e)}", disk=path,
                                    kind="manifest") from None
             size = _check_header(head, length, path)
             if writable:
@@ -150,22 +151,12 @@ class Manifest:
             raise ValueError("an in-memory manifest has no file to save")
         try:
             self._map.flush()
-            src = self._tmp or self.path
-            fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(self._tmp or self.path)
             if self._tmp is not None:
-                os.replace(self._tmp, self.path)
+                replace(self._tmp, self.path)
                 self._tmp = None
-                dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
         except OSError as e:
-            raise StateIOError(f"cannot save the manifest: {_why(e)}", disk=self.path,
+            raise StateIOError(f"cannot save the manifest: {why(e)}", disk=self.path,
                                kind="manifest") from None
 
     def sync(self) -> None:
@@ -174,7 +165,7 @@ class Manifest:
         try:
             self._map.flush()
         except OSError as e:
-            raise StateIOError(f"msync failed: {_why(e)}", disk=self.path, kind="manifest") \
+            raise StateIOError(f"msync failed: {why(e)}", disk=self.path, kind="manifest") \
                 from None
 
     def block_length(self, index: int) -> int:
@@ -286,10 +277,6 @@ class Manifest:
                 pass
 
 
-def _why(e: OSError) -> str:
-    return os.strerror(e.errno) if e.errno else str(e)
-
-
 def _preallocate(fd: int, length: int, path: str) -> None:
     """Give every byte of the file's first `length` its blocks now, so that stores into a
     shared mapping of it never need a block (ENOSPC there is SIGBUS). Where the file system
@@ -300,7 +287,7 @@ def _preallocate(fd: int, length: int, path: str) -> None:
         return
     except OSError as e:
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise StateIOError(f"cannot preallocate the manifest ({length} bytes): {_why(e)}",
+            raise StateIOError(f"cannot preallocate the manifest ({length} bytes): {why(e)}",
                                disk=path, kind="manifest") from None
     try:
         for off in range(0, length, _WRITE_BACK):
@@ -314,7 +301,7 @@ def _preallocate(fd: int, length: int, path: str) -> None:
                 view, pos = view[w:], pos + w
     except OSError as e:
         raise StateIOError(f"cannot preallocate the manifest ({length} bytes) by writing it "
-                           f"(the file system cannot fallocate): {_why(e)}",
+                           f"(the file system cannot fallocate): {why(e)}",
                            disk=path, kind="manifest") from None
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import xxhash
 
+from ..durable import create_new, why, write_all
 from ..errors import BadInput, StateIOError
 
 MAGIC = b"TRJOURN1"
@@ -47,31 +48,6 @@ MAX_RECORD = 16 << 20  # a larger declared length is garbage, not a record
 
 class JournalError(BadInput):
     kind = "journal"
-
-
-def _why(e: OSError) -> str:
-    return os.strerror(e.errno) if e.errno else str(e)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_all(fd: int, data: bytes, offset: int | None = None) -> None:
-    """Write all of data (at offset, or at the file's position), looping on short writes, so
-    that a full file system reports its ENOSPC instead of a short count."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
-        if n <= 0:  # a regular file never does this; refuse to spin if one does
-            raise OSError(0, f"write returned {n}")
-        view = view[n:]
-        if offset is not None:
-            offset += n
 
 
 def encode(seq: int, record: dict[str, Any]) -> bytes:
@@ -98,7 +74,7 @@ class Journal:
         try:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         except OSError as e:
-            raise JournalError(f"cannot open: {_why(e)}", disk=path) from None
+            raise JournalError(f"cannot open: {why(e)}", disk=path) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -111,7 +87,7 @@ class Journal:
                     os.ftruncate(fd, good_end)
                     os.fsync(fd)
                 except OSError as e:
-                    raise StateIOError(f"cannot drop the torn tail: {_why(e)}", disk=path,
+                    raise StateIOError(f"cannot drop the torn tail: {why(e)}", disk=path,
                                        kind="journal") from None
             return cls(path, fd, records, size - good_end)
         except BaseException:
@@ -131,7 +107,7 @@ class Journal:
             write_all(self._fd, data)
             os.fsync(self._fd)
         except OSError as e:
-            self._failed = _why(e)
+            self._failed = why(e)
             raise StateIOError(f"append failed: {self._failed}", disk=self.path,
                                kind="journal") from None
         self.records.append(record)
@@ -152,32 +128,13 @@ class Journal:
 def _create(path: str) -> None:
     """Create an empty journal at path unless one appears there meanwhile (another engine
     starting on the same fresh state): a temp file of this process's own, made durable, then
-    hard-linked to path, which fails rather than replace what is there."""
-    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    hard-linked to path, which fails rather than replace what is there (transfer.durable)."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        create_new(path, MAGIC)
     except PermissionError as e:  # the operator's to fix, before anything was written
-        raise JournalError(f"cannot create: {_why(e)}", disk=path) from None
+        raise JournalError(f"cannot create: {why(e)}", disk=path) from None
     except OSError as e:
-        raise StateIOError(f"cannot create: {_why(e)}", disk=path, kind="journal") from None
-    try:
-        try:
-            write_all(fd, MAGIC)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return  # another engine created it first: open and lock that one
-        _fsync_dir(path)
-    except OSError as e:
-        raise StateIOError(f"cannot create: {_why(e)}", disk=path, kind="journal") from None
-    finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        raise StateIOError(f"cannot create: {why(e)}", disk=path, kind="journal") from None
 
 
 def _read(fd: int, path: str) -> tuple[list[dict[str, Any]], int, int]:
@@ -192,7 +149,7 @@ def _read(fd: int, path: str) -> tuple[list[dict[str, Any]], int, int]:
             chunks.append(chunk)
             pos += len(chunk)
     except OSError as e:
-        raise StateIOError(f"cannot read: {_why(e)}", disk=path, kind="journal") from None
+        raise StateIOError(f"cannot read: {why(e)}", disk=path, kind="journal") from None
     data = b"".join(chunks)
     size = len(data)
     if data[: len(MAGIC)] != MAGIC:

@@ -21,7 +21,8 @@ import xxhash
 
 from ..integrity import BLOCK
 from ..errors import StateIOError
-from .journal import JournalError, _fsync_dir, _why, write_all
+from ..durable import why, write_atomic
+from .journal import JournalError
 
 MAGIC = b"TRRANGE1"
 _COUNT = struct.Struct("<Q")
@@ -34,22 +35,10 @@ def write_ranges(path: str, ranges: list[tuple[int, int]]) -> str:
         flat.byteswap()
     body = MAGIC + _COUNT.pack(len(ranges)) + flat.tobytes()
     check = xxhash.xxh3_64_hexdigest(body)
-    tmp = f"{path}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            write_all(fd, body + bytes.fromhex(check)[::-1])  # u64le of the checksum
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        _fsync_dir(path)
+        write_atomic(path, body + bytes.fromhex(check)[::-1])  # u64le of the checksum
     except OSError as e:
-        try:
-            os.unlink(tmp)  # a full file system gets its space back
-        except OSError:
-            pass
-        raise StateIOError(f"cannot write the pass's ranges file: {_why(e)}", disk=path,
+        raise StateIOError(f"cannot write the pass's ranges file: {why(e)}", disk=path,
                            kind="state") from None
     return check
 
