@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from transfer.migrate import Model
-from transfer.state.sync import SyncReport
+from transfer.reports import SyncReport
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -1,7 +1,7 @@
 """transfer: a block-level disk transfer engine for moving VM disks into KubeVirt."""
 
-from .api import (ChecksumReport, Report, VerifyReport, checksum, checksum_async, copy,
-                  copy_async, verify, verify_async)
+from .api import checksum, checksum_async, copy, copy_async, verify, verify_async
+from .reports import ChecksumReport, Report, SyncReport, VerifyReport
 from .errors import (BadInput, Interrupted, SourceError, TargetError, TargetRefused,
                      TransferError, VerifyFailed)
 from .tls import Tls
@@ -32,7 +32,7 @@ __all__ = [
 
 def __getattr__(name: str):
     """sync and migrate load on first use: the CLI's copy need not import them (~9 ms)."""
-    if name in ("SyncReport", "sync", "sync_async"):
+    if name in ("sync", "sync_async"):
         from .state import sync as module
 
         return getattr(module, name)

@@ -8,11 +8,9 @@ caller's callback.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, Callable
 
@@ -23,6 +21,7 @@ from .errors import BadInput, TargetRefused, TransferError, VerifyFailed
 from .integrity import BLOCK, Manifest
 from .pipeline import copy as engine
 from .pipeline.copy import Progress
+from .reports import ChecksumReport, Report, VerifyReport
 from .tls import Tls
 
 # Defaults measured on the 2-core machines (DESIGN.md "What fast means here"), 4 GiB bench image
@@ -37,45 +36,6 @@ SINGLE_CONN_REQUEST = (256 << 10, 64)
 MAX_REQUEST_SIZE = 32 << 20
 MAX_BUFFER_BYTES = 256 << 20
 VERIFY_OFFSETS = 1000  # differing offsets kept for a report (the count is always exact)
-
-
-class _Serializable:
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-
-@dataclass
-class Report(_Serializable):
-    """What copy() did."""
-
-    source: str
-    target: str
-    size: int
-    target_size: int
-    bytes_copied: int
-    bytes_zeroed: int
-    bytes_skipped: int
-    bytes_read: int
-    seconds: float
-    digest: str
-    connections: int
-    requests: int
-    zero_requests: int
-    request_size: int
-    in_flight: int
-    zero_method: str
-    target_created: bool
-    flushed: bool
-    native: dict[str, str] = field(default_factory=dict)
-    manifest: str | None = None
-    verified: bool = False  # read back and compared block by block (copy --verify)
-    verify_seconds: float | None = None
-    verify_bytes_read: int | None = None
-    retries: int = 0  # reads issued again after an error (RELIABILITY.md S1b: reported)
-    reconnects: int = 0
 
 
 def _check_retries(retries: int) -> None:
@@ -297,20 +257,6 @@ def copy(source: str, target: str, **options: Any) -> Report:
     return asyncio.run(copy_async(source, target, **options))
 
 
-@dataclass
-class ChecksumReport(_Serializable):
-    """What checksum() read and the digest it found."""
-
-    disk: str
-    size: int
-    digest: str
-    seconds: float
-    bytes_read: int
-    connections: int
-    native: dict[str, str] = field(default_factory=dict)
-    manifest: str | None = None
-
-
 async def checksum_async(disk: str, *, connections: int | None = None,
                          in_flight: int | None = None, request_size: int | None = None,
                          manifest: str | None = None, retries: int = engine.RETRIES,
@@ -346,24 +292,6 @@ async def checksum_async(disk: str, *, connections: int | None = None,
 
 def checksum(disk: str, **options: Any) -> ChecksumReport:
     return asyncio.run(checksum_async(disk, **options))
-
-
-@dataclass
-class VerifyReport(_Serializable):
-    """Whether verify() found the target equal, and where it differs."""
-
-    equal: bool
-    source: str | None
-    target: str
-    size: int
-    target_size: int
-    blocks: int
-    differing_blocks: int | None  # None: compared with a digest only, which cannot say which
-    first_differences: list[int]
-    source_digest: str
-    target_digest: str
-    seconds: float
-    bytes_read: int
 
 
 _DIGEST = re.compile(r"^xxh3-128:64k:[0-9a-f]{32}$")

@@ -55,15 +55,15 @@ import statistics
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Callable
 
 from .durable import write_atomic
 from .errors import BadInput, Interrupted, NotConverging, SourceError, TransferError
-from .integrity import BLOCK
 from .qmp import Qmp, QmpError
 from .state.journal import Journal
-from .state.sync import SyncReport, sync_async
+from .reports import MigrateReport, PassInfo, SyncReport
+from .state.sync import sync_async
 
 PREFIX = "transfer-"
 BIG_PASS = 64 << 20  # bytes moved by a pass that says more about the copy rate than overhead
@@ -88,44 +88,6 @@ def parse_when(text: str) -> float | None:
     except ValueError:
         raise BadInput(f"--cutover {text!r} is not 'now' or an ISO 8601 time") from None
     return when.timestamp()
-
-
-@dataclass
-class PassInfo:
-    pass_: int
-    start: str  # ISO time the pass began (local, to the millisecond)
-    change_source: str
-    fallback: str | None
-    delta_bytes: int
-    bytes_copied: int
-    seconds: float
-    copy_rate: float | None  # bytes/s beyond the per-pass overhead
-    dirty_rate: float | None  # bytes/s the guest dirtied while the pass's bitmap recorded
-    predicted_downtime: float | None  # if cutover happened right after this pass
-    final: bool = False
-    note: str | None = None  # what else this pass did, in words (a merge of bitmaps, R3)
-
-
-@dataclass
-class MigrateReport:
-    type: str
-    target: str
-    node: str
-    size: int
-    passes: list[PassInfo] = field(default_factory=list)
-    cutover: dict[str, Any] = field(default_factory=dict)
-    digest: str = ""
-    converged: bool | None = None
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for p in d["passes"]:
-            p["pass"] = p.pop("pass_")
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 class Model:

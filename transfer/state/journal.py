@@ -37,7 +37,8 @@ from typing import Any
 
 import xxhash
 
-from ..durable import create_new, why, write_all
+from ..durable import create_new, write_all
+from ..durable import why as why_failed
 from ..errors import BadInput, StateIOError
 
 MAGIC = b"TRJOURN1"
@@ -74,7 +75,7 @@ class Journal:
         try:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         except OSError as e:
-            raise JournalError(f"cannot open: {why(e)}", disk=path) from None
+            raise JournalError(f"cannot open: {why_failed(e)}", disk=path) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -87,7 +88,7 @@ class Journal:
                     os.ftruncate(fd, good_end)
                     os.fsync(fd)
                 except OSError as e:
-                    raise StateIOError(f"cannot drop the torn tail: {why(e)}", disk=path,
+                    raise StateIOError(f"cannot drop the torn tail: {why_failed(e)}", disk=path,
                                        kind="journal") from None
             return cls(path, fd, records, size - good_end)
         except BaseException:
@@ -107,7 +108,7 @@ class Journal:
             write_all(self._fd, data)
             os.fsync(self._fd)
         except OSError as e:
-            self._failed = why(e)
+            self._failed = why_failed(e)
             raise StateIOError(f"append failed: {self._failed}", disk=self.path,
                                kind="journal") from None
         self.records.append(record)
@@ -132,9 +133,9 @@ def _create(path: str) -> None:
     try:
         create_new(path, MAGIC)
     except PermissionError as e:  # the operator's to fix, before anything was written
-        raise JournalError(f"cannot create: {why(e)}", disk=path) from None
+        raise JournalError(f"cannot create: {why_failed(e)}", disk=path) from None
     except OSError as e:
-        raise StateIOError(f"cannot create: {why(e)}", disk=path, kind="journal") from None
+        raise StateIOError(f"cannot create: {why_failed(e)}", disk=path, kind="journal") from None
 
 
 def _read(fd: int, path: str) -> tuple[list[dict[str, Any]], int, int]:
@@ -149,7 +150,7 @@ def _read(fd: int, path: str) -> tuple[list[dict[str, Any]], int, int]:
             chunks.append(chunk)
             pos += len(chunk)
     except OSError as e:
-        raise StateIOError(f"cannot read: {why(e)}", disk=path, kind="journal") from None
+        raise StateIOError(f"cannot read: {why_failed(e)}", disk=path, kind="journal") from None
     data = b"".join(chunks)
     size = len(data)
     if data[: len(MAGIC)] != MAGIC:

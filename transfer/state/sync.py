@@ -79,6 +79,7 @@ from ..errors import BadInput, TargetRefused, VerifyFailed
 from ..integrity import BLOCK, Manifest
 from ..pipeline import copy as engine
 from ..pipeline.copy import Progress
+from ..reports import SyncReport
 from ..tracking.areas import (clip_runs, load_changed_areas, runs_bytes, subtract_runs,
                               union_runs)
 from ..tracking.audit import audit as audit_sample
@@ -95,54 +96,6 @@ AUDIT_BLOCKS = 64  # unchanged blocks a delta pass reads to check its change sou
 MAX_AUDIT_BLOCKS = 1 << 20
 MAX_SUSPECTS = 1 << 16  # blocks a live audit may leave for the next pass to explain
 _CHECKPOINT = re.compile(r"^[\x20-\x7e]{1,256}$")
-
-
-@dataclass
-class SyncReport:
-    """What one sync pass did."""
-
-    source: str
-    target: str
-    state: str
-    pass_: int
-    checkpoint: str | None
-    change_source: str  # in words: what decided which blocks were copied
-    fallback: str | None  # why the asked-for change source was not used (R2), or None
-    resumed: bool  # this run finished work an interrupted run left
-    delta_bytes: int  # bytes planned for this pass (what the change source named)
-    bytes_copied: int
-    bytes_zeroed: int
-    bytes_skipped: int
-    bytes_unchanged: int
-    bytes_read: int
-    seconds: float
-    digest: str
-    size: int
-    commits: int
-    final: bool = False
-    verified: bool = False
-    verify_source: bool = False
-    complete: bool = False
-    connections: int = 0
-    retries: int = 0
-    reconnects: int = 0
-    native: dict[str, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # what else happened, in words
-    audit: dict[str, Any] | None = None  # the tracker audit: sampled, mismatched, seconds
-    read_back: dict[str, Any] | None = None  # bytes, mismatched, seconds of this run's read-back
-    rewritten: int = 0  # bytes a read-back had found wrong, planned again by this pass
-
-    def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        d = asdict(self)
-        d["pass"] = d.pop("pass_")
-        return d
-
-    def to_json(self) -> str:
-        import json
-
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 @dataclass
