@@ -54,7 +54,7 @@ from typing import Any, TextIO
 
 from transfer.cli import parse_size
 from transfer.errors import BadInput
-from transfer.migrate import parse_duration
+from transfer.units import parse_duration
 from transfer.demo.servers import QemuStorageDaemon, ServerError
 
 from .cold_copy import (
@@ -118,7 +118,7 @@ class Live:
 
     def warm_bytecode(self) -> float:
         t = time.perf_counter()
-        imports = ("import transfer.cli, transfer.migrate, transfer.api, transfer.demo.workload, "
+        imports = ("import transfer.cli, transfer.migration.migrate, transfer.api, transfer.demo.workload, "
                    "bench.live_guest, nbd, numpy")
         subprocess.run([PYTHON, "-c", imports], cwd=ROOT, env=self.env, check=True,
                        capture_output=True)

@@ -408,7 +408,7 @@ class Warm:
     def warm_bytecode(self) -> float:
         """Compile every module an engine pass imports into self.pycache (not timed)."""
         t = time.perf_counter()
-        imports = ("import transfer.cli, transfer.api, transfer.state.sync, "
+        imports = ("import transfer.cli, transfer.api, transfer.migration.warm, "
                    "transfer.tracking.areas, transfer.pipeline.plan, numpy")
         subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", imports], cwd=ROOT,
                        env=self.env, check=True, capture_output=True)

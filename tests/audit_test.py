@@ -20,7 +20,7 @@ import pytest
 from transfer.errors import TargetRefused
 from transfer.demo.servers import Nbdkit, QemuNbd
 from transfer.state.journal import Journal
-from transfer.state.sync import sync as api_sync
+from transfer.migration.warm import sync as api_sync
 from transfer.tracking.audit import choose
 
 from .conftest import compare, require
@@ -429,7 +429,7 @@ def test_migrate_catches_a_write_no_bitmap_recorded(tmp_path):
     compares, and the target ends equal to the disk."""
     import asyncio
 
-    from transfer.migrate import migrate_async
+    from transfer.migration.migrate import migrate_async
 
     from .migrate_test import Vm, check_target
 
@@ -452,7 +452,7 @@ def test_migrate_catches_a_write_no_bitmap_recorded(tmp_path):
                 if len(passes) == 3:
                     request_cutover(str(state))
 
-            from transfer.migrate import request_cutover
+            from transfer.migration.migrate import request_cutover
 
             r = await migrate_async(target, kind="warm", qmp=v.qmp, node="disk0",
                                     state=str(state), nbd_socket=v.nbd, precopy_interval=0.1,

@@ -21,10 +21,10 @@ import time
 
 import pytest
 
-from transfer.migrate import migrate_async
+from transfer.migration.migrate import migrate_async
 from transfer.qmp import Qmp
 from transfer.demo.servers import Nbdkit, QemuStorageDaemon
-from transfer.state.sync import sync_async
+from transfer.migration.warm import sync_async
 from transfer.demo.synth import make_image
 
 from .conftest import compare, expected_digest_of_file, export_to_file, require

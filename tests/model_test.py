@@ -1,4 +1,4 @@
-"""The downtime model of `transfer migrate` (transfer.migrate.Model), fed pass reports directly.
+"""The downtime model of `transfer migrate` (transfer.migration.live.Model), fed pass reports directly.
 
 Issue 12: the final read-back is costed by the bytes unverified at the stop (the final delta and
 what a crash left), at the read-back rate pass 0's own read-back measured; not by the disk. And
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from transfer.migrate import Model
+from transfer.migration.live import Model
 from transfer.reports import SyncReport
 
 MiB = 1 << 20

@@ -32,7 +32,7 @@ import pytest
 from transfer.demo.servers import Nbdkit
 from transfer.state.journal import Journal, JournalError, encode
 from transfer.state.ranges_file import read_ranges
-from transfer.state.sync import State, _load, _pending
+from transfer.state.records import State, load_state as _load, pending_ranges as _pending
 
 from .conftest import compare, expected_digest_of_file
 from .migrate_test import check_target, vm  # noqa: F401 (vm is a fixture)

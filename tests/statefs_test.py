@@ -294,7 +294,7 @@ def test_many_simultaneous_starts_on_a_fresh_state_cli(nbdkit, tmp_path):
         dst, state = str(tmp_path / f"dst{round_}.img"), tmp_path / f"state{round_}"
         # the CLI's main, each process held after its imports until all are up, then
         # released together (EOF on stdin): they reach the fresh state at the same moment
-        argv = [sys.executable, "-c", "import sys, transfer.cli, transfer.state.sync; "
+        argv = [sys.executable, "-c", "import sys, transfer.cli, transfer.migration.warm; "
                 "sys.stdin.read(); sys.exit(transfer.cli.main(sys.argv[1:]))", "sync",
                 source.uri, dst, "--state", str(state), "--progress", "none"]
         procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,

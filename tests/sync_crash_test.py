@@ -17,7 +17,7 @@ import time
 import pytest
 
 from transfer.state.journal import Journal, encode
-from transfer.state.sync import _load
+from transfer.state.records import load_state as _load
 
 from .sync_test import (SyncChild, check_equal, journal_records, make_disk, scribble, sync,
                         write_areas)

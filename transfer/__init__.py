@@ -31,9 +31,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """sync and migrate load on first use: the CLI's copy need not import them (~9 ms)."""
+    """sync loads on first use: the CLI's copy need not import it (~9 ms)."""
     if name in ("sync", "sync_async"):
-        from .state import sync as module
+        from .migration import warm
 
-        return getattr(module, name)
+        return getattr(warm, name)
     raise AttributeError(f"module 'transfer' has no attribute {name!r}")

@@ -16,6 +16,7 @@ from typing import Any, Coroutine
 from . import api
 from .errors import EXIT_CODES, BadInput, Interrupted, TransferError, VerifyFailed
 from .observe import human_bytes, make_renderer
+from .pipeline.shape import DEFAULT_CONNECTIONS
 from .tls import Tls
 
 _SIZE = re.compile(r"^(\d+)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(json), or nothing (none); default: auto")
     c.add_argument("--connections", type=int, metavar="N",
                    help=f"NBD connections, one thread each, when the server allows multi-conn "
-                        f"(default {api.DEFAULT_CONNECTIONS})")
+                        f"(default {DEFAULT_CONNECTIONS})")
     c.add_argument("--requests", type=int, metavar="N", dest="in_flight",
                    help="reads in flight per connection (default 16, or 64 on a single-connection "
                         "server)")
@@ -338,7 +339,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from .state.sync import sync_async
+    from .migration.warm import sync_async
 
     if args.commit_every <= 0:
         raise BadInput("--commit-every must be positive")
@@ -382,7 +383,8 @@ def _pass_line(p: Any) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .migrate import migrate_async, parse_duration
+    from .migration.migrate import migrate_async
+    from .units import parse_duration
 
     quiet = args.progress == "none"
     say = (lambda s: None) if quiet else (lambda s: print(f"transfer: {s}", file=sys.stderr))
@@ -413,7 +415,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_cutover(args: argparse.Namespace) -> int:
-    from .migrate import request_cutover
+    from .migration.migrate import request_cutover
 
     request_cutover(args.state)
     return 0

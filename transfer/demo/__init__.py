@@ -26,7 +26,7 @@ import xxhash
 
 from ..errors import BadInput, VerifyFailed
 from ..integrity import BLOCK, digest_string
-from ..migrate import migrate_async, request_cutover
+from ..migration.migrate import migrate_async, request_cutover
 from ..reports import MigrateReport, PassInfo
 from ..pipeline.copy import Progress
 from .servers import QemuStorageDaemon

@@ -1,5 +1,5 @@
 """Per-block digests and the disk digest (DESIGN.md "Integrity")."""
 
-from .manifest import BLOCK, Manifest, ManifestError, digest_string, zero_digest
+from .manifest import BLOCK, POISON, Manifest, ManifestError, digest_string, zero_digest
 
-__all__ = ["BLOCK", "Manifest", "ManifestError", "digest_string", "zero_digest"]
+__all__ = ["BLOCK", "POISON", "Manifest", "ManifestError", "digest_string", "zero_digest"]

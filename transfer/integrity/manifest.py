@@ -62,6 +62,7 @@ _HEADER = struct.Struct("<8sIIQ32sQ")
 MAGIC = b"TRMANIF\0"
 VERSION = 1
 HEADER_SIZE = _HEADER.size
+POISON = b"\xff" * 16  # a digest no block has (2^-128): "write this block again"
 _RUN_SLOTS = 256  # digests compared at once (4 KiB) when extending a run or comparing manifests
 
 
