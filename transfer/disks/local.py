@@ -37,7 +37,7 @@ from .. import _native
 from ..errors import BadInput, SourceError, TargetError, TargetRefused
 from ..ranges import STATE_HOLE, STATE_ZERO, Extent
 from ..url import Address
-from .base import NOT_SUPPORTED, Conn, Disk
+from .base import NOT_SUPPORTED, Conn, Disk, Options
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -51,6 +51,11 @@ MAX_CONNECTIONS = 8
 
 _INPUT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
                  errno.ELOOP, errno.ENAMETOOLONG, errno.EROFS}
+
+
+def opener(addr: Address, role: str, options: Options) -> Disk:
+    """open_disk for a local path: direct and kernels concern it."""
+    return LocalDisk(addr, role, direct=options.direct, kernels=options.kernels)
 
 
 def _sysfs(st: os.stat_result) -> str:
@@ -81,6 +86,8 @@ def _mountpoint(st: os.stat_result) -> str | None:
 
 
 class LocalDisk(Disk):
+    max_connections = MAX_CONNECTIONS
+
     def __init__(self, addr: Address, role: str, *, direct: bool = False,
                  kernels: _native.Kernels | None = None) -> None:
         self.path = addr.url
@@ -92,7 +99,6 @@ class LocalDisk(Disk):
         self.direct_fd = -1
         self.writeback = False  # buffered writes pushed out as they go (regular files)
         self.sector = 512
-        self.max_connections = MAX_CONNECTIONS
         if role == "source":
             self._open_source(direct)
         else:
@@ -310,12 +316,6 @@ class LocalDisk(Disk):
             if fd >= 0:
                 os.close(fd)
                 setattr(self, name, -1)
-
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        if self.role == "target" and self.kind == "block":
-            d["direct_io"] = True
-        return d
 
 
 class LocalConn(Conn):

@@ -35,7 +35,7 @@ from .._native import Kernels, kernels as native_kernels
 from ..ranges import MAX_EXTENTS, Extent, reply_extents
 from ..tls import Tls, resolve as resolve_tls
 from ..url import Address, scrub
-from .base import NOT_SUPPORTED, Conn, Disk
+from .base import NOT_SUPPORTED, Conn, Disk, Options
 
 try:
     import nbd
@@ -49,6 +49,15 @@ MAX_BLOCK_STATUS = 1 << 30  # one block status request (count must stay below 2^
 MAX_SIZE = 1 << 62  # a larger export size is rejected as absurd (RELIABILITY.md S9)
 MAX_CONNECTIONS = 8
 DIRTY = 1  # qemu:dirty-bitmap flag: the block changed
+
+
+def opener(addr: Address, role: str, options: Options) -> Disk:
+    """open_disk for nbd:// and its kin: timeout (both deadlines), contexts, kernels and tls
+    concern it."""
+    t = options.timeout
+    return NbdDisk(addr, role, connect_timeout=CONNECT_TIMEOUT if t is None else t,
+                   io_timeout=IO_TIMEOUT if t is None else t, contexts=options.contexts,
+                   kernels=options.kernels, tls=options.tls)
 
 
 def _errnum(e: Exception) -> int | None:
@@ -158,9 +167,6 @@ class NbdDisk(Disk):
     def identities(self) -> set[tuple]:
         return {("nbd", self.addr.url)}
 
-    def identity(self) -> dict[str, Any]:
-        return {"kind": "nbd", "uri": self.display, "size": self.size}
-
     def context_extents(self, context: str, offset: int, length: int) -> list[Extent] | None:
         """Validated extents of a negotiated metadata context at [offset, ...), on the spare
         handle (before the copy connects); None when the reply has no extents for it.
@@ -254,9 +260,6 @@ class NbdDisk(Disk):
             except Exception:
                 pass  # a dead handle cannot shut down; dropping it closes the socket
         self._handles.clear()
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "multi_conn": self.max_connections > 1}
 
 
 class NbdConn(Conn):
