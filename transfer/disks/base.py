@@ -18,9 +18,14 @@ from __future__ import annotations
 import errno
 import mmap
 import threading
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..ranges import Extent
+
+if TYPE_CHECKING:  # for annotations only: the kinds that use them import them
+    from .._native import Kernels
+    from ..tls import Tls
 
 # errnos that mean "this kind of zeroing is not supported here", and only those.
 NOT_SUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS}
@@ -83,15 +88,49 @@ class Conn:
         pass
 
 
+@dataclass(frozen=True)
+class Options:
+    """What open_disk was asked besides the address and role; each kind takes what concerns it
+    (see open_disk)."""
+
+    direct: bool = False
+    timeout: float | None = None
+    kernels: Kernels | None = None
+    contexts: tuple[str, ...] = ()
+    tls: Tls | None = None
+
+
 class Disk:
+    """A disk, opened once in one role; connect() hands out its Conns.
+
+    Its capabilities are declared here, once; each kind sets those that differ when
+    it opens. zero_method, reads_zero, created and a missing target's size change
+    later, when the target is created or a kind of zeroing turns out unsupported.
+    """
+
     kind = "disk"
+    """One of "file", "block", "nbd", "null": for reports, identity and the engine's choices."""
     display: str
-    size: int
+    """The address as shown in messages (url.Address.display: without its secrets)."""
+    size: int | None
+    """Bytes; None for a target that takes the source's size (create() sets it)."""
     can_extents = False
+    """Conn.extents() tells holes and zeroes apart from data (else all of it is data)."""
     max_connections = 1
-    reads_zero = False  # known to read as zeroes everywhere (a file this run created)
-    zero_method = "none"  # how zeroes were written: for the report
+    """More than one: the disk serves parallel connections (the request shape is chosen for
+    it); an NBD disk's connect() hands out no more than this."""
+    reads_zero = False
+    """Known to read as zeroes everywhere (a file this run created or one holding no data;
+    null:): zero runs are skipped."""
+    zero_method = "none"
+    """How zeroes are written, for the report: the method in use, "write" (zero buffers)
+    once the target said it supports no other."""
     created = False
+    """create() made the target in this run (a failed copy removes it)."""
+
+    def create(self, size: int) -> None:
+        """Make the target that open_disk found missing (size None), at size."""
+        raise NotImplementedError
 
     def connect(self) -> Conn | None:
         """A new Conn for another worker, or None when the disk allows no more."""
@@ -116,6 +155,3 @@ class Disk:
 
     def close(self) -> None:
         pass
-
-    def describe(self) -> dict[str, Any]:
-        return {"url": self.display, "kind": self.kind, "size": self.size}

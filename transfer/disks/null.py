@@ -2,32 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from ..errors import BadInput
 from ..url import Address
-from .base import Conn, Disk
+from .base import Conn, Disk, Options
 
 MAX_CONNECTIONS = 64
+
+
+def opener(addr: Address, role: str, options: Options) -> Disk:
+    """open_disk for null: (no options concern it)."""
+    if role == "source":
+        raise BadInput("null: is a target only (it discards what is written)")
+    return NullDisk(addr)
 
 
 class NullDisk(Disk):
     kind = "null"
     reads_zero = True  # zero runs cost nothing: they count as skipped
-    zero_method = "none"
+    max_connections = MAX_CONNECTIONS
 
-    def __init__(self, addr: Address, role: str) -> None:
+    def __init__(self, addr: Address) -> None:
         self.display = addr.display
         self.size = None  # takes any size
-        self.max_connections = MAX_CONNECTIONS
 
     def create(self, size: int) -> None:
         self.size = size
 
     def connect(self) -> Conn | None:
         return NullConn()
-
-    def describe(self) -> dict[str, Any]:
-        return {"url": self.display, "kind": self.kind, "size": self.size}
 
 
 class NullConn(Conn):
