@@ -56,6 +56,7 @@ from .._native import Kernels
 from ..disks import Conn, Disk
 from ..errors import ConnectionLost, Interrupted, SourceChanged, SourceError, TransferError
 from ..integrity import BLOCK, Manifest, zero_digest
+from ..observe.events import Progress
 from ..ranges import Extent, mark_zero
 from .buffers import BufferPool
 from .plan import Plan, Request
@@ -439,22 +440,6 @@ class Worker:
         if zeros == 0:
             return None
         return bytes(flags[:n])
-
-
-@dataclass
-class Progress:
-    done: int
-    total: int
-    seconds: float
-    final: bool = False
-    retries: int = 0  # reads issued again after an error or a lost connection
-    reconnects: int = 0
-    stalled: float = 0.0  # seconds since done last grew (S5: a silent server shows here)
-    phase: str = "copy"  # or "read-back": the target read back against the manifest
-
-    @property
-    def rate(self) -> float:
-        return self.done / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
