@@ -59,7 +59,8 @@ from ..integrity import BLOCK, Manifest, zero_digest
 from ..observe.events import Progress
 from ..ranges import Extent, mark_zero
 from .buffers import BufferPool
-from .plan import Plan, Request
+from .plan import Request
+from .scheduler import Scheduler
 
 
 DATA, ZERO, SAME = 0, 1, 2  # per-block flags: write, zero, unchanged (compare mode: skip)
@@ -116,7 +117,7 @@ class Writer:
     overlap). The target Conn is used by this thread only.
     """
 
-    def __init__(self, dst: Conn, stats: Stats, shared: Shared, plan: Plan, *, target_zero: bool,
+    def __init__(self, dst: Conn, stats: Stats, shared: Shared, plan: Scheduler, *, target_zero: bool,
                  inline: bool) -> None:
         self.dst = dst
         self.plan = plan
@@ -201,7 +202,7 @@ class Writer:
 class Worker:
     """Reads one connection's share of the plan and inspects each buffer; its Writer writes."""
 
-    def __init__(self, src: Conn, dst: Conn, plan: Plan, manifest: Manifest, kernels: Kernels,
+    def __init__(self, src: Conn, dst: Conn, plan: Scheduler, manifest: Manifest, kernels: Kernels,
                  *, target_zero: bool, inline_writes: bool, in_flight: int, request_size: int,
                  shared: Shared, source_name: str, known_zero: Manifest | None = None,
                  retries: int = RETRIES, compare: bool = False,
@@ -472,7 +473,7 @@ async def run(source: Disk, target: Disk, manifest: Manifest, kernels: Kernels, 
     """
     loop = asyncio.get_running_loop()
     size = source.size if size is None else size
-    plan = Plan(size, request_size=request_size, ranges=ranges)
+    plan = Scheduler(size, request_size=request_size, ranges=ranges)
     shared = Shared()
     pairs = await asyncio.to_thread(_connect, source, target, connections)
     inline = target.kind == "null"
