@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transfer.errors import SourceError
-from transfer.pipeline.plan import Plan, requests
+from transfer.pipeline.plan import requests
+from transfer.pipeline.scheduler import Scheduler as Plan
 from transfer.integrity import Manifest, zero_digest
 from transfer.ranges import (STATE_HOLE, STATE_ZERO, block_runs, clip_extents, mark_zero,
                              walk_extents)

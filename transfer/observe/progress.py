@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Callable, TextIO
 
-from ..pipeline.copy import Progress
+from .events import Progress
 
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 STALL = 5.0  # seconds without a completed write before the bar says "stalled"

@@ -1,1 +1,2 @@
-"""The copy pipeline: plan (pure), buffers, and the asyncio engine."""
+"""The copy pipeline: plan (pure), scheduler, workers and writers, retries, commits, buffers,
+and the asyncio engine (engine.py) that runs them."""
