@@ -17,12 +17,18 @@ from ..disks.nbd import CONNECT_TIMEOUT, IO_TIMEOUT
 from ..errors import EXIT_CODES
 from ..pipeline.copy import RETRIES, backoff
 from ..state.sync import AUDIT_BLOCKS
-from ..tls import Tls
+from ..tls import CA_FILE, ENV_CA, ENV_PSK_FILE, Tls
 
 _SIZE = re.compile(r"^(\d+)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
 _UNITS = "_kmgt"
 PROGRESS = ("auto", "bar", "json", "none")
 AS_FOR_COPY = "as for copy"
+# The backoff's first wait, its cap (reached long before attempt 64) and the whole budget's.
+RETRIES_HELP = (f"read a failed request again, or reconnect a dropped source, up to N times with "
+                f"backoff from {backoff(1):g} s doubling to {backoff(64):g} s (default {RETRIES}, "
+                f"about {sum(backoff(a) for a in range(1, RETRIES + 1)):.0f} s)")
+TIMEOUT_HELP = (f"give up on an NBD server silent this long over a handshake or with reads in "
+                f"flight (default {CONNECT_TIMEOUT:g} s to connect, {IO_TIMEOUT:g} s for replies)")
 
 
 def parse_size(text: str) -> int:
@@ -60,13 +66,13 @@ def _parent() -> argparse.ArgumentParser:
 def tls() -> argparse.ArgumentParser:
     p = _parent()
     p.add_argument("--tls-ca", metavar="DIR|FILE",
-                   help="nbds://: verify the server's certificate, and that it names the URI's "
-                        "host, with this CA (a PEM file, or a directory holding ca-cert.pem and "
-                        "optionally client-cert.pem, client-key.pem); default $TRANSFER_TLS_CA")
+                   help=f"nbds://: verify the server's certificate, and that it names the URI's "
+                        f"host, with this CA (a PEM file, or a directory holding {CA_FILE} and "
+                        f"optionally client-cert.pem, client-key.pem); default ${ENV_CA}")
     p.add_argument("--tls-psk-file", metavar="FILE",
-                   help="nbds://: authenticate with a pre-shared key from FILE (USERNAME:HEXKEY "
-                        "lines; the user is the URI's, nbds://USER@host/); default "
-                        "$TRANSFER_TLS_PSK_FILE")
+                   help=f"nbds://: authenticate with a pre-shared key from FILE (USERNAME:HEXKEY "
+                        f"lines; the user is the URI's, nbds://USER@host/); default "
+                        f"${ENV_PSK_FILE}")
     return p
 
 
@@ -107,24 +113,14 @@ def pipeline(documented: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def retries(help: str | None = None) -> argparse.ArgumentParser:
-    """--retries; help=None describes it in full (copy's text)."""
-    if help is None:
-        total = sum(backoff(attempt) for attempt in range(1, RETRIES + 1))
-        help = (f"read a failed request again, or reconnect a dropped source, up to N times "
-                f"with backoff from {backoff(1):g} s doubling to {backoff(64):g} s "  # 64: capped
-                f"(default {RETRIES}, about {total:.0f} s)")
+def retries(help: str = RETRIES_HELP) -> argparse.ArgumentParser:
     p = _parent()
     p.add_argument("--retries", type=int, default=RETRIES, metavar="N", help=help)
     return p
 
 
-def timeout(help: str | None = None) -> argparse.ArgumentParser:
-    """--timeout; None keeps the disks' own; help=None describes it in full (copy's text)."""
-    if help is None:
-        help = (f"give up on an NBD server silent this long over a handshake or with reads in "
-                f"flight (default {CONNECT_TIMEOUT:g} s to connect, {IO_TIMEOUT:g} s for "
-                f"replies)")
+def timeout(help: str = TIMEOUT_HELP) -> argparse.ArgumentParser:
+    """--timeout; None keeps the disks' own."""
     p = _parent()
     p.add_argument("--timeout", type=float, metavar="SECONDS", help=help)
     return p
