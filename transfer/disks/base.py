@@ -30,6 +30,10 @@ if TYPE_CHECKING:  # for annotations only: the kinds that use them import them
 # errnos that mean "this kind of zeroing is not supported here", and only those.
 NOT_SUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS}
 
+# An NBD server's deadlines (here, not in nbd.py, so the CLI's help can name them without
+# loading libnbd):
+CONNECT_TIMEOUT = 30.0  # seconds for one handshake
+IO_TIMEOUT = 120.0  # seconds without any reply while requests are in flight
 ZERO_BUFFER_SIZE = 1024 * 1024
 _zero_buffer: memoryview | None = None
 _zero_lock = threading.Lock()

@@ -21,11 +21,9 @@ from .._native import Kernels, kernels as native_kernels
 from ..ranges import MAX_EXTENTS, STATE_ZERO, Extent, reply_extents
 from ..tls import Tls, resolve as resolve_tls
 from ..url import Address, scrub
-from .base import Conn, Disk, Options
+from .base import CONNECT_TIMEOUT, IO_TIMEOUT, Conn, Disk, Options
 from .nbd_conn import MAX_BLOCK_STATUS, NbdConn, Watchdog, errnum, nbd, why
 
-CONNECT_TIMEOUT = 30.0  # seconds for one handshake
-IO_TIMEOUT = 120.0  # seconds without any reply while requests are in flight
 MAX_SIZE = 1 << 62  # a larger export size is rejected as absurd (RELIABILITY.md S9)
 MAX_CONNECTIONS = 8
 DIRTY = 1  # qemu:dirty-bitmap flag: the block changed

@@ -74,15 +74,12 @@ from ..tls import Tls
 from ..tracking.areas import runs_bytes
 from ..tracking.bitmap import context_name
 from .cold import check_target
+from .defaults import AUDIT_BLOCKS, COMMIT_BYTES, COMMIT_SECONDS, MAX_AUDIT_BLOCKS
 from .identity import check_source, differences, source_identity
 from .passplan import PassPlan, audit_pass, check_suspects, choose, rewrite
 from .passrun import run_pass
 from .verify import VERIFY_OFFSETS, scan, verify_pending
 
-COMMIT_BYTES = 1 << 30  # commit at least every GiB copied...
-COMMIT_SECONDS = 10.0  # ...or every 10 s: a kill re-copies at most this much
-AUDIT_BLOCKS = 64  # unchanged blocks a delta pass reads to check its change source (P6)
-MAX_AUDIT_BLOCKS = 1 << 20
 _CHECKPOINT = re.compile(r"^[\x20-\x7e]{1,256}$")
 
 

@@ -1,0 +1,41 @@
+"""The command line: argparse -> api; TransferError -> one line and its exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from ..errors import Interrupted, TransferError
+from . import check, copy, demo, migrate, options, sync
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="transfer", description="Block-level disk transfer engine for moving VM disks.",
+        epilog=options.epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    copy.add_parser(sub)
+    check.add_checksum_parser(sub)
+    check.add_verify_parser(sub)
+    sync.add_parser(sub)
+    migrate.add_migrate_parser(sub)
+    migrate.add_cutover_parser(sub)
+    demo.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except TransferError as e:
+        print(f"transfer: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("transfer: interrupted", file=sys.stderr)
+        return Interrupted.exit_code
+    except Exception:
+        traceback.print_exc()
+        print("transfer: internal error (this is a bug)", file=sys.stderr)
+        return 1
