@@ -17,16 +17,16 @@
 Scenarios:
   cold-copy   a whole-disk copy of a mixed and a random image from nbdkit and qemu-nbd (qcow2),
               hot and with the cache dropped, to null:, a file and a loop device, against
-              nbdcopy and qemu-img at their defaults and tuned (bench/cold_copy.py)
+              nbdcopy and qemu-img at their defaults and tuned (bench/scenarios/cold_copy.py)
   warm-delta  transfer sync delta passes over 1 % and 10 % dirty blocks (mixed, scattered,
-              clustered) against a full pass and nbdcopy, and planning a 100,000-area changed-areas file (bench/warm_delta.py)
+              clustered) against a full pass and nbdcopy, and planning a 100,000-area changed-areas file (bench/scenarios/warm_delta.py)
   live-converge  transfer migrate --type live of a qemu-storage-daemon disk a guest writes to at
               1, 4, 16 and 64 MiB/s: passes, final delta, predicted and measured downtime
-              (bench/live_converge.py)
+              (bench/scenarios/live_converge.py)
   kernels     the zero scan, block hash and interval algebra against their pure-Python twins
-              and numpy / xxhash-loop baselines, timed by pytest-benchmark (bench/kernels.py)
+              and numpy / xxhash-loop baselines, timed by pytest-benchmark (bench/scenarios/kernels.py)
   overhead    an nbdkit memory and sparse-random disk copied to null: by the engine and nbdcopy:
-              the engine's own cost, a fresh server per run (bench/overhead.py)
+              the engine's own cost, a fresh server per run (bench/scenarios/overhead.py)
 
 Exit: the worst of the scenarios' codes (0 valid, 1 invalid, 2 missing prerequisites or bad
 options, 3 a bar missed with --require-bars); 130 interrupted (the rest is not run). Plots need
@@ -36,14 +36,15 @@ matplotlib; without it they are skipped, with a note in the summary.
 from __future__ import annotations
 
 import datetime
-import importlib
 import os
 import sys
-from pathlib import Path
 
-from .report import NO_MATPLOTLIB, SCENARIOS, load_run, matplotlib_available
+from .harness import runner
+from .harness.machine import ROOT
+from .harness.plots import NO_MATPLOTLIB, matplotlib_available
+from .harness.report import load_run, write_results, write_run_summary
+from .scenarios import SCENARIOS, module
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "out"
 
 
@@ -109,12 +110,12 @@ def run(argv: list[str]) -> int:
     except Usage as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
-    modules = {name: importlib.import_module(SCENARIOS[name]) for name, _ in groups}
+    modules = {name: module(name) for name, _ in groups}
     plans = []
     for name, args in groups:
         args = args + (["--quick"] if quick else [])
         if "-h" in args or "--help" in args:
-            return modules[name].main(args)  # argparse prints the help and exits 0
+            return runner.main(modules[name], args)  # argparse prints the help and exits 0
         modules[name].parse_args(args)  # bad options: argparse exits 2 before anything runs
         plans.append((name, args))
     os.makedirs(out_dir, exist_ok=True)
@@ -133,7 +134,7 @@ def run(argv: list[str]) -> int:
                 n += 1
                 path = os.path.join(out_dir, f"{name}-{_stamp()}-{n}.jsonl")
             args = args + ["--out", path]
-        code = modules[name].main(args)
+        code = runner.main(modules[name], args)
         worst = max(worst, code)
         if os.path.exists(path) and os.path.getsize(path):
             done[name] = load_run(path, name)
@@ -141,7 +142,6 @@ def run(argv: list[str]) -> int:
             missing[name] = f"no results: the scenario exited {code} before writing any"
         if code == 130:
             break
-    from .report import write_run_summary
     summary = write_run_summary(out_dir, stamp, done, missing, argv)
     print(f"\nsummary: {summary}" + ("" if matplotlib_available() else f" ({NO_MATPLOTLIB})"),
           flush=True)
@@ -151,7 +151,6 @@ def run(argv: list[str]) -> int:
 def results(argv: list[str]) -> int:
     import argparse
 
-    from .report import write_results
     p = argparse.ArgumentParser(prog="python -m bench results",
                                 description="Regenerate bench/RESULTS.md from the newest run of "
                                             "each scenario's JSON lines.")

@@ -87,7 +87,7 @@ def _live_run(size: int, rate: float, measured: float | None, predicted: float) 
 def test_live_converge_size_axis_bars_take_exit_7_at_the_largest_size_as_a_result():
     from types import SimpleNamespace
 
-    from bench import live_converge as lc
+    from bench.scenarios import live_converge as lc
     a = lc.parse_args(["--sizes", "4G,1G,16G"])
     assert a.size_list == [1 << 30, 4 << 30, 16 << 30] and a.rate_list == [4.0]
     assert lc.parse_args(["--sizes", "1G", "--rates", "1,16"]).rate_list == [1.0, 16.0]

@@ -30,7 +30,8 @@ or `clustered` (1-16 blocks inside 64 hot regions of 256 MiB), and the previous 
                             timed: a drop-in replacement
                numpy-arrays the same on numpy arrays in and out (the conversions left out)
 
-Method: `python -m pytest bench/kernels_bench.py -p bench.kernels` in a child process, with
+Method: `python -m pytest bench/scenarios/kernels_bench.py -p bench.scenarios.kernels` in a child
+process, with
 pytest-benchmark (--benchmark-disable-gc --benchmark-json FILE); its JSON is turned into these JSON
 lines and kept beside them (NAME.pytest-benchmark.json). Samples are interleaved: the tests run per
 kernel and input in rounds, round 0: A B C, round 1: A B C, ... (--reps rounds); each test is one
@@ -38,7 +39,7 @@ pytest-benchmark benchmark in pedantic mode, rounds=1, iterations=`number`, no w
 pytest-benchmark times the `number` calls with time.perf_counter, the garbage collector off, and
 its stored round time (÷ `number`) is the sample (after a round of more than one call
 pytest-benchmark makes one more, untimed, for the return value). Before a kernel and input's first
-sample, once: a wait for an idle machine (cold_copy.wait_quiet); each implementation called once
+sample, once: a wait for an idle machine (harness.machine.wait_quiet); each implementation called once
 (the warm-up) and its output checked against the engine's (flags, digests; merged areas, what is
 new, the plan and its bytes) and against what the input was made with (the zero count; the interval
 algebra's outputs recomputed by block sets: np.unique, setdiff1d, union1d); then each called once
@@ -61,11 +62,9 @@ import importlib.util
 import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -75,21 +74,26 @@ from transfer import _native
 from transfer.cli import parse_size
 from transfer.integrity.manifest import BLOCK
 
-from .cold_copy import ROOT, GiB, MiB, _cmd_output, _fmt, _say, _size_text, engine_commit
-from .common import (
-    JsonLines,
-    conclude,
-    fingerprints,
-    finish,
-    out_path,
+from ..harness.machine import (
+    ROOT,
+    GiB,
+    MiB,
+    cmd_output,
+    engine_commit,
+    fmt,
+    md_table,
     paired,
-    parser,
-    provenance_of,
-    sigterm_interrupts,
+    provenance,
+    say,
+    size_text,
     stats,
 )
+from ..harness.plots import pyplot, save, title
+from ..harness.report import Run, peer_bars
+from ..harness.runner import Context, Outcome, parser, reproduce
 
-SCENARIO = "kernels"
+NAME = SCENARIO = "kernels"
+WORKDIR = False  # the inputs live in memory
 TiB = 1 << 40
 DEFAULT_SIZE = 64 * MiB
 QUICK_SIZE = 4 * MiB
@@ -116,14 +120,15 @@ DEFAULTS: dict[str, Any] = {"size": DEFAULT_SIZE, "seed": 1, "reps": 15, "min_sa
                             "areas": DEFAULT_AREAS, "disk": DEFAULT_DISK}
 BAR_OVER_PEER = 1.0       # the engine's kernel at least as fast as its best peer
 INTERVAL_PEERS = ("python", "numpy")  # the interval algebra's barred peers: the drop-ins
-BENCH_FILE = "bench/kernels_bench.py"
+BENCH_FILE = "bench/scenarios/kernels_bench.py"
 
 
-# ---------------------------------------------------------------- pytest plugin (-p bench.kernels)
+# ---------------------------------------------------------------- pytest plugin (-p bench.scenarios.kernels)
 
 def pytest_addoption(parser: Any) -> None:
-    """The kernels_bench.py options, when pytest loads this module with -p bench.kernels."""
-    g = parser.getgroup("kernels", "bench/kernels_bench.py (defaults: the full run's)")
+    """The kernels_bench.py options, when pytest loads this module with -p
+    bench.scenarios.kernels."""
+    g = parser.getgroup("kernels", "bench/scenarios/kernels_bench.py (defaults: the full run's)")
     g.addoption("--kernels-size", type=int, help="bytes per buffer")
     g.addoption("--kernels-seed", type=int, help="input seed")
     g.addoption("--kernels-reps", type=int, help="interleaved rounds (samples per impl)")
@@ -145,10 +150,10 @@ def pytest_benchmark_generate_commit_info(config: Any) -> dict[str, Any]:
     """pytest-benchmark's commit info without its `git describe --dirty`, which may write the
     index while others work in the tree: read-only git, --no-optional-locks."""
     git = ["git", "--no-optional-locks", "-C", str(ROOT)]
-    branch = _cmd_output(git + ["rev-parse", "--abbrev-ref", "HEAD"])
-    return {"id": _cmd_output(git + ["rev-parse", "HEAD"]) or "unknown",
-            "time": _cmd_output(git + ["show", "-s", "--format=%cI", "HEAD"]) or None,
-            "dirty": bool(_cmd_output(git + ["status", "--porcelain", "--untracked-files=no"])),
+    branch = cmd_output(git + ["rev-parse", "--abbrev-ref", "HEAD"])
+    return {"id": cmd_output(git + ["rev-parse", "HEAD"]) or "unknown",
+            "time": cmd_output(git + ["show", "-s", "--format=%cI", "HEAD"]) or None,
+            "dirty": bool(cmd_output(git + ["status", "--porcelain", "--untracked-files=no"])),
             "engine_commit": engine_commit(), "project": "transfer",
             "branch": "(detached head)" if branch == "HEAD" else branch or "(unknown)"}
 
@@ -157,7 +162,7 @@ def pytest_benchmark_generate_commit_info(config: Any) -> dict[str, Any]:
 
 def run_pytest(a: argparse.Namespace, json_path: str) -> tuple[int, str]:
     """Run kernels_bench.py's benchmarks; pytest's exit code and its output."""
-    cmd = [sys.executable, "-m", "pytest", BENCH_FILE, "-p", "bench.kernels", "-p",
+    cmd = [sys.executable, "-m", "pytest", BENCH_FILE, "-p", "bench.scenarios.kernels", "-p",
            "no:cacheprovider", "-q", "--benchmark-disable-gc", f"--benchmark-json={json_path}",
            "--benchmark-columns=min,median,max,iterations", "--benchmark-sort=name",
            "--kernels-size", str(a.size), "--kernels-seed", str(a.seed), "--kernels-reps",
@@ -262,26 +267,26 @@ def _time_text(x: float | None) -> str:
     return f"{x:.2f} s"
 
 
-def _median(ratio: dict[str, Any] | None) -> float | None:
+def median(ratio: dict[str, Any] | None) -> float | None:
     return (ratio or {}).get("median")
 
 
 def table(summary: dict[str, Any]) -> str:
     head = ("| kernel | input | implementation | median per call (min–max) | throughput "
             "| × python twin | engine ÷ this | check |")
-    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    lines = []
     for r in summary["rows"]:
         t = (f"{_time_text(r['seconds_median'])} ({_time_text(r['seconds_min'])}–"
              f"{_time_text(r['seconds_max'])})")
         unit = r.get("unit", "GiB/s")  # runs before the interval algebra: GiB/s only
         rate = r.get("per_s", r.get("gib_per_s"))
         engine = r.get("engine", r["impl"] == "cython")
-        ratio = _median(r.get("engine_over_this") or r.get("cython_over_this"))
+        ratio = median(r.get("engine_over_this") or r.get("cython_over_this"))
         lines.append(f"| {r['kernel']} | {r['buffer']} | "
                      f"{r['impl']}{' (engine)' if engine else ''} | {t} | "
-                     f"{_fmt(rate, '.2f')} {unit} | {_fmt(_median(r['over_twin']), '.2f')} | "
-                     f"{_fmt(ratio, '.2f')} | {'ok' if r['valid'] else 'FAIL'} |")
-    return "\n".join(lines)
+                     f"{fmt(rate, '.2f')} {unit} | {fmt(median(r['over_twin']), '.2f')} | "
+                     f"{fmt(ratio, '.2f')} | {'ok' if r['valid'] else 'FAIL'} |")
+    return md_table(head, lines)
 
 
 def bars(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -354,10 +359,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def reproduce_command(a: argparse.Namespace) -> str:
-    return " ".join(["cd", shlex.quote(str(ROOT)), "&&", ".venv/bin/python", "-m", "bench",
-                     SCENARIO, "--size", _size_text(a.size), "--seed", str(a.seed), "--reps",
+    return reproduce(SCENARIO, "--size", size_text(a.size), "--seed", str(a.seed), "--reps",
                      str(a.reps), "--min-sample", f"{a.min_sample:g}", "--areas", str(a.areas),
-                     "--disk", _size_text(a.disk)])
+                     "--disk", size_text(a.disk))
+
+
+def preflight(a: argparse.Namespace) -> list[str]:
+    try:
+        _native.kernels("cython")
+    except Exception as e:  # noqa: BLE001  (NativeMissing: say how to build, exit 2)
+        return [str(e)]
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        return ["pytest-benchmark (.venv/bin/pip install -e '.[test]')"]
+    return []
 
 
 def _cache_sizes() -> str:
@@ -387,93 +401,68 @@ def _machine_info(doc: dict[str, Any]) -> dict[str, Any]:
 
 def _say_record(rec: dict[str, Any]) -> None:
     s = rec["seconds_stats"]
-    _say(f"  {rec['kernel']:16} {rec['buffer']:9} {rec['impl']:12} "
+    say(f"  {rec['kernel']:16} {rec['buffer']:9} {rec['impl']:12} "
          f"{_time_text(s['median']):>10} per call (× {rec['number']}) "
-         f"{_fmt(rec['per_s'], '9.2f')} {rec['unit']}"
+         f"{fmt(rec['per_s'], '9.2f')} {rec['unit']}"
          + ("" if rec["valid"] else "  INVALID: " + "; ".join(rec["problems"])))
 
 
-def main(argv: list[str]) -> int:
-    a = parse_args(argv)
-    try:
-        _native.kernels("cython")
-    except Exception as e:  # noqa: BLE001  (NativeMissing: say how to build, exit 2)
-        print(f"{SCENARIO}: {e}", file=sys.stderr)
-        return 2
-    if importlib.util.find_spec("pytest_benchmark") is None:
-        print(f"{SCENARIO}: pytest-benchmark is not installed (.venv/bin/pip install -e "
-              "'.[test]')", file=sys.stderr)
-        return 2
-    started = time.time()
-    path = out_path(SCENARIO, a.out)
-    bench_json = os.path.splitext(path)[0] + ".pytest-benchmark.json"
-    caches = _cache_sizes()
-    workload = (f"two {_size_text(a.size)} buffers in memory (random; half its 64 KiB blocks "
+def run(ctx: Context) -> Outcome:
+    a = ctx.a
+    bench_json = os.path.splitext(ctx.path)[0] + ".pytest-benchmark.json"
+    workload = (f"two {size_text(a.size)} buffers in memory (random; half its 64 KiB blocks "
                 f"zeroed); {a.areas:,} changed areas (scattered; clustered) and a previous "
-                f"plan on a {_size_text(a.disk)} disk; seed {a.seed}")
-    prov = provenance_of(str(ROOT), workload, cache=f"inputs in memory ({caches})",
-                         numpy=np.__version__, xxhash=xxhash.VERSION, machine=platform.machine())
+                f"plan on a {size_text(a.disk)} disk; seed {a.seed}")
+    prov = provenance(str(ROOT), workload=workload, cache=f"inputs in memory ({_cache_sizes()})",
+                      numpy=np.__version__, xxhash=xxhash.VERSION, machine=platform.machine())
+    say(f"{SCENARIO}: {workload}; {a.reps} interleaved samples of >= {a.min_sample:g} s "
+        f"per implementation, by pytest-benchmark; engine {prov['engine_commit']}")
+    code, output = run_pytest(a, bench_json)
     try:
-        with sigterm_interrupts():
-            _say(f"{SCENARIO}: {workload}; {a.reps} interleaved samples of >= {a.min_sample:g} s "
-                 f"per implementation, by pytest-benchmark; engine {prov['engine_commit']}")
-            code, output = run_pytest(a, bench_json)
-            try:
-                with open(bench_json) as f:
-                    doc = json.load(f)
-            except (OSError, ValueError) as e:
-                doc = {}
-                output += f"\n(pytest-benchmark's JSON {bench_json}: {e})"
-            if code != 0:
-                tail = "\n".join(output.rstrip().splitlines()[-40:])
-                print(f"{SCENARIO}: pytest exited {code}; its output ends:\n{tail}",
-                      file=sys.stderr)
-            if code == 2 and not doc:  # interrupted
-                raise KeyboardInterrupt
-            import_s = numpy_import_seconds(1 if a.quick else 3)
-        prov.update(pytest_benchmark=doc.get("version"), pytest=_pytest_version(),
-                    pytest_benchmark_machine_info=_machine_info(doc),
-                    pytest_benchmark_commit_info=doc.get("commit_info"))
-        records = records_of(doc, a.reps)
-        with sigterm_interrupts(), open(path, "w") as f:
-            out = JsonLines(f)
-            for rec in records:
-                rec["provenance"] = prov
-                out.emit(rec)
-                _say_record(rec)
-            rows = summarize(records)
-            inputs = [{"input": r["buffer"]} | r["input_info"] for r in records
-                      if r.get("input_info") and r["engine"]]
-            summary = {"type": "summary", "scenario": SCENARIO, "size": a.size, "block": BLOCK,
-                       "reps": a.reps, "min_sample": a.min_sample, "areas": a.areas,
-                       "disk": a.disk, "interval_inputs": inputs, "numpy_import_s": import_s,
-                       "pytest_benchmark": doc.get("version"),
-                       "method": {"runner": "pytest-benchmark, pedantic mode", "timer":
-                                  "time.perf_counter", "rounds_per_benchmark": 1,
-                                  "interleaving": "per kernel and input: round 0: A B C, "
-                                                  "round 1: A B C, ...",
-                                  "disable_gc": True, "pytest_exit": code},
-                       "rows": rows, "provenance": prov}
-            out.emit(summary)
-            verdict_bars = bars(rows)
-            valid = code == 0 and bool(records) and all(r["valid"] for r in records)
-            fps = fingerprints(prov["engine_fingerprint"], [])
-            duration = finish(out, SCENARIO, started, valid, verdict_bars, fps,
-                              reproduce_command(a), prov, pytest_exit=code,
-                              pytest_benchmark_json=bench_json)
-        _say()
-        _say(table(summary))
-        _say()
-        _say("throughput: the input's bytes (GiB/s) or areas (M areas/s) ÷ median seconds per "
-             "call; × python twin: median of per-sample twin time ÷ this time; engine ÷ this: "
-             "median of this time ÷ the engine's (> 1: the engine faster).")
-        if import_s is not None:
-            _say(f"numpy's import in a fresh interpreter: {import_s * 1e3:.0f} ms (in no sample)")
-        return conclude(a, valid, verdict_bars, fps, duration, path, reproduce_command(a),
-                        "an implementation's output differs, or pytest failed")
-    except KeyboardInterrupt:
-        print(f"{SCENARIO}: interrupted", file=sys.stderr)
-        return 130
+        with open(bench_json) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        doc = {}
+        output += f"\n(pytest-benchmark's JSON {bench_json}: {e})"
+    if code != 0:
+        tail = "\n".join(output.rstrip().splitlines()[-40:])
+        print(f"{SCENARIO}: pytest exited {code}; its output ends:\n{tail}", file=sys.stderr)
+    if code == 2 and not doc:  # interrupted
+        raise KeyboardInterrupt
+    import_s = numpy_import_seconds(1 if a.quick else 3)
+    prov.update(pytest_benchmark=doc.get("version"), pytest=_pytest_version(),
+                pytest_benchmark_machine_info=_machine_info(doc),
+                pytest_benchmark_commit_info=doc.get("commit_info"))
+    records = records_of(doc, a.reps)
+    for rec in records:
+        rec["provenance"] = prov
+        ctx.emit(rec)
+        _say_record(rec)
+    rows = summarize(records)
+    inputs = [{"input": r["buffer"]} | r["input_info"] for r in records
+              if r.get("input_info") and r["engine"]]
+    summary = {"type": "summary", "scenario": SCENARIO, "size": a.size, "block": BLOCK,
+               "reps": a.reps, "min_sample": a.min_sample, "areas": a.areas,
+               "disk": a.disk, "interval_inputs": inputs, "numpy_import_s": import_s,
+               "pytest_benchmark": doc.get("version"),
+               "method": {"runner": "pytest-benchmark, pedantic mode", "timer":
+                          "time.perf_counter", "rounds_per_benchmark": 1,
+                          "interleaving": "per kernel and input: round 0: A B C, "
+                                          "round 1: A B C, ...",
+                          "disable_gc": True, "pytest_exit": code},
+               "rows": rows, "provenance": prov}
+    ctx.emit(summary)
+    text = [table(summary), "",
+            "throughput: the input's bytes (GiB/s) or areas (M areas/s) ÷ median seconds per "
+            "call; × python twin: median of per-sample twin time ÷ this time; engine ÷ this: "
+            "median of this time ÷ the engine's (> 1: the engine faster)."]
+    if import_s is not None:
+        text.append(f"numpy's import in a fresh interpreter: {import_s * 1e3:.0f} ms (in no "
+                    "sample)")
+    return Outcome(code == 0 and bool(records) and all(r["valid"] for r in records),
+                   bars(rows), prov, [], text,
+                   {"pytest_exit": code, "pytest_benchmark_json": bench_json},
+                   "an implementation's output differs, or pytest failed")
 
 
 def _pytest_version() -> str | None:
@@ -484,5 +473,105 @@ def _pytest_version() -> str | None:
     return pytest.__version__
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+# ---------------------------------------------------------------- the report
+
+def report_table(run: Run) -> str:
+    return table(run.of_type("summary")[-1])
+
+
+def report_notes(run: Run) -> list[str]:
+    s = next(iter(run.of_type("summary")), None)
+    if not s:
+        return []
+    out = [f"- {fmt(s.get('size') and s['size'] / MiB, 'g')} MiB per buffer, 64 KiB blocks, "
+           f"{s.get('reps')} interleaved samples per implementation; on `random` every block's "
+           "first bytes are non-zero, so the compiled scan stops at once per block: its GiB/s "
+           "there is per-block overhead, not memory bandwidth"]
+    if s.get("areas"):
+        made = "; ".join(
+            f"{i.get('input', '?')}: {fmt(i.get('new_runs'), ',')} runs once merged, "
+            f"{fmt(i.get('grew_runs'), ',')} beyond the last plan, a plan of "
+            f"{fmt(i.get('plan_runs'), ',')} runs"
+            for i in s.get("interval_inputs") or [])
+        ms = s.get("numpy_import_s")
+        out.append(f"- interval algebra: {s['areas']:,} changed areas on a {_disk_text(s)} disk; "
+                   "a call is a warm pass's range work (merge the areas, clip the interrupted "
+                   "plan, subtract, union, clip, count the bytes); " + (f"{made}; " if made else "")
+                   + f"numpy's import in a fresh interpreter: {fmt(ms and ms * 1e3, '.0f')} ms, "
+                   "in no sample")
+    if s.get("pytest_benchmark"):
+        out.append(f"- timed by pytest-benchmark {s['pytest_benchmark']} (pedantic: a benchmark "
+                   "per round and implementation, 1 round of `number` calls, rounds interleaved "
+                   "A B C A B C …); its JSON is kept beside the JSON lines")
+    return out
+
+
+def _disk_text(s: dict[str, Any]) -> str:
+    disk = s.get("disk") or 0
+    return f"{disk >> 40} TiB" if disk and disk % (1 << 40) == 0 else f"{disk / GiB:g} GiB"
+
+
+def best_peer_rows(run: Run) -> list[tuple[str, str, float | None]]:
+    """Per kernel and input, the fastest twin or baseline."""
+    return peer_bars(run)
+
+
+def plot(run: Run, png: str) -> None:
+    """A panel per kernel: throughput per input (median, min–max whiskers, log scale; GiB/s for
+    the zero scan and the block hash, M areas/s for the interval algebra), the engine's
+    implementation beside its pure-Python twin and the baselines; engine ÷ this (this time ÷ the
+    engine's, the median of per-sample ratios) above each peer's bar. Runs from before the
+    interval algebra (GiB/s only, cython the engine) plot their two panels."""
+    plt = pyplot()
+    s = next(iter(run.of_type("summary")), None)
+    rows = (s or {}).get("rows") or []
+    kernels = [k for k in KERNELS if any(r["kernel"] == k for r in rows)] or list(KERNELS)
+    fig, axes = plt.subplots(1, len(kernels), figsize=(5.2 * len(kernels), 4.8), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for ax, kernel in zip(axes[0], kernels):
+        # What the run itself says (an older run's engine may differ from today's), else today's.
+        impls = list(dict.fromkeys(r["impl"] for r in rows if r["kernel"] == kernel)) \
+            or list(KERNELS[kernel])
+        inputs = list(dict.fromkeys(r["buffer"] for r in rows if r["kernel"] == kernel)) \
+            or list(INPUTS[kernel])
+        engine = next((r["impl"] for r in rows if r["kernel"] == kernel and r.get("engine")),
+                      ENGINE[kernel])
+        unit = next((r["unit"] for r in rows if r["kernel"] == kernel and r.get("unit")),
+                    "GiB/s")
+        width = 0.8 / len(impls)
+        for i, impl in enumerate(impls):
+            xs, ys, lo, hi, labels = [], [], [], [], []
+            for j, inp in enumerate(inputs):
+                r = next((r for r in rows if r["kernel"] == kernel and r["buffer"] == inp
+                          and r["impl"] == impl), None)
+                rate = r and r.get("per_s", r.get("gib_per_s"))
+                if not r or not rate:
+                    continue
+                xs.append(j + (i - (len(impls) - 1) / 2) * width)
+                ys.append(rate)
+                lo.append(rate - (r.get("per_s_min", r.get("gib_per_s_min")) or rate))
+                hi.append((r.get("per_s_max", r.get("gib_per_s_max")) or rate) - rate)
+                ratio = (r.get("engine_over_this") or r.get("cython_over_this") or {}).get("median")
+                labels.append("" if impl == engine or ratio is None
+                              else f"{ratio:,.0f}×" if ratio >= 100 else f"{ratio:.3g}×")
+            if not xs:
+                continue
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=colors(i),
+                   label=impl + (" (engine)" if impl == engine else ""))
+            for x, y, top, text in zip(xs, ys, hi, labels):
+                if text:
+                    ax.annotate(text, (x, y + top), textcoords="offset points", xytext=(0, 3),
+                                ha="center", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(inputs)), list(inputs))
+        ax.set_title(kernel + (" (the engine's was plain Python)" if engine == "python" else ""),
+                     fontsize=10)
+        ax.set_ylabel(f"{unit} (median per call; log scale)")
+        ax.set_xlabel("input (numbers: engine ÷ this, per-sample medians)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    size = (s or {}).get("size") or 0
+    what = f"{size / MiB:g} MiB buffers, 64 KiB blocks"
+    if (s or {}).get("areas"):
+        what += f"; {s['areas']:,} areas on a {_disk_text(s)} disk"
+    save(plt, fig, png, title(run, what))

@@ -1,11 +1,12 @@
-"""The kernels scenario's timings as pytest-benchmark benchmarks (bench/kernels.py runs this file
-with pytest in a child process and turns pytest-benchmark's JSON into the scenario's JSON lines).
+"""The kernels scenario's timings as pytest-benchmark benchmarks (bench/scenarios/kernels.py runs
+this file with pytest in a child process and turns pytest-benchmark's JSON into the scenario's
+JSON lines).
 
-By hand (options default to the scenario's full run; `-p bench.kernels` adds the --kernels-*
-options and a commit-info hook that never writes the git index):
+By hand (options default to the scenario's full run; `-p bench.scenarios.kernels` adds the
+--kernels-* options and a commit-info hook that never writes the git index):
 
-    cd /work/main && .venv/bin/python -m pytest bench/kernels_bench.py -p bench.kernels \\
-        -p no:cacheprovider --benchmark-disable-gc [--kernels-reps 5] [--benchmark-json FILE]
+    cd /work/main && .venv/bin/python -m pytest bench/scenarios/kernels_bench.py \\
+        -p bench.scenarios.kernels -p no:cacheprovider --benchmark-disable-gc [--kernels-reps 5] [--benchmark-json FILE]
 
 The file is outside tests/ and its name matches no `python_files` pattern: `python -m pytest`
 collects only tests/ (pyproject's testpaths), and this runs only when named.
@@ -16,7 +17,7 @@ kernel (round 0: A B C, round 1: A B C, ...). A step is one pytest-benchmark ben
 pedantic mode: rounds=1, iterations=`number`, warmup_rounds=0; pytest-benchmark times the
 `number` calls with time.perf_counter, the garbage collector off (--benchmark-disable-gc), and
 stores that round's time ÷ `number` as the sample. The first step of a kernel and input
-prepares it (cached for its other steps): a wait for an idle machine (cold_copy.wait_quiet), each
+prepares it (cached for its other steps): a wait for an idle machine (harness.machine.wait_quiet), each
 implementation called once (the warm-up) and its output checked against the engine's and against
 what the input was made with, then each called once more, timed, to choose its `number` (a sample
 lasts at least --kernels-min-sample seconds). Every step's benchmark carries extra_info (kernel,
@@ -42,7 +43,7 @@ from transfer import _native
 from transfer.integrity.manifest import BLOCK, zero_digest
 from transfer.tracking.areas import merge_runs
 
-from .cold_copy import MiB, wait_quiet
+from ..harness.machine import MiB, wait_quiet
 from .kernels import DEFAULTS, ENGINE, INPUTS, KERNELS, UNIT
 
 CLUSTERS = 64              # clustered: the hot regions
@@ -50,7 +51,7 @@ CLUSTER_BYTES = 256 * MiB  # ... each this long
 
 
 def options(config: pytest.Config) -> dict[str, Any]:
-    """--kernels-NAME (registered by bench.kernels's pytest_addoption), else DEFAULTS."""
+    """--kernels-NAME (registered by bench.scenarios.kernels.s pytest_addoption), else DEFAULTS."""
     out = {}
     for name, default in DEFAULTS.items():
         value = config.getoption(f"kernels_{name}", default=None)

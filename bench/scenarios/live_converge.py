@@ -37,50 +37,53 @@ bench/README.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
-from typing import Any, TextIO
+from typing import Any
 
 from transfer.cli import parse_size
+from transfer.demo.servers import QemuStorageDaemon, ServerError
 from transfer.errors import BadInput
 from transfer.units import parse_duration
-from transfer.demo.servers import QemuStorageDaemon, ServerError
 
-from .cold_copy import (
+from ..harness.images import image_info, prepare_image
+from ..harness.machine import (
     ENGINE,
+    PYTHON,
     ROOT,
-    TIME,
     GiB,
     MiB,
-    _cmd_output,
-    _fmt,
-    _median,
-    _image_info,
-    _prepare_image,
-    _say,
-    _size_text,
+    cmd_output,
     engine_fingerprint,
-    machine_busy_seconds,
-    proc_cpu_seconds,
-    proc_peak_rss_mib,
+    engine_lacks,
+    fmt,
+    loadavg,
+    md_table,
+    median,
+    missing_programs,
     provenance,
-    spawn_and_reap,
+    say,
+    size_text,
+    sparse_copy,
     wait_quiet,
 )
-from .warm_delta import sparse_copy
+from ..harness.measure import load_json, measure
+from ..harness.plots import pyplot, save
+from ..harness.plots import title as plot_title
+from ..harness.report import Run
+from ..harness.runner import Context, Outcome, parser, reproduce
+from ..harness.runner import bar_line as harness_bar_line
 
-SCENARIO = "live-converge"
+NAME = SCENARIO = "live-converge"
+# What run() leaves in a --workdir given by the user (removed at the end without --keep).
+CLEANUP = ("source.img", "source.json", "run-*", "pycache")
 DEFAULT_SIZE = 2 * GiB
 QUICK_SIZE = 256 * MiB
 RATES = (1.0, 4.0, 16.0, 64.0)  # MiB/s, from the issue
@@ -96,18 +99,16 @@ BAR_PREDICTION = 0.25
 # The size axis's bar: the measured downtime at the largest size within 1.5× the smallest's.
 BAR_SIZE_RATIO = 1.5
 NOT_CONVERGING = 7
-PYTHON = str(ROOT / ".venv" / "bin" / "python")
 
 
 # ---------------------------------------------------------------- one run
 
 class Live:
-    def __init__(self, args: argparse.Namespace, workdir: str, prov: dict[str, Any],
-                 out: TextIO) -> None:
-        self.args = args
-        self.workdir = workdir
+    def __init__(self, ctx: Context, prov: dict[str, Any]) -> None:
+        self.ctx = ctx
+        self.args = ctx.a
+        self.workdir = workdir = ctx.workdir
         self.prov = prov
-        self.out = out
         self.runs: list[dict[str, Any]] = []
         self.nproc = len(os.sched_getaffinity(0))
         # The engine's and the guest's bytecode under the work directory (as warm-delta does):
@@ -118,8 +119,8 @@ class Live:
 
     def warm_bytecode(self) -> float:
         t = time.perf_counter()
-        imports = ("import transfer.cli, transfer.migration.migrate, transfer.api, transfer.demo.workload, "
-                   "bench.live_guest, nbd, numpy")
+        imports = ("import transfer.cli, transfer.migration.migrate, transfer.api, "
+                   "transfer.demo.workload, bench.scenarios.live_guest, nbd, numpy")
         subprocess.run([PYTHON, "-c", imports], cwd=ROOT, env=self.env, check=True,
                        capture_output=True)
         subprocess.run([str(ENGINE), "migrate", "--help"], env=self.env, check=True,
@@ -127,21 +128,20 @@ class Live:
         return time.perf_counter() - t
 
     def emit(self, record: dict[str, Any]) -> None:
-        self.out.write(json.dumps(record, sort_keys=True) + "\n")
-        self.out.flush()
+        self.ctx.emit(record)
 
     def run(self, size: int, image: str, rate_mib: float, rep: int, seed: int) -> dict[str, Any]:
         """One migration from scratch: image (of size bytes) copied to a fresh disk, a fresh
         daemon, the guest at rate_mib, transfer migrate; its record is emitted and returned."""
         a = self.args
         timeout = max(180.0, 90.0 * size / GiB)
-        d = os.path.join(self.workdir, f"run-{_size_text(size)}-{rate_mib:g}-{rep + 1}")
+        d = os.path.join(self.workdir, f"run-{size_text(size)}-{rate_mib:g}-{rep + 1}")
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
         p = {name: os.path.join(d, name) for name in (
             "disk.img", "target.img", "state", "qmp.sock", "nbd.sock", "STOP", "STOPPED",
             "READY", "guest.json", "guest.log", "window-start", "report.json", "migrate.out",
-            "migrate.log", "maxrss.txt")}
+            "migrate")}
         on_cutover = (f"sh -c 'touch {shlex.quote(p['STOP'])}; while [ ! -e "
                       f"{shlex.quote(p['STOPPED'])} ]; do sleep 0.01; done'")
         argv = [str(ENGINE), "migrate", p["target.img"], "--type", "live", "--qmp", p["qmp.sock"],
@@ -163,11 +163,10 @@ class Live:
             with qsd:
                 os.sync()
                 rec["idle_wait_s"] = round(wait_quiet(), 2)
-                with open("/proc/loadavg") as f:
-                    rec["loadavg_before"] = f.read().split()[0]
+                rec["loadavg_before"] = loadavg()
                 with open(p["guest.log"], "wb") as glog:
                     guest = subprocess.Popen(
-                        [PYTHON, "-m", "bench.live_guest", "--uri", qsd.uri,
+                        [PYTHON, "-m", "bench.scenarios.live_guest", "--uri", qsd.uri,
                          "--rate", str(rate_mib * MiB), "--pattern", a.pattern,
                          "--seed", str(seed), "--ready", p["READY"], "--stop", p["STOP"],
                          "--stopped", p["STOPPED"], "--summary", p["guest.json"],
@@ -183,18 +182,9 @@ class Live:
                 time.sleep(a.warmup)
                 with open(p["window-start"], "w") as f:
                     f.write(repr(time.time()))
-                g_cpu0, q_cpu0 = proc_cpu_seconds(guest.pid), proc_cpu_seconds(qsd.pid)
-                busy0 = machine_busy_seconds()
-                t0 = time.perf_counter()
-                code, usage, timed_out, maxrss_kib = spawn_and_reap(
-                    argv, p["migrate.out"], p["migrate.log"], p["maxrss.txt"], timeout,
-                    env=self.env)
-                ended = time.time()
-                wall = time.perf_counter() - t0
-                busy = machine_busy_seconds() - busy0
-                g_cpu = _cpu_or_none(guest.pid, g_cpu0)   # not reaped yet: readable as a zombie
-                q_cpu = proc_cpu_seconds(qsd.pid) - q_cpu0
-                q_rss = proc_peak_rss_mib(qsd.pid)  # a fresh daemon per run: this run's peak
+                m = measure(argv, p["migrate"], timeout, server_pid=qsd.pid,
+                            side={"guest": guest.pid}, env=self.env, wait=False)
+                ended, wall, g_cpu = m["ended_at"], m["wall_s"], m["guest_cpu_s"]
                 stop_at = None
                 if os.path.exists(p["STOP"]):
                     stop_at = os.stat(p["STOP"]).st_mtime_ns / 1e9
@@ -210,33 +200,25 @@ class Live:
                     problems.append(f"the guest exited {guest.returncode}: "
                                     + _tail(p["guest.log"]))
                 guest = None
-                g = _load_json(p["guest.json"]) or {}
+                g = load_json(p["guest.json"]) or {}
+                # the engine is the client, the daemon the server
+                rec.update({k: v for k, v in m.items() if k not in ("argv", "ended_at")})
+                code = m["exit"]
                 rec.update({
-                    "exit": code, "timed_out": timed_out, "wall_s": round(wall, 4),
-                    "engine_user_s": round(usage.ru_utime, 3),
-                    "engine_sys_s": round(usage.ru_stime, 3),
-                    "engine_cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-                    "engine_maxrss_mib": None if maxrss_kib is None
-                    else round(maxrss_kib / 1024, 1),
-                    "guest_cpu_s": None if g_cpu is None else round(g_cpu, 3),
-                    "qsd_cpu_s": round(q_cpu, 3), "qsd_maxrss_mib": q_rss,
-                    "machine_busy_cpu_s": round(busy, 3),
-                    "other_cpu_s": round(busy - usage.ru_utime - usage.ru_stime - q_cpu
-                                         - (g_cpu or 0.0), 3),
                     "cpu_pct": {
-                        "engine": _pct(usage.ru_utime + usage.ru_stime, wall),
-                        "guest": _pct(g_cpu, wall), "qsd": _pct(q_cpu, wall),
-                        "machine": _pct(busy, wall * self.nproc)},
+                        "engine": _pct(m["client_cpu_s"], wall), "guest": _pct(g_cpu, wall),
+                        "qsd": _pct(m["server_cpu_s"], wall),
+                        "machine": _pct(m["machine_busy_cpu_s"], wall * self.nproc)},
                     "guest": g, "engine_fingerprint": engine_fingerprint(),
                 })
-                stderr = _tail(p["migrate.log"], 4000)
+                stderr = _tail(p["migrate"] + ".log", 4000)
                 if code not in (0, NOT_CONVERGING):
                     rec["output_tail"] = stderr
-                    problems.append(f"migrate exited {code}" + (" (timed out)" if timed_out
+                    problems.append(f"migrate exited {code}" + (" (timed out)" if m["timed_out"]
                                                                  else ""))
-                log = _load_json(os.path.join(p["state"], "migrate.json")) or {}
+                log = load_json(os.path.join(p["state"], "migrate.json")) or {}
                 if code == 0:
-                    report = _load_json(p["report.json"])
+                    report = load_json(p["report.json"])
                     if report is None:
                         problems.append("exit 0 but no report")
                         report = {}
@@ -264,9 +246,9 @@ class Live:
         rec["provenance"] = self.prov
         self.emit(rec)
         self.runs.append(rec)
-        _say(run_line(rec))
+        say(run_line(rec))
         for n in notes:
-            _say(f"      note: {n}")
+            say(f"      note: {n}")
         return rec
 
     def _converged(self, report: dict[str, Any], log: dict[str, Any], stop_at: float | None,
@@ -385,21 +367,6 @@ def _pct(cpu: float | None, seconds: float) -> float | None:
     return None if cpu is None or seconds <= 0 else round(100 * cpu / seconds, 1)
 
 
-def _cpu_or_none(pid: int, before: float) -> float | None:
-    try:
-        return proc_cpu_seconds(pid) - before
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _load_json(path: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _tail(path: str, n: int = 600) -> str:
     try:
         with open(path, "rb") as f:
@@ -417,27 +384,27 @@ def _pass_fields(x: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_line(r: dict[str, Any]) -> str:
-    head = f"  {_size_text(r['size'])} {r['rate_mib_s']:5g} MiB/s rep {r['rep'] + 1}: "
+    head = f"  {size_text(r['size'])} {r['rate_mib_s']:5g} MiB/s rep {r['rep'] + 1}: "
     g = r.get("guest") or {}
     wrote = (f"guest {g['window_rate'] / MiB:.1f} MiB/s" if g.get("window_rate")
              else "guest ?")
     cpu = r.get("cpu_pct") or {}
-    cpus = (f"cpu % engine {_fmt(cpu.get('engine'), '.0f')} guest {_fmt(cpu.get('guest'), '.0f')}"
-            f" qsd {_fmt(cpu.get('qsd'), '.0f')} machine {_fmt(cpu.get('machine'), '.0f')}")
+    cpus = (f"cpu % engine {fmt(cpu.get('engine'), '.0f')} guest {fmt(cpu.get('guest'), '.0f')}"
+            f" qsd {fmt(cpu.get('qsd'), '.0f')} machine {fmt(cpu.get('machine'), '.0f')}")
     if r.get("result") == "converged" or r.get("result") == "cut over":
         deltas = ", ".join(_mib_text(x["delta_bytes"]) for x in r["passes"])
         v = r.get("verify") or {}
         body = (f"{r['result']} after {r['precopy_passes']} passes (deltas MiB {deltas}), "
                 f"final delta {_mib_text(r['final_delta_bytes'])} MiB, downtime predicted "
-                f"{_fmt(r['predicted_downtime_s'], '.3f')} s, measured "
-                f"{_fmt(r['measured_downtime_s'], '.3f')} s (engine's own "
-                f"{_fmt(r['engine_downtime_s'], '.3f')}), ratio "
-                f"{_fmt(r['pred_over_measured'], '.2f')}; wall {r['wall_s']:.2f} s; {wrote}; "
+                f"{fmt(r['predicted_downtime_s'], '.3f')} s, measured "
+                f"{fmt(r['measured_downtime_s'], '.3f')} s (engine's own "
+                f"{fmt(r['engine_downtime_s'], '.3f')}), ratio "
+                f"{fmt(r['pred_over_measured'], '.2f')}; wall {r['wall_s']:.2f} s; {wrote}; "
                 f"{cpus}; verify {'equal' if v.get('exit') == 0 else v.get('exit')}")
     elif r.get("result") == "not converging":
         deltas = ", ".join(_mib_text(x["delta_bytes"]) for x in r["passes"])
         body = (f"NOT CONVERGING (exit 7) after {r['precopy_passes']} passes (deltas MiB "
-                f"{deltas}); last predicted {_fmt(r['predicted_downtime_s'], '.2f')} s; wall "
+                f"{deltas}); last predicted {fmt(r['predicted_downtime_s'], '.2f')} s; wall "
                 f"{r['wall_s']:.2f} s; {wrote}; {cpus}")
     else:
         body = f"exit {r.get('exit')}"
@@ -512,10 +479,10 @@ def _group(size: int, rate: float, runs: list[dict[str, Any]]) -> dict[str, Any]
         "within_bar": sum(bool(r.get("within_bar")) for r in conv),
         "wall_s": vals("wall_s", good),
         "cpu_pct": {k: cpu(k) for k in ("engine", "guest", "qsd", "machine")},
-        "engine_maxrss_mib": max((r["engine_maxrss_mib"] for r in runs
-                                  if r.get("engine_maxrss_mib") is not None), default=None),
-        "qsd_maxrss_mib": max((r["qsd_maxrss_mib"] for r in runs
-                               if r.get("qsd_maxrss_mib") is not None), default=None),
+        "engine_maxrss_mib": max((r["client_maxrss_mib"] for r in runs
+                                  if r.get("client_maxrss_mib") is not None), default=None),
+        "qsd_maxrss_mib": max((r["server_maxrss_mib"] for r in runs
+                               if r.get("server_maxrss_mib") is not None), default=None),
         "verified": sum((r.get("verify") or {}).get("exit") == 0 for r in conv),
         "dirty_over_write_rate": vals("dirty_over_write_rate"),
         "model_final_delta_over_expected": [r["model"]["final_delta_over_expected"]
@@ -534,9 +501,9 @@ def _size_axis(groups: list[dict[str, Any]], sizes: list[int], rates: list[float
     for rate in rates:
         small, large = (next(g for g in groups if g["size"] == n and g["rate_mib_s"] == rate)
                         for n in (sizes[0], sizes[-1]))
-        m_small, m_large = _median(small["measured_downtime_s"]), _median(
+        m_small, m_large = median(small["measured_downtime_s"]), median(
             large["measured_downtime_s"])
-        p_large = _median(large["predicted_downtime_s"] + large["predicted_not_converging_s"])
+        p_large = median(large["predicted_downtime_s"] + large["predicted_not_converging_s"])
         out.append({
             "rate_mib_s": rate, "smallest": sizes[0], "largest": sizes[-1],
             "measured_smallest_s": m_small, "measured_largest_s": m_large,
@@ -562,23 +529,21 @@ def table(s: dict[str, Any]) -> str:
             "final delta MiB | predicted downtime s | measured downtime s | predicted ÷ measured "
             "| engine's own downtime s | wall s | CPU % engine / guest / qsd / machine "
             "| peak RSS MiB engine / qsd | verified |")
-    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    lines = []
     for x in s["rates"]:
         c = x["cpu_pct"]
-        cpu = " / ".join(_fmt(_median(c[k]), ".0f") for k in ("engine", "guest", "qsd",
+        cpu = " / ".join(fmt(median(c[k]), ".0f") for k in ("engine", "guest", "qsd",
                                                                 "machine"))
         lines.append(
-            f"| {_size_text(x.get('size') or _sizes(s)[0])} | {x['rate_mib_s']:g} | "
+            f"| {size_text(x.get('size') or _sizes(s)[0])} | {x['rate_mib_s']:g} | "
             f"{_span(x['guest_rate_mib_s'], '.1f')} | {_converged_text(x)} | "
             f"{_span(x['precopy_passes'], '.0f')} | "
             f"{_span([b / MiB for b in x['final_delta_bytes']], '.2f')} | "
             f"{_predicted_text(x)} | {_span(x['measured_downtime_s'], '.2f')} | "
             f"{_span(x['pred_over_measured'], '.2f')} | {_span(x['engine_downtime_s'], '.2f')} | "
-            f"{_span(x['wall_s'], '.1f')} | {cpu} | {_fmt(x['engine_maxrss_mib'], '.0f')} / "
-            f"{_fmt(x.get('qsd_maxrss_mib'), '.0f')} | {x['verified']}/{x['converged']} |")
-    if s.get("size_axis"):
-        lines += ["", size_table(s)]
-    return "\n".join(lines)
+            f"{_span(x['wall_s'], '.1f')} | {cpu} | {fmt(x['engine_maxrss_mib'], '.0f')} / "
+            f"{fmt(x.get('qsd_maxrss_mib'), '.0f')} | {x['verified']}/{x['converged']} |")
+    return md_table(head, lines) + ("\n\n" + size_table(s) if s.get("size_axis") else "")
 
 
 def _converged_text(x: dict[str, Any]) -> str:
@@ -602,25 +567,25 @@ def size_table(s: dict[str, Any]) -> str:
             "| measured downtime s | measured ÷ smallest disk's |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for x in s["rates"]:
-        base = next(_median(g["measured_downtime_s"]) for g in s["rates"]
+        base = next(median(g["measured_downtime_s"]) for g in s["rates"]
                     if g["size"] == sizes[0] and g["rate_mib_s"] == x["rate_mib_s"])
-        m = _median(x["measured_downtime_s"])
+        m = median(x["measured_downtime_s"])
         lines.append(
-            f"| {_size_text(x['size'])} | {x['rate_mib_s']:g} | {_converged_text(x)} | "
+            f"| {size_text(x['size'])} | {x['rate_mib_s']:g} | {_converged_text(x)} | "
             f"{_span(x['precopy_passes'], '.0f')} | "
             f"{_span([b / MiB for b in x['final_delta_bytes']], '.2f')} | "
             f"{_predicted_text(x)} | {_span(x['measured_downtime_s'], '.2f')} | "
-            f"{_fmt(m / base if m is not None and base else None, '.2f')} |")
+            f"{fmt(m / base if m is not None and base else None, '.2f')} |")
     lines.append("")
     for ax in s["size_axis"]:
-        small, large = _size_text(ax["smallest"]), _size_text(ax["largest"])
+        small, large = size_text(ax["smallest"]), size_text(ax["largest"])
         if ax["ratio"] is not None:
             value = (f"{ax['measured_largest_s']:.2f} s ÷ {ax['measured_smallest_s']:.2f} s = "
                      f"{ax['ratio']:.2f}")
         else:
             value = (f"– (no converged run at {large}; its predicted downtime "
-                     f"{_fmt(ax['predicted_largest_s'], '.2f')} s is "
-                     f"{_fmt(ax['predicted_largest_over_measured_smallest'], '.1f')}× the "
+                     f"{fmt(ax['predicted_largest_s'], '.2f')} s is "
+                     f"{fmt(ax['predicted_largest_over_measured_smallest'], '.1f')}× the "
                      f"{small} measured downtime)" if ax["measured_smallest_s"] else
                      f"– (no converged run at {small})")
         lines.append(f"downtime at the largest size ÷ at the smallest ({large} ÷ {small}, "
@@ -634,23 +599,23 @@ def runs_table(runs: list[dict[str, Any]]) -> str:
     head = ("| disk | MiB/s | rep | result | passes | deltas MiB (pass 0, 1, …, final) | "
             "predicted s | measured s | ratio | ±25 % | engine s | stop s | final pass s "
             "| pass 0 s | wall s | verify |")
-    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    lines = []
     for r in runs:
         deltas = ", ".join(_mib_text(x["delta_bytes"]) for x in r.get("passes") or [])
         within = r.get("within_bar")
         lines.append(
-            f"| {_size_text(r['size'])} | {r['rate_mib_s']:g} | {r['rep'] + 1} | "
+            f"| {size_text(r['size'])} | {r['rate_mib_s']:g} | {r['rep'] + 1} | "
             f"{r.get('result') or ('INVALID' if r['problems'] else '?')} | "
             f"{r.get('precopy_passes', '–')} | {deltas} | "
-            f"{_fmt(r.get('predicted_downtime_s'), '.3f')} | "
-            f"{_fmt(r.get('measured_downtime_s'), '.3f')} | "
-            f"{_fmt(r.get('pred_over_measured'), '.2f')} | "
+            f"{fmt(r.get('predicted_downtime_s'), '.3f')} | "
+            f"{fmt(r.get('measured_downtime_s'), '.3f')} | "
+            f"{fmt(r.get('pred_over_measured'), '.2f')} | "
             f"{'–' if within is None else ('yes' if within else 'NO')} | "
-            f"{_fmt(r.get('engine_downtime_s'), '.3f')} | {_fmt(r.get('stop_seconds'), '.3f')} | "
-            f"{_fmt(r.get('final_pass_s'), '.3f')} | {_fmt(_pass0_s(r), '.3f')} | "
-            f"{_fmt(r.get('wall_s'), '.2f')} | "
+            f"{fmt(r.get('engine_downtime_s'), '.3f')} | {fmt(r.get('stop_seconds'), '.3f')} | "
+            f"{fmt(r.get('final_pass_s'), '.3f')} | {fmt(_pass0_s(r), '.3f')} | "
+            f"{fmt(r.get('wall_s'), '.2f')} | "
             f"{_verify_text(r)} |")
-    return "\n".join(lines)
+    return md_table(head, lines)
 
 
 def _verify_text(r: dict[str, Any]) -> str:
@@ -673,7 +638,7 @@ def bars(s: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     multi = len(_sizes(s)) > 1
     for x in s["rates"]:
-        where = f"{_size_text(x['size'])}, " if multi else ""
+        where = f"{size_text(x['size'])}, " if multi else ""
         name = (f"{where}{x['rate_mib_s']:g} MiB/s: predicted downtime within "
                 f"±{BAR_PREDICTION:.0%} of the measured one, every converged run")
         if not x["converged"]:
@@ -687,7 +652,7 @@ def bars(s: dict[str, Any]) -> list[dict[str, Any]]:
                     "ratios": x["pred_over_measured"],
                     "worst_error_against_engine_downtime": own})
     for ax in s.get("size_axis") or []:
-        small, large = _size_text(ax["smallest"]), _size_text(ax["largest"])
+        small, large = size_text(ax["smallest"]), size_text(ax["largest"])
         rate = f"{ax['rate_mib_s']:g} MiB/s"
         b = {"bar": f"{rate}: measured downtime at {large} ÷ at {small} ≤ {BAR_SIZE_RATIO:g} "
                     "(medians)", "kind": "size_ratio", "value": ax["ratio"], "format": ".2f"}
@@ -696,8 +661,8 @@ def bars(s: dict[str, Any]) -> list[dict[str, Any]]:
         elif ax["ratio"] is None:  # nothing at the largest size cut over: over the budget
             b.update(met=False, why=(
                 f"no converged run at {large}: predicted "
-                f"{_fmt(ax['predicted_largest_s'], '.2f')} s there, "
-                f"{_fmt(ax['predicted_largest_over_measured_smallest'], '.1f')}× the {small} "
+                f"{fmt(ax['predicted_largest_s'], '.2f')} s there, "
+                f"{fmt(ax['predicted_largest_over_measured_smallest'], '.1f')}× the {small} "
                 "measured downtime"))
         else:
             b["met"] = ax["ratio"] <= BAR_SIZE_RATIO
@@ -712,57 +677,24 @@ def bars(s: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def bar_value(b: dict[str, Any]) -> str:
-    """A size-axis bar's value as text (the markdown report prints it too)."""
-    if b["kind"] == "size_ratio":
+    """A bar's value as text, on stdout and in the markdown report."""
+    kind = b.get("kind", "prediction")  # runs before the size axis: predictions only
+    if kind == "size_ratio":
         return b.get("why") or f"{b['value']:.2f}"
-    return f"{b['value']} of {b['runs']} runs"
+    if kind == "largest_converged":
+        return f"{b['value']} of {b['runs']} runs"
+    ratios = ", ".join(f"{r:.2f}" for r in b.get("ratios") or [])
+    own = b.get("worst_error_against_engine_downtime")
+    return (f"worst |predicted/measured - 1| = {fmt(b['value'] and 100 * b['value'], '.0f')} % "
+            f"(ratios {ratios}; against the engine's own downtime: "
+            f"{fmt(own and 100 * own, '.0f')} %)")
 
 
 def bar_line(b: dict[str, Any]) -> str:
-    if b["met"] is None:
-        return f"  n/a    {b['bar']}: {b['why']}"
-    mark = "met   " if b["met"] else "MISSED"
-    if b["kind"] != "prediction":
-        return f"  {mark} {b['bar']}: {bar_value(b)}"
-    ratios = ", ".join(f"{r:.2f}" for r in b["ratios"])
-    return (f"  {mark} {b['bar']}: worst |predicted/measured - 1| "
-            f"= {_fmt(b['value'] and 100 * b['value'], '.0f')} % (ratios {ratios}; against the "
-            f"engine's own downtime: "
-            f"{_fmt(_pct_of(b.get('worst_error_against_engine_downtime')), '.0f')} %)")
-
-
-def _pct_of(x: float | None) -> float | None:
-    return None if x is None else 100 * x
+    return harness_bar_line(b, bar_value(b))
 
 
 # ---------------------------------------------------------------- the plot
-
-def ascii_plot(runs: list[dict[str, Any]], width: int = 50) -> str:
-    """Predicted (P) against measured (M) downtime per run, as horizontal bars."""
-    conv = [r for r in runs if r.get("measured_downtime_s") is not None]
-    top = max([r["measured_downtime_s"] for r in conv]
-              + [r["predicted_downtime_s"] or 0 for r in conv] + [1e-9])
-    lines = [f"downtime per run, 0 … {top:.2f} s ({width} columns; ] marks measured ±25 %)"]
-    for r in runs:
-        label = f"{_size_text(r['size']):>4} {r['rate_mib_s']:>5g} MiB/s #{r['rep'] + 1}"
-        if r.get("measured_downtime_s") is None:
-            lines.append(f"{label}  {r.get('result') or 'INVALID'}")
-            continue
-        m, pr = r["measured_downtime_s"], r["predicted_downtime_s"]
-
-        def bar(v: float, ch: str, m: float = m) -> str:
-            n = round(v / top * width)
-            s = list(ch * n + " " * (width + 1 - n))
-            for edge in (m * (1 - BAR_PREDICTION), m * (1 + BAR_PREDICTION)):
-                i = min(width, round(edge / top * width))
-                s[i] = "]" if s[i] == " " else s[i]
-            return "".join(s)
-
-        lines.append(f"{label}  M {bar(m, '#')} {m:.3f}")
-        if pr is not None:
-            lines.append(f"{'':{len(label)}}  P {bar(pr, '=')} {pr:.3f}")
-    return "\n".join(lines)
-
 
 COLORS = {1.0: "#1f77b4", 4.0: "#2ca02c", 16.0: "#ff7f0e", 64.0: "#d62728"}
 EXTRA = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
@@ -786,7 +718,7 @@ def svg_plot(s: dict[str, Any], runs: list[dict[str, Any]], title: str) -> str:
         return PALETTE[cats.index(cat) % len(PALETTE)] if multi else _color(cat[1], rates)
 
     def label(cat: tuple[int, float]) -> str:
-        return f"{_size_text(cat[0])} {cat[1]:g}" if multi else f"{cat[1]:g}"
+        return f"{size_text(cat[0])} {cat[1]:g}" if multi else f"{cat[1]:g}"
 
     def of(cat: tuple[int, float]) -> list[dict[str, Any]]:
         return [r for r in runs if (r["size"], r["rate_mib_s"]) == cat]
@@ -950,11 +882,12 @@ def _nice_step(x: float) -> float:
 # ---------------------------------------------------------------- the scenario
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog=f"python -m bench {SCENARIO}",
-        description="Live-migrate a qemu-storage-daemon disk while a guest writes to it at "
-                    "1, 4, 16 and 64 MiB/s: passes until convergence, the final delta, the "
-                    "predicted against the measured downtime.")
+    p = parser(SCENARIO, "Live-migrate a qemu-storage-daemon disk while a guest writes to it "
+                         "at 1, 4, 16 and 64 MiB/s: passes until convergence, the final delta, "
+                         "the predicted against the measured downtime.",
+               "256 MiB disk, rates 1 and 16 MiB/s, 1 rep",
+               "the image, disks, targets, states and sockets (with --keep each run's logs, "
+               "report and state stay; its disk and target are deleted after it all the same)")
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--size", type=parse_size,
                        help="disk size (default 2G; 256M with --quick)")
@@ -977,19 +910,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=WARMUP_S,
                    help=f"seconds the guest writes before the migration starts "
                         f"(default {WARMUP_S:g})")
-    p.add_argument("--workdir", help="directory for the image, disks, targets, states and "
-                                     "sockets (default: a fresh directory under /var/tmp); a "
-                                     "source.img made there with --keep (by any scenario) with "
-                                     "the same size and seed is reused")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the work directory (each run's logs, report and state; the "
-                        "run's disk and target are deleted after it all the same)")
-    p.add_argument("--out", help=f"JSON lines output (default bench/out/{SCENARIO}-<time>.jsonl)")
     p.add_argument("--plot", help="SVG plot (default: the --out path with .svg)")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke run: 256 MiB disk, rates 1 and 16 MiB/s, 1 rep")
-    p.add_argument("--require-bars", action="store_true",
-                   help="exit 3 when a valid run misses one of the issue's bars")
     a = p.parse_args(argv)
     if a.sizes is not None:
         try:
@@ -1024,209 +945,215 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def reproduce_command(a: argparse.Namespace) -> str:
-    sizes = ",".join(_size_text(n) for n in a.size_list)
-    parts = ["cd", shlex.quote(str(ROOT)), "&&", ".venv/bin/python", "-m", "bench", SCENARIO,
-             "--sizes" if a.sizes is not None else "--size", sizes, "--seed", str(a.seed),
-             "--rates", ",".join(f"{r:g}" for r in a.rate_list), "--reps", str(a.reps),
-             "--pattern", a.pattern, "--guest-seed", str(a.guest_seed),
-             "--max-downtime", a.max_downtime, "--max-passes", str(a.max_passes),
-             "--warmup", f"{a.warmup:g}"]
-    return " ".join(parts)
+    return reproduce(SCENARIO, "--sizes" if a.sizes is not None else "--size",
+                     ",".join(size_text(n) for n in a.size_list), "--seed", str(a.seed),
+                     "--rates", ",".join(f"{r:g}" for r in a.rate_list), "--reps", str(a.reps),
+                     "--pattern", a.pattern, "--guest-seed", str(a.guest_seed),
+                     "--max-downtime", a.max_downtime, "--max-passes", str(a.max_passes),
+                     "--warmup", f"{a.warmup:g}")
 
 
-def _preflight(a: argparse.Namespace) -> list[str]:
-    missing = [n for n in ("qemu-storage-daemon",) if not shutil.which(n)]
-    if not os.access(TIME, os.X_OK):
-        missing.append(f"{TIME} (GNU time: apt-get install time)")
+def preflight(a: argparse.Namespace) -> list[str]:
+    missing = missing_programs("qemu-storage-daemon")
     try:
-        import nbd  # noqa: F401  (the guest writes through libnbd's Python binding)
+        import nbd  # noqa: F401,PLC0415  (the guest writes through libnbd's Python binding)
     except ImportError:
         missing.append("the nbd Python module (Debian package python3-libnbd)")
-    if not ENGINE.exists():
-        missing.append(f"{ENGINE} (run tools/setup)")
-    else:
-        try:
-            out = subprocess.run([str(ENGINE), "migrate", "--help"], capture_output=True,
-                                 text=True, timeout=60, check=False)
-            if out.returncode != 0:
-                missing.append(f"`transfer migrate` (exits {out.returncode})")
-            else:
-                for opt in ("--type", "--qmp", "--on-cutover", "--max-downtime", "--report",
-                            "--nbd-socket", "--max-passes"):
-                    if opt not in out.stdout:
-                        missing.append(f"`transfer migrate {opt}`")
-        except (OSError, subprocess.TimeoutExpired) as e:
-            missing.append(f"`transfer migrate` ({e})")
+    if ENGINE.exists():
+        missing += engine_lacks("migrate", "--type", "--qmp", "--on-cutover", "--max-downtime",
+                                "--report", "--nbd-socket", "--max-passes")
     return missing
 
 
-def main(argv: list[str]) -> int:
-    a = parse_args(argv)
-    missing = _preflight(a)
-    if missing:
-        print(f"{SCENARIO}: missing " + ", ".join(missing), file=sys.stderr)
-        return 2
-    started = time.time()
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_path = a.out or str(ROOT / "bench" / "out" / f"{SCENARIO}-{stamp}.jsonl")
-    plot_path = a.plot or os.path.splitext(out_path)[0] + ".svg"
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+def run(ctx: Context) -> Outcome:
+    a = ctx.a
+    plot_path = a.plot or os.path.splitext(ctx.path)[0] + ".svg"
     os.makedirs(os.path.dirname(os.path.abspath(plot_path)), exist_ok=True)
+    sizes_text = ", ".join(size_text(n) for n in a.size_list)
+    images: dict[str, Any] = {}  # size text -> the image's provenance, as each is made
 
-    sizes_text = ", ".join(_size_text(n) for n in a.size_list)
-    made_dir = a.workdir is None or not os.path.exists(a.workdir)
-    if a.workdir is None:
-        workdir = tempfile.mkdtemp(prefix=f"bench-{SCENARIO}-", dir="/var/tmp")
-    else:
-        workdir = os.path.abspath(a.workdir)
-        os.makedirs(workdir, exist_ok=True)
+    def image_of(size: int) -> str:
+        """The synth image of this size, made in workdir as source.img: it replaces the
+        previous size's (truncated), so one image at a time takes the disk."""
+        image, meta = prepare_image(ctx.workdir, argparse.Namespace(size=size, seed=a.seed))
+        images[size_text(size)] = image_info(meta)
+        return image
 
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    old_term = signal.signal(signal.SIGTERM, on_term)
-    code = 0
-    try:
-        with open(out_path, "w") as out:
-            images: dict[str, Any] = {}  # size text -> the image's provenance, as each is made
-
-            def image_of(size: int) -> str:
-                """The synth image of this size, made in workdir as source.img: it replaces the
-                previous size's (truncated), so one image at a time takes the disk."""
-                image, meta = _prepare_image(workdir, argparse.Namespace(size=size,
-                                                                         seed=a.seed))
-                images[_size_text(size)] = _image_info(meta)
-                return image
-
+    size_started = time.time()
+    image = image_of(a.size_list[0])
+    prov = provenance(ctx.workdir, images[size_text(a.size_list[0])])
+    if len(a.size_list) > 1:
+        prov["images"] = images  # filled in as each size's image is made
+    prov["qemu_storage_daemon"] = cmd_output(["qemu-storage-daemon",
+                                              "--version"]).splitlines()[0]
+    prov["guest"] = {"pattern": a.pattern, "seed": a.guest_seed, "warmup_s": a.warmup,
+                     "process": "bench.scenarios.live_guest "
+                                "(transfer.demo.workload.GuestWriter)"}
+    prov["migrate"] = {"max_downtime": a.max_downtime, "max_passes": a.max_passes}
+    say(f"engine {prov['engine_commit']} (fingerprint {prov['engine_fingerprint']}), "
+        f"{prov['qemu_storage_daemon']}, kernel {prov['kernel']}, "
+        f"{prov['cpu_model']} x {prov['nproc']}")
+    live = Live(ctx, prov)
+    say(f"bytecode compiled into {live.pycache} in {live.warm_bytecode():.1f} s")
+    rates_text = ", ".join(f"{r:g}" for r in a.rate_list)
+    reps = f"{a.reps} rep{'s' if a.reps > 1 else ''}"
+    say(f"{reps} of guest rates {rates_text} MiB/s ({a.pattern}) on {sizes_text} "
+        f"disk{'s' if len(a.size_list) > 1 else ''}, each on a fresh copy of the image, daemon, "
+        f"state and target; the guest writes {a.warmup:g} s before transfer migrate --type "
+        f"live --max-downtime {a.max_downtime} starts")
+    size_seconds: dict[str, float] = {}  # per size: its image and its runs
+    for k, size in enumerate(a.size_list):
+        if k:
             size_started = time.time()
-            image = image_of(a.size_list[0])
-            prov = provenance(images[_size_text(a.size_list[0])], workdir)
-            if len(a.size_list) > 1:
-                prov["images"] = images  # filled in as each size's image is made
-            prov["qemu_storage_daemon"] = _cmd_output(["qemu-storage-daemon",
-                                                       "--version"]).splitlines()[0]
-            prov["guest"] = {"pattern": a.pattern, "seed": a.guest_seed, "warmup_s": a.warmup,
-                             "process": "bench.live_guest (transfer.demo.workload.GuestWriter)"}
-            prov["migrate"] = {"max_downtime": a.max_downtime, "max_passes": a.max_passes}
-            _say(f"engine {prov['engine_commit']} (fingerprint {prov['engine_fingerprint']}), "
-                 f"{prov['qemu_storage_daemon']}, kernel {prov['kernel']}, "
-                 f"{prov['cpu_model']} x {prov['nproc']}")
-            live = Live(a, workdir, prov, out)
-            _say(f"bytecode compiled into {live.pycache} in {live.warm_bytecode():.1f} s")
-            rates_text = ", ".join(f"{r:g}" for r in a.rate_list)
-            _say(f"{a.reps} rep{'s' if a.reps > 1 else ''} of guest rates {rates_text} MiB/s "
-                 f"({a.pattern}) on {sizes_text} disk{'s' if len(a.size_list) > 1 else ''}, "
-                 f"each on a fresh copy of the image, daemon, state and target; "
-                 f"the guest writes {a.warmup:g} s before transfer migrate --type live "
-                 f"--max-downtime {a.max_downtime} starts")
-            size_seconds: dict[str, float] = {}  # per size: its image and its runs
-            for k, size in enumerate(a.size_list):
-                if k:
-                    size_started = time.time()
-                    image = image_of(size)
-                for rep in range(a.reps):
-                    for i, rate in enumerate(a.rate_list):
-                        live.run(size, image, rate, rep,
-                                 a.guest_seed * 100_000 + rep * 1000 + i)
-                size_seconds[_size_text(size)] = round(time.time() - size_started, 1)
-                if len(a.size_list) > 1:
-                    _say(f"{_size_text(size)}: {size_seconds[_size_text(size)] / 60:.1f} min, "
-                         "its image included")
-            summary = summarize(live, a.size_list, a.rate_list)
-            live.emit(summary)
-            verdict_bars = bars(summary)
-            fp_end = engine_fingerprint()
-            fps = sorted({r["engine_fingerprint"] for r in live.runs if "engine_fingerprint" in r}
-                         | {prov["engine_fingerprint"], fp_end})
-            valid = all(r["valid"] for r in live.runs)
-            duration = time.time() - started
-            title = (f"live-converge: {sizes_text} disk, guest {a.pattern}, "
-                     f"--max-downtime {a.max_downtime}, {a.reps} rep{'s' if a.reps > 1 else ''}, "
-                     f"engine {prov['engine_commit']}, {stamp}")
-            with open(plot_path, "w") as f:
-                f.write(svg_plot(summary, live.runs, title))
-            live.emit({"type": "verdict", "scenario": SCENARIO, "valid": valid,
-                       "bars": verdict_bars, "duration_s": round(duration, 1),
-                       "size_seconds": size_seconds,
-                       "engine_changed_during_run": len(fps) > 1, "engine_fingerprints": fps,
-                       "plot": plot_path, "command": reproduce_command(a), "provenance": prov})
-        _say()
-        _say(f"{SCENARIO}: {sizes_text} raw disk{'s' if len(a.size_list) > 1 else ''} (image "
-             f"seed {a.seed}) in "
-             f"qemu-storage-daemon, guest {a.pattern} writes through NBD in its own process, "
-             f"transfer migrate --type live --max-downtime {a.max_downtime}; {a.reps} "
-             f"rep{'s' if a.reps > 1 else ''} per {'size and ' if len(a.size_list) > 1 else ''}"
-             f"rate; engine {prov['engine_commit']}; {prov['nproc']} CPUs")
-        _say()
-        _say(table(summary))
-        _say()
-        _say("Medians over the reps (min–max). passes: pre-copy passes before the cutover, pass "
-             "0 (the whole disk) included, the final pass not; final delta: what the final pass "
-             "copied with the guest stopped; measured downtime: STOP created (the stop command "
-             "acts) to transfer migrate reaped; engine's own: its report (stop command + final "
-             "pass, read-back included); CPU %: of one CPU over the migration's wall (machine: of "
-             "all CPUs); verified: transfer verify of the daemon's disk against the target "
-             "said equal.")
-        _say()
-        _say(runs_table(live.runs))
-        _say()
-        _say(ascii_plot(live.runs))
-        models = [r for r in live.runs if r.get("model")]
-        if models:
-            _say()
-            _say("the model against what happened (final pass): expected delta = last dirty rate "
-                 "× time since the last hand-over; expected copy s = that / copy rate")
-            for r in models:
-                m = r["model"]
-                wrote = (r.get("guest") or {}).get("window_rate")
-                _say(f"  {_size_text(r['size'])} {r['rate_mib_s']:5g} MiB/s #{r['rep'] + 1}: "
-                     f"dirty rate "
-                     f"{m['dirty_rate'] / MiB:.1f} MiB/s (guest wrote "
-                     f"{_fmt(wrote and wrote / MiB, '.1f')}"
-                     f" MiB/s), copy rate {_fmt(m['copy_rate'] and m['copy_rate'] / MiB, '.0f')} "
-                     f"MiB/s; final delta {_mib_text(r['final_delta_bytes'])} MiB, expected "
-                     f"{_mib_text(m['expected_final_delta_bytes'])} MiB (× "
-                     f"{_fmt(m['final_delta_over_expected'], '.2f')}); predicted "
-                     f"{_fmt(r['predicted_downtime_s'], '.3f')} s = copy "
-                     f"{_fmt(m['expected_copy_s'], '.3f')} + overhead & read-back "
-                     f"{_fmt(m['rest_of_prediction_s'], '.3f')} (pass 0 took "
-                     f"{_fmt(_pass0_s(r), '.3f')} s); final pass took "
-                     f"{_fmt(r['final_pass_s'], '.3f')} s + stop {_fmt(r['stop_seconds'], '.3f')}"
-                     f" s; measured {_fmt(r['measured_downtime_s'], '.3f')} s")
-        _say()
-        for b in verdict_bars:
-            _say(bar_line(b))
-        if len(fps) > 1:
-            _say(f"WARNING: the engine's files changed during the run ({len(fps)} versions: "
-                 f"{', '.join(fps)}); each run's JSON line has its engine_fingerprint")
-        if not valid:
-            _say("INVALID: a run failed or a correctness check failed (see 'problems' in the "
-                 "JSON lines)")
-            code = 1
-        elif a.require_bars and any(b["met"] is False for b in verdict_bars):
-            code = 3
-        _say(f"duration {duration / 60:.1f} min; JSON lines: {out_path}; plot: {plot_path}")
-        _say(f"reproduce: {reproduce_command(a)}")
-        return code
-    except KeyboardInterrupt:
-        print(f"{SCENARIO}: interrupted; cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        if a.keep:
-            print(f"work directory kept: {workdir}", file=sys.stderr)
-        elif made_dir:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            for name in ("source.img", "source.json"):
-                try:
-                    os.unlink(os.path.join(workdir, name))
-                except OSError:
-                    pass
-            for name in os.listdir(workdir):
-                if name.startswith("run-") or name == "pycache":
-                    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+            image = image_of(size)
+        for rep in range(a.reps):
+            for i, rate in enumerate(a.rate_list):
+                live.run(size, image, rate, rep, a.guest_seed * 100_000 + rep * 1000 + i)
+        size_seconds[size_text(size)] = round(time.time() - size_started, 1)
+        if len(a.size_list) > 1:
+            say(f"{size_text(size)}: {size_seconds[size_text(size)] / 60:.1f} min, "
+                "its image included")
+    summary = summarize(live, a.size_list, a.rate_list)
+    live.emit(summary)
+    with open(plot_path, "w") as f:
+        f.write(svg_plot(summary, live.runs, f"live-converge: {sizes_text} disk, guest "
+                         f"{a.pattern}, --max-downtime {a.max_downtime}, {reps}, engine "
+                         f"{prov['engine_commit']}, {os.path.basename(ctx.path)}"))
+    text = [f"{SCENARIO}: {sizes_text} raw disk{'s' if len(a.size_list) > 1 else ''} (image "
+            f"seed {a.seed}) in qemu-storage-daemon, guest {a.pattern} writes through NBD in "
+            f"its own process, transfer migrate --type live --max-downtime {a.max_downtime}; "
+            f"{reps} per {'size and ' if len(a.size_list) > 1 else ''}rate; engine "
+            f"{prov['engine_commit']}; {prov['nproc']} CPUs", "", table(summary), "",
+            "Medians over the reps (min–max). passes: pre-copy passes before the cutover, pass "
+            "0 (the whole disk) included, the final pass not; final delta: what the final pass "
+            "copied with the guest stopped; measured downtime: STOP created (the stop command "
+            "acts) to transfer migrate reaped; engine's own: its report (stop command + final "
+            "pass, read-back included); CPU %: of one CPU over the migration's wall (machine: of "
+            "all CPUs); verified: transfer verify of the daemon's disk against the target "
+            "said equal.", "", runs_table(live.runs), "", f"plot: {plot_path}"]
+    text += model_lines(live.runs)
+    return Outcome(all(r["valid"] for r in live.runs), bars(summary), prov, live.runs, text,
+                   {"size_seconds": size_seconds, "plot": plot_path})
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def model_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """What the model assumed against what happened, per converged run."""
+    models = [r for r in runs if r.get("model")]
+    if not models:
+        return []
+    out = ["", "the model against what happened (final pass): expected delta = last dirty rate "
+           "× time since the last hand-over; expected copy s = that / copy rate"]
+    for r in models:
+        m = r["model"]
+        wrote = (r.get("guest") or {}).get("window_rate")
+        out.append(
+            f"  {size_text(r['size'])} {r['rate_mib_s']:5g} MiB/s #{r['rep'] + 1}: dirty rate "
+            f"{m['dirty_rate'] / MiB:.1f} MiB/s (guest wrote {fmt(wrote and wrote / MiB, '.1f')}"
+            f" MiB/s), copy rate {fmt(m['copy_rate'] and m['copy_rate'] / MiB, '.0f')} "
+            f"MiB/s; final delta {_mib_text(r['final_delta_bytes'])} MiB, expected "
+            f"{_mib_text(m['expected_final_delta_bytes'])} MiB (× "
+            f"{fmt(m['final_delta_over_expected'], '.2f')}); predicted "
+            f"{fmt(r['predicted_downtime_s'], '.3f')} s = copy "
+            f"{fmt(m['expected_copy_s'], '.3f')} + overhead & read-back "
+            f"{fmt(m['rest_of_prediction_s'], '.3f')} (pass 0 took "
+            f"{fmt(_pass0_s(r), '.3f')} s); final pass took "
+            f"{fmt(r['final_pass_s'], '.3f')} s + stop {fmt(r['stop_seconds'], '.3f')}"
+            f" s; measured {fmt(r['measured_downtime_s'], '.3f')} s")
+    return out
+
+
+# ---------------------------------------------------------------- the report
+
+def report_table(run: Run) -> str:
+    return table(run.of_type("summary")[-1])
+
+
+def report_notes(run: Run) -> list[str]:
+    s = next(iter(run.of_type("summary")), None)
+    if not s:
+        return []
+    sizes = ", ".join(f"{n / GiB:.2g}" for n in _sizes(s))
+    return [f"- disk {sizes} GiB, --max-downtime {fmt(s.get('max_downtime_s'), 'g')} s; medians "
+            "over the reps (min–max)"]
+
+
+def best_peer_rows(run: Run) -> list[tuple[str, str, Any]]:
+    return [("downtime prediction", "none (no peer predicts downtime)", "see its bars")]
+
+
+def plot(run: Run, png: str) -> None:
+    """Downtime against the guest's write rate: every run's measured (●) and predicted (◇)
+    downtime, the medians joined, the ±25 % band around the measured median; beside it the
+    passes until convergence per rate. With a size axis (more than one disk size), the same
+    against the disk size, the medians joined per rate."""
+    plt = pyplot()
+    s = next(iter(run.of_type("summary")), None)
+    runs = run.of_type("run")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [2, 1]})
+    groups = (s or {}).get("rates", [])
+    by_size = bool(s) and len(_sizes(s)) > 1
+
+    def x_of(r: dict[str, Any]) -> float:
+        return r["size"] / GiB if by_size else r["rate_mib_s"]
+
+    xs_all = sorted({x_of(x) for x in groups})
+    if xs_all:
+        conv = [r for r in runs if r.get("measured_downtime_s") is not None]
+        ax.scatter([x_of(r) for r in conv], [r["measured_downtime_s"] for r in conv],
+                   marker="o", color="#1f77b4", label="measured", zorder=3)
+        ax.scatter([x_of(r) for r in conv if r.get("predicted_downtime_s") is not None],
+                   [r["predicted_downtime_s"] for r in conv
+                    if r.get("predicted_downtime_s") is not None],
+                   marker="D", facecolors="none", edgecolors="#ff7f0e", label="predicted",
+                   zorder=3)
+        # the medians joined: over the rates, or per rate over the sizes
+        series = sorted({x["rate_mib_s"] for x in groups}) if by_size else [None]
+        for k, rate in enumerate(series):
+            gs = [x for x in groups if rate is None or x["rate_mib_s"] == rate]
+            med_m = [(x_of(x), statistics.median(x["measured_downtime_s"]))
+                     for x in gs if x["measured_downtime_s"]]
+            med_p = [(x_of(x), statistics.median(x["predicted_downtime_s"]))
+                     for x in gs if x["predicted_downtime_s"]]
+            if med_m:
+                xs, ys = zip(*med_m)
+                ax.plot(xs, ys, color="#1f77b4", alpha=0.6)
+                band = BAR_PREDICTION
+                ax.fill_between(xs, [y * (1 - band) for y in ys], [y * (1 + band) for y in ys],
+                                color="#1f77b4", alpha=0.12,
+                                label=f"measured median ±{band:.0%}" if k == 0 else None)
+            if med_p:
+                xs, ys = zip(*med_p)
+                ax.plot(xs, ys, color="#ff7f0e", alpha=0.6, linestyle="--")
+        if by_size:
+            budget = s.get("max_downtime_s")
+            if budget:
+                ax.axhline(budget, color="#d62728", linestyle=":",
+                           label=f"--max-downtime {budget:g} s")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        passes = [(x_of(r), r.get("precopy_passes")) for r in runs
+                  if r.get("precopy_passes") is not None]
+        seven = [x_of(r) for r in runs if r.get("result") == "not converging"]
+        if passes:
+            ax2.scatter(*zip(*passes), color="#2ca02c", label="converged")
+        if seven:
+            ax2.scatter(seven, [max([p for _, p in passes] or [1])] * len(seven), marker="x",
+                        color="#d62728", label="exit 7 (not converging)")
+        ax2.set_xscale("log", base=2)
+        ax2.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
+        ax2.set_ylim(bottom=0)
+        ax2.yaxis.get_major_locator().set_params(integer=True)
+        ax2.legend(fontsize=8)
+    xlabel = "disk size, GiB" if by_size else "guest write rate, MiB/s"
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("downtime, s")
+    ax.grid(alpha=0.3)
+    ax2.set_xlabel(xlabel)
+    ax2.set_ylabel("pre-copy passes until convergence")
+    ax2.grid(alpha=0.3)
+    sizes = ", ".join(f"{n / GiB:g}" for n in _sizes(s)) if s else "?"
+    rates = ", ".join(f"{x:g}" for x in sorted({x["rate_mib_s"] for x in groups}))
+    save(plt, fig, png, plot_title(run, f"{sizes} GiB disk, transfer migrate --type live"
+                                        + (f", guest {rates} MiB/s" if by_size else "")))

@@ -41,54 +41,53 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import errno
 import gc
 import inspect
 import json
 import os
-import shlex
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
 from transfer.cli import parse_size
 from transfer.demo import file_digest
-from transfer.integrity import BLOCK
 from transfer.demo.servers import Nbdkit
+from transfer.integrity import BLOCK
 
-from .cold_copy import (
+from ..harness.images import image_info, prepare_image
+from ..harness.machine import (
     ENGINE,
+    PYTHON,
     ROOT,
-    TIME,
     GiB,
     MiB,
-    _fmt,
-    _median,
-    _prepare_image,
-    _say,
-    _size_text,
     allocated_bytes,
-    cache_resident,
     engine_commit,
     engine_fingerprint,
-    machine_busy_seconds,
-    proc_cpu_seconds,
-    proc_peak_rss_mib,
+    engine_lacks,
+    fmt,
+    md_table,
+    median,
+    missing_programs,
     provenance,
-    spawn_and_reap,
+    resident_text,
+    say,
+    size_text,
+    sparse_copy,
     wait_quiet,
     warm_cache,
 )
+from ..harness.measure import cost_text, failed, load_json, measure
+from ..harness.plots import pyplot, title
+from ..harness.report import Run
+from ..harness.report import order as tool_order
+from ..harness.runner import Abort, Context, Outcome, parser, reproduce
 
-SCENARIO = "warm-delta"
+NAME = SCENARIO = "warm-delta"
 DEFAULT_SIZE = 4 * GiB
 QUICK_SIZE = 512 * MiB
 DIRTY_FRACTION = 0.01
@@ -106,6 +105,8 @@ PLAN_REQUEST_SIZE = 1 << 20
 BAR_DELTA_OVER_FULL = 0.05
 BAR_PLAN_S = 0.5
 BAR_AUDIT_SHARE = 0.02  # issue 11: the tracker audit under 2 % of a 1 %-dirty pass
+# What run() leaves in a --workdir given by the user (removed at the end without --keep).
+CLEANUP = ("source.img", "source.json", "warm-*", "plan-areas.json", "pycache")
 ONE_PERCENT = ("delta", "delta1-scattered", "delta1-clustered")  # the 1 %-dirty delta kinds
 # The interleaving order of a round (pass0 runs once, before the first).
 # empty: a pass with an empty changed-areas file (the fixed cost of any pass: start-up, connect,
@@ -130,35 +131,6 @@ REPORT_REQUIRED = ("pass", "checkpoint", "change_source", "delta_bytes", "second
 
 
 # ---------------------------------------------------------------- the private source
-
-def sparse_copy(src: str, dst: str) -> None:
-    """Copy src to dst keeping its holes (SEEK_DATA/SEEK_HOLE + copy_file_range), then fsync."""
-    fi = os.open(src, os.O_RDONLY)
-    fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        size = os.fstat(fi).st_size
-        os.ftruncate(fo, size)
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fi, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break
-                raise
-            hole = os.lseek(fi, data, os.SEEK_HOLE)
-            off = data
-            while off < hole:
-                n = os.copy_file_range(fi, fo, hole - off, off, off)
-                if n <= 0:
-                    raise OSError(f"copy_file_range returned {n} at {off}")
-                off += n
-            pos = hole
-        os.fsync(fo)
-    finally:
-        os.close(fi)
-        os.close(fo)
-
 
 def _cluster_lengths(budget: int, rng: np.random.Generator) -> list[int]:
     """Run lengths in blocks, each 2-8 MiB, adding up to budget blocks (the last one trimmed;
@@ -378,13 +350,12 @@ def plan_benchmark(path: str, size: int, reps: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- the passes
 
 class Warm:
-    def __init__(self, args: argparse.Namespace, workdir: str, prov: dict[str, Any],
-                 out: TextIO) -> None:
-        self.args = args
-        self.workdir = workdir
-        self.size = args.size
+    def __init__(self, ctx: Context, prov: dict[str, Any]) -> None:
+        self.ctx = ctx
+        self.args = ctx.a
+        self.workdir = workdir = ctx.workdir
+        self.size = ctx.a.size
         self.prov = prov
-        self.out = out
         self.source = os.path.join(workdir, "warm-source.img")
         self.sock = os.path.join(workdir, "warm-nbd.sock")
         self.target = os.path.join(workdir, "warm-target.img")         # pass 0, then the deltas
@@ -410,15 +381,14 @@ class Warm:
         t = time.perf_counter()
         imports = ("import transfer.cli, transfer.api, transfer.migration.warm, "
                    "transfer.tracking.areas, transfer.pipeline.plan, numpy")
-        subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", imports], cwd=ROOT,
+        subprocess.run([PYTHON, "-c", imports], cwd=ROOT,
                        env=self.env, check=True, capture_output=True)
         subprocess.run([str(ENGINE), "sync", "--help"], env=self.env, check=True,
                        capture_output=True)
         return time.perf_counter() - t
 
     def emit(self, record: dict[str, Any]) -> None:
-        self.out.write(json.dumps(record, sort_keys=True) + "\n")
-        self.out.flush()
+        self.ctx.emit(record)
 
     def argv(self, tool: str, uri: str, areas: str | None) -> list[str]:
         if tool == "nbdcopy":
@@ -457,57 +427,29 @@ class Warm:
         source's (always for the passes on the migration's target: pass0, the deltas, restore)."""
         warmup = rep is None
         label = ("warm-up" if warmup else f"rep {rep + 1}/{self.args.reps}")
-        stdout = os.path.join(self.workdir, "warm-child.out")
-        log = os.path.join(self.workdir, "warm-child.log")
+        files = os.path.join(self.workdir, "warm-child")
         self.prepare(tool)
         engine = tool != "nbdcopy"
         has_report = engine and tool != "startup"
-        rec: dict[str, Any] = {"type": "run", "scenario": SCENARIO, "tool": tool, "round": rnd,
-                               "rep": rep, "warmup": warmup}
         serving = (contextlib.nullcontext() if tool == "startup"
                    else Nbdkit(self.sock, "file", self.source, readonly=True))
         with serving as server:
-            argv = self.argv(tool, server.uri if server else "", areas)
-            idle_wait = wait_quiet()
-            with open("/proc/loadavg") as f:
-                rec["loadavg_before"] = f.read().split()[0]
-            server_cpu0 = proc_cpu_seconds(server.pid) if server else 0.0
-            busy0 = machine_busy_seconds()
-            t0 = time.perf_counter()
-            code, usage, timed_out, maxrss_kib = spawn_and_reap(
-                argv, stdout, log, os.path.join(self.workdir, "warm-maxrss.txt"), self.timeout,
-                env=self.env if engine else None)
-            wall = time.perf_counter() - t0
-            server_cpu = (proc_cpu_seconds(server.pid) if server else 0.0) - server_cpu0
-            busy = machine_busy_seconds() - busy0
-            server_rss = proc_peak_rss_mib(server.pid) if server else None  # a fresh nbdkit
-        rec.update({
-            "argv": argv, "exit": code, "timed_out": timed_out, "wall_s": round(wall, 6),
-            "client_user_s": round(usage.ru_utime, 6), "client_sys_s": round(usage.ru_stime, 6),
-            "client_cpu_s": round(usage.ru_utime + usage.ru_stime, 6),
-            "client_maxrss_mib": None if maxrss_kib is None else round(maxrss_kib / 1024, 1),
-            "server_cpu_s": round(server_cpu, 3), "machine_busy_cpu_s": round(busy, 3),
-            "other_cpu_s": round(busy - usage.ru_utime - usage.ru_stime - server_cpu, 3),
-            "idle_wait_s": round(idle_wait, 2), "server_maxrss_mib": server_rss,
-        })
-        problems: list[str] = []   # the run cannot be trusted: exit, data
-        notes: list[str] = []      # the report says something unexpected
-        if code != 0:
-            tail = b""
-            for path in (stdout, log):
-                with open(path, "rb") as f:
-                    tail += f.read()[-2000:]
-            rec["output_tail"] = tail.decode(errors="replace")
-            problems.append(f"exit {code}" + (" (timed out)" if timed_out else ""))
+            rec = measure(self.argv(tool, server.uri if server else "", areas), files,
+                          self.timeout, server_pid=server.pid if server else None,
+                          env=self.env if engine else None)
+        rec.update({"type": "run", "scenario": SCENARIO, "tool": tool, "round": rnd, "rep": rep,
+                    "warmup": warmup})
+        code, wall = rec["exit"], rec["wall_s"]
+        problems = failed(rec, files)  # the run cannot be trusted: exit, data
+        notes: list[str] = []          # the report says something unexpected
         if engine:
             rec["engine_fingerprint"] = engine_fingerprint()
         report: dict[str, Any] = {}
         if has_report and code == 0:
-            try:
-                with open(self.report) as f:
-                    report = json.load(f)
-            except (OSError, ValueError) as e:
-                problems.append(f"no report ({e})")
+            report = load_json(self.report)
+            if not isinstance(report, dict):
+                report = {}
+                problems.append(f"no report in {self.report}")
             # every scalar field of the report (lists and objects left out)
             rec["engine_report"] = {k: v for k, v in report.items()
                                     if v is None or isinstance(v, (bool, int, float, str))}
@@ -555,12 +497,10 @@ class Warm:
                       f"{_mib(report.get('delta_bytes'))}, read {_mib(report.get('bytes_read'))}, "
                       f"copied {_mib(report.get('bytes_copied'))}, zeroed "
                       f"{_mib(report.get('bytes_zeroed'))} MiB")
-        _say(f"  {tool:8} {label:9} {wall:7.2f} s  cpu {rec['client_cpu_s']:5.2f} + server "
-             f"{server_cpu:5.2f} + other {rec['other_cpu_s']:5.2f} s  rss "
-             f"{_fmt(rec['client_maxrss_mib'], '6.1f')} MiB{extra}"
+        say(f"  {tool:8} {label:9} {wall:7.2f} s  {cost_text(rec)}{extra}"
              + ("" if not problems else "  INVALID: " + "; ".join(problems)))
         for n in notes:
-            _say(f"           note: {n}")
+            say(f"           note: {n}")
         return rec
 
     def report_notes(self, tool: str, report: dict[str, Any], dirty: dict[str, Any] | None,
@@ -642,22 +582,22 @@ def summarize(w: Warm, plan: dict[str, Any] | None) -> dict[str, Any]:
         rep = [r.get("engine_report", {}) for r in good]
         tools[tool] = {
             "runs": len(runs), "timed": len(timed), "valid": sum(r["valid"] for r in runs),
-            "wall_s_median": _median(walls), "wall_s_min": min(walls, default=None),
+            "wall_s_median": median(walls), "wall_s_min": min(walls, default=None),
             "wall_s_max": max(walls, default=None),
-            "own_seconds_median": _median([x["seconds"] for x in rep
+            "own_seconds_median": median([x["seconds"] for x in rep
                                            if isinstance(x.get("seconds"), (int, float))]),
-            "client_cpu_s_median": _median([r["client_cpu_s"] for r in good]),
-            "server_cpu_s_median": _median([r["server_cpu_s"] for r in good]),
+            "client_cpu_s_median": median([r["client_cpu_s"] for r in good]),
+            "server_cpu_s_median": median([r["server_cpu_s"] for r in good]),
             "peak_rss_mib": max((r["client_maxrss_mib"] for r in runs
                                  if r["client_maxrss_mib"] is not None), default=None),
             "server_peak_rss_mib": max((r["server_maxrss_mib"] for r in runs
                                         if r.get("server_maxrss_mib") is not None), default=None),
-            "bytes_read_median": _median([x["bytes_read"] for x in rep
+            "bytes_read_median": median([x["bytes_read"] for x in rep
                                           if isinstance(x.get("bytes_read"), int)]),
-            "delta_bytes_median": _median([x["delta_bytes"] for x in rep
+            "delta_bytes_median": median([x["delta_bytes"] for x in rep
                                            if isinstance(x.get("delta_bytes"), int)]),
-            "audit_s_median": _median([r["audit"]["seconds"] for r in good if r.get("audit")]),
-            "audit_share_median": _median([r["audit_share"] for r in good
+            "audit_s_median": median([r["audit"]["seconds"] for r in good if r.get("audit")]),
+            "audit_share_median": median([r["audit_share"] for r in good
                                            if r.get("audit_share") is not None]),
             "audit_share_max": max((r["audit_share"] for r in good
                                     if r.get("audit_share") is not None), default=None),
@@ -681,7 +621,7 @@ def table(s: dict[str, Any]) -> str:
     head = ("| tool | median s (min–max) | ÷ full pass (min–max) | ÷ nbdcopy | own s "
             "| audit ms (÷ wall) | bytes read MiB | CPU-s client | CPU-s server "
             "| peak RSS MiB client / server | check |")
-    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    lines = []
 
     def over_full(tool: str) -> str:
         r = s.get(f"{tool}_over_full") or {}
@@ -700,14 +640,14 @@ def table(s: dict[str, Any]) -> str:
         rf = {"full": "1.000", "nbdcopy": "–", "pass0": "–"}.get(tool) or over_full(tool)
         rn = {"nbdcopy": 1.0, "pass0": None}.get(
             tool, (s.get(f"{tool}_over_nbdcopy") or {}).get("median"))
-        lines.append(f"| {NAMES.get(tool, tool)} | {med} | {rf} | {_fmt(rn, '.3f')} | "
-                     f"{_fmt(t['own_seconds_median'], '.3f')} | {_audit_cell(t)} | "
-                     f"{_fmt(t['bytes_read_median'] and t['bytes_read_median'] / MiB, '.1f')} | "
-                     f"{_fmt(t['client_cpu_s_median'], '.2f')} | "
-                     f"{_fmt(t['server_cpu_s_median'], '.2f')} | "
-                     f"{_fmt(t['peak_rss_mib'], '.0f')} / "
-                     f"{_fmt(t.get('server_peak_rss_mib'), '.0f')} | {check} |")
-    return "\n".join(lines)
+        lines.append(f"| {NAMES.get(tool, tool)} | {med} | {rf} | {fmt(rn, '.3f')} | "
+                     f"{fmt(t['own_seconds_median'], '.3f')} | {_audit_cell(t)} | "
+                     f"{fmt(t['bytes_read_median'] and t['bytes_read_median'] / MiB, '.1f')} | "
+                     f"{fmt(t['client_cpu_s_median'], '.2f')} | "
+                     f"{fmt(t['server_cpu_s_median'], '.2f')} | "
+                     f"{fmt(t['peak_rss_mib'], '.0f')} / "
+                     f"{fmt(t.get('server_peak_rss_mib'), '.0f')} | {check} |")
+    return md_table(head, lines)
 
 
 def bars(s: dict[str, Any] | None, plan: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -736,12 +676,12 @@ def bars(s: dict[str, Any] | None, plan: dict[str, Any] | None) -> list[dict[str
 # ---------------------------------------------------------------- the scenario
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog=f"python -m bench {SCENARIO}",
-        description="Time transfer sync delta passes over 1 %% (mixed, scattered, clustered) "
-                    "and 10 %% (scattered, clustered) of a synthetic disk's blocks "
-                    "against a full pass and nbdcopy, and time planning a 100,000-area "
-                    "changed-areas file.")
+    p = parser(SCENARIO, "Time transfer sync delta passes over 1 %% (mixed, scattered, "
+                         "clustered) and 10 %% (scattered, clustered) of a synthetic disk's "
+                         "blocks against a full pass and nbdcopy, and time planning a "
+                         "100,000-area changed-areas file.",
+               "512 MiB image, 1 rep, two of the kinds",
+               "the images, targets, states and sockets (the pristine image is never written)")
     p.add_argument("--size", type=parse_size, help="image size (default 4G; 512M with --quick)")
     p.add_argument("--seed", type=int, default=1, help="image seed (default 1)")
     p.add_argument("--dirty-seed", type=int, default=1,
@@ -762,15 +702,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--plan-only", action="store_true",
                    help="only the planning measurement (no image, no nbdkit, no sync)")
     p.add_argument("--no-plan", action="store_true", help="skip the planning measurement")
-    p.add_argument("--workdir", help="directory for the images, targets, states and sockets "
-                                     "(default: a fresh directory under /var/tmp); a pristine "
-                                     "image made there by either scenario with --keep and the "
-                                     "same size and seed is reused (and never written)")
-    p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--out", help=f"JSON lines output (default bench/out/{SCENARIO}-<time>.jsonl)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 512 MiB image, 1 rep, two of the kinds")
-    p.add_argument("--require-bars", action="store_true",
-                   help="exit 3 when a valid run misses one of the issue's bars")
     a = p.parse_args(argv)
     a.size = a.size if a.size is not None else (QUICK_SIZE if a.quick else DEFAULT_SIZE)
     a.reps = a.reps if a.reps is not None else (1 if a.quick else 5)
@@ -791,48 +722,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def reproduce_command(a: argparse.Namespace) -> str:
-    parts = ["cd", shlex.quote(str(ROOT)), "&&", ".venv/bin/python", "-m", "bench", SCENARIO,
-             "--size", _size_text(a.size), "--seed", str(a.seed), "--reps", str(a.reps),
+    parts = ["--size", size_text(a.size), "--seed", str(a.seed), "--reps", str(a.reps),
              "--dirty", f"{a.dirty:g}", "--dirty-seed", str(a.dirty_seed),
-             "--plan-areas", str(a.plan_areas), "--plan-size", _size_text(a.plan_size),
+             "--plan-areas", str(a.plan_areas), "--plan-size", size_text(a.plan_size),
              "--plan-reps", str(a.plan_reps)]
     if a.kinds != list(KINDS):
         parts += ["--kinds", ",".join(a.kinds) or "none"]
     parts += ["--plan-only"] if a.plan_only else []
     parts += ["--no-plan"] if a.no_plan else []
-    return " ".join(parts)
+    return reproduce(SCENARIO, *parts)
 
 
-def _preflight(a: argparse.Namespace) -> list[str]:
+def preflight(a: argparse.Namespace) -> list[str]:
     if a.plan_only:
         return []
-    missing = [n for n in ("nbdkit", "nbdcopy", "cmp") if not shutil.which(n)]
-    if not os.access(TIME, os.X_OK):
-        missing.append(f"{TIME} (GNU time: apt-get install time)")
-    if not ENGINE.exists():
-        missing.append(f"{ENGINE} (run tools/setup)")
-    else:
-        try:
-            out = subprocess.run([str(ENGINE), "sync", "--help"], capture_output=True, text=True,
-                                 timeout=60, check=False)
-            if out.returncode != 0:
-                missing.append(f"`transfer sync` (`{ENGINE} sync --help` exits {out.returncode}: "
-                               f"{(out.stderr or out.stdout).strip().splitlines()[-1:]})")
-            else:
-                for opt in ("--state", "--changed-areas", "--checkpoint", "--report"):
-                    if opt not in out.stdout:
-                        missing.append(f"`transfer sync {opt}`")
-        except (OSError, subprocess.TimeoutExpired) as e:
-            missing.append(f"`transfer sync` ({e})")
+    missing = missing_programs("nbdkit", "nbdcopy", "cmp")
+    if ENGINE.exists():
+        missing += engine_lacks("sync", "--state", "--changed-areas", "--checkpoint", "--report")
     return missing
 
 
 def _print_plan(plan: dict[str, Any]) -> None:
     if not plan.get("available"):
-        _say(f"  planning: unavailable: {plan.get('problem')}")
+        say(f"  planning: unavailable: {plan.get('problem')}")
         return
-    _say(f"  planning {plan['areas']:,} areas ({plan['file_bytes'] / MiB:.1f} MiB of JSON, "
-         f"{_size_text(plan['size'])} disk) -> {plan['ranges']:,} merged ranges, "
+    say(f"  planning {plan['areas']:,} areas ({plan['file_bytes'] / MiB:.1f} MiB of JSON, "
+         f"{size_text(plan['size'])} disk) -> {plan['ranges']:,} merged ranges, "
          f"{plan['ranges_bytes'] / GiB:.2f} GiB, {plan['requests']:,} requests "
          f"({plan['fetch_calls']:,} fetch calls): load + plan best {plan['total_s_best']:.3f} s, "
          f"median {plan['total_s_median']:.3f} s (load {plan['load_s_median']:.3f} + plan "
@@ -841,220 +756,138 @@ def _print_plan(plan: dict[str, Any]) -> None:
          + ("" if not plan["problems"] else "  PROBLEM: " + "; ".join(plan["problems"])))
 
 
-def main(argv: list[str]) -> int:
-    a = parse_args(argv)
-    missing = _preflight(a)
-    if missing:
-        print(f"{SCENARIO}: missing " + ", ".join(missing), file=sys.stderr)
-        return 2
-    started = time.time()
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_path = a.out or str(ROOT / "bench" / "out" / f"{SCENARIO}-{stamp}.jsonl")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+def measure_plan(ctx: Context) -> dict[str, Any] | None:
+    """Planning a changed-areas file of --plan-areas areas, in process (None with --no-plan)."""
+    a = ctx.a
+    if a.no_plan:
+        return None
+    path = os.path.join(ctx.workdir, "plan-areas.json")
+    t = time.perf_counter()
+    made = make_plan_areas(path, a.plan_size, a.plan_areas, a.dirty_seed)
+    say(f"planning: {made['areas']:,} areas on a {size_text(a.plan_size)} disk "
+        f"written in {time.perf_counter() - t:.1f} s; {a.plan_reps} reps in process")
+    plan = {**made, **plan_benchmark(path, a.plan_size, a.plan_reps)}
+    os.unlink(path)
+    _print_plan(plan)
+    return plan
 
-    made_dir = a.workdir is None or not os.path.exists(a.workdir)
-    if a.workdir is None:
-        workdir = tempfile.mkdtemp(prefix=f"bench-{SCENARIO}-", dir="/var/tmp")
-    else:
-        workdir = os.path.abspath(a.workdir)
-        os.makedirs(workdir, exist_ok=True)
 
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+def private_source(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The bench image copied to warm-source.img (holes kept), hot in the page cache; the
+    image's metadata and the provenance."""
+    a = ctx.a
+    image, meta = prepare_image(ctx.workdir, a)
+    w_src = os.path.join(ctx.workdir, "warm-source.img")
+    t = time.perf_counter()
+    sparse_copy(image, w_src)
+    alloc = allocated_bytes(w_src)
+    if alloc != meta["alloc_bytes"]:
+        say(f"  note: the private copy has {alloc} bytes allocated, the image "
+            f"{meta['alloc_bytes']}")
+    warm_cache(w_src)
+    say(f"private copy {w_src} in {time.perf_counter() - t:.1f} s (holes kept), hot in "
+        f"the page cache (fincore: {resident_text(w_src)} resident); "
+        f"allocated {alloc / MiB:.0f} MiB of {a.size / MiB:.0f} MiB")
+    prov = provenance(ctx.workdir, image_info(meta), dirty={
+        "fraction": a.dirty, "seed": a.dirty_seed, "cluster_share": CLUSTER_SHARE,
+        "clusters": CLUSTERS, "cluster_bytes": [CLUSTER_MIN, CLUSTER_MAX],
+        "kinds": {k: {"fraction": KINDS[k][0], "layout": KINDS[k][1]} for k in a.kinds}})
+    say(f"engine {prov['engine_commit']} (fingerprint {prov['engine_fingerprint']}), "
+        f"{prov['nbdcopy']}, {prov['nbdkit']}, kernel {prov['kernel']}, "
+        f"{prov['cpu_model']} x {prov['nproc']}")
+    return meta, prov
 
-    old_term = signal.signal(signal.SIGTERM, on_term)
-    code = 0
-    try:
-        with open(out_path, "w") as out:
-            plan: dict[str, Any] | None = None
-            plan_prov = {"engine_commit": None, "engine_fingerprint": engine_fingerprint()}
-            if not a.no_plan:
-                path = os.path.join(workdir, "plan-areas.json")
-                t = time.perf_counter()
-                made = make_plan_areas(path, a.plan_size, a.plan_areas, a.dirty_seed)
-                _say(f"planning: {made['areas']:,} areas on a {_size_text(a.plan_size)} disk "
-                     f"written in {time.perf_counter() - t:.1f} s; {a.plan_reps} reps in process")
-                plan = {**made, **plan_benchmark(path, a.plan_size, a.plan_reps)}
-                os.unlink(path)
-                _print_plan(plan)
-            if a.plan_only:
-                plan_prov["engine_commit"] = engine_commit()
-                verdict_bars = bars(None, plan)
-                if plan is not None:
-                    out.write(json.dumps({"type": "plan", "scenario": SCENARIO, **plan,
-                                          "provenance": plan_prov}, sort_keys=True) + "\n")
-                out.write(json.dumps({"type": "verdict", "scenario": SCENARIO, "valid": True,
-                                      "bars": verdict_bars,
-                                      "command": reproduce_command(a)}, sort_keys=True) + "\n")
-                for b in verdict_bars:
-                    _say(f"  {'met   ' if b['met'] else 'MISSED'} {b['bar']}: "
-                         f"{_fmt(b['value'], b.get('format', '.2f'))}")
-                _say(f"JSON lines: {out_path}")
-                return 3 if a.require_bars and not all(b["met"] for b in verdict_bars) else 0
 
-            image, meta = _prepare_image(workdir, a)
-            w_src = os.path.join(workdir, "warm-source.img")
-            t = time.perf_counter()
-            sparse_copy(image, w_src)
-            alloc = allocated_bytes(w_src)
-            if alloc != meta["alloc_bytes"]:
-                _say(f"  note: the private copy has {alloc} bytes allocated, the image "
-                     f"{meta['alloc_bytes']}")
-            warm_cache(w_src)
-            resident = cache_resident(w_src)
-            _say(f"private copy {w_src} in {time.perf_counter() - t:.1f} s (holes kept), hot in "
-                 f"the page cache (fincore: "
-                 f"{'?' if resident is None else f'{resident / MiB:.0f} MiB'} resident); "
-                 f"allocated {alloc / MiB:.0f} MiB of {a.size / MiB:.0f} MiB")
-            image_info = {"size": a.size, "seed": a.seed, "allocated_fraction": meta.get(
-                "allocated_fraction"), "alloc_bytes": meta["alloc_bytes"],
-                "layout": meta["layout"], "digest": meta["digest"]}
-            prov = provenance(image_info, workdir)
-            prov["dirty"] = {"fraction": a.dirty, "seed": a.dirty_seed, "cluster_share":
-                             CLUSTER_SHARE, "clusters": CLUSTERS,
-                             "cluster_bytes": [CLUSTER_MIN, CLUSTER_MAX],
-                             "kinds": {k: {"fraction": KINDS[k][0], "layout": KINDS[k][1]}
-                                       for k in a.kinds}}
-            _say(f"engine {prov['engine_commit']} (fingerprint {prov['engine_fingerprint']}), "
-                 f"{prov['nbdcopy']}, {prov['nbdkit']}, kernel {prov['kernel']}, "
-                 f"{prov['cpu_model']} x {prov['nproc']}")
-            w = Warm(a, workdir, prov, out)
-            for p in (w.target, w.full_target):
-                if os.path.exists(p):
-                    os.unlink(p)
-            for d in (w.state, w.full_state):
-                shutil.rmtree(d, ignore_errors=True)
-            if plan is not None:
-                w.emit({"type": "plan", "scenario": SCENARIO, **plan, "provenance": prov})
-            rng = np.random.default_rng([a.dirty_seed, a.seed])
-            # one generator per kind (by its place in KINDS): the same blocks whichever are run
-            krngs = {k: np.random.default_rng([a.dirty_seed, a.seed, i + 1])
-                     for i, k in enumerate(KINDS)}
-            _say(f"engine bytecode compiled into {w.pycache} in {w.warm_bytecode():.1f} s "
-                 f"(PYTHONPYCACHEPREFIX for the engine's runs)")
-            rounds = f"{a.reps} timed round{'s' if a.reps > 1 else ''}"
-            _say(f"pass 0 (c0) to {w.target}, then a warm-up round and {rounds} of: dirty "
-                 f"{a.dirty:.1%} of the blocks, delta, empty (a pass with no areas), "
-                 + "".join(f"dirty + {k}, " for k in a.kinds)
-                 + ("restore (untimed), " if a.kinds else "")
-                 + "full pass (fresh state), nbdcopy, startup (sync --help)")
-            w.run("pass0", 0, None, src_digest=meta["digest"], check_file=True)
-            if not w.runs[-1]["valid"]:
-                raise _Abort("pass 0 failed; no delta can follow it")
-            for rnd in range(a.reps + 1):
-                rep = None if rnd == 0 else rnd - 1
-                areas = os.path.join(workdir, f"warm-areas-{rnd + 1}.json")
-                t = time.perf_counter()
-                dirty = dirty_round(w_src, areas, a.size, rng, a.dirty)
-                src_digest = file_digest(w_src)
-                dirty.update({"type": "dirty", "scenario": SCENARIO, "round": rnd,
-                              "kind": "delta", "source_digest": src_digest})
-                w.dirties.append(dirty)
-                w.emit({**{k: v for k, v in dirty.items() if k != "expected_runs"},
-                        "provenance": prov})
-                cl = ", ".join(f"{c['length'] / MiB:.1f}" for c in dirty["clusters"])
-                _say(f" round {rnd} ({'warm-up' if rep is None else f'rep {rep + 1}'}): dirtied "
-                     f"{dirty['blocks']} blocks ({dirty['bytes_expected'] / MiB:.1f} MiB: "
-                     f"{dirty['scattered_blocks']} scattered of which {dirty['partial_blocks']} "
-                     f"partly, {len(dirty['clusters'])} clusters of "
-                     f"{cl} MiB) listed as {dirty['areas']} areas, in "
-                     f"{time.perf_counter() - t:.1f} s with the digest")
-                w.run("delta", rnd, rep, areas=areas, dirty=dirty, src_digest=src_digest,
-                      check_file=True)
-                if rnd:
-                    os.unlink(os.path.join(workdir, f"warm-areas-{rnd}.json"))
-                # the last empty pass is checked here; the others by the next round's delta
-                w.run("empty", rnd, rep, src_digest=src_digest, check_file=rnd == a.reps)
-                if a.kinds:
-                    delta_kinds(w, a, rnd, rep, krngs, src_digest, last=rnd == a.reps)
-                w.run("full", rnd, rep, src_digest=src_digest, check_file=rep is None)
-                w.run("nbdcopy", rnd, rep, src_digest=src_digest, check_file=rep is None)
-                w.run("startup", rnd, rep, src_digest=src_digest, check_file=False)
-            summary = summarize(w, plan)
-            w.emit(summary)
-            fp_end = engine_fingerprint()
-            fps = sorted({r["engine_fingerprint"] for r in w.runs if "engine_fingerprint" in r}
-                         | {prov["engine_fingerprint"], fp_end})
-            verdict_bars = bars(summary, plan)
-            valid = all(r["valid"] for r in w.runs) and not (plan and plan.get("problems"))
-            notes = sorted({n for r in w.runs for n in r["notes"]})
-            duration = time.time() - started
-            w.emit({"type": "verdict", "scenario": SCENARIO, "valid": valid,
-                    "bars": verdict_bars, "notes": notes, "duration_s": round(duration, 1),
-                    "engine_changed_during_run": len(fps) > 1, "engine_fingerprints": fps,
-                    "command": reproduce_command(a), "provenance": prov})
-        _say()
-        _say(f"{SCENARIO}: {_size_text(a.size)} image (seed {a.seed}), {a.dirty:.1%} of its "
-             f"64 KiB blocks dirtied per round, {rounds} after a warm-up, nbdkit file plugin "
-             f"on a unix socket, page cache hot; engine {prov['engine_commit']}")
-        _say()
-        _say(table(summary))
-        _say()
-        _say("Wall: spawn to exit (interpreter start, planning, copy, flush, journal commit). "
-             "÷ full pass / ÷ nbdcopy: medians of per-round wall ratios (the row's wall over "
-             "the full pass's, or over nbdcopy's full copy); own s: the report's `seconds`. "
-             "empty: a pass of the same migration with an empty changed-areas file (the fixed "
-             "cost of a pass); startup: `transfer sync --help` (interpreter and imports).")
-        for t in (t for t in RATIOS if summary[f"{t}_over_full"]["pairs"]):
-            _say(f"  {t} ÷ full pass per round: "
-                 f"{', '.join(f'{x:.3f}' for x in summary[f'{t}_over_full']['pairs'])}; "
-                 f"÷ nbdcopy: "
-                 f"{', '.join(f'{x:.3f}' for x in summary[f'{t}_over_nbdcopy']['pairs'])}")
-        te, td = summary["tools"]["empty"], summary["tools"]["delta"]
-        if te["wall_s_median"] and td["wall_s_median"]:
-            _say(f"  the delta's wall beyond an empty pass's (medians): "
-                 f"{td['wall_s_median'] - te['wall_s_median']:.3f} s for "
-                 f"{(td['delta_bytes_median'] or 0) / MiB:.1f} MiB")
+def one_round(w: Warm, rnd: int, rng: np.random.Generator,
+              krngs: dict[str, np.random.Generator]) -> None:
+    """Dirty, delta, empty, the other kinds (and restore), full, nbdcopy, startup."""
+    a = w.args
+    rep = None if rnd == 0 else rnd - 1
+    areas = os.path.join(w.workdir, f"warm-areas-{rnd + 1}.json")
+    t = time.perf_counter()
+    dirty = dirty_round(w.source, areas, a.size, rng, a.dirty)
+    src_digest = file_digest(w.source)
+    dirty.update({"type": "dirty", "scenario": SCENARIO, "round": rnd,
+                  "kind": "delta", "source_digest": src_digest})
+    w.dirties.append(dirty)
+    w.emit({**{k: v for k, v in dirty.items() if k != "expected_runs"}, "provenance": w.prov})
+    cl = ", ".join(f"{c['length'] / MiB:.1f}" for c in dirty["clusters"])
+    say(f" round {rnd} ({'warm-up' if rep is None else f'rep {rep + 1}'}): dirtied "
+        f"{dirty['blocks']} blocks ({dirty['bytes_expected'] / MiB:.1f} MiB: "
+        f"{dirty['scattered_blocks']} scattered of which {dirty['partial_blocks']} "
+        f"partly, {len(dirty['clusters'])} clusters of "
+        f"{cl} MiB) listed as {dirty['areas']} areas, in "
+        f"{time.perf_counter() - t:.1f} s with the digest")
+    w.run("delta", rnd, rep, areas=areas, dirty=dirty, src_digest=src_digest, check_file=True)
+    if rnd:
+        os.unlink(os.path.join(w.workdir, f"warm-areas-{rnd}.json"))
+    # the last empty pass is checked here; the others by the next round's delta
+    w.run("empty", rnd, rep, src_digest=src_digest, check_file=rnd == a.reps)
+    if a.kinds:
+        delta_kinds(w, a, rnd, rep, krngs, src_digest, last=rnd == a.reps)
+    w.run("full", rnd, rep, src_digest=src_digest, check_file=rep is None)
+    w.run("nbdcopy", rnd, rep, src_digest=src_digest, check_file=rep is None)
+    w.run("startup", rnd, rep, src_digest=src_digest, check_file=False)
+
+
+def run(ctx: Context) -> Outcome:
+    a = ctx.a
+    plan = measure_plan(ctx)
+    if a.plan_only:
+        prov = {"engine_commit": engine_commit(), "engine_fingerprint": engine_fingerprint()}
         if plan is not None:
-            _print_plan(plan)
-        _say()
-        for b in verdict_bars:
-            _say(f"  {'met   ' if b['met'] else 'MISSED'} {b['bar']}: "
-                 f"{_fmt(b['value'], b.get('format', '.2f'))}")
-        for n in notes:
-            _say(f"  note (sync report): {n}")
-        if len(fps) > 1:
-            _say(f"WARNING: the engine's files changed during the run ({len(fps)} versions: "
-                 f"{', '.join(fps)}); each engine run's JSON line has its engine_fingerprint")
-        if not valid:
-            _say("INVALID: a run failed or a correctness check failed (see 'problems' in the "
-                 "JSON lines)")
-            code = 1
-        elif a.require_bars and not all(b["met"] for b in verdict_bars):
-            code = 3
-        _say(f"duration {duration / 60:.1f} min; JSON lines: {out_path}")
-        _say(f"reproduce: {reproduce_command(a)}")
-        return code
-    except _Abort as e:
-        _say(f"{SCENARIO}: INVALID: {e} (JSON lines: {out_path})")
-        return 1
-    except KeyboardInterrupt:
-        print(f"{SCENARIO}: interrupted; cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        if a.keep:
-            print(f"work directory kept: {workdir}", file=sys.stderr)
-        elif made_dir:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            for name in ("source.img", "source.json", "warm-source.img", "warm-source-round.img", "warm-target.img",
-                         "warm-full-target.img", "warm-nbd.sock", "warm-report.json",
-                         "warm-child.out", "warm-child.log", "warm-maxrss.txt",
-                         "plan-areas.json", "warm-areas-empty.json"):
-                try:
-                    os.unlink(os.path.join(workdir, name))
-                except OSError:
-                    pass
-            for name in os.listdir(workdir):
-                if name.startswith("warm-areas-"):
-                    os.unlink(os.path.join(workdir, name))
-            for d in ("warm-state", "warm-full-state", "pycache"):
-                shutil.rmtree(os.path.join(workdir, d), ignore_errors=True)
-
-
-class _Abort(Exception):
-    pass
+            ctx.emit({"type": "plan", "scenario": SCENARIO, **plan, "provenance": prov})
+        return Outcome(True, bars(None, plan), prov)
+    meta, prov = private_source(ctx)
+    w = Warm(ctx, prov)
+    for p in (w.target, w.full_target):
+        if os.path.exists(p):
+            os.unlink(p)
+    for d in (w.state, w.full_state):
+        shutil.rmtree(d, ignore_errors=True)
+    if plan is not None:
+        w.emit({"type": "plan", "scenario": SCENARIO, **plan, "provenance": prov})
+    rng = np.random.default_rng([a.dirty_seed, a.seed])
+    # one generator per kind (by its place in KINDS): the same blocks whichever are run
+    krngs = {k: np.random.default_rng([a.dirty_seed, a.seed, i + 1]) for i, k in enumerate(KINDS)}
+    say(f"engine bytecode compiled into {w.pycache} in {w.warm_bytecode():.1f} s "
+        f"(PYTHONPYCACHEPREFIX for the engine's runs)")
+    rounds = f"{a.reps} timed round{'s' if a.reps > 1 else ''}"
+    say(f"pass 0 (c0) to {w.target}, then a warm-up round and {rounds} of: dirty "
+        f"{a.dirty:.1%} of the blocks, delta, empty (a pass with no areas), "
+        + "".join(f"dirty + {k}, " for k in a.kinds)
+        + ("restore (untimed), " if a.kinds else "")
+        + "full pass (fresh state), nbdcopy, startup (sync --help)")
+    w.run("pass0", 0, None, src_digest=meta["digest"], check_file=True)
+    if not w.runs[-1]["valid"]:
+        raise Abort("pass 0 failed; no delta can follow it")
+    for rnd in range(a.reps + 1):
+        one_round(w, rnd, rng, krngs)
+    summary = summarize(w, plan)
+    w.emit(summary)
+    notes = sorted({n for r in w.runs for n in r["notes"]})
+    text = [f"{SCENARIO}: {size_text(a.size)} image (seed {a.seed}), {a.dirty:.1%} of its "
+            f"64 KiB blocks dirtied per round, {rounds} after a warm-up, nbdkit file plugin "
+            f"on a unix socket, page cache hot; engine {prov['engine_commit']}", "",
+            table(summary), "",
+            "Wall: spawn to exit (interpreter start, planning, copy, flush, journal commit). "
+            "÷ full pass / ÷ nbdcopy: medians of per-round wall ratios (the row's wall over "
+            "the full pass's, or over nbdcopy's full copy); own s: the report's `seconds`. "
+            "empty: a pass of the same migration with an empty changed-areas file (the fixed "
+            "cost of a pass); startup: `transfer sync --help` (interpreter and imports)."]
+    for t in (t for t in RATIOS if summary[f"{t}_over_full"]["pairs"]):
+        text.append(f"  {t} ÷ full pass per round: "
+                    f"{', '.join(f'{x:.3f}' for x in summary[f'{t}_over_full']['pairs'])}; "
+                    f"÷ nbdcopy: "
+                    f"{', '.join(f'{x:.3f}' for x in summary[f'{t}_over_nbdcopy']['pairs'])}")
+    te, td = summary["tools"]["empty"], summary["tools"]["delta"]
+    if te["wall_s_median"] and td["wall_s_median"]:
+        text.append(f"  the delta's wall beyond an empty pass's (medians): "
+                    f"{td['wall_s_median'] - te['wall_s_median']:.3f} s for "
+                    f"{(td['delta_bytes_median'] or 0) / MiB:.1f} MiB")
+    text += [f"  note (sync report): {n}" for n in notes]
+    valid = all(r["valid"] for r in w.runs) and not (plan and plan.get("problems"))
+    return Outcome(valid, bars(summary, plan), prov, w.runs, text, {"notes": notes})
 
 
 def delta_kinds(w: Warm, a: argparse.Namespace, rnd: int, rep: int | None,
@@ -1082,7 +915,7 @@ def delta_kinds(w: Warm, a: argparse.Namespace, rnd: int, rep: int | None,
                 "provenance": w.prov})
         for start, end in dirty["expected_runs"]:
             changed[start // BLOCK:end // BLOCK] = True
-        _say(f" {kind}: dirtied {dirty['blocks']} blocks ({dirty['bytes_expected'] / MiB:.1f} "
+        say(f" {kind}: dirtied {dirty['blocks']} blocks ({dirty['bytes_expected'] / MiB:.1f} "
              f"MiB: {dirty['scattered_blocks']} scattered, {len(dirty['clusters'])} clusters) "
              f"listed as {dirty['areas']} areas in {dirty['runs']} runs, in "
              f"{time.perf_counter() - t:.1f} s with the digest")
@@ -1098,7 +931,7 @@ def delta_kinds(w: Warm, a: argparse.Namespace, rnd: int, rep: int | None,
     breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
     runs = [(int(r[0]) * BLOCK, (int(r[-1]) + 1 - int(r[0])) * BLOCK)
             for r in np.split(blocks, breaks) if len(r)]
-    _say(f" restore: source put back ({len(blocks)} blocks in {len(runs)} runs) in "
+    say(f" restore: source put back ({len(blocks)} blocks in {len(runs)} runs) in "
          f"{time.perf_counter() - t:.1f} s; "
          + ("the last round: no pass follows on the target" if last
             else "an untimed pass brings the target back"))
@@ -1113,5 +946,71 @@ def delta_kinds(w: Warm, a: argparse.Namespace, rnd: int, rep: int | None,
     os.unlink(areas)
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+# ---------------------------------------------------------------- the report
+
+def report_table(run: Run) -> str:
+    s = run.of_type("summary")[-1]
+    return table(dict(s, tools=tool_order(s["tools"], TOOLS)))
+
+
+def report_notes(run: Run) -> list[str]:
+    out = []
+    plan = next((r for r in run.of_type("plan")), None)
+    if plan and plan.get("available", True) and plan.get("total_s_median") is not None:
+        out.append(f"- planning {plan.get('areas', 0):,} areas: load + plan median "
+                   f"{plan['total_s_median']:.3f} s (best {fmt(plan.get('total_s_best'), '.3f')}"
+                   f" s; load {fmt(plan.get('load_s_median'), '.3f')} + plan "
+                   f"{fmt(plan.get('plan_s_median'), '.3f')})")
+    return out + [f"- note (sync report): {n}" for n in (run.verdict or {}).get("notes") or []]
+
+
+def best_peer_rows(run: Run) -> list[tuple[str, str, float | None]]:
+    """The full and delta passes against nbdcopy copying the whole disk: nbdcopy takes no
+    changed-block list, so its alternative to a pass is a whole copy."""
+    s = (run.of_type("summary") or [{}])[-1]
+    full = (s.get("full_over_nbdcopy") or {}).get("median")
+    rows = [("full pass (`transfer sync`, the whole disk)", "nbdcopy (whole disk)",
+             full and 1 / full)]
+    for kind in DELTAS:
+        r = (s.get(f"{kind}_over_nbdcopy") or {}).get("median")
+        if r:
+            rows.append((f"{NAMES.get(kind, kind)} pass",
+                         "nbdcopy (whole disk: no changed-block list)", 1 / r))
+    return rows
+
+
+def plot(run: Run, png: str) -> None:
+    """Median wall per pass kind (min–max whiskers): the delta passes (the mixed 1 % one and the
+    1 % / 10 % scattered / clustered kinds) beside the full pass and nbdcopy's full copy; each
+    one's ratio to the full pass, and the bar in the title."""
+    plt = pyplot()
+    s = next(iter(run.of_type("summary")), None)
+    n_bars = len([t for t in TOOLS if s and s["tools"].get(t, {}).get("wall_s_median")
+                  is not None])
+    fig, ax = plt.subplots(figsize=(9, max(4.5, 1.2 + 0.42 * n_bars)))
+    if s is None:
+        ax.text(0.5, 0.5, "no summary (planning only?)", ha="center")
+    else:
+        tools = [t for t in TOOLS if s["tools"].get(t, {}).get("wall_s_median") is not None]
+        ys = [s["tools"][t]["wall_s_median"] for t in tools]
+        lo = [y - s["tools"][t]["wall_s_min"] for t, y in zip(tools, ys)]
+        hi = [s["tools"][t]["wall_s_max"] - y for t, y in zip(tools, ys)]
+        colors = ["#ff7f0e" if t in ("nbdcopy",) else "#1f77b4" for t in tools]
+        ax.barh(range(len(tools)), ys, xerr=[lo, hi], capsize=3, color=colors)
+        ax.set_yticks(range(len(tools)), [NAMES.get(t, t) for t in tools])
+        ax.invert_yaxis()
+        for k, (t, y, right) in enumerate(zip(tools, ys, hi)):
+            r = s.get(f"{t}_over_full", {}).get("median")
+            ax.annotate(f"{y:.3f} s" + (f"  ({r:.3f} × full)" if r is not None else ""),
+                        (y + right, k), textcoords="offset points", xytext=(6, -3), fontsize=8)
+        ax.set_xlabel("wall seconds, spawn to reaping (median; whiskers min–max)")
+        d = s.get("delta_over_full", {}).get("median")
+        ax.set_xlim(0, max(ys) * 1.35 if ys else 1)
+        ax.grid(axis="x", alpha=0.3)
+        frac = (run.provenance.get("dirty") or {}).get("fraction")
+        ax.set_title(title(run, f"{s['size'] / GiB:g} GiB, {fmt(frac and 100 * frac, 'g')} % "
+                                 f"dirty; delta ÷ full = {fmt(d, '.3f')} (bar ≤ "
+                                 f"{BAR_DELTA_OVER_FULL:g})"), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

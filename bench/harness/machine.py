@@ -1,0 +1,296 @@
+"""What every scenario asks of the machine and the tree: where the engine is, sizes and number
+formatting, the page cache, /proc (a process's CPU and peak RSS, the whole machine's busy time),
+the wait for an idle machine, the engine's fingerprint and commit, and the provenance line."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+ENGINE = ROOT / ".venv" / "bin" / "transfer"
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+TIME = "/usr/bin/time"  # GNU time, for each tool's own peak RSS (see measure.spawn_and_reap)
+GiB = 1 << 30
+MiB = 1 << 20
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def size_text(n: int) -> str:
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def stats(xs: list[float], digits: int = 9) -> dict[str, Any]:
+    """median, min and max of xs (None when empty) and how many."""
+    if not xs:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": round(statistics.median(xs), digits), "min": round(min(xs), digits),
+            "max": round(max(xs), digits), "n": len(xs)}
+
+
+def paired(a: list[float | None], b: list[float | None]) -> dict[str, Any]:
+    """a[i] / b[i] pair by pair (pairs with a None left out): the median and every pair."""
+    pairs = [x / y for x, y in zip(a, b) if x is not None and y]
+    return {"median": round(statistics.median(pairs), 4) if pairs else None,
+            "pairs": [round(p, 4) for p in pairs]}
+
+
+def md_table(head: str, rows: list[str]) -> str:
+    """A markdown table: its head row, the separator, the rows."""
+    return "\n".join([head, "|---" * (head.count("|") - 1) + "|", *rows])
+
+
+def cmd_output(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable: {e}"
+    return (out.stdout or out.stderr).strip()
+
+
+def missing_programs(*programs: str, engine: bool = True) -> list[str]:
+    """What a scenario needs and the machine lacks: programs on PATH, GNU time, the engine."""
+    missing = [n for n in programs if not shutil.which(n)]
+    if not os.access(TIME, os.X_OK):
+        missing.append(f"{TIME} (GNU time: apt-get install time)")
+    if engine and not ENGINE.exists():
+        missing.append(f"{ENGINE} (run tools/setup)")
+    return missing
+
+
+def engine_lacks(command: str, *options: str) -> list[str]:
+    """What `transfer COMMAND --help` does not offer of options (or why it does not run)."""
+    try:
+        out = subprocess.run([str(ENGINE), command, "--help"], capture_output=True, text=True,
+                             timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [f"`transfer {command}` ({e})"]
+    if out.returncode != 0:
+        return [f"`transfer {command}` (`{ENGINE} {command} --help` exits {out.returncode}: "
+                f"{(out.stderr or out.stdout).strip().splitlines()[-1:]})"]
+    return [f"`transfer {command} {opt}`" for opt in options if opt not in out.stdout]
+
+
+# ---------------------------------------------------------------- files and the page cache
+
+def allocated_bytes(path: str) -> int:
+    """Bytes of the file that are not holes, from SEEK_DATA/SEEK_HOLE."""
+    return sum(end - start for start, end in data_runs(path))
+
+
+def data_runs(path: str) -> list[tuple[int, int]]:
+    """The file's (start, end) runs of data, from SEEK_DATA/SEEK_HOLE."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        runs = []
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            runs.append((data, hole))
+            pos = hole
+        return runs
+    finally:
+        os.close(fd)
+
+
+def sparse_copy(src: str, dst: str) -> None:
+    """Copy src to dst keeping its holes (SEEK_DATA/SEEK_HOLE + copy_file_range), then fsync."""
+    fi = os.open(src, os.O_RDONLY)
+    fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fo, os.fstat(fi).st_size)
+        for data, hole in data_runs(src):
+            off = data
+            while off < hole:
+                n = os.copy_file_range(fi, fo, hole - off, off, off)
+                if n <= 0:
+                    raise OSError(f"copy_file_range returned {n} at {off}")
+                off += n
+        os.fsync(fo)
+    finally:
+        os.close(fi)
+        os.close(fo)
+
+
+def warm_cache(path: str) -> None:
+    """Read the whole file once so the page cache holds it (cat path > /dev/null)."""
+    buf = bytearray(4 * MiB)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
+def cache_resident(path: str) -> int | None:
+    """Bytes of path in the page cache (fincore), or None when fincore is missing."""
+    if not shutil.which("fincore"):
+        return None
+    out = cmd_output(["fincore", "--bytes", "--noheadings", "--output", "RES", path])
+    try:
+        return int(out.split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def resident_text(path: str) -> str:
+    resident = cache_resident(path)
+    return "?" if resident is None else f"{resident / MiB:.0f} MiB"
+
+
+def drop_caches() -> None:
+    """Write back dirty pages, then drop the clean page cache, dentries and inodes (root)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+# ---------------------------------------------------------------- /proc
+
+def proc_peak_rss_mib(pid: int) -> float | None:
+    """A live process's peak resident memory (VmHWM), from /proc."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """user + system CPU of a live process, all its threads (also exited ones), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs have spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+
+def wait_quiet(limit: float = 30.0, sample: float = 0.25, busy_max: float = 0.15) -> float:
+    """Wait (up to limit seconds) until the machine is idle: under busy_max of one CPU busy over
+    a sample. Other people's work on a shared machine is the main source of noise. Returns the
+    seconds waited beyond the first sample. BENCH_IDLE_WAIT_MAX (seconds) overrides limit: the
+    test suite's smoke runs set it to 0, since their timings are never looked at."""
+    limit = float(os.environ.get("BENCH_IDLE_WAIT_MAX", limit))
+    t0 = time.perf_counter()
+    while True:
+        b0 = machine_busy_seconds()
+        time.sleep(sample)
+        if (machine_busy_seconds() - b0) / sample <= busy_max:
+            break
+        if time.perf_counter() - t0 > limit:
+            break
+    return max(0.0, time.perf_counter() - t0 - sample)
+
+
+# ---------------------------------------------------------------- the engine and provenance
+
+def engine_fingerprint() -> str:
+    """sha256 over the engine's sources and built modules, to notice edits during a run."""
+    h = hashlib.sha256()
+    for base in ("transfer", "native"):
+        for p in sorted((ROOT / base).rglob("*")):
+            if "__pycache__" in p.parts or not p.is_file():
+                continue
+            h.update(str(p.relative_to(ROOT)).encode() + b"\0")
+            try:
+                h.update(p.read_bytes())
+            except OSError:
+                pass
+    return h.hexdigest()[:16]
+
+
+def engine_commit() -> str:
+    commit = cmd_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    # Dirty means the engine's own files differ from HEAD (bench/ itself is not counted).
+    # --no-optional-locks: never write the index while others work in the tree.
+    status = cmd_output(["git", "--no-optional-locks", "-C", str(ROOT), "status", "--porcelain",
+                         "--", "transfer", "native", "setup.py", "pyproject.toml"])
+    return commit + ("-dirty" if status else "")
+
+
+def provenance(workdir: str, image: dict[str, Any] | None = None, workload: str | None = None,
+               **extra: Any) -> dict[str, Any]:
+    """The engine's commit and fingerprint, the peers' versions, kernel, CPU, memory, Python and
+    the work directory's filesystem; with the image the scenario copies, or a workload described
+    instead (kernels, overhead); extra keys on top."""
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    prov = {
+        "engine_commit": engine_commit(),
+        "engine_fingerprint": engine_fingerprint(),
+        "nbdcopy": "; ".join(cmd_output(["nbdcopy", "--version"]).splitlines()),
+        "qemu_img": cmd_output(["qemu-img", "--version"]).splitlines()[0],
+        "nbdkit": cmd_output(["nbdkit", "--version"]),
+        "kernel": platform.release(),
+        "cpu_model": cpu,
+        "nproc": len(os.sched_getaffinity(0)),
+        "mem_total_bytes": mem,
+        "python": platform.python_version(),
+        "workdir_fs": cmd_output(["stat", "-f", "-c", "%T", workdir]),
+        "cache": "hot",
+    }
+    if workload is None:
+        prov["image"] = image
+    else:
+        prov["workload"] = workload
+    return prov | extra
+
+
+def fingerprints(start: str, runs: list[dict[str, Any]]) -> list[str]:
+    """Every engine fingerprint of the run (start, each run's, the end's): more than one means
+    the engine's files changed while it ran (the tree is shared)."""
+    seen = {r["engine_fingerprint"] for r in runs if "engine_fingerprint" in r}
+    return sorted(seen | {start, engine_fingerprint()})

@@ -1,0 +1,19 @@
+"""The scenarios, one module each (their protocol: bench/harness/runner.py), in the order
+`python -m bench` runs them."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+SCENARIOS = {
+    "cold-copy": "bench.scenarios.cold_copy",
+    "warm-delta": "bench.scenarios.warm_delta",
+    "live-converge": "bench.scenarios.live_converge",
+    "kernels": "bench.scenarios.kernels",
+    "overhead": "bench.scenarios.overhead",
+}
+
+
+def module(name: str) -> ModuleType:
+    return importlib.import_module(SCENARIOS[name])
