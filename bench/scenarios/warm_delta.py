@@ -288,7 +288,7 @@ def make_plan_areas(path: str, size: int, n: int, seed: int) -> dict[str, Any]:
 
 def plan_benchmark(path: str, size: int, reps: int) -> dict[str, Any]:
     """Time load_changed_areas + draining Plan(ranges=...) with an all-data fetch, in process."""
-    from transfer.pipeline.plan import Plan
+    from transfer.pipeline.scheduler import Scheduler as Plan
     from transfer.tracking.areas import load_changed_areas
 
     if "ranges" not in inspect.signature(Plan.__init__).parameters:

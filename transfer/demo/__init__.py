@@ -28,7 +28,7 @@ from ..errors import BadInput, VerifyFailed
 from ..integrity import BLOCK, digest_string
 from ..migration.migrate import migrate_async, request_cutover
 from ..reports import MigrateReport, PassInfo
-from ..pipeline.copy import Progress
+from ..observe.events import Progress
 from .servers import QemuStorageDaemon
 from .synth import make_image
 

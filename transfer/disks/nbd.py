@@ -68,10 +68,6 @@ class NbdDisk(Disk):
             raise
         self.spare: Any | None = h  # the handle opened first, until a worker connects
 
-    @property
-    def _spare(self) -> Any | None:  # re-export (issue 13): tracking.audit reads it
-        return self.spare
-
     def open_handle(self) -> Any:
         """A new handle, connected (within connect_timeout) and counted against
         max_connections."""
@@ -216,4 +212,4 @@ class NbdDisk(Disk):
         self._handles.clear()
 
 
-__all__ = ["NbdDisk", "NbdConn"]  # NbdConn: re-export (issue 13), for tracking.audit
+__all__ = ["NbdDisk"]

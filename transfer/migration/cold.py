@@ -17,8 +17,9 @@ from ..disks import Disk, open_disk
 from ..disks.lock import lock_target
 from ..errors import BadInput, TargetRefused, TransferError, VerifyFailed
 from ..integrity import BLOCK, Manifest
-from ..pipeline import copy as engine
-from ..pipeline.copy import Progress
+from ..pipeline import engine
+from ..pipeline.retry import RETRIES
+from ..observe.events import Progress
 from ..pipeline.shape import check_retries, shape
 from ..reports import Report
 from ..tls import Tls
@@ -83,7 +84,7 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
                      in_flight: int | None = None, request_size: int | None = None,
                      target_is_zero: bool = False, force: bool = False, verify: bool = False,
                      manifest: str | None = None, timeout: float | None = None,
-                     retries: int = engine.RETRIES,
+                     retries: int = RETRIES,
                      on_progress: Callable[[Progress], None] | None = None,
                      native: str | None = None, tls: Tls | None = None) -> Report:
     """Copy the whole disk at source onto target and return what was done.

@@ -13,8 +13,9 @@ from .. import _native
 from ..disks import Disk, open_disk
 from ..errors import BadInput, VerifyFailed
 from ..integrity import Manifest
-from ..pipeline import copy as engine
-from ..pipeline.copy import Progress
+from ..pipeline import engine
+from ..pipeline.retry import RETRIES
+from ..observe.events import Progress
 from ..pipeline.shape import check_retries
 from ..reports import ChecksumReport, VerifyReport
 from ..tls import Tls
@@ -25,7 +26,7 @@ _DIGEST = re.compile(r"^xxh3-128:64k:[0-9a-f]{32}$")
 
 async def checksum_async(disk: str, *, connections: int | None = None,
                          in_flight: int | None = None, request_size: int | None = None,
-                         manifest: str | None = None, retries: int = engine.RETRIES,
+                         manifest: str | None = None, retries: int = RETRIES,
                          on_progress: Callable[[Progress], None] | None = None,
                          native: str | None = None, tls: Tls | None = None) -> ChecksumReport:
     """The disk digest of disk (holes and zero extents hashed without reading).
@@ -61,7 +62,7 @@ def checksum(disk: str, **options: Any) -> ChecksumReport:
 
 
 async def verify_async(source: str | None, target: str, *, expect: str | None = None,
-                       retries: int = engine.RETRIES,
+                       retries: int = RETRIES,
                        on_progress: Callable[[Progress], None] | None = None,
                        native: str | None = None, tls: Tls | None = None) -> VerifyReport:
     """Compare target with source block by block (both read at once), or with a digest.

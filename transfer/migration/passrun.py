@@ -12,8 +12,9 @@ from typing import Any, Callable
 from .. import _native
 from ..disks import Disk
 from ..integrity import Manifest
-from ..pipeline import copy as engine
-from ..pipeline.copy import Progress
+from ..pipeline import engine
+from ..pipeline.retry import RETRIES
+from ..observe.events import Progress
 from ..pipeline.shape import shape
 from ..reports import SyncReport
 from ..state.journal import Journal

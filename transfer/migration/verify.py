@@ -16,8 +16,9 @@ from typing import Any, Callable
 from .. import _native
 from ..disks import Disk, open_disk
 from ..integrity import POISON, Manifest
-from ..pipeline import copy as engine
-from ..pipeline.copy import Progress
+from ..pipeline import engine
+from ..pipeline.retry import RETRIES
+from ..observe.events import Progress
 from ..pipeline.shape import shape
 from ..state.records import State, pending_ranges
 from ..tls import Tls
@@ -30,7 +31,7 @@ async def scan(disk: Disk, manifest: Manifest, kernels: _native.Kernels, *, size
                 connections: int | None, in_flight: int | None, request_size: int | None,
                 on_progress: Callable[[Progress], None] | None,
                 known_zero: Manifest | None = None,
-                retries: int = engine.RETRIES,
+                retries: int = RETRIES,
                 ranges: list[tuple[int, int]] | None = None) -> engine.Result:
     """Read and hash the first size bytes of disk into manifest (the copy engine, to null:);
     with ranges, only those (sorted, block-aligned) ranges."""

@@ -65,8 +65,9 @@ from ..disks import Disk, open_disk
 from ..disks.lock import TargetLock, lock_target
 from ..errors import BadInput, TargetRefused, VerifyFailed
 from ..integrity import BLOCK, Manifest
-from ..pipeline import copy as engine
-from ..pipeline.copy import Progress
+from ..pipeline import engine
+from ..pipeline.retry import RETRIES
+from ..observe.events import Progress
 from ..reports import SyncReport
 from ..state.journal import Journal, JournalError
 from ..state.records import HASH, VERSION, State, load_state
@@ -102,7 +103,7 @@ class SyncOptions:
     in_flight: int | None = None
     request_size: int | None = None
     timeout: float | None = None
-    retries: int = engine.RETRIES
+    retries: int = RETRIES
     on_progress: Callable[[Progress], None] | None = None
     native: str | None = None
     commit_bytes: int = COMMIT_BYTES

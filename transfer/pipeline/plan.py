@@ -205,12 +205,3 @@ def mark_same(digests: Any, old: bytes, flags: bytearray, blocks: int) -> int:
             flags[i] = SAME
             same += 1
     return same
-
-
-def __getattr__(name: str) -> Any:
-    # re-export (issue 13): Plan moved to pipeline.scheduler as Scheduler (bench/warm_delta.py
-    # imports it from here); imported on demand, as scheduler.py imports this module
-    if name == "Plan":
-        from .scheduler import Scheduler
-        return Scheduler
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

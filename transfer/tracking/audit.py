@@ -107,13 +107,11 @@ def _sample_conn(disk: Disk) -> tuple[Conn, bool]:
     take it later (NbdDisk.connect), and a server allowing one connection has no other.
     """
     if disk.kind == "nbd":
-        from ..disks.nbd import NbdConn
-
-        spare = getattr(disk, "_spare", None)
-        if spare is None:
+        conn = disk.spare_conn()  # type: ignore[attr-defined]
+        if conn is None:
             raise SourceError("no idle connection left to read the audit sample",
                               disk=disk.display)
-        return NbdConn(disk, spare), False  # type: ignore[arg-type]
+        return conn, False
     conn = disk.connect()
     if conn is None:
         raise SourceError("no connection to read the audit sample", disk=disk.display)
