@@ -114,14 +114,8 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
     try:
         target_lock = lock_target(target)  # an NBD target: one engine per host (P4)
         dst = await asyncio.to_thread(opening, target, "target")
-        if verify and dst.kind == "null":
-            raise BadInput("null: keeps nothing to verify", disk=dst.display, kind="target")
-        check_target(src, dst, force=force)
         conns, flight, req_size = shape(src, connections, in_flight, request_size)
-        if not force:
-            await asyncio.to_thread(check_space, src, dst)
-        if dst.size is None:
-            dst.create(src.size)
+        await _ready(src, dst, verify=verify, force=force)
         digests = Manifest.create(manifest, src.size) if manifest else Manifest(src.size)
         try:
             result = await engine.run(src, dst, digests, kernels, connections=conns,
@@ -146,6 +140,17 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
         if target_lock is not None:
             target_lock.close()
         src.close()
+
+
+async def _ready(src: Disk, dst: Disk, *, verify: bool, force: bool) -> None:
+    """Refuse a target the copy must not write (T1-T7), then create a missing file."""
+    if verify and dst.kind == "null":
+        raise BadInput("null: keeps nothing to verify", disk=dst.display, kind="target")
+    check_target(src, dst, force=force)
+    if not force:
+        await asyncio.to_thread(check_space, src, dst)
+    if dst.size is None:
+        dst.create(src.size)
 
 
 def _report(src: Disk, dst: Disk, result: engine.Result, digests: Manifest,

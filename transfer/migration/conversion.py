@@ -13,7 +13,6 @@ from .. import _native
 from ..disks import Disk, open_disk
 from ..errors import BadInput, VerifyFailed
 from ..integrity import Manifest
-from ..pipeline import engine
 from ..pipeline.retry import RETRIES
 from ..observe.events import Progress
 from ..pipeline.shape import check_retries

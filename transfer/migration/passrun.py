@@ -13,7 +13,6 @@ from .. import _native
 from ..disks import Disk
 from ..integrity import Manifest
 from ..pipeline import engine
-from ..pipeline.retry import RETRIES
 from ..observe.events import Progress
 from ..pipeline.shape import shape
 from ..reports import SyncReport

@@ -65,7 +65,6 @@ from ..disks import Disk, open_disk
 from ..disks.lock import TargetLock, lock_target
 from ..errors import BadInput, TargetRefused, VerifyFailed
 from ..integrity import BLOCK, Manifest
-from ..pipeline import engine
 from ..pipeline.retry import RETRIES
 from ..observe.events import Progress
 from ..reports import SyncReport
