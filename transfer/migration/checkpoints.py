@@ -18,6 +18,7 @@ import re
 import time
 from typing import Any, Callable
 
+from ..aio import to_the_end
 from ..errors import BadInput, SourceError
 from ..qmp import Qmp, QmpError
 
@@ -187,20 +188,6 @@ class Monitor:
 
     def close(self) -> None:
         self.q.close()
-
-
-async def to_the_end(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kw))
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.wait({task})  # a cancelled wait leaves the task running
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        task.exception()  # retrieved: the cancellation is what the caller hears of
-        raise asyncio.CancelledError
-    return task.result()
 
 
 async def connect_qmp(path: str) -> Qmp:

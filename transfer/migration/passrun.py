@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable
 
 from .. import _native
+from ..aio import to_the_end
 from ..disks import Disk
 from ..integrity import Manifest
 from ..pipeline import engine
@@ -31,9 +32,10 @@ async def run_pass(st: State, journal: Journal, src: Disk, dst: Disk, manifest: 
                 commit_seconds: float) -> None:
     """Journal the pass's plan, copy it with commits, and journal its end."""
     size = src.size
-    begin, todo, delta = _begin_record(st, journal, plan, checkpoint, size)
+    begin, todo, delta = await to_the_end(_begin_record, st, journal, plan, checkpoint,
+                                                 size)  # the ranges file, fsynced
     report.delta_bytes = delta
-    journal.append(begin)
+    await to_the_end(journal.append, begin)
     commits, upto = 0, plan.start
 
     def commit(frontier: int) -> None:
@@ -58,14 +60,15 @@ async def run_pass(st: State, journal: Journal, src: Disk, dst: Disk, manifest: 
                                   commit_bytes=commit_bytes, commit_seconds=commit_seconds)
     finally:
         report.commits = commits
-    manifest.sync()
+    await to_the_end(manifest.sync)
     s = result.stats
     report.bytes_copied, report.bytes_zeroed = s.bytes_copied, s.bytes_zeroed
     report.bytes_skipped, report.bytes_unchanged = s.bytes_skipped, s.bytes_unchanged
     report.bytes_read, report.retries, report.reconnects = s.bytes_read, s.retries, s.reconnects
     report.connections = result.connections
-    journal.append({"t": "end", "state": st.id, "pass": plan.number, "checkpoint": checkpoint,
-                    "digest": manifest.digest_string(), "bytes": delta, "final": final})
+    await to_the_end(journal.append, {
+        "t": "end", "state": st.id, "pass": plan.number, "checkpoint": checkpoint,
+        "digest": manifest.digest_string(), "bytes": delta, "final": final})
     report.commits = commits + 1
 
 

@@ -61,6 +61,7 @@ from functools import partial
 from typing import Any, Callable
 
 from .. import _native
+from ..aio import to_the_end
 from ..disks import Disk, open_disk
 from ..disks.lock import TargetLock, lock_target
 from ..errors import BadInput, TargetRefused, VerifyFailed
@@ -196,13 +197,13 @@ class _Run:
                 thing.close()
 
     async def go(self) -> SyncReport:
-        st = self._open_state()
+        st = await to_the_end(self._open_state)  # (files, fsyncs: off the loop)
         await self._open_disks()
-        size_changed, ident = self._bind(st)
+        size_changed, ident = await to_the_end(self._bind, st)
         plan, rewritten = await self._plan(st, size_changed)
         if ident is not None:  # a new address, or an id given: bind the new identity (after
             bind = {**st.bind, "source": ident}  # the audit: a refused pass writes nothing,
-            self.journal.append(bind)  # to the state either)
+            await to_the_end(self.journal.append, bind)  # to the state either)
             st.bind = bind
         report = self._report(plan, rewritten)
         if not plan.skip:
@@ -298,8 +299,9 @@ class _Run:
     async def _plan(self, st: State, size_changed: str | None) -> tuple[PassPlan, int]:
         """The pass to run and the bytes it writes again for a failed read-back."""
         o = self.o
-        plan = choose(st, self.src, checkpoint=o.checkpoint, dirty_bitmap=o.dirty_bitmap,
-                      changed_areas=o.changed_areas, size_changed=size_changed)
+        plan = await to_the_end(  # a changed-areas file, or a bitmap's block status
+            partial(choose, st, self.src, checkpoint=o.checkpoint, dirty_bitmap=o.dirty_bitmap,
+                    changed_areas=o.changed_areas, size_changed=size_changed))
         if not plan.skip:
             plan = check_suspects(st, plan)
         rewritten = 0
@@ -332,14 +334,15 @@ class _Run:
         pass: the next pass writes it again) or fails --final. The state as journalled."""
         if self.dst.kind == "nbd":  # a single-connection server would make a second one wait
             self.dst.close()
-        st = load_state(self.state, self.journal)  # with this pass's begin and end
+        st = await to_the_end(load_state, self.state, self.journal)  # (its end too)
         count, offsets = 0, []
         if st.pending:
             count, offsets, report.read_back = await verify_pending(
                 self.target, self.manifest, st, self.kernels, on_progress=self.o.on_progress,
                 tls=self.o.tls)
-            self.journal.append({"t": "verified", "state": st.id, "pass": st.last.number,
-                                 "bytes": report.read_back["bytes"], "mismatched": count})
+            await to_the_end(self.journal.append, {
+                "t": "verified", "state": st.id, "pass": st.last.number,
+                "bytes": report.read_back["bytes"], "mismatched": count})
         if count:
             found = (f"{count} blocks of {BLOCK} bytes read back from the target differ "
                      "from the manifest (the next pass writes them again)")
@@ -354,7 +357,8 @@ class _Run:
         if self.o.verify_source:
             await self._verify_source()
         report.verified = True
-        self.journal.append({"t": "complete", "state": st.id, "digest": report.digest})
+        await to_the_end(self.journal.append,
+                                {"t": "complete", "state": st.id, "digest": report.digest})
         report.complete = True
 
     async def _verify_source(self) -> None:
