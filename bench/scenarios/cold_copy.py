@@ -1,24 +1,10 @@
-"""cold-copy: the engine against nbdcopy and qemu-img convert, copying a whole disk from nbdkit.
+"""cold-copy: the engine against nbdcopy and qemu-img convert, copying a whole disk over NBD.
 
-A synthetic image (transfer.demo.synth, reproducible from a seed: random data, text-like data,
-zero-filled allocated blocks and holes, half of it allocated) is served read-only by nbdkit's
-file plugin on a unix socket, with the image hot in the page cache. Each tool copies it to
-`null:`, a regular file and a loop device, ending with the data durable (or, for checksum, reads
-and hashes it):
-
-  engine         transfer copy URI TARGET --progress=none --report R   (hashing always on; flushes)
-  engine-verify  the same with --verify: then reads the target back and compares (file, loop)
-  checksum       transfer checksum URI --json --progress=none            (null only: no target)
-  nbdcopy        nbdcopy --flush URI TARGET                              (its defaults)
-  qemu-img       qemu-img convert -n -f raw -O raw URI TARGET, then fsync(TARGET) inside the
-                 timed region (qemu-img convert never flushes); to null: a null-co target instead
-
-Every run is a child process timed from spawn to reaping (os.wait4 gives its CPU, GNU time its
-peak RSS) against a fresh nbdkit (its CPU read from /proc before it stops). One warm-up run per tool and
-target, checked for correctness (qemu-img compare, and the engine's digest against one computed
-here), then --reps runs interleaved engine, engine-verify, checksum, nbdcopy, qemu-img, engine, ...
-Results are JSON lines (one per run, one summary per target, one verdict) and a markdown table on
-stdout. See bench/README.md.
+Per case (an image, the server in front of it, the page cache's state) and target (null:, a file,
+a loop device), each tool of TOOLS copies the disk, ending with the data durable: a warm-up run
+checked for correctness, then --reps runs interleaved tool by tool, each a child process timed
+from spawn to reaping against a fresh server. The tools' commands, the cases and how to read the
+output: bench/README.md, "cold-copy".
 """
 
 from __future__ import annotations

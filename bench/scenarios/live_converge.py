@@ -2,36 +2,12 @@
 
 The issue: "On a 2 GiB disk, for guest write rates of 1, 4, 16 and 64 MiB/s: the passes until
 convergence, the final delta, the predicted and the measured downtime (prediction within ±25 % of
-the measurement), as a table and a plot."
-
-The size axis (--sizes 1G,4G,16G; its issue: "1, 4 and 16 GiB disks (half data) at 4 MiB/s
-guest writes. Downtime at 16 GiB within 1.5× of the 1 GiB downtime, every prediction within
-±25 %, and live converging at 16 GiB under the default 5 s budget"): the same runs for every
-size, the rate 4 MiB/s unless --rates; bars on the largest size's median measured downtime over
-the smallest's, and on every run at the largest size converging within --max-downtime.
-
-For every size, rate and rep, from scratch: the bench image (transfer.demo.synth, same size and seed
-as the other scenarios) copied to a fresh raw disk, a fresh qemu-storage-daemon holding it as
-node disk0 (QMP socket, NBD server exporting it writable as `rw`), and a guest
-(bench/live_guest.py, a child process running transfer.demo.workload.GuestWriter, scattered writes at
-the rate) writing through that export. After --warmup seconds of writing:
-
-  transfer migrate TARGET --type live --qmp QMP --node disk0 --state STATE --nbd-socket NBD
-      --max-downtime 5s --on-cutover CMD --report R --progress none --max-passes 30
-
-CMD is the handshake of tests/migrate_test.py: it touches STOP (the guest stops writing once its
-write in flight completes, then touches STOPPED) and waits for STOPPED. Exit 0: converged and cut
-over; then `transfer verify nbd+unix:///rw?socket=NBD TARGET` must say equal (the guest is stopped,
-the daemon still runs) and its digest must be the report's. Exit 7: did not converge within the
-budget, a result, recorded with what the engine said (its pass log in STATE, its message).
-
-Measured downtime: from the STOP file's creation (the moment the stop command acts) to the
-migrate process being reaped (the target is complete and verified, and the VM could start there):
-what an orchestrator waiting for `transfer migrate` sees. The engine's own figure (stop command +
-final pass, its clock) is shown beside. Bar: |predicted / measured - 1| <= 0.25, on every
-converged run of a size and rate. CPU of the engine, the guest, the daemon and the whole machine
-over the migration is recorded (2 CPUs here: a 64 MiB/s guest competes with the engine). See
-bench/README.md.
+the measurement), as a table and a plot." With --sizes, the same runs on several disk sizes (the
+size axis, at 4 MiB/s unless --rates). Every run from scratch: a fresh disk copied from the bench
+image, a fresh qemu-storage-daemon, the guest (live_guest.py, a child process) writing through its
+NBD export, then `transfer migrate --type live`. Measured downtime: the STOP file's creation (the
+stop command acts) to the migrate process being reaped. How it is set up, run, checked and
+barred: bench/README.md, "live-converge".
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
 """overhead: the engine's own cost, with a source that costs next to nothing to serve.
 
-nbdkit serves a synthetic disk from memory on a unix socket, read-only, and each tool copies it
-to `null:`, so neither disk, page cache nor a slow server is in the way:
-
-  memory         nbdkit memory SIZE: reads zeroes, and its extents say the whole disk is a hole
-                 (the zero path: what a tool spends to learn that there is nothing to copy)
-  sparse-random  nbdkit sparse-random SIZE seed=S percent=P: runs of data (~16 MiB) and holes,
-                 P % data; each 4 KiB block of data is one random non-zero byte repeated, unless
-                 --random-content (then every byte is random, and nbdkit's generator becomes the
-                 bottleneck on this machine)
-
-  engine         transfer copy URI null: --progress none --report R   (hashing always on)
-  nbdcopy        nbdcopy URI null:                                    (its defaults)
-
-A fresh nbdkit for every run. Per source: the data bytes from `nbdinfo --map --totals`, a
-reference digest of the disk (`nbdcopy URI -` piped into transfer.demo.file_digest, the xxhash
-package alone), then a warm-up per tool (the engine's reported digest checked against the
-reference) and --reps runs interleaved engine, nbdcopy, engine, ... Every run is a child process
-timed from spawn to reaping (harness.measure: CPU from wait4, peak RSS from GNU time);
-the server's CPU from /proc/PID/stat and its peak RSS from VmHWM before it stops.
+nbdkit serves a disk from memory (`memory`: all hole; `sparse-random`: runs of data and holes),
+read-only on a unix socket, fresh for every run, and the engine and nbdcopy copy it to `null:`:
+per source a reference digest, a warm-up per tool (the engine's digest checked), then --reps runs
+interleaved. Details: bench/README.md, "overhead".
 """
 
 from __future__ import annotations
