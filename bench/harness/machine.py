@@ -94,6 +94,25 @@ def engine_lacks(command: str, *options: str) -> list[str]:
     return [f"`transfer {command} {opt}`" for opt in options if opt not in out.stdout]
 
 
+def engine_env(workdir: str) -> dict[str, str]:
+    """The environment of the engine's (and the live guest's) runs: their bytecode under the
+    work directory (never in the tree), as an installed program has it, even when
+    PYTHONDONTWRITEBYTECODE is set here."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(workdir, "pycache")
+    return env
+
+
+def warm_bytecode(env: dict[str, str], modules: str, command: str) -> float:
+    """Compile the modules an engine run imports, and `transfer COMMAND --help`, into env's
+    PYTHONPYCACHEPREFIX (not timed); the seconds it took."""
+    t = time.perf_counter()
+    subprocess.run([PYTHON, "-c", f"import {modules}"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    subprocess.run([str(ENGINE), command, "--help"], env=env, check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
 # ---------------------------------------------------------------- files and the page cache
 
 def allocated_bytes(path: str) -> int:

@@ -42,7 +42,7 @@ from ..harness.machine import (
     size_text,
     stats,
 )
-from ..harness.plots import pyplot, save, title
+from ..harness.plots import bar_groups, pyplot, save, title
 from ..harness.report import Run, peer_bars
 from ..harness.runner import Context, Outcome, parser, reproduce
 
@@ -492,30 +492,23 @@ def plot(run: Run, png: str) -> None:
                       ENGINE[kernel])
         unit = next((r["unit"] for r in rows if r["kernel"] == kernel and r.get("unit")),
                     "GiB/s")
-        width = 0.8 / len(impls)
-        for i, impl in enumerate(impls):
-            xs, ys, lo, hi, labels = [], [], [], [], []
-            for j, inp in enumerate(inputs):
-                r = next((r for r in rows if r["kernel"] == kernel and r["buffer"] == inp
-                          and r["impl"] == impl), None)
-                rate = r and r.get("per_s", r.get("gib_per_s"))
-                if not r or not rate:
-                    continue
-                xs.append(j + (i - (len(impls) - 1) / 2) * width)
-                ys.append(rate)
-                lo.append(rate - (r.get("per_s_min", r.get("gib_per_s_min")) or rate))
-                hi.append((r.get("per_s_max", r.get("gib_per_s_max")) or rate) - rate)
-                ratio = (r.get("engine_over_this") or r.get("cython_over_this") or {}).get("median")
-                labels.append("" if impl == engine or ratio is None
-                              else f"{ratio:,.0f}×" if ratio >= 100 else f"{ratio:.3g}×")
-            if not xs:
-                continue
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=colors(i),
-                   label=impl + (" (engine)" if impl == engine else ""))
-            for x, y, top, text in zip(xs, ys, hi, labels):
-                if text:
-                    ax.annotate(text, (x, y + top), textcoords="offset points", xytext=(0, 3),
-                                ha="center", fontsize=7)
+        shown = {impl + (" (engine)" if impl == engine else ""): impl for impl in impls}
+
+        def value(inp: str, name: str, kernel: str = kernel, engine: str = engine
+                  ) -> tuple[float, float, float, str] | None:
+            impl = shown[name]
+            r = next((r for r in rows if r["kernel"] == kernel and r["buffer"] == inp
+                      and r["impl"] == impl), None)
+            rate = r and r.get("per_s", r.get("gib_per_s"))
+            if not r or not rate:
+                return None
+            ratio = (r.get("engine_over_this") or r.get("cython_over_this") or {}).get("median")
+            return (rate, rate - (r.get("per_s_min", r.get("gib_per_s_min")) or rate),
+                    (r.get("per_s_max", r.get("gib_per_s_max")) or rate) - rate,
+                    "" if impl == engine or ratio is None
+                    else f"{ratio:,.0f}×" if ratio >= 100 else f"{ratio:.3g}×")
+
+        bar_groups(ax, inputs, list(shown), value, colors)
         ax.set_yscale("log")
         ax.set_xticks(range(len(inputs)), list(inputs))
         ax.set_title(kernel + (" (the engine's was plain Python)" if engine == "python" else ""),

@@ -37,6 +37,7 @@ from ..harness.machine import (
     GiB,
     MiB,
     cmd_output,
+    engine_env,
     engine_fingerprint,
     engine_lacks,
     fmt,
@@ -49,6 +50,7 @@ from ..harness.machine import (
     size_text,
     sparse_copy,
     wait_quiet,
+    warm_bytecode,
 )
 from ..harness.measure import load_json, measure
 from ..harness.plots import Panel, Series, draw_png, draw_svg
@@ -87,24 +89,7 @@ class Live:
         self.prov = prov
         self.runs: list[dict[str, Any]] = []
         self.nproc = len(os.sched_getaffinity(0))
-        # The engine's and the guest's bytecode under the work directory (as warm-delta does):
-        # never in the tree, and not compiled again by every run in a PYTHONDONTWRITEBYTECODE shell.
-        self.pycache = os.path.join(workdir, "pycache")
-        self.env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        self.env["PYTHONPYCACHEPREFIX"] = self.pycache
-
-    def warm_bytecode(self) -> float:
-        t = time.perf_counter()
-        imports = ("import transfer.cli, transfer.migration.migrate, transfer.api, "
-                   "transfer.demo.workload, bench.scenarios.live_guest, nbd, numpy")
-        subprocess.run([PYTHON, "-c", imports], cwd=ROOT, env=self.env, check=True,
-                       capture_output=True)
-        subprocess.run([str(ENGINE), "migrate", "--help"], env=self.env, check=True,
-                       capture_output=True)
-        return time.perf_counter() - t
-
-    def emit(self, record: dict[str, Any]) -> None:
-        self.ctx.emit(record)
+        self.env = engine_env(workdir)
 
     def run(self, size: int, image: str, rate_mib: float, rep: int, seed: int) -> dict[str, Any]:
         """One migration from scratch: image (of size bytes) copied to a fresh disk, a fresh
@@ -220,7 +205,7 @@ class Live:
         rec["problems"] = problems
         rec["notes"] = notes
         rec["provenance"] = self.prov
-        self.emit(rec)
+        self.ctx.emit(rec)
         self.runs.append(rec)
         say(run_line(rec))
         for n in notes:
@@ -845,7 +830,10 @@ def run(ctx: Context) -> Outcome:
         f"{prov['qemu_storage_daemon']}, kernel {prov['kernel']}, "
         f"{prov['cpu_model']} x {prov['nproc']}")
     live = Live(ctx, prov)
-    say(f"bytecode compiled into {live.pycache} in {live.warm_bytecode():.1f} s")
+    seconds = warm_bytecode(live.env, "transfer.cli, transfer.migration.migrate, transfer.api, "
+                            "transfer.demo.workload, bench.scenarios.live_guest, nbd, numpy",
+                            "migrate")
+    say(f"bytecode compiled into {live.env['PYTHONPYCACHEPREFIX']} in {seconds:.1f} s")
     rates_text = ", ".join(f"{r:g}" for r in a.rate_list)
     reps = f"{a.reps} rep{'s' if a.reps > 1 else ''}"
     say(f"{reps} of guest rates {rates_text} MiB/s ({a.pattern}) on {sizes_text} "
@@ -865,7 +853,7 @@ def run(ctx: Context) -> Outcome:
             say(f"{size_text(size)}: {size_seconds[size_text(size)] / 60:.1f} min, "
                 "its image included")
     summary = summarize(live, a.size_list, a.rate_list)
-    live.emit(summary)
+    ctx.emit(summary)
     with open(plot_path, "w") as f:
         f.write(draw_svg(panels(summary, live.runs), f"live-converge: {sizes_text} disk, guest "
                          f"{a.pattern}, --max-downtime {a.max_downtime}, {reps}, engine "

@@ -34,12 +34,11 @@ from transfer.integrity import BLOCK
 from ..harness.images import image_info, prepare_image
 from ..harness.machine import (
     ENGINE,
-    PYTHON,
-    ROOT,
     GiB,
     MiB,
     allocated_bytes,
     engine_commit,
+    engine_env,
     engine_fingerprint,
     engine_lacks,
     fmt,
@@ -52,6 +51,7 @@ from ..harness.machine import (
     size_text,
     sparse_copy,
     wait_quiet,
+    warm_bytecode,
     warm_cache,
 )
 from ..harness.measure import cost_text, failed, load_json, measure
@@ -343,25 +343,7 @@ class Warm:
         self.empty_areas = os.path.join(workdir, "warm-areas-empty.json")
         with open(self.empty_areas, "w") as f:
             json.dump({"startOffset": 0, "length": self.size, "changedArea": []}, f)
-        # The engine's children keep their bytecode under the work directory (never in the
-        # tree), as an installed program has it, even when PYTHONDONTWRITEBYTECODE is set here.
-        self.pycache = os.path.join(workdir, "pycache")
-        self.env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        self.env["PYTHONPYCACHEPREFIX"] = self.pycache
-
-    def warm_bytecode(self) -> float:
-        """Compile every module an engine pass imports into self.pycache (not timed)."""
-        t = time.perf_counter()
-        imports = ("import transfer.cli, transfer.api, transfer.migration.warm, "
-                   "transfer.tracking.areas, transfer.pipeline.plan, numpy")
-        subprocess.run([PYTHON, "-c", imports], cwd=ROOT,
-                       env=self.env, check=True, capture_output=True)
-        subprocess.run([str(ENGINE), "sync", "--help"], env=self.env, check=True,
-                       capture_output=True)
-        return time.perf_counter() - t
-
-    def emit(self, record: dict[str, Any]) -> None:
-        self.ctx.emit(record)
+        self.env = engine_env(workdir)
 
     def argv(self, tool: str, uri: str, areas: str | None) -> list[str]:
         if tool == "nbdcopy":
@@ -459,7 +441,7 @@ class Warm:
         rec["problems"] = problems
         rec["notes"] = notes
         rec["provenance"] = self.prov
-        self.emit(rec)
+        self.ctx.emit(rec)
         self.runs.append(rec)
         extra = ""
         if report.get("seconds") is not None:
@@ -783,7 +765,7 @@ def one_round(w: Warm, rnd: int, rng: np.random.Generator,
     dirty.update({"type": "dirty", "scenario": SCENARIO, "round": rnd,
                   "kind": "delta", "source_digest": src_digest})
     w.dirties.append(dirty)
-    w.emit({**{k: v for k, v in dirty.items() if k != "expected_runs"}, "provenance": w.prov})
+    w.ctx.emit({**{k: v for k, v in dirty.items() if k != "expected_runs"}, "provenance": w.prov})
     cl = ", ".join(f"{c['length'] / MiB:.1f}" for c in dirty["clusters"])
     say(f" round {rnd} ({'warm-up' if rep is None else f'rep {rep + 1}'}): dirtied "
         f"{dirty['blocks']} blocks ({dirty['bytes_expected'] / MiB:.1f} MiB: "
@@ -819,11 +801,13 @@ def run(ctx: Context) -> Outcome:
     for d in (w.state, w.full_state):
         shutil.rmtree(d, ignore_errors=True)
     if plan is not None:
-        w.emit({"type": "plan", "scenario": SCENARIO, **plan, "provenance": prov})
+        w.ctx.emit({"type": "plan", "scenario": SCENARIO, **plan, "provenance": prov})
     rng = np.random.default_rng([a.dirty_seed, a.seed])
     # one generator per kind (by its place in KINDS): the same blocks whichever are run
     krngs = {k: np.random.default_rng([a.dirty_seed, a.seed, i + 1]) for i, k in enumerate(KINDS)}
-    say(f"engine bytecode compiled into {w.pycache} in {w.warm_bytecode():.1f} s "
+    seconds = warm_bytecode(w.env, "transfer.cli, transfer.api, transfer.migration.warm, "
+                            "transfer.tracking.areas, transfer.pipeline.plan, numpy", "sync")
+    say(f"engine bytecode compiled into {w.env['PYTHONPYCACHEPREFIX']} in {seconds:.1f} s "
         f"(PYTHONPYCACHEPREFIX for the engine's runs)")
     rounds = f"{a.reps} timed round{'s' if a.reps > 1 else ''}"
     say(f"pass 0 (c0) to {w.target}, then a warm-up round and {rounds} of: dirty "
@@ -837,7 +821,7 @@ def run(ctx: Context) -> Outcome:
     for rnd in range(a.reps + 1):
         one_round(w, rnd, rng, krngs)
     summary = summarize(w, plan)
-    w.emit(summary)
+    w.ctx.emit(summary)
     notes = sorted({n for r in w.runs for n in r["notes"]})
     text = [f"{SCENARIO}: {size_text(a.size)} image (seed {a.seed}), {a.dirty:.1%} of its "
             f"64 KiB blocks dirtied per round, {rounds} after a warm-up, nbdkit file plugin "
@@ -884,7 +868,7 @@ def delta_kinds(w: Warm, a: argparse.Namespace, rnd: int, rep: int | None,
         dirty.update({"type": "dirty", "scenario": SCENARIO, "round": rnd, "kind": kind,
                       "source_digest": digest})
         w.dirties.append(dirty)
-        w.emit({**{k: v for k, v in dirty.items() if k != "expected_runs"},
+        w.ctx.emit({**{k: v for k, v in dirty.items() if k != "expected_runs"},
                 "provenance": w.prov})
         for start, end in dirty["expected_runs"]:
             changed[start // BLOCK:end // BLOCK] = True
