@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TextIO
 
-from .machine import ROOT, fingerprints, fmt, say
+from .machine import ROOT, engine_fingerprint, fingerprints, fmt, say
 
 
 class Abort(Exception):
@@ -71,6 +71,19 @@ class Context:
     def emit(self, record: dict[str, Any]) -> None:
         self.out.write(json.dumps(record, sort_keys=True) + "\n")
         self.out.flush()
+
+    def record(self, runs: list[dict[str, Any]], rec: dict[str, Any], problems: list[str],
+               prov: dict[str, Any], engine: bool, notes: list[str] | None = None) -> None:
+        """A run's record finished: valid when it has no problems (notes: what the engine said
+        that it should not, not fatal), the provenance, and for an engine run the engine's
+        fingerprint now (edits during the run show); emitted and kept in runs."""
+        rec.update(valid=not problems, problems=problems, provenance=prov)
+        if engine:
+            rec["engine_fingerprint"] = engine_fingerprint()
+        if notes is not None:
+            rec["notes"] = notes
+        self.emit(rec)
+        runs.append(rec)
 
 
 def parser(scenario: str, description: str, quick: str, workdir: str | None = None

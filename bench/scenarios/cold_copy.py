@@ -30,7 +30,6 @@ from ..harness.machine import (
     cache_resident,
     cmd_output,
     drop_caches,
-    engine_fingerprint,
     fmt,
     md_table,
     median,
@@ -41,7 +40,7 @@ from ..harness.machine import (
     size_text,
     warm_cache,
 )
-from ..harness.measure import cost_text, failed, load_json, measure
+from ..harness.measure import cost_text, failed, json_result, measure
 from ..harness.plots import bar_groups, pyplot, save, title
 from ..harness.report import Run, order
 from ..harness.runner import Context, Outcome, parser, reproduce
@@ -294,16 +293,12 @@ class Bench:
         rec["alloc_gib_per_s"] = round(self.alloc / GiB / rec["wall_s"], 4)
         rec["virtual_gib_per_s"] = round(self.size / GiB / rec["wall_s"], 4)
         problems = failed(rec, files)
-        if spec.engine:
-            rec["engine_fingerprint"] = engine_fingerprint()
         if spec.result and rec["exit"] == 0:
             problems += self.check_result(rec, spec, report if spec.result == "report"
                                           else files + ".out")
         if warmup and rec["exit"] == 0:
             problems += self.check_target(rec, target)
-        rec.update(valid=not problems, problems=problems, provenance=self.prov)
-        self.ctx.emit(rec)
-        self.runs.append(rec)
+        self.ctx.record(self.runs, rec, problems, self.prov, spec.engine)
         say(self.run_line(rec))
         return rec
 
@@ -311,9 +306,8 @@ class Bench:
         """The engine's own JSON result kept as engine_report (the copy report, or checksum's
         stdout), its expected fields checked, and on the warm-up its digest."""
         tool = rec["tool"]
-        data = load_json(path)
-        problems = [] if isinstance(data, dict) else [f"{tool}: no JSON result in {path}"]
-        data = data if isinstance(data, dict) else {}
+        problems: list[str] = []
+        data = json_result(path, problems, tool)
         rec["engine_report"] = {k: data.get(k) for k in spec.fields}
         problems += [f"{tool}: {k} is {data.get(k)!r}, expected {v!r}"
                      for k, v in spec.expect if data.get(k) != v]

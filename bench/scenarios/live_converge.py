@@ -38,7 +38,6 @@ from ..harness.machine import (
     MiB,
     cmd_output,
     engine_env,
-    engine_fingerprint,
     engine_lacks,
     fmt,
     loadavg,
@@ -170,7 +169,7 @@ class Live:
                         "engine": _pct(m["client_cpu_s"], wall), "guest": _pct(g_cpu, wall),
                         "qsd": _pct(m["server_cpu_s"], wall),
                         "machine": _pct(m["machine_busy_cpu_s"], wall * self.nproc)},
-                    "guest": g, "engine_fingerprint": engine_fingerprint(),
+                    "guest": g,
                 })
                 stderr = _tail(p["migrate"] + ".log", 4000)
                 if code not in (0, NOT_CONVERGING):
@@ -201,12 +200,7 @@ class Live:
                     pass
             if not a.keep:
                 shutil.rmtree(d, ignore_errors=True)
-        rec["valid"] = not problems
-        rec["problems"] = problems
-        rec["notes"] = notes
-        rec["provenance"] = self.prov
-        self.ctx.emit(rec)
-        self.runs.append(rec)
+        self.ctx.record(self.runs, rec, problems, self.prov, True, notes)
         say(run_line(rec))
         for n in notes:
             say(f"      note: {n}")

@@ -23,7 +23,6 @@ from ..harness.machine import (
     GiB,
     MiB,
     cmd_output,
-    engine_fingerprint,
     fmt,
     median,
     md_table,
@@ -34,7 +33,7 @@ from ..harness.machine import (
     size_text,
     stats,
 )
-from ..harness.measure import cost_text, failed, load_json, measure
+from ..harness.measure import cost_text, failed, json_result, measure
 from ..harness.plots import pyplot, save, title
 from ..harness.report import Run, peer_bars
 from ..harness.runner import Context, Outcome, parser, reproduce
@@ -101,23 +100,16 @@ def run_one(ctx: Context, runs: list[dict[str, Any]], prov: dict[str, Any], sour
     rec.update({"type": "run", "scenario": SCENARIO, "source": source, "tool": tool, "rep": rep,
                 "warmup": rep is None, "virtual_gib_per_s": round(a.size / GiB / rec["wall_s"], 4)})
     problems = failed(rec, files)
-    if tool == "engine":
-        rec["engine_fingerprint"] = engine_fingerprint()
-        if rec["exit"] == 0:
-            data = load_json(report)
-            if not isinstance(data, dict):
-                data = {}
-                problems.append("engine: no report")
-            rec["engine_report"] = {k: data.get(k) for k in REPORT_FIELDS}
-            if rep is None:
-                rec["checks"] = {"engine_digest": {"expected": ref["digest"],
-                                                   "reported": data.get("digest")}}
-                if data.get("digest") != ref["digest"]:
-                    problems.append(f"engine digest {data.get('digest')} != reference "
-                                    f"{ref['digest']}")
-    rec.update(valid=not problems, problems=problems, provenance=prov)
-    ctx.emit(rec)
-    runs.append(rec)
+    if tool == "engine" and rec["exit"] == 0:
+        data = json_result(report, problems, "engine")
+        rec["engine_report"] = {k: data.get(k) for k in REPORT_FIELDS}
+        if rep is None:
+            rec["checks"] = {"engine_digest": {"expected": ref["digest"],
+                                               "reported": data.get("digest")}}
+            if data.get("digest") != ref["digest"]:
+                problems.append(f"engine digest {data.get('digest')} != reference "
+                                f"{ref['digest']}")
+    ctx.record(runs, rec, problems, prov, tool == "engine")
     own = (rec.get("engine_report") or {}).get("seconds")
     label = "warm-up" if rep is None else f"rep {rep + 1}/{a.reps}"
     say(f"  {source:13} {tool:7} {label:9} {rec['wall_s']:6.2f} s "

@@ -54,7 +54,7 @@ from ..harness.machine import (
     warm_bytecode,
     warm_cache,
 )
-from ..harness.measure import cost_text, failed, load_json, measure
+from ..harness.measure import cost_text, failed, json_result, measure
 from ..harness.plots import pyplot, title
 from ..harness.report import Run
 from ..harness.report import order as tool_order
@@ -397,14 +397,9 @@ class Warm:
         code, wall = rec["exit"], rec["wall_s"]
         problems = failed(rec, files)  # the run cannot be trusted: exit, data
         notes: list[str] = []          # the report says something unexpected
-        if engine:
-            rec["engine_fingerprint"] = engine_fingerprint()
         report: dict[str, Any] = {}
         if has_report and code == 0:
-            report = load_json(self.report)
-            if not isinstance(report, dict):
-                report = {}
-                problems.append(f"no report in {self.report}")
+            report = json_result(self.report, problems, tool)
             # every scalar field of the report (lists and objects left out)
             rec["engine_report"] = {k: v for k, v in report.items()
                                     if v is None or isinstance(v, (bool, int, float, str))}
@@ -437,12 +432,7 @@ class Warm:
             problems.append(f"{tool}: reported digest {report.get('digest')} != the source's "
                             f"{src_digest}")
         rec["checks"] = checks
-        rec["valid"] = not problems
-        rec["problems"] = problems
-        rec["notes"] = notes
-        rec["provenance"] = self.prov
-        self.ctx.emit(rec)
-        self.runs.append(rec)
+        self.ctx.record(self.runs, rec, problems, self.prov, engine, notes)
         extra = ""
         if report.get("seconds") is not None:
             extra = f", own {report['seconds']:.2f} s"
