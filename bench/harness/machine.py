@@ -51,6 +51,18 @@ def stats(xs: list[float], digits: int = 9) -> dict[str, Any]:
             "max": round(max(xs), digits), "n": len(xs)}
 
 
+def tool_stats(good: list[dict[str, Any]], every: list[dict[str, Any]]) -> dict[str, Any]:
+    """A tool's wall over its valid timed runs (median, min, max; None without any) and the peak
+    RSS of the tool and of its server over every run of it, the warm-up too."""
+    walls = [r["wall_s"] for r in good]
+    return {"wall_s_median": median(walls), "wall_s_min": min(walls, default=None),
+            "wall_s_max": max(walls, default=None),
+            "peak_rss_mib": max((r["client_maxrss_mib"] for r in every
+                                 if r["client_maxrss_mib"] is not None), default=None),
+            "server_peak_rss_mib": max((r["server_maxrss_mib"] for r in every
+                                        if r.get("server_maxrss_mib") is not None), default=None)}
+
+
 def paired(a: list[float | None], b: list[float | None]) -> dict[str, Any]:
     """a[i] / b[i] pair by pair (pairs with a None left out): the median and every pair."""
     pairs = [x / y for x, y in zip(a, b) if x is not None and y]

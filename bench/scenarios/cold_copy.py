@@ -38,12 +38,13 @@ from ..harness.machine import (
     resident_text,
     say,
     size_text,
+    tool_stats,
     warm_cache,
 )
 from ..harness.measure import cost_text, failed, json_result, measure
 from ..harness.plots import bar_groups, pyplot, save, title
 from ..harness.report import Run, order
-from ..harness.runner import Context, Outcome, parser, reproduce
+from ..harness.runner import Context, Outcome, defaults, parser, reproduce
 
 NAME = "cold-copy"
 TARGETS = ("null", "file", "loop")
@@ -389,29 +390,23 @@ def summarize(bench: Bench, target: str, tools: list[str], resident: int | None
     for tool in tools:
         runs = reps[tool]
         good = [r for r in runs if r["valid"]]
-        walls = [r["wall_s"] for r in good]
-        med = median(walls)
+        warm = [r for r in mine if r["tool"] == tool and r["warmup"]]
+        s: dict[str, Any] = tool_stats(good, runs + warm)
+        med = s["wall_s_median"]
         cpu = median([r["client_cpu_s"] for r in good])
         srv = median([r["server_cpu_s"] for r in good])
         other = median([r["other_cpu_s"] for r in good])
-        warm = [r for r in mine if r["tool"] == tool and r["warmup"]]
         checked = [r for r in warm if r.get("checks")]
-        s: dict[str, Any] = {
+        s.update({
             "reps": len(runs), "valid_reps": len(good),
             "warmup_valid": all(r["valid"] for r in warm) and bool(warm),
             "checked": bool(checked and (checked[0]["checks"])),
-            "wall_s_median": med, "wall_s_min": min(walls) if walls else None,
-            "wall_s_max": max(walls) if walls else None,
             "alloc_gib_per_s": round(alloc_gib / med, 4) if med else None,
             "virtual_gib_per_s": round(bench.size / GiB / med, 4) if med else None,
             "client_cpu_s_per_gib": round(cpu / alloc_gib, 4) if cpu is not None else None,
             "server_cpu_s_per_gib": round(srv / alloc_gib, 4) if srv is not None else None,
             "other_cpu_s_per_gib": round(other / alloc_gib, 4) if other is not None else None,
-            "peak_rss_mib": max((r["client_maxrss_mib"] for r in runs + warm
-                                 if r["client_maxrss_mib"] is not None), default=None),
-            "server_peak_rss_mib": max((r["server_maxrss_mib"] for r in runs + warm
-                                        if r.get("server_maxrss_mib") is not None), default=None),
-        }
+        })
         if TOOLS[tool].result:
             s["engine_own_seconds_median"] = median(
                 [r["engine_report"]["seconds"] for r in good if "engine_report" in r])
@@ -573,9 +568,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"comma-separated, of {','.join(TOOLS)} (default all; engine-verify runs "
                         "to file and loop only, checksum to null only)")
     a = p.parse_args(argv)
-    a.size = a.size if a.size is not None else (QUICK_SIZE if a.quick else DEFAULT_SIZE)
-    a.reps = a.reps if a.reps is not None else (1 if a.quick else 5)
-    a.reps_rest = a.reps_rest if a.reps_rest is not None else (1 if a.quick else 3)
+    defaults(a, size=(DEFAULT_SIZE, QUICK_SIZE), reps=(5, 1), reps_rest=(3, 1))
     try:
         a.cases = [Case.parse(c) for c in
                    (a.cases.split(",") if a.cases else QUICK_CASES if a.quick else DEFAULT_CASES)

@@ -43,8 +43,8 @@ from ..harness.machine import (
     stats,
 )
 from ..harness.plots import bar_groups, pyplot, save, title
-from ..harness.report import Run, peer_bars
-from ..harness.runner import Context, Outcome, parser, reproduce
+from ..harness.report import Run
+from ..harness.runner import Context, Outcome, defaults, parser, reproduce
 
 NAME = SCENARIO = "kernels"
 WORKDIR = False  # the inputs live in memory
@@ -300,11 +300,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--disk", type=parse_size, default=DEFAULT_DISK,
                    help="disk size of the interval-algebra inputs (default 1T), a multiple of 64K")
     a = p.parse_args(argv)
-    a.size = a.size if a.size is not None else (QUICK_SIZE if a.quick else DEFAULT_SIZE)
-    a.reps = a.reps if a.reps is not None else (3 if a.quick else 15)
-    a.areas = a.areas if a.areas is not None else (QUICK_AREAS if a.quick else DEFAULT_AREAS)
-    if a.min_sample is None:
-        a.min_sample = 0.001 if a.quick else 0.005
+    defaults(a, size=(DEFAULT_SIZE, QUICK_SIZE), reps=(15, 3), areas=(DEFAULT_AREAS, QUICK_AREAS),
+             min_sample=(0.005, 0.001))
     if (a.reps < 1 or a.size < 2 * BLOCK or a.size % BLOCK or a.min_sample < 0 or a.areas < 1
             or a.disk < 16 * BLOCK or a.disk % BLOCK):
         p.error("--reps and --areas must be at least 1, --size a multiple of 64K (at least "
@@ -429,10 +426,6 @@ def _pytest_version() -> str | None:
 
 # ---------------------------------------------------------------- the report
 
-def report_table(run: Run) -> str:
-    return table(run.of_type("summary")[-1])
-
-
 def report_notes(run: Run) -> list[str]:
     s = next(iter(run.of_type("summary")), None)
     if not s:
@@ -463,11 +456,6 @@ def report_notes(run: Run) -> list[str]:
 def _disk_text(s: dict[str, Any]) -> str:
     disk = s.get("disk") or 0
     return f"{disk >> 40} TiB" if disk and disk % (1 << 40) == 0 else f"{disk / GiB:g} GiB"
-
-
-def best_peer_rows(run: Run) -> list[tuple[str, str, float | None]]:
-    """Per kernel and input, the fastest twin or baseline."""
-    return peer_bars(run)
 
 
 def plot(run: Run, png: str) -> None:

@@ -55,7 +55,7 @@ from ..harness.measure import load_json, measure
 from ..harness.plots import Panel, Series, draw_png, draw_svg
 from ..harness.plots import title as plot_title
 from ..harness.report import Run
-from ..harness.runner import Context, Outcome, parser, reproduce
+from ..harness.runner import Context, Outcome, defaults, parser, reproduce
 from ..harness.runner import bar_line as harness_bar_line
 
 NAME = SCENARIO = "live-converge"
@@ -752,7 +752,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     else:
         a.size_list = [a.size if a.size is not None
                        else (QUICK_SIZE if a.quick else DEFAULT_SIZE)]
-    a.reps = a.reps if a.reps is not None else (1 if a.quick else DEFAULT_REPS)
+    defaults(a, reps=(DEFAULT_REPS, 1))
     try:
         a.rate_list = ([float(x) for x in a.rates.split(",") if x.strip()] if a.rates
                        else list(SIZES_RATES if a.sizes is not None
@@ -896,10 +896,6 @@ def model_lines(runs: list[dict[str, Any]]) -> list[str]:
 
 
 # ---------------------------------------------------------------- the report
-
-def report_table(run: Run) -> str:
-    return table(run.of_type("summary")[-1])
-
 
 def report_notes(run: Run) -> list[str]:
     s = next(iter(run.of_type("summary")), None)

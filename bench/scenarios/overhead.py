@@ -31,12 +31,12 @@ from ..harness.machine import (
     provenance,
     say,
     size_text,
-    stats,
+    tool_stats,
 )
 from ..harness.measure import cost_text, failed, json_result, measure
 from ..harness.plots import pyplot, save, title
-from ..harness.report import Run, peer_bars
-from ..harness.runner import Context, Outcome, parser, reproduce
+from ..harness.report import Run
+from ..harness.runner import Context, Outcome, defaults, parser, reproduce
 
 NAME = SCENARIO = "overhead"
 SOURCES = ("memory", "sparse-random")
@@ -133,15 +133,14 @@ def summarize_source(a: argparse.Namespace, runs: list[dict[str, Any]], source: 
     for tool in TOOLS:
         good = [r for r in reps[tool] if r["valid"]]
         every = [r for r in runs if r["source"] == source and r["tool"] == tool]
-        wall = stats([r["wall_s"] for r in good], 6)
-        med = wall["median"]
+        tools[tool] = tool_stats(good, every)
+        med = tools[tool]["wall_s_median"]
         cpu = median([r["client_cpu_s"] for r in good])
         srv = median([r["server_cpu_s"] for r in good])
-        tools[tool] = {
+        tools[tool].update({
             "reps": len(reps[tool]), "valid_reps": len(good),
             "warmup_valid": any(r["warmup"] for r in every)
             and all(r["valid"] for r in every if r["warmup"]),
-            "wall_s_median": med, "wall_s_min": wall["min"], "wall_s_max": wall["max"],
             "virtual_gib_per_s": round(gib / med, 4) if med else None,
             "data_gib_per_s": round(ref["data_bytes"] / GiB / med, 4)
             if med and ref["data_bytes"] else None,
@@ -149,11 +148,7 @@ def summarize_source(a: argparse.Namespace, runs: list[dict[str, Any]], source: 
             "server_cpu_s_per_gib": None if srv is None else round(srv / gib, 4),
             "cpu_s_per_gib": None if cpu is None or srv is None else round((cpu + srv) / gib, 4),
             "other_cpu_s_per_gib": median([r["other_cpu_s"] / gib for r in good]),
-            "peak_rss_mib": max((r["client_maxrss_mib"] for r in every
-                                 if r["client_maxrss_mib"] is not None), default=None),
-            "server_peak_rss_mib": max((r["server_maxrss_mib"] for r in every
-                                        if r["server_maxrss_mib"] is not None), default=None),
-        }
+        })
         if tool == "engine":
             tools[tool]["engine_own_seconds_median"] = median(
                 [r["engine_report"]["seconds"] for r in good if r.get("engine_report")])
@@ -250,8 +245,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="sparse-random: every byte random (default: a random byte repeated per "
                         "block; random content makes nbdkit the bottleneck)")
     a = p.parse_args(argv)
-    a.size = a.size if a.size is not None else (QUICK_SIZE if a.quick else DEFAULT_SIZE)
-    a.reps = a.reps if a.reps is not None else (1 if a.quick else 5)
+    defaults(a, size=(DEFAULT_SIZE, QUICK_SIZE), reps=(5, 1))
     a.sources = [s for s in a.sources.split(",") if s]
     bad = [s for s in a.sources if s not in SOURCES]
     if bad or not a.sources:
@@ -307,18 +301,6 @@ def run(ctx: Context) -> Outcome:
 
 
 # ---------------------------------------------------------------- the report
-
-def report_table(run: Run) -> str:
-    return table(run.of_type("summary")[-1])
-
-
-def report_notes(run: Run) -> list[str]:
-    return [f"- {n}" for n in (run.verdict or {}).get("notes") or []]
-
-
-def best_peer_rows(run: Run) -> list[tuple[str, str, float | None]]:
-    return peer_bars(run)
-
 
 def plot(run: Run, png: str) -> None:
     """Per source: GiB/s of the disk's virtual size (median wall, min–max whiskers), the engine

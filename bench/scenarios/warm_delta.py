@@ -49,6 +49,7 @@ from ..harness.machine import (
     resident_text,
     say,
     size_text,
+    tool_stats,
     sparse_copy,
     wait_quiet,
     warm_bytecode,
@@ -58,7 +59,7 @@ from ..harness.measure import cost_text, failed, json_result, measure
 from ..harness.plots import pyplot, title
 from ..harness.report import Run
 from ..harness.report import order as tool_order
-from ..harness.runner import Abort, Context, Outcome, parser, reproduce
+from ..harness.runner import Abort, Context, Outcome, defaults, parser, reproduce
 
 NAME = SCENARIO = "warm-delta"
 DEFAULT_SIZE = 4 * GiB
@@ -523,20 +524,13 @@ def summarize(w: Warm, plan: dict[str, Any] | None) -> dict[str, Any]:
         runs = [r for r in w.runs if r["tool"] == tool]
         timed = [r for r in runs if not r["warmup"]]
         good = [r for r in (timed or runs) if r["valid"]]  # pass0 has only its warm-up run
-        walls = [r["wall_s"] for r in good]
         rep = [r.get("engine_report", {}) for r in good]
-        tools[tool] = {
+        tools[tool] = tool_stats(good, runs) | {
             "runs": len(runs), "timed": len(timed), "valid": sum(r["valid"] for r in runs),
-            "wall_s_median": median(walls), "wall_s_min": min(walls, default=None),
-            "wall_s_max": max(walls, default=None),
             "own_seconds_median": median([x["seconds"] for x in rep
                                            if isinstance(x.get("seconds"), (int, float))]),
             "client_cpu_s_median": median([r["client_cpu_s"] for r in good]),
             "server_cpu_s_median": median([r["server_cpu_s"] for r in good]),
-            "peak_rss_mib": max((r["client_maxrss_mib"] for r in runs
-                                 if r["client_maxrss_mib"] is not None), default=None),
-            "server_peak_rss_mib": max((r["server_maxrss_mib"] for r in runs
-                                        if r.get("server_maxrss_mib") is not None), default=None),
             "bytes_read_median": median([x["bytes_read"] for x in rep
                                           if isinstance(x.get("bytes_read"), int)]),
             "delta_bytes_median": median([x["delta_bytes"] for x in rep
@@ -648,8 +642,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="only the planning measurement (no image, no nbdkit, no sync)")
     p.add_argument("--no-plan", action="store_true", help="skip the planning measurement")
     a = p.parse_args(argv)
-    a.size = a.size if a.size is not None else (QUICK_SIZE if a.quick else DEFAULT_SIZE)
-    a.reps = a.reps if a.reps is not None else (1 if a.quick else 5)
+    defaults(a, size=(DEFAULT_SIZE, QUICK_SIZE), reps=(5, 1))
     if a.reps < 1 or a.size < 16 * MiB or a.size % BLOCK:
         p.error("--reps must be at least 1 and --size a multiple of 64K, at least 16M")
     if not 0 < a.dirty < 0.5:
