@@ -1,36 +1,15 @@
 """python -m bench [--out DIR] [--quick] [SCENARIO [its options]]...: run benchmark scenarios.
 
-  python -m bench                         every scenario in turn, each with its defaults
-  python -m bench NAME...                 some of them, in the order given
-  python -m bench NAME --opt ... NAME2    options after a scenario's name are that scenario's own
-                                          (`python -m bench NAME --help` lists them)
-  --out DIR   (before the first name) where results go, default bench/out: each scenario's JSON
-              lines as DIR/NAME-<time>.jsonl (a scenario's own --out FILE still wins), and after
-              the run a markdown summary DIR/summary-<time>.md with PNG plots beside it
+  python -m bench                  every scenario in turn (cold-copy, warm-delta, live-converge,
+                                   kernels, overhead), each with its defaults
+  python -m bench NAME --opt ...   some of them, in the order given, each with its own options
+                                   (`python -m bench NAME --help` lists them)
+  --out DIR   (before the first name) where the JSON lines and the summary go, default bench/out
   --quick     (anywhere) passes --quick to every scenario: tiny sizes, one rep, in seconds
-
   python -m bench results [--from DIR] [--to FILE] [--include-reduced]
-              regenerate bench/RESULTS.md (plots in bench/results/) from the newest full run
-              (default options, not --quick) of each scenario in DIR (default bench/out);
-              --include-reduced takes the newest finished run whatever its options
+              regenerate bench/RESULTS.md from the newest full run of each scenario in DIR
 
-Scenarios:
-  cold-copy   a whole-disk copy of a mixed and a random image from nbdkit and qemu-nbd (qcow2),
-              hot and with the cache dropped, to null:, a file and a loop device, against
-              nbdcopy and qemu-img at their defaults and tuned (bench/scenarios/cold_copy.py)
-  warm-delta  transfer sync delta passes over 1 % and 10 % dirty blocks (mixed, scattered,
-              clustered) against a full pass and nbdcopy, and planning a 100,000-area changed-areas file (bench/scenarios/warm_delta.py)
-  live-converge  transfer migrate --type live of a qemu-storage-daemon disk a guest writes to at
-              1, 4, 16 and 64 MiB/s: passes, final delta, predicted and measured downtime
-              (bench/scenarios/live_converge.py)
-  kernels     the zero scan, block hash and interval algebra against their pure-Python twins
-              and numpy / xxhash-loop baselines, timed by pytest-benchmark (bench/scenarios/kernels.py)
-  overhead    an nbdkit memory and sparse-random disk copied to null: by the engine and nbdcopy:
-              the engine's own cost, a fresh server per run (bench/scenarios/overhead.py)
-
-Exit: the worst of the scenarios' codes (0 valid, 1 invalid, 2 missing prerequisites or bad
-options, 3 a bar missed with --require-bars); 130 interrupted (the rest is not run). Plots need
-matplotlib; without it they are skipped, with a note in the summary.
+Exit: the worst of the scenarios' codes; 130 interrupted. More: bench/README.md.
 """
 
 from __future__ import annotations

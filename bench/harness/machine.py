@@ -51,6 +51,18 @@ def stats(xs: list[float], digits: int = 9) -> dict[str, Any]:
             "max": round(max(xs), digits), "n": len(xs)}
 
 
+def tool_stats(good: list[dict[str, Any]], every: list[dict[str, Any]]) -> dict[str, Any]:
+    """A tool's wall over its valid timed runs (median, min, max; None without any) and the peak
+    RSS of the tool and of its server over every run of it, the warm-up too."""
+    walls = [r["wall_s"] for r in good]
+    return {"wall_s_median": median(walls), "wall_s_min": min(walls, default=None),
+            "wall_s_max": max(walls, default=None),
+            "peak_rss_mib": max((r["client_maxrss_mib"] for r in every
+                                 if r["client_maxrss_mib"] is not None), default=None),
+            "server_peak_rss_mib": max((r["server_maxrss_mib"] for r in every
+                                        if r.get("server_maxrss_mib") is not None), default=None)}
+
+
 def paired(a: list[float | None], b: list[float | None]) -> dict[str, Any]:
     """a[i] / b[i] pair by pair (pairs with a None left out): the median and every pair."""
     pairs = [x / y for x, y in zip(a, b) if x is not None and y]
@@ -92,6 +104,25 @@ def engine_lacks(command: str, *options: str) -> list[str]:
         return [f"`transfer {command}` (`{ENGINE} {command} --help` exits {out.returncode}: "
                 f"{(out.stderr or out.stdout).strip().splitlines()[-1:]})"]
     return [f"`transfer {command} {opt}`" for opt in options if opt not in out.stdout]
+
+
+def engine_env(workdir: str) -> dict[str, str]:
+    """The environment of the engine's (and the live guest's) runs: their bytecode under the
+    work directory (never in the tree), as an installed program has it, even when
+    PYTHONDONTWRITEBYTECODE is set here."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(workdir, "pycache")
+    return env
+
+
+def warm_bytecode(env: dict[str, str], modules: str, command: str) -> float:
+    """Compile the modules an engine run imports, and `transfer COMMAND --help`, into env's
+    PYTHONPYCACHEPREFIX (not timed); the seconds it took."""
+    t = time.perf_counter()
+    subprocess.run([PYTHON, "-c", f"import {modules}"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    subprocess.run([str(ENGINE), command, "--help"], env=env, check=True, capture_output=True)
+    return time.perf_counter() - t
 
 
 # ---------------------------------------------------------------- files and the page cache

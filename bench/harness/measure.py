@@ -139,6 +139,15 @@ def failed(rec: dict[str, Any], files: str, ok: tuple[int, ...] = (0,)) -> list[
     return [f"exit {rec['exit']}" + (" (timed out)" if rec["timed_out"] else "")]
 
 
+def json_result(path: str, problems: list[str], what: str) -> dict[str, Any]:
+    """A tool's JSON result (a report, its stdout); {} and a problem when there is none."""
+    data = load_json(path)
+    if isinstance(data, dict):
+        return data
+    problems.append(f"{what}: no JSON result in {path}")
+    return {}
+
+
 def load_json(path: str) -> Any:
     try:
         with open(path) as f:

@@ -128,7 +128,10 @@ def order(d: dict[str, Any], names: Any) -> dict[str, Any]:
 def scenario_table(run: Run) -> str:
     if not run.of_type("summary"):
         return "_no summary line (planning only, or the run stopped before its summary)_"
-    return module(run.scenario).report_table(run)
+    mod = module(run.scenario)
+    if hasattr(mod, "report_table"):
+        return mod.report_table(run)
+    return mod.table(run.of_type("summary")[-1])
 
 
 def bar_lines(run: Run) -> list[str]:
@@ -206,7 +209,9 @@ def scenario_section(run: Run, md_dir: str, plots: dict[str, Any]) -> str:
                        "at these sizes the ratios mostly measure start-up, so its bars mean "
                        "little._")]
     lines += ["", scenario_table(run), ""]
-    extra = module(run.scenario).report_notes(run)
+    mod = module(run.scenario)
+    extra = (mod.report_notes(run) if hasattr(mod, "report_notes")
+             else [f"- {n}" for n in (run.verdict or {}).get("notes") or []])
     if extra:
         lines += extra + [""]
     lines += ["Bars:", ""] + bar_lines(run) + [""]
@@ -238,10 +243,10 @@ def glance(runs: dict[str, Run]) -> str:
 
 def best_peers(runs: dict[str, Run]) -> str:
     """Every scenario's ratio to its best peer, in one table (each scenario's best_peer_rows:
-    workload, best peer, engine ÷ it)."""
+    workload, best peer, engine ÷ it; by default its bars with a ÷, peer_bars)."""
     lines = ["| scenario | workload | best peer | engine ÷ best peer |", "|---|---|---|---|"]
     for name, run in runs.items():
-        for what, peer, r in module(name).best_peer_rows(run):
+        for what, peer, r in getattr(module(name), "best_peer_rows", peer_bars)(run):
             mark = "" if not isinstance(r, (int, float)) or r >= 1 else " (behind)"
             value = r if isinstance(r, str) else fmt(r, ".2f")
             lines.append(f"| {name} | {what} | {peer} | {value}{mark} |")

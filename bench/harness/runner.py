@@ -7,9 +7,11 @@ A scenario is a module (bench/scenarios/) with:
   reproduce_command(a)     the command that runs it again with these options
   preflight(a)             what the machine lacks to run it (a list; empty: go)
   run(ctx) -> Outcome      the measuring: records through ctx.emit, the verdict's content back
-  report_table(run), report_notes(run), best_peer_rows(run), plot(run, png)
+  table(summary), plot(run, png)
                            its part of the markdown summary and its PNG (harness/report.py),
-                           from the JSON lines alone
+                           from the JSON lines alone; optional: report_table(run) (default:
+                           table of the last summary), report_notes(run) (default: the
+                           verdict's notes), best_peer_rows(run) (default: report.peer_bars)
   bar_value(b)             optional: a bar's value as text (default: its value, its format)
   WORKDIR, CLEANUP         optional: False for no work directory; the names (globs) run() leaves
                            in a --workdir given by the user, removed at the end without --keep
@@ -40,7 +42,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TextIO
 
-from .machine import ROOT, fingerprints, fmt, say
+from .machine import ROOT, engine_fingerprint, fingerprints, fmt, say
 
 
 class Abort(Exception):
@@ -72,6 +74,19 @@ class Context:
         self.out.write(json.dumps(record, sort_keys=True) + "\n")
         self.out.flush()
 
+    def record(self, runs: list[dict[str, Any]], rec: dict[str, Any], problems: list[str],
+               prov: dict[str, Any], engine: bool, notes: list[str] | None = None) -> None:
+        """A run's record finished: valid when it has no problems (notes: what the engine said
+        that it should not, not fatal), the provenance, and for an engine run the engine's
+        fingerprint now (edits during the run show); emitted and kept in runs."""
+        rec.update(valid=not problems, problems=problems, provenance=prov)
+        if engine:
+            rec["engine_fingerprint"] = engine_fingerprint()
+        if notes is not None:
+            rec["notes"] = notes
+        self.emit(rec)
+        runs.append(rec)
+
 
 def parser(scenario: str, description: str, quick: str, workdir: str | None = None
            ) -> argparse.ArgumentParser:
@@ -88,6 +103,13 @@ def parser(scenario: str, description: str, quick: str, workdir: str | None = No
     p.add_argument("--require-bars", action="store_true",
                    help="exit 3 when a valid run misses one of the issue's bars")
     return p
+
+
+def defaults(a: argparse.Namespace, **full_and_quick: tuple[Any, Any]) -> None:
+    """Each option NAME=(full run's default, --quick's) that was not given gets its default."""
+    for name, (full, quick) in full_and_quick.items():
+        if getattr(a, name) is None:
+            setattr(a, name, quick if a.quick else full)
 
 
 def reproduce(scenario: str, *options: str) -> str:

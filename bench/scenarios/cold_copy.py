@@ -1,24 +1,10 @@
-"""cold-copy: the engine against nbdcopy and qemu-img convert, copying a whole disk from nbdkit.
+"""cold-copy: the engine against nbdcopy and qemu-img convert, copying a whole disk over NBD.
 
-A synthetic image (transfer.demo.synth, reproducible from a seed: random data, text-like data,
-zero-filled allocated blocks and holes, half of it allocated) is served read-only by nbdkit's
-file plugin on a unix socket, with the image hot in the page cache. Each tool copies it to
-`null:`, a regular file and a loop device, ending with the data durable (or, for checksum, reads
-and hashes it):
-
-  engine         transfer copy URI TARGET --progress=none --report R   (hashing always on; flushes)
-  engine-verify  the same with --verify: then reads the target back and compares (file, loop)
-  checksum       transfer checksum URI --json --progress=none            (null only: no target)
-  nbdcopy        nbdcopy --flush URI TARGET                              (its defaults)
-  qemu-img       qemu-img convert -n -f raw -O raw URI TARGET, then fsync(TARGET) inside the
-                 timed region (qemu-img convert never flushes); to null: a null-co target instead
-
-Every run is a child process timed from spawn to reaping (os.wait4 gives its CPU, GNU time its
-peak RSS) against a fresh nbdkit (its CPU read from /proc before it stops). One warm-up run per tool and
-target, checked for correctness (qemu-img compare, and the engine's digest against one computed
-here), then --reps runs interleaved engine, engine-verify, checksum, nbdcopy, qemu-img, engine, ...
-Results are JSON lines (one per run, one summary per target, one verdict) and a markdown table on
-stdout. See bench/README.md.
+Per case (an image, the server in front of it, the page cache's state) and target (null:, a file,
+a loop device), each tool of TOOLS copies the disk, ending with the data durable: a warm-up run
+checked for correctness, then --reps runs interleaved tool by tool, each a child process timed
+from spawn to reaping against a fresh server. The tools' commands, the cases and how to read the
+output: bench/README.md, "cold-copy".
 """
 
 from __future__ import annotations
@@ -44,7 +30,6 @@ from ..harness.machine import (
     cache_resident,
     cmd_output,
     drop_caches,
-    engine_fingerprint,
     fmt,
     md_table,
     median,
@@ -53,12 +38,13 @@ from ..harness.machine import (
     resident_text,
     say,
     size_text,
+    tool_stats,
     warm_cache,
 )
-from ..harness.measure import cost_text, failed, load_json, measure
+from ..harness.measure import cost_text, failed, json_result, measure
 from ..harness.plots import bar_groups, pyplot, save, title
 from ..harness.report import Run, order
-from ..harness.runner import Context, Outcome, parser, reproduce
+from ..harness.runner import Context, Outcome, defaults, parser, reproduce
 
 NAME = "cold-copy"
 TARGETS = ("null", "file", "loop")
@@ -308,16 +294,12 @@ class Bench:
         rec["alloc_gib_per_s"] = round(self.alloc / GiB / rec["wall_s"], 4)
         rec["virtual_gib_per_s"] = round(self.size / GiB / rec["wall_s"], 4)
         problems = failed(rec, files)
-        if spec.engine:
-            rec["engine_fingerprint"] = engine_fingerprint()
         if spec.result and rec["exit"] == 0:
             problems += self.check_result(rec, spec, report if spec.result == "report"
                                           else files + ".out")
         if warmup and rec["exit"] == 0:
             problems += self.check_target(rec, target)
-        rec.update(valid=not problems, problems=problems, provenance=self.prov)
-        self.ctx.emit(rec)
-        self.runs.append(rec)
+        self.ctx.record(self.runs, rec, problems, self.prov, spec.engine)
         say(self.run_line(rec))
         return rec
 
@@ -325,9 +307,8 @@ class Bench:
         """The engine's own JSON result kept as engine_report (the copy report, or checksum's
         stdout), its expected fields checked, and on the warm-up its digest."""
         tool = rec["tool"]
-        data = load_json(path)
-        problems = [] if isinstance(data, dict) else [f"{tool}: no JSON result in {path}"]
-        data = data if isinstance(data, dict) else {}
+        problems: list[str] = []
+        data = json_result(path, problems, tool)
         rec["engine_report"] = {k: data.get(k) for k in spec.fields}
         problems += [f"{tool}: {k} is {data.get(k)!r}, expected {v!r}"
                      for k, v in spec.expect if data.get(k) != v]
@@ -409,29 +390,23 @@ def summarize(bench: Bench, target: str, tools: list[str], resident: int | None
     for tool in tools:
         runs = reps[tool]
         good = [r for r in runs if r["valid"]]
-        walls = [r["wall_s"] for r in good]
-        med = median(walls)
+        warm = [r for r in mine if r["tool"] == tool and r["warmup"]]
+        s: dict[str, Any] = tool_stats(good, runs + warm)
+        med = s["wall_s_median"]
         cpu = median([r["client_cpu_s"] for r in good])
         srv = median([r["server_cpu_s"] for r in good])
         other = median([r["other_cpu_s"] for r in good])
-        warm = [r for r in mine if r["tool"] == tool and r["warmup"]]
         checked = [r for r in warm if r.get("checks")]
-        s: dict[str, Any] = {
+        s.update({
             "reps": len(runs), "valid_reps": len(good),
             "warmup_valid": all(r["valid"] for r in warm) and bool(warm),
             "checked": bool(checked and (checked[0]["checks"])),
-            "wall_s_median": med, "wall_s_min": min(walls) if walls else None,
-            "wall_s_max": max(walls) if walls else None,
             "alloc_gib_per_s": round(alloc_gib / med, 4) if med else None,
             "virtual_gib_per_s": round(bench.size / GiB / med, 4) if med else None,
             "client_cpu_s_per_gib": round(cpu / alloc_gib, 4) if cpu is not None else None,
             "server_cpu_s_per_gib": round(srv / alloc_gib, 4) if srv is not None else None,
             "other_cpu_s_per_gib": round(other / alloc_gib, 4) if other is not None else None,
-            "peak_rss_mib": max((r["client_maxrss_mib"] for r in runs + warm
-                                 if r["client_maxrss_mib"] is not None), default=None),
-            "server_peak_rss_mib": max((r["server_maxrss_mib"] for r in runs + warm
-                                        if r.get("server_maxrss_mib") is not None), default=None),
-        }
+        })
         if TOOLS[tool].result:
             s["engine_own_seconds_median"] = median(
                 [r["engine_report"]["seconds"] for r in good if "engine_report" in r])
@@ -593,9 +568,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"comma-separated, of {','.join(TOOLS)} (default all; engine-verify runs "
                         "to file and loop only, checksum to null only)")
     a = p.parse_args(argv)
-    a.size = a.size if a.size is not None else (QUICK_SIZE if a.quick else DEFAULT_SIZE)
-    a.reps = a.reps if a.reps is not None else (1 if a.quick else 5)
-    a.reps_rest = a.reps_rest if a.reps_rest is not None else (1 if a.quick else 3)
+    defaults(a, size=(DEFAULT_SIZE, QUICK_SIZE), reps=(5, 1), reps_rest=(3, 1))
     try:
         a.cases = [Case.parse(c) for c in
                    (a.cases.split(",") if a.cases else QUICK_CASES if a.quick else DEFAULT_CASES)

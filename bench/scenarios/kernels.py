@@ -1,58 +1,12 @@
 """kernels: the engine's kernels (zero scan, block hash, interval algebra), each beside its
 pure-Python twin and a baseline, timed by pytest-benchmark.
 
-Zero scan and block hash run on two buffers of --size bytes (default 64 MiB, larger than the CPU
-caches): `random` (random bytes: no block is zero) and `half-zero` (the same with a random half
-of its 64 KiB blocks zeroed), in 64 KiB blocks, as the engine's copy does
-(transfer/pipeline/copy.py: zero_blocks, then hash_blocks with the zero flags). The interval
-algebra runs on a warm pass's ranges: --areas changed areas (default 100,000; 64 KiB-aligned,
-unsorted, some overlapping) on a --disk disk (default 1 TiB), `scattered` (1-4 blocks anywhere)
-or `clustered` (1-16 blocks inside 64 hot regions of 256 MiB), and the previous pass's plan
-(another such set, merged) interrupted at its middle run:
-
-  zero-scan    cython       transfer._native.kernels("cython").zero_blocks(buf, BLOCK, flags)
-               python       kernels("python").zero_blocks (transfer/_native/_reference.py)
-               numpy        (arr.reshape(-1, BLOCK) == 0).all(1)
-               numpy-u64    ~arr.view(np.uint64).reshape(-1, BLOCK // 8).any(1)
-  block-hash   cython       kernels("cython").hash_blocks(buf, BLOCK, digests, flags, zero_digest)
-               python       kernels("python").hash_blocks, the same arguments
-               xxhash-loop  a Python loop: xxhash.xxh3_128(block).digest() per block (the zero
-                            digest for a flagged block), into the same digests buffer
-  interval-    cython       kernels("cython") (native/intervals.pyx), called as
-  algebra                   transfer/tracking/areas.py calls it: new = merge_runs(areas); tainted =
-                            clip_runs(last, upto); grew = subtract_runs(new, last); plan =
-                            union_runs(new, tainted); runs_bytes(clip_runs(plan, 0, size)), as
-                            transfer/state/sync.py's _choose and _copy do
-               python       kernels("python"), the twins, the same calls
-               numpy        the same five steps vectorised (kernels_bench.py: sort + running
-                            maximum of the ends; a boundary sweep for the subtraction), lists of
-                            (start, end) pairs in and out like the engine's, the conversions
-                            timed: a drop-in replacement
-               numpy-arrays the same on numpy arrays in and out (the conversions left out)
-
-Method: `python -m pytest bench/scenarios/kernels_bench.py -p bench.scenarios.kernels` in a child
-process, with
-pytest-benchmark (--benchmark-disable-gc --benchmark-json FILE); its JSON is turned into these JSON
-lines and kept beside them (NAME.pytest-benchmark.json). Samples are interleaved: the tests run per
-kernel and input in rounds, round 0: A B C, round 1: A B C, ... (--reps rounds); each test is one
-pytest-benchmark benchmark in pedantic mode, rounds=1, iterations=`number`, no warm-up rounds:
-pytest-benchmark times the `number` calls with time.perf_counter, the garbage collector off, and
-its stored round time (÷ `number`) is the sample (after a round of more than one call
-pytest-benchmark makes one more, untimed, for the return value). Before a kernel and input's first
-sample, once: a wait for an idle machine (harness.machine.wait_quiet); each implementation called once
-(the warm-up) and its output checked against the engine's (flags, digests; merged areas, what is
-new, the plan and its bytes) and against what the input was made with (the zero count; the interval
-algebra's outputs recomputed by block sets: np.unique, setdiff1d, union1d); then each called once
-more, timed, to choose `number` so that a sample lasts at least --min-sample seconds. A mismatch
-fails that implementation's round-0 test and makes the run invalid (exit 1); every sample is still
-taken. Medians with min and max; ratios pair by pair (round i against round i). GiB/s is the
-buffer's bytes ÷ the median per-call seconds; M areas/s the areas ÷ it.
-
-Bars, per kernel and input: cython ÷ best peer ≥ 1 (the median of per-sample peer time ÷
-cython time, for the fastest of the twin and the baselines; for the interval algebra of the twin
-and the drop-in numpy, not numpy-arrays, which leaves out the conversions). numpy's import in a
-fresh process is measured apart and reported (the engine's reason not to plan with numpy), not
-added to any sample.
+kernels_bench.py holds the inputs, the implementations (KERNELS, in their interleaving order) and
+the cross-checks; this module runs it with pytest in a child process (and is its pytest plugin,
+`-p bench.scenarios.kernels`), turns pytest-benchmark's JSON into the JSON lines, and makes the
+table, bars and plot. Bars, per kernel and input: cython ÷ best peer ≥ 1, the median of
+per-sample peer time ÷ cython time (for the interval algebra, of the twin and the drop-in numpy
+only). The inputs and the method: bench/README.md, "kernels".
 """
 
 from __future__ import annotations
@@ -88,9 +42,9 @@ from ..harness.machine import (
     size_text,
     stats,
 )
-from ..harness.plots import pyplot, save, title
-from ..harness.report import Run, peer_bars
-from ..harness.runner import Context, Outcome, parser, reproduce
+from ..harness.plots import bar_groups, pyplot, save, title
+from ..harness.report import Run
+from ..harness.runner import Context, Outcome, defaults, parser, reproduce
 
 NAME = SCENARIO = "kernels"
 WORKDIR = False  # the inputs live in memory
@@ -346,11 +300,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--disk", type=parse_size, default=DEFAULT_DISK,
                    help="disk size of the interval-algebra inputs (default 1T), a multiple of 64K")
     a = p.parse_args(argv)
-    a.size = a.size if a.size is not None else (QUICK_SIZE if a.quick else DEFAULT_SIZE)
-    a.reps = a.reps if a.reps is not None else (3 if a.quick else 15)
-    a.areas = a.areas if a.areas is not None else (QUICK_AREAS if a.quick else DEFAULT_AREAS)
-    if a.min_sample is None:
-        a.min_sample = 0.001 if a.quick else 0.005
+    defaults(a, size=(DEFAULT_SIZE, QUICK_SIZE), reps=(15, 3), areas=(DEFAULT_AREAS, QUICK_AREAS),
+             min_sample=(0.005, 0.001))
     if (a.reps < 1 or a.size < 2 * BLOCK or a.size % BLOCK or a.min_sample < 0 or a.areas < 1
             or a.disk < 16 * BLOCK or a.disk % BLOCK):
         p.error("--reps and --areas must be at least 1, --size a multiple of 64K (at least "
@@ -475,10 +426,6 @@ def _pytest_version() -> str | None:
 
 # ---------------------------------------------------------------- the report
 
-def report_table(run: Run) -> str:
-    return table(run.of_type("summary")[-1])
-
-
 def report_notes(run: Run) -> list[str]:
     s = next(iter(run.of_type("summary")), None)
     if not s:
@@ -511,11 +458,6 @@ def _disk_text(s: dict[str, Any]) -> str:
     return f"{disk >> 40} TiB" if disk and disk % (1 << 40) == 0 else f"{disk / GiB:g} GiB"
 
 
-def best_peer_rows(run: Run) -> list[tuple[str, str, float | None]]:
-    """Per kernel and input, the fastest twin or baseline."""
-    return peer_bars(run)
-
-
 def plot(run: Run, png: str) -> None:
     """A panel per kernel: throughput per input (median, min–max whiskers, log scale; GiB/s for
     the zero scan and the block hash, M areas/s for the interval algebra), the engine's
@@ -538,30 +480,23 @@ def plot(run: Run, png: str) -> None:
                       ENGINE[kernel])
         unit = next((r["unit"] for r in rows if r["kernel"] == kernel and r.get("unit")),
                     "GiB/s")
-        width = 0.8 / len(impls)
-        for i, impl in enumerate(impls):
-            xs, ys, lo, hi, labels = [], [], [], [], []
-            for j, inp in enumerate(inputs):
-                r = next((r for r in rows if r["kernel"] == kernel and r["buffer"] == inp
-                          and r["impl"] == impl), None)
-                rate = r and r.get("per_s", r.get("gib_per_s"))
-                if not r or not rate:
-                    continue
-                xs.append(j + (i - (len(impls) - 1) / 2) * width)
-                ys.append(rate)
-                lo.append(rate - (r.get("per_s_min", r.get("gib_per_s_min")) or rate))
-                hi.append((r.get("per_s_max", r.get("gib_per_s_max")) or rate) - rate)
-                ratio = (r.get("engine_over_this") or r.get("cython_over_this") or {}).get("median")
-                labels.append("" if impl == engine or ratio is None
-                              else f"{ratio:,.0f}×" if ratio >= 100 else f"{ratio:.3g}×")
-            if not xs:
-                continue
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=colors(i),
-                   label=impl + (" (engine)" if impl == engine else ""))
-            for x, y, top, text in zip(xs, ys, hi, labels):
-                if text:
-                    ax.annotate(text, (x, y + top), textcoords="offset points", xytext=(0, 3),
-                                ha="center", fontsize=7)
+        shown = {impl + (" (engine)" if impl == engine else ""): impl for impl in impls}
+
+        def value(inp: str, name: str, kernel: str = kernel, engine: str = engine
+                  ) -> tuple[float, float, float, str] | None:
+            impl = shown[name]
+            r = next((r for r in rows if r["kernel"] == kernel and r["buffer"] == inp
+                      and r["impl"] == impl), None)
+            rate = r and r.get("per_s", r.get("gib_per_s"))
+            if not r or not rate:
+                return None
+            ratio = (r.get("engine_over_this") or r.get("cython_over_this") or {}).get("median")
+            return (rate, rate - (r.get("per_s_min", r.get("gib_per_s_min")) or rate),
+                    (r.get("per_s_max", r.get("gib_per_s_max")) or rate) - rate,
+                    "" if impl == engine or ratio is None
+                    else f"{ratio:,.0f}×" if ratio >= 100 else f"{ratio:.3g}×")
+
+        bar_groups(ax, inputs, list(shown), value, colors)
         ax.set_yscale("log")
         ax.set_xticks(range(len(inputs)), list(inputs))
         ax.set_title(kernel + (" (the engine's was plain Python)" if engine == "python" else ""),

@@ -1,6 +1,5 @@
 """The kernels scenario's timings as pytest-benchmark benchmarks (bench/scenarios/kernels.py runs
-this file with pytest in a child process and turns pytest-benchmark's JSON into the scenario's
-JSON lines).
+this file with pytest in a child process and turns pytest-benchmark's JSON into its JSON lines).
 
 By hand (options default to the scenario's full run; `-p bench.scenarios.kernels` adds the
 --kernels-* options and a commit-info hook that never writes the git index):
@@ -8,21 +7,12 @@ By hand (options default to the scenario's full run; `-p bench.scenarios.kernels
     cd /work/main && .venv/bin/python -m pytest bench/scenarios/kernels_bench.py \\
         -p bench.scenarios.kernels -p no:cacheprovider --benchmark-disable-gc [--kernels-reps 5] [--benchmark-json FILE]
 
-The file is outside tests/ and its name matches no `python_files` pattern: `python -m pytest`
-collects only tests/ (pyproject's testpaths), and this runs only when named.
-
-One test function, test_kernel, parametrized (pytest_generate_tests) over steps in this order:
-per kernel, per input, `--kernels-reps` rounds, and in each round every implementation of the
-kernel (round 0: A B C, round 1: A B C, ...). A step is one pytest-benchmark benchmark in
-pedantic mode: rounds=1, iterations=`number`, warmup_rounds=0; pytest-benchmark times the
-`number` calls with time.perf_counter, the garbage collector off (--benchmark-disable-gc), and
-stores that round's time ÷ `number` as the sample. The first step of a kernel and input
-prepares it (cached for its other steps): a wait for an idle machine (harness.machine.wait_quiet), each
-implementation called once (the warm-up) and its output checked against the engine's and against
-what the input was made with, then each called once more, timed, to choose its `number` (a sample
-lasts at least --kernels-min-sample seconds). Every step's benchmark carries extra_info (kernel,
-input, impl, round, number, engine, amount, unit); round 0's also the check's `problems`, and a
-round-0 step whose implementation failed the check fails (after its sample is stored).
+The file's name matches no `python_files` pattern: plain `python -m pytest` never collects it.
+One test, test_kernel, parametrized over steps: per kernel, per input, `--kernels-reps` rounds of
+every implementation (round 0: A B C, round 1: A B C, ...), each step one benchmark in pedantic
+mode (rounds=1, iterations=`number`); a kernel and input's first step prepares it (Inputs.prepare).
+Its extra_info (kernel, input, impl, round, number, engine, amount, unit; round 0's `problems`) is
+what kernels.records_of reads. The method in full: bench/README.md, "kernels".
 """
 
 from __future__ import annotations

@@ -2,36 +2,12 @@
 
 The issue: "On a 2 GiB disk, for guest write rates of 1, 4, 16 and 64 MiB/s: the passes until
 convergence, the final delta, the predicted and the measured downtime (prediction within ±25 % of
-the measurement), as a table and a plot."
-
-The size axis (--sizes 1G,4G,16G; its issue: "1, 4 and 16 GiB disks (half data) at 4 MiB/s
-guest writes. Downtime at 16 GiB within 1.5× of the 1 GiB downtime, every prediction within
-±25 %, and live converging at 16 GiB under the default 5 s budget"): the same runs for every
-size, the rate 4 MiB/s unless --rates; bars on the largest size's median measured downtime over
-the smallest's, and on every run at the largest size converging within --max-downtime.
-
-For every size, rate and rep, from scratch: the bench image (transfer.demo.synth, same size and seed
-as the other scenarios) copied to a fresh raw disk, a fresh qemu-storage-daemon holding it as
-node disk0 (QMP socket, NBD server exporting it writable as `rw`), and a guest
-(bench/live_guest.py, a child process running transfer.demo.workload.GuestWriter, scattered writes at
-the rate) writing through that export. After --warmup seconds of writing:
-
-  transfer migrate TARGET --type live --qmp QMP --node disk0 --state STATE --nbd-socket NBD
-      --max-downtime 5s --on-cutover CMD --report R --progress none --max-passes 30
-
-CMD is the handshake of tests/migrate_test.py: it touches STOP (the guest stops writing once its
-write in flight completes, then touches STOPPED) and waits for STOPPED. Exit 0: converged and cut
-over; then `transfer verify nbd+unix:///rw?socket=NBD TARGET` must say equal (the guest is stopped,
-the daemon still runs) and its digest must be the report's. Exit 7: did not converge within the
-budget, a result, recorded with what the engine said (its pass log in STATE, its message).
-
-Measured downtime: from the STOP file's creation (the moment the stop command acts) to the
-migrate process being reaped (the target is complete and verified, and the VM could start there):
-what an orchestrator waiting for `transfer migrate` sees. The engine's own figure (stop command +
-final pass, its clock) is shown beside. Bar: |predicted / measured - 1| <= 0.25, on every
-converged run of a size and rate. CPU of the engine, the guest, the daemon and the whole machine
-over the migration is recorded (2 CPUs here: a 64 MiB/s guest competes with the engine). See
-bench/README.md.
+the measurement), as a table and a plot." With --sizes, the same runs on several disk sizes (the
+size axis, at 4 MiB/s unless --rates). Every run from scratch: a fresh disk copied from the bench
+image, a fresh qemu-storage-daemon, the guest (live_guest.py, a child process) writing through its
+NBD export, then `transfer migrate --type live`. Measured downtime: the STOP file's creation (the
+stop command acts) to the migrate process being reaped. How it is set up, run, checked and
+barred: bench/README.md, "live-converge".
 """
 
 from __future__ import annotations
@@ -61,7 +37,7 @@ from ..harness.machine import (
     GiB,
     MiB,
     cmd_output,
-    engine_fingerprint,
+    engine_env,
     engine_lacks,
     fmt,
     loadavg,
@@ -73,12 +49,13 @@ from ..harness.machine import (
     size_text,
     sparse_copy,
     wait_quiet,
+    warm_bytecode,
 )
 from ..harness.measure import load_json, measure
-from ..harness.plots import pyplot, save
+from ..harness.plots import Panel, Series, draw_png, draw_svg
 from ..harness.plots import title as plot_title
 from ..harness.report import Run
-from ..harness.runner import Context, Outcome, parser, reproduce
+from ..harness.runner import Context, Outcome, defaults, parser, reproduce
 from ..harness.runner import bar_line as harness_bar_line
 
 NAME = SCENARIO = "live-converge"
@@ -111,24 +88,7 @@ class Live:
         self.prov = prov
         self.runs: list[dict[str, Any]] = []
         self.nproc = len(os.sched_getaffinity(0))
-        # The engine's and the guest's bytecode under the work directory (as warm-delta does):
-        # never in the tree, and not compiled again by every run in a PYTHONDONTWRITEBYTECODE shell.
-        self.pycache = os.path.join(workdir, "pycache")
-        self.env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        self.env["PYTHONPYCACHEPREFIX"] = self.pycache
-
-    def warm_bytecode(self) -> float:
-        t = time.perf_counter()
-        imports = ("import transfer.cli, transfer.migration.migrate, transfer.api, "
-                   "transfer.demo.workload, bench.scenarios.live_guest, nbd, numpy")
-        subprocess.run([PYTHON, "-c", imports], cwd=ROOT, env=self.env, check=True,
-                       capture_output=True)
-        subprocess.run([str(ENGINE), "migrate", "--help"], env=self.env, check=True,
-                       capture_output=True)
-        return time.perf_counter() - t
-
-    def emit(self, record: dict[str, Any]) -> None:
-        self.ctx.emit(record)
+        self.env = engine_env(workdir)
 
     def run(self, size: int, image: str, rate_mib: float, rep: int, seed: int) -> dict[str, Any]:
         """One migration from scratch: image (of size bytes) copied to a fresh disk, a fresh
@@ -209,7 +169,7 @@ class Live:
                         "engine": _pct(m["client_cpu_s"], wall), "guest": _pct(g_cpu, wall),
                         "qsd": _pct(m["server_cpu_s"], wall),
                         "machine": _pct(m["machine_busy_cpu_s"], wall * self.nproc)},
-                    "guest": g, "engine_fingerprint": engine_fingerprint(),
+                    "guest": g,
                 })
                 stderr = _tail(p["migrate"] + ".log", 4000)
                 if code not in (0, NOT_CONVERGING):
@@ -240,12 +200,7 @@ class Live:
                     pass
             if not a.keep:
                 shutil.rmtree(d, ignore_errors=True)
-        rec["valid"] = not problems
-        rec["problems"] = problems
-        rec["notes"] = notes
-        rec["provenance"] = self.prov
-        self.emit(rec)
-        self.runs.append(rec)
+        self.ctx.record(self.runs, rec, problems, self.prov, True, notes)
         say(run_line(rec))
         for n in notes:
             say(f"      note: {n}")
@@ -696,187 +651,62 @@ def bar_line(b: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- the plot
 
-COLORS = {1.0: "#1f77b4", 4.0: "#2ca02c", 16.0: "#ff7f0e", 64.0: "#d62728"}
-EXTRA = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
-PALETTE = tuple(COLORS.values()) + EXTRA  # a color per (size, rate) on a size axis
+PALETTE = ("#1f77b4", "#2ca02c", "#ff7f0e", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf")  # a color per (size, rate)
+MEASURED, PREDICTED = "#1f77b4", "#ff7f0e"
 
 
-def _color(rate: float, rates: list[float]) -> str:
-    return COLORS.get(rate) or EXTRA[rates.index(rate) % len(EXTRA)]
+def panels(s: dict[str, Any], runs: list[dict[str, Any]]) -> list[Panel]:
+    """The scenario's plot, drawn as the PNG and as its own SVG: the delta of every pass (log
+    scale), a line per run; the downtime against the guest's write rate (with a size axis,
+    against the disk size, the medians joined per rate): every run's measured (●) and predicted
+    (◇) downtime, the medians joined, the ±25 % band around the measured median; the passes
+    until convergence (× exit 7)."""
+    groups = s.get("rates") or []
+    by_size = len(_sizes(s)) > 1
+    cats = [(g["size"], g["rate_mib_s"]) for g in groups]
 
+    def x_of(r: dict[str, Any]) -> float:
+        return r["size"] / GiB if by_size else r["rate_mib_s"]
 
-def svg_plot(s: dict[str, Any], runs: list[dict[str, Any]], title: str) -> str:
-    """Three panels, drawn by hand (no matplotlib here): the delta of every pass (log scale) per
-    rate; predicted against measured downtime per rate (with the ±25 % band); the passes until
-    convergence per rate. With a size axis, each (size, rate) is a category and a color."""
-    cats = [(x["size"], x["rate_mib_s"]) for x in s["rates"]]
-    multi = len(_sizes(s)) > 1
-    rates = list(dict.fromkeys(rate for _, rate in cats))
-    axis = "disk, guest write rate MiB/s" if multi else "guest write rate MiB/s"
-
-    def color(cat: tuple[int, float]) -> str:
-        return PALETTE[cats.index(cat) % len(PALETTE)] if multi else _color(cat[1], rates)
-
-    def label(cat: tuple[int, float]) -> str:
-        return f"{size_text(cat[0])} {cat[1]:g}" if multi else f"{cat[1]:g}"
-
-    def of(cat: tuple[int, float]) -> list[dict[str, Any]]:
-        return [r for r in runs if (r["size"], r["rate_mib_s"]) == cat]
-
-    W, H, PW, PH, L, T = 1260, 420, 330, 280, 70, 70
-    el: list[str] = [
-        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-         'font-family="sans-serif" font-size="12">'),
-        f'<rect width="{W}" height="{H}" fill="white"/>',
-        f'<text x="{W / 2}" y="24" text-anchor="middle" font-size="15">{_esc(title)}</text>']
-
-    def frame(i: int, name: str, xlabel: str, ylabel: str) -> tuple[float, float]:
-        x0, y0 = L + i * (PW + 90), T
-        el.append(f'<rect x="{x0}" y="{y0}" width="{PW}" height="{PH}" fill="none" '
-                  f'stroke="#444"/>')
-        el.append(f'<text x="{x0 + PW / 2}" y="{y0 - 10}" text-anchor="middle" '
-                  f'font-weight="bold">{_esc(name)}</text>')
-        el.append(f'<text x="{x0 + PW / 2}" y="{y0 + PH + 36}" text-anchor="middle">'
-                  f'{_esc(xlabel)}</text>')
-        el.append(f'<text transform="translate({x0 - 48},{y0 + PH / 2}) rotate(-90)" '
-                  f'text-anchor="middle">{_esc(ylabel)}</text>')
-        return x0, y0
-
-    def cat_x(x0: float, cat: tuple[int, float]) -> float:
-        return x0 + PW * (cats.index(cat) + 0.5) / len(cats)
-
-    def cat_axis(x0: float, y0: float) -> None:
-        for cat in cats:
-            el.append(f'<text x="{cat_x(x0, cat)}" y="{y0 + PH + 16}" text-anchor="middle">'
-                      f'{label(cat)}</text>')
-
-    def lin_axis(x0: float, y0: float, top: float, fmt: str) -> Any:
-        step = _nice_step(top / 5)
-        v = 0.0
-        while v <= top + 1e-9:
-            y = y0 + PH - PH * v / top
-            el.append(f'<line x1="{x0}" x2="{x0 + PW}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
-            el.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">'
-                      f'{format(v, fmt)}</text>')
-            v += step
-        return lambda val: y0 + PH - PH * val / top
-
-    # 1: delta per pass, log scale
-    x0, y0 = frame(0, "delta of each pass", "pass (the last one: final, guest stopped)",
-                   "delta MiB (log)")
-    series = [r for r in runs if r.get("passes")]
-    deltas = [p["delta_bytes"] / MiB for r in series for p in r["passes"]
-              if p.get("delta_bytes")]
-    lo = 10 ** math.floor(math.log10(min(deltas))) if deltas else 0.1
-    hi = 10 ** math.ceil(math.log10(max(deltas))) if deltas else 1000
-    n_pass = max((len(r["passes"]) for r in series), default=2)
-
-    def ly(v: float) -> float:
-        return y0 + PH - PH * (math.log10(max(v, lo)) - math.log10(lo)) / (
-            math.log10(hi) - math.log10(lo))
-
-    def px(i: int) -> float:
-        return x0 + 15 + (PW - 30) * i / max(1, n_pass - 1)
-
-    dec = lo
-    while dec <= hi * 1.0001:
-        y = ly(dec)
-        el.append(f'<line x1="{x0}" x2="{x0 + PW}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
-        el.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{dec:g}</text>')
-        dec *= 10
-    for i in range(n_pass):
-        el.append(f'<text x="{px(i):.1f}" y="{y0 + PH + 16}" text-anchor="middle">{i}</text>')
-    for r in series:
-        c = color((r["size"], r["rate_mib_s"]))
-        pts = [(px(i), ly(p["delta_bytes"] / MiB)) for i, p in enumerate(r["passes"])
-               if p.get("delta_bytes")]
-        dash = "" if r.get("result") != "not converging" else ' stroke-dasharray="4 3"'
-        el.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.5" opacity="0.8"{dash} '
-                  f'points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in pts)}"/>')
-        for (x, y), p in zip(pts, r["passes"]):
-            fill = c if p.get("final") else "white"
-            el.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{fill}" stroke="{c}"/>')
-    for i, cat in enumerate(cats):
-        y = y0 + 14 + 15 * i
-        el.append(f'<line x1="{x0 + PW - 88}" x2="{x0 + PW - 70}" y1="{y - 4}" y2="{y - 4}" '
-                  f'stroke="{color(cat)}" stroke-width="2"/>')
-        el.append(f'<text x="{x0 + PW - 66}" y="{y}">{label(cat)} MiB/s</text>')
-
-    # 2: downtime, predicted against measured
-    x0, y0 = frame(1, "downtime: measured ● predicted ◇", axis,
-                   "seconds")
+    deltas = []
+    for r in (r for r in runs if r.get("passes")):
+        cat = (r["size"], r["rate_mib_s"])
+        first = next(x for x in runs if (x["size"], x["rate_mib_s"]) == cat)
+        deltas.append(Series(
+            (f"{size_text(cat[0])} " if by_size else "") + f"{cat[1]:g} MiB/s" if r is first
+            else None, [(i, p["delta_bytes"] / MiB) for i, p in enumerate(r["passes"])
+                        if p.get("delta_bytes")],
+            PALETTE[cats.index(cat) % len(PALETTE)] if cat in cats else PALETTE[0],
+            line="--" if r.get("result") == "not converging" else "-"))
     conv = [r for r in runs if r.get("measured_downtime_s") is not None]
-    top = max([r["measured_downtime_s"] * (1 + BAR_PREDICTION) for r in conv]
-              + [r["predicted_downtime_s"] or 0 for r in conv] + [0.1]) * 1.1
-    y_of = lin_axis(x0, y0, top, ".2g" if top < 1 else ".1f")
-    cat_axis(x0, y0)
-    for cat in cats:
-        rs = of(cat)
-        c = color(cat)
-        for j, r in enumerate(rs):
-            x = cat_x(x0, cat) + (j - (len(rs) - 1) / 2) * 12
-            m, pr = r.get("measured_downtime_s"), r.get("predicted_downtime_s")
-            if m is None:
-                el.append(f'<text x="{x:.1f}" y="{y0 + PH - 6}" text-anchor="middle" fill="{c}">'
-                          f'×</text>')
-                continue
-            band_top, band_bottom = y_of(m * (1 + BAR_PREDICTION)), y_of(m * (1 - BAR_PREDICTION))
-            el.append(f'<rect x="{x - 4:.1f}" y="{band_top:.1f}" width="8" '
-                      f'height="{band_bottom - band_top:.1f}" fill="{c}" opacity="0.15"/>')
-            el.append(f'<circle cx="{x:.1f}" cy="{y_of(m):.1f}" r="4" fill="{c}"/>')
-            if pr is not None:
-                yy = y_of(pr)
-                el.append(f'<polygon points="{x:.1f},{yy - 5:.1f} {x + 5:.1f},{yy:.1f} '
-                          f'{x:.1f},{yy + 5:.1f} {x - 5:.1f},{yy:.1f}" fill="white" '
-                          f'stroke="{c}" stroke-width="1.5"/>')
-    budget = s["max_downtime_s"]
-    if budget <= top:
-        yb = y_of(budget)
-        el.append(f'<line x1="{x0}" x2="{x0 + PW}" y1="{yb:.1f}" y2="{yb:.1f}" stroke="#c00" '
-                  f'stroke-dasharray="6 4"/>')
-        el.append(f'<text x="{x0 + 4}" y="{yb - 4:.1f}" fill="#c00">--max-downtime</text>')
-    else:
-        el.append(f'<text x="{x0 + 4}" y="{y0 + 14}" fill="#c00">--max-downtime {budget:g} s '
-                  f'(above the scale)</text>')
-    el.append(f'<text x="{x0 + 4}" y="{y0 + 28}" fill="#666">band: measured ±25 %</text>')
-
-    # 3: passes until convergence
-    x0, y0 = frame(2, "passes until convergence", axis,
-                   "pre-copy passes (pass 0 included)")
-    top = max([r.get("precopy_passes") or 0 for r in runs] + [2]) + 1
-    y_of = lin_axis(x0, y0, top, ".0f")
-    cat_axis(x0, y0)
-    for cat in cats:
-        rs = of(cat)
-        c = color(cat)
-        for j, r in enumerate(rs):
-            if r.get("precopy_passes") is None:
-                continue
-            x = cat_x(x0, cat) + (j - (len(rs) - 1) / 2) * 12
-            y = y_of(r["precopy_passes"])
-            if r.get("result") == "not converging":
-                el.append(f'<text x="{x:.1f}" y="{y + 5:.1f}" text-anchor="middle" fill="{c}" '
-                          f'font-size="16">×</text>')
-            else:
-                el.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{c}"/>')
-    el.append(f'<text x="{x0 + 4}" y="{y0 + 14}" fill="#666">● converged  × exit 7 (not '
-              f'converging)</text>')
-    el.append("</svg>")
-    return "\n".join(el) + "\n"
-
-
-def _esc(t: str) -> str:
-    return t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _nice_step(x: float) -> float:
-    if x <= 0:
-        return 1.0
-    e = 10 ** math.floor(math.log10(x))
-    for m in (1, 2, 2.5, 5, 10):
-        if m * e >= x:
-            return m * e
-    return 10 * e
+    down = [Series("measured", [(x_of(r), r["measured_downtime_s"]) for r in conv], MEASURED),
+            Series("predicted", [(x_of(r), r["predicted_downtime_s"]) for r in conv
+                                 if r.get("predicted_downtime_s") is not None], PREDICTED, "D")]
+    for k, rate in enumerate(sorted({g["rate_mib_s"] for g in groups}) if by_size else [None]):
+        gs = [g for g in groups if rate is None or g["rate_mib_s"] == rate]
+        down += [Series(f"measured median ±{BAR_PREDICTION:.0%}" if k == 0 else None,
+                        [(x_of(g), statistics.median(g["measured_downtime_s"])) for g in gs
+                         if g["measured_downtime_s"]], MEASURED, "", "-", BAR_PREDICTION),
+                 Series(None, [(x_of(g), statistics.median(g["predicted_downtime_s"]))
+                               for g in gs if g["predicted_downtime_s"]], PREDICTED, "", "--")]
+    seven = [r.get("result") == "not converging" for r in runs]
+    passes = [Series(label, [(x_of(r), r["precopy_passes"]) for r, s7 in zip(runs, seven)
+                             if s7 == want and r.get("precopy_passes") is not None], color, marker)
+              for label, want, color, marker in (("converged", False, "#2ca02c", "o"),
+                                                 ("exit 7 (not converging)", True, "#d62728", "x"))]
+    xlabel = "disk size, GiB" if by_size else "guest write rate, MiB/s"
+    xticks = sorted({x_of(g) for g in groups})
+    budget = s.get("max_downtime_s")
+    return [Panel("delta of each pass", "pass (the last one: final, guest stopped)",
+                  "delta MiB (log)", deltas,
+                  list(range(max((len(r["passes"]) for r in runs if r.get("passes")),
+                                 default=2))), ylog=True),
+            Panel("downtime: measured ● predicted ◇", xlabel, "downtime, s", down, xticks,
+                  xlog=True, hline=(budget, f"--max-downtime {budget:g} s")
+                  if by_size and budget else None),
+            Panel("passes until convergence", xlabel, "pre-copy passes (pass 0 included)",
+                  passes, xticks, xlog=True)]
 
 
 # ---------------------------------------------------------------- the scenario
@@ -922,7 +752,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     else:
         a.size_list = [a.size if a.size is not None
                        else (QUICK_SIZE if a.quick else DEFAULT_SIZE)]
-    a.reps = a.reps if a.reps is not None else (1 if a.quick else DEFAULT_REPS)
+    defaults(a, reps=(DEFAULT_REPS, 1))
     try:
         a.rate_list = ([float(x) for x in a.rates.split(",") if x.strip()] if a.rates
                        else list(SIZES_RATES if a.sizes is not None
@@ -994,7 +824,10 @@ def run(ctx: Context) -> Outcome:
         f"{prov['qemu_storage_daemon']}, kernel {prov['kernel']}, "
         f"{prov['cpu_model']} x {prov['nproc']}")
     live = Live(ctx, prov)
-    say(f"bytecode compiled into {live.pycache} in {live.warm_bytecode():.1f} s")
+    seconds = warm_bytecode(live.env, "transfer.cli, transfer.migration.migrate, transfer.api, "
+                            "transfer.demo.workload, bench.scenarios.live_guest, nbd, numpy",
+                            "migrate")
+    say(f"bytecode compiled into {live.env['PYTHONPYCACHEPREFIX']} in {seconds:.1f} s")
     rates_text = ", ".join(f"{r:g}" for r in a.rate_list)
     reps = f"{a.reps} rep{'s' if a.reps > 1 else ''}"
     say(f"{reps} of guest rates {rates_text} MiB/s ({a.pattern}) on {sizes_text} "
@@ -1014,9 +847,9 @@ def run(ctx: Context) -> Outcome:
             say(f"{size_text(size)}: {size_seconds[size_text(size)] / 60:.1f} min, "
                 "its image included")
     summary = summarize(live, a.size_list, a.rate_list)
-    live.emit(summary)
+    ctx.emit(summary)
     with open(plot_path, "w") as f:
-        f.write(svg_plot(summary, live.runs, f"live-converge: {sizes_text} disk, guest "
+        f.write(draw_svg(panels(summary, live.runs), f"live-converge: {sizes_text} disk, guest "
                          f"{a.pattern}, --max-downtime {a.max_downtime}, {reps}, engine "
                          f"{prov['engine_commit']}, {os.path.basename(ctx.path)}"))
     text = [f"{SCENARIO}: {sizes_text} raw disk{'s' if len(a.size_list) > 1 else ''} (image "
@@ -1064,10 +897,6 @@ def model_lines(runs: list[dict[str, Any]]) -> list[str]:
 
 # ---------------------------------------------------------------- the report
 
-def report_table(run: Run) -> str:
-    return table(run.of_type("summary")[-1])
-
-
 def report_notes(run: Run) -> list[str]:
     s = next(iter(run.of_type("summary")), None)
     if not s:
@@ -1082,78 +911,10 @@ def best_peer_rows(run: Run) -> list[tuple[str, str, Any]]:
 
 
 def plot(run: Run, png: str) -> None:
-    """Downtime against the guest's write rate: every run's measured (●) and predicted (◇)
-    downtime, the medians joined, the ±25 % band around the measured median; beside it the
-    passes until convergence per rate. With a size axis (more than one disk size), the same
-    against the disk size, the medians joined per rate."""
-    plt = pyplot()
-    s = next(iter(run.of_type("summary")), None)
-    runs = run.of_type("run")
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [2, 1]})
-    groups = (s or {}).get("rates", [])
-    by_size = bool(s) and len(_sizes(s)) > 1
-
-    def x_of(r: dict[str, Any]) -> float:
-        return r["size"] / GiB if by_size else r["rate_mib_s"]
-
-    xs_all = sorted({x_of(x) for x in groups})
-    if xs_all:
-        conv = [r for r in runs if r.get("measured_downtime_s") is not None]
-        ax.scatter([x_of(r) for r in conv], [r["measured_downtime_s"] for r in conv],
-                   marker="o", color="#1f77b4", label="measured", zorder=3)
-        ax.scatter([x_of(r) for r in conv if r.get("predicted_downtime_s") is not None],
-                   [r["predicted_downtime_s"] for r in conv
-                    if r.get("predicted_downtime_s") is not None],
-                   marker="D", facecolors="none", edgecolors="#ff7f0e", label="predicted",
-                   zorder=3)
-        # the medians joined: over the rates, or per rate over the sizes
-        series = sorted({x["rate_mib_s"] for x in groups}) if by_size else [None]
-        for k, rate in enumerate(series):
-            gs = [x for x in groups if rate is None or x["rate_mib_s"] == rate]
-            med_m = [(x_of(x), statistics.median(x["measured_downtime_s"]))
-                     for x in gs if x["measured_downtime_s"]]
-            med_p = [(x_of(x), statistics.median(x["predicted_downtime_s"]))
-                     for x in gs if x["predicted_downtime_s"]]
-            if med_m:
-                xs, ys = zip(*med_m)
-                ax.plot(xs, ys, color="#1f77b4", alpha=0.6)
-                band = BAR_PREDICTION
-                ax.fill_between(xs, [y * (1 - band) for y in ys], [y * (1 + band) for y in ys],
-                                color="#1f77b4", alpha=0.12,
-                                label=f"measured median ±{band:.0%}" if k == 0 else None)
-            if med_p:
-                xs, ys = zip(*med_p)
-                ax.plot(xs, ys, color="#ff7f0e", alpha=0.6, linestyle="--")
-        if by_size:
-            budget = s.get("max_downtime_s")
-            if budget:
-                ax.axhline(budget, color="#d62728", linestyle=":",
-                           label=f"--max-downtime {budget:g} s")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
-        passes = [(x_of(r), r.get("precopy_passes")) for r in runs
-                  if r.get("precopy_passes") is not None]
-        seven = [x_of(r) for r in runs if r.get("result") == "not converging"]
-        if passes:
-            ax2.scatter(*zip(*passes), color="#2ca02c", label="converged")
-        if seven:
-            ax2.scatter(seven, [max([p for _, p in passes] or [1])] * len(seven), marker="x",
-                        color="#d62728", label="exit 7 (not converging)")
-        ax2.set_xscale("log", base=2)
-        ax2.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
-        ax2.set_ylim(bottom=0)
-        ax2.yaxis.get_major_locator().set_params(integer=True)
-        ax2.legend(fontsize=8)
-    xlabel = "disk size, GiB" if by_size else "guest write rate, MiB/s"
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("downtime, s")
-    ax.grid(alpha=0.3)
-    ax2.set_xlabel(xlabel)
-    ax2.set_ylabel("pre-copy passes until convergence")
-    ax2.grid(alpha=0.3)
-    sizes = ", ".join(f"{n / GiB:g}" for n in _sizes(s)) if s else "?"
-    rates = ", ".join(f"{x:g}" for x in sorted({x["rate_mib_s"] for x in groups}))
-    save(plt, fig, png, plot_title(run, f"{sizes} GiB disk, transfer migrate --type live"
-                                        + (f", guest {rates} MiB/s" if by_size else "")))
+    """The panels (see panels()) of the run's summary and runs."""
+    s = next(iter(run.of_type("summary")), None) or {"size": 0}
+    sizes = ", ".join(f"{n / GiB:g}" for n in _sizes(s))
+    rates = ", ".join(f"{x:g}" for x in sorted({g["rate_mib_s"] for g in s.get("rates", [])}))
+    draw_png(panels(s, run.of_type("run")), png, plot_title(
+        run, f"{sizes} GiB disk, transfer migrate --type live"
+        + (f", guest {rates} MiB/s" if len(_sizes(s)) > 1 else "")))

@@ -78,11 +78,11 @@ def main(argv: list[str]) -> int:
     w = GuestWriter(a.uri, rate=a.rate, pattern=a.pattern, seed=a.seed).start()
     stop_seen = None
     try:
-        while not w.log and w._thread.is_alive():
+        while not w.log and w.alive():
             time.sleep(POLL)
         _touch(a.ready)
         while not os.path.exists(a.stop):
-            if not w._thread.is_alive():  # the writer failed: stop() raises its error
+            if not w.alive():  # the writer failed: stop() raises its error
                 break
             time.sleep(POLL)
         else:

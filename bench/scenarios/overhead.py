@@ -1,24 +1,9 @@
 """overhead: the engine's own cost, with a source that costs next to nothing to serve.
 
-nbdkit serves a synthetic disk from memory on a unix socket, read-only, and each tool copies it
-to `null:`, so neither disk, page cache nor a slow server is in the way:
-
-  memory         nbdkit memory SIZE: reads zeroes, and its extents say the whole disk is a hole
-                 (the zero path: what a tool spends to learn that there is nothing to copy)
-  sparse-random  nbdkit sparse-random SIZE seed=S percent=P: runs of data (~16 MiB) and holes,
-                 P % data; each 4 KiB block of data is one random non-zero byte repeated, unless
-                 --random-content (then every byte is random, and nbdkit's generator becomes the
-                 bottleneck on this machine)
-
-  engine         transfer copy URI null: --progress none --report R   (hashing always on)
-  nbdcopy        nbdcopy URI null:                                    (its defaults)
-
-A fresh nbdkit for every run. Per source: the data bytes from `nbdinfo --map --totals`, a
-reference digest of the disk (`nbdcopy URI -` piped into transfer.demo.file_digest, the xxhash
-package alone), then a warm-up per tool (the engine's reported digest checked against the
-reference) and --reps runs interleaved engine, nbdcopy, engine, ... Every run is a child process
-timed from spawn to reaping (harness.measure: CPU from wait4, peak RSS from GNU time);
-the server's CPU from /proc/PID/stat and its peak RSS from VmHWM before it stops.
+nbdkit serves a disk from memory (`memory`: all hole; `sparse-random`: runs of data and holes),
+read-only on a unix socket, fresh for every run, and the engine and nbdcopy copy it to `null:`:
+per source a reference digest, a warm-up per tool (the engine's digest checked), then --reps runs
+interleaved. Details: bench/README.md, "overhead".
 """
 
 from __future__ import annotations
@@ -38,7 +23,6 @@ from ..harness.machine import (
     GiB,
     MiB,
     cmd_output,
-    engine_fingerprint,
     fmt,
     median,
     md_table,
@@ -47,12 +31,12 @@ from ..harness.machine import (
     provenance,
     say,
     size_text,
-    stats,
+    tool_stats,
 )
-from ..harness.measure import cost_text, failed, load_json, measure
+from ..harness.measure import cost_text, failed, json_result, measure
 from ..harness.plots import pyplot, save, title
-from ..harness.report import Run, peer_bars
-from ..harness.runner import Context, Outcome, parser, reproduce
+from ..harness.report import Run
+from ..harness.runner import Context, Outcome, defaults, parser, reproduce
 
 NAME = SCENARIO = "overhead"
 SOURCES = ("memory", "sparse-random")
@@ -116,23 +100,16 @@ def run_one(ctx: Context, runs: list[dict[str, Any]], prov: dict[str, Any], sour
     rec.update({"type": "run", "scenario": SCENARIO, "source": source, "tool": tool, "rep": rep,
                 "warmup": rep is None, "virtual_gib_per_s": round(a.size / GiB / rec["wall_s"], 4)})
     problems = failed(rec, files)
-    if tool == "engine":
-        rec["engine_fingerprint"] = engine_fingerprint()
-        if rec["exit"] == 0:
-            data = load_json(report)
-            if not isinstance(data, dict):
-                data = {}
-                problems.append("engine: no report")
-            rec["engine_report"] = {k: data.get(k) for k in REPORT_FIELDS}
-            if rep is None:
-                rec["checks"] = {"engine_digest": {"expected": ref["digest"],
-                                                   "reported": data.get("digest")}}
-                if data.get("digest") != ref["digest"]:
-                    problems.append(f"engine digest {data.get('digest')} != reference "
-                                    f"{ref['digest']}")
-    rec.update(valid=not problems, problems=problems, provenance=prov)
-    ctx.emit(rec)
-    runs.append(rec)
+    if tool == "engine" and rec["exit"] == 0:
+        data = json_result(report, problems, "engine")
+        rec["engine_report"] = {k: data.get(k) for k in REPORT_FIELDS}
+        if rep is None:
+            rec["checks"] = {"engine_digest": {"expected": ref["digest"],
+                                               "reported": data.get("digest")}}
+            if data.get("digest") != ref["digest"]:
+                problems.append(f"engine digest {data.get('digest')} != reference "
+                                f"{ref['digest']}")
+    ctx.record(runs, rec, problems, prov, tool == "engine")
     own = (rec.get("engine_report") or {}).get("seconds")
     label = "warm-up" if rep is None else f"rep {rep + 1}/{a.reps}"
     say(f"  {source:13} {tool:7} {label:9} {rec['wall_s']:6.2f} s "
@@ -156,15 +133,14 @@ def summarize_source(a: argparse.Namespace, runs: list[dict[str, Any]], source: 
     for tool in TOOLS:
         good = [r for r in reps[tool] if r["valid"]]
         every = [r for r in runs if r["source"] == source and r["tool"] == tool]
-        wall = stats([r["wall_s"] for r in good], 6)
-        med = wall["median"]
+        tools[tool] = tool_stats(good, every)
+        med = tools[tool]["wall_s_median"]
         cpu = median([r["client_cpu_s"] for r in good])
         srv = median([r["server_cpu_s"] for r in good])
-        tools[tool] = {
+        tools[tool].update({
             "reps": len(reps[tool]), "valid_reps": len(good),
             "warmup_valid": any(r["warmup"] for r in every)
             and all(r["valid"] for r in every if r["warmup"]),
-            "wall_s_median": med, "wall_s_min": wall["min"], "wall_s_max": wall["max"],
             "virtual_gib_per_s": round(gib / med, 4) if med else None,
             "data_gib_per_s": round(ref["data_bytes"] / GiB / med, 4)
             if med and ref["data_bytes"] else None,
@@ -172,11 +148,7 @@ def summarize_source(a: argparse.Namespace, runs: list[dict[str, Any]], source: 
             "server_cpu_s_per_gib": None if srv is None else round(srv / gib, 4),
             "cpu_s_per_gib": None if cpu is None or srv is None else round((cpu + srv) / gib, 4),
             "other_cpu_s_per_gib": median([r["other_cpu_s"] / gib for r in good]),
-            "peak_rss_mib": max((r["client_maxrss_mib"] for r in every
-                                 if r["client_maxrss_mib"] is not None), default=None),
-            "server_peak_rss_mib": max((r["server_maxrss_mib"] for r in every
-                                        if r["server_maxrss_mib"] is not None), default=None),
-        }
+        })
         if tool == "engine":
             tools[tool]["engine_own_seconds_median"] = median(
                 [r["engine_report"]["seconds"] for r in good if r.get("engine_report")])
@@ -273,8 +245,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="sparse-random: every byte random (default: a random byte repeated per "
                         "block; random content makes nbdkit the bottleneck)")
     a = p.parse_args(argv)
-    a.size = a.size if a.size is not None else (QUICK_SIZE if a.quick else DEFAULT_SIZE)
-    a.reps = a.reps if a.reps is not None else (1 if a.quick else 5)
+    defaults(a, size=(DEFAULT_SIZE, QUICK_SIZE), reps=(5, 1))
     a.sources = [s for s in a.sources.split(",") if s]
     bad = [s for s in a.sources if s not in SOURCES]
     if bad or not a.sources:
@@ -330,18 +301,6 @@ def run(ctx: Context) -> Outcome:
 
 
 # ---------------------------------------------------------------- the report
-
-def report_table(run: Run) -> str:
-    return table(run.of_type("summary")[-1])
-
-
-def report_notes(run: Run) -> list[str]:
-    return [f"- {n}" for n in (run.verdict or {}).get("notes") or []]
-
-
-def best_peer_rows(run: Run) -> list[tuple[str, str, float | None]]:
-    return peer_bars(run)
-
 
 def plot(run: Run, png: str) -> None:
     """Per source: GiB/s of the disk's virtual size (median wall, min–max whiskers), the engine

@@ -54,6 +54,10 @@ class GuestWriter:
         self._thread.start()
         return self
 
+    def alive(self) -> bool:
+        """Whether the writer thread still runs (it ends on stop() or on a failed write)."""
+        return self._thread.is_alive()
+
     def stop(self) -> list[Write]:
         """Stop writing (the VM is shut down); every logged write has completed."""
         self._stop.set()
