@@ -384,3 +384,20 @@ def test_migrate_audit_through_the_cli_catches_a_write_no_bitmap_saw(vm, tmp_pat
     r = json.loads(report.read_text())
     assert "tracker audit" in (r["passes"][-1]["fallback"] or ""), r["passes"]
     check_target(v, str(target), r)
+
+
+def test_migrate_verify_source_catches_a_write_no_bitmap_saw(vm, tmp_path):
+    """`migrate --verify source` (issue 12): the final pass hashes the whole source again with
+    the VM stopped. With the audit off, a write no bitmap recorded is caught there: exit 6,
+    naming the block, and the state is not completed."""
+    v = vm(size=8 * MiB, seed=9, rate=1 * MiB, pattern="scattered")
+    target, state, report = tmp_path / "t.img", tmp_path / "st", tmp_path / "r.json"
+    argv = v.migrate_argv(str(target), state, "--type", "warm", "--precopy-interval", "600s",
+                          "--audit-blocks", "0", "--verify", "source", "--report", str(report))
+    argv[argv.index("--on-cutover") + 1] = "true"  # no guest runs here
+    p, err = write_after_pass_0_then_cut_over(argv, state, v.image, 3 * MiB + 5,
+                                              b"no bitmap saw this")
+    assert p.returncode == 6, err
+    assert "a change tracker missed writes" in err and str(3 * MiB) in err, err
+    with Journal.open(str(state / "sync" / "journal"), create=False) as j:
+        assert j.records[-1]["t"] != "complete"
