@@ -11,11 +11,11 @@ must be named. Reading the change source is the only I/O here.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 from dataclasses import dataclass
 from typing import Any
 
+from ..aio import to_the_end
 from ..disks import Disk
 from ..integrity import POISON, Manifest
 from ..state.records import PassState, State
@@ -187,8 +187,9 @@ async def audit_pass(src: Disk, manifest: Manifest, plan: PassPlan, count: int,
     means another disk than the bound one: refused, before anything is written."""
     size = manifest.size
     unchanged = subtract_runs([(0, size)], plan.ranges)  # the plan holds the tainted ranges
-    result = await asyncio.to_thread(audit_sample, src, manifest, unchanged, count,
-                                     skip_digest=POISON)
+    # to its end even when a signal comes: the source is closed after, not under, its reads
+    result = await to_the_end(audit_sample, src, manifest, unchanged, count,
+                              skip_digest=POISON)
     plan.audit = result.record()
     if not result.mismatched:
         return plan
