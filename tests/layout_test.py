@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "transfer"
 # Low to high; a part imports only from layers before its own (docs/architecture.md).
 LAYERS = [
     {"errors"},
-    {"url", "units", "durable", "aio", "qmp", "reports"},
+    {"url", "units", "durable", "aio", "qmp", "reports", "runs"},
     {"tls", "_native"},
     {"ranges", "integrity"},
     {"disks", "observe"},
