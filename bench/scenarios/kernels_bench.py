@@ -143,7 +143,9 @@ def interval_input(kind: str, n: int, disk: int, seed: int) -> dict[str, Any]:
     span = min(CLUSTER_BYTES, disk) // BLOCK
     hot = rng.integers(0, disk // BLOCK - span + 1, CLUSTERS)
     areas = make_areas(kind, n, disk, rng, hot)
-    last = merge_runs(make_areas(kind, n, disk, rng, hot), disk)
+    # A list, as before runs were Runs (transfer/runs.py): every implementation gets the same
+    # inputs as then, lists of pairs, and the engine's kernels convert them at the edge, timed.
+    last = list(merge_runs(make_areas(kind, n, disk, rng, hot), disk))
     upto = last[len(last) // 2][0] if last else 0
     a, l_ = _arrays(areas), _arrays(last)
     return {"kind": kind, "areas": areas, "last": last, "upto": upto, "disk": disk,
@@ -160,7 +162,7 @@ def engine_warm_pass(k: _native.Kernels, areas: Runs, last: Runs, upto: int, siz
     new = k.merge_runs(areas, size, BLOCK)
     tainted = k.clip_runs(last, upto, size)
     grew = k.subtract_runs(new, last)
-    plan = k.merge_runs(list(new) + list(tainted), size, BLOCK)
+    plan = k.merge_runs(new + tainted, size, BLOCK)  # Runs, concatenated
     delta = k.runs_bytes(k.clip_runs(plan, 0, size))
     return new, grew, plan, delta
 

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import BadInput, NativeMissing
+from ..runs import Runs
 
 ENV = "TRANSFER_NATIVE"
 MODULES = ("zeroscan", "blockhash", "fileops", "intervals", "blockstatus")
@@ -32,9 +33,9 @@ class Kernels:
     sync_file_range: Callable[[int, int, int, int], None]
     blkzeroout: Callable[[int, int, int], None]
     blksszget: Callable[[int], int]
-    merge_runs: Callable[..., list]
-    subtract_runs: Callable[[Any, Any], list]
-    clip_runs: Callable[[Any, int, int], list]
+    merge_runs: Callable[..., Runs]
+    subtract_runs: Callable[[Any, Any], Runs]
+    clip_runs: Callable[[Any, int, int], Runs]
     runs_bytes: Callable[[Any], int]
     block_status: Callable[..., tuple]
 

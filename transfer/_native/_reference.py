@@ -15,6 +15,8 @@ import struct
 
 import xxhash
 
+from ..runs import Runs
+
 _BLKZEROOUT = 0x127F  # _IO(0x12, 127), linux/fs.h
 _BLKSSZGET = 0x1268  # _IO(0x12, 104)
 
@@ -91,10 +93,11 @@ def blksszget(fd: int) -> int:
     return struct.unpack("=i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
 
 
-# Interval algebra (native/intervals.pyx). Runs are lists of (start, end) pairs of byte offsets,
-# which fit in int64 (the compiled twin's domain).
+# Interval algebra (native/intervals.pyx). Runs are (start, end) pairs of byte offsets, taken as
+# a Runs or any iterable of pairs and returned as a Runs (transfer/runs.py); the offsets fit in
+# int64 (the compiled twin's domain).
 
-def merge_runs(runs, size: int, block: int = 65536) -> list:
+def merge_runs(runs, size: int, block: int = 65536) -> Runs:
     """[start, end) runs in any order -> sorted, merged, rounded outward to block, clipped."""
     out: list = []
     for s, e in sorted((s - s % block, min(-(-e // block) * block, size)) for s, e in runs):
@@ -103,10 +106,10 @@ def merge_runs(runs, size: int, block: int = 65536) -> list:
                 out[-1] = (out[-1][0], e)
         else:
             out.append((s, e))
-    return out
+    return Runs(out)
 
 
-def subtract_runs(a, b) -> list:
+def subtract_runs(a, b) -> Runs:
     """Runs of a not covered by b (both sorted and disjoint)."""
     b = list(b)
     out: list = []
@@ -123,12 +126,12 @@ def subtract_runs(a, b) -> list:
                 out.append((s, b[k][0]))
             s = max(s, b[k][1])
             k += 1
-    return out
+    return Runs(out)
 
 
-def clip_runs(a, start: int, end: int) -> list:
+def clip_runs(a, start: int, end: int) -> Runs:
     """The parts of runs a inside [start, end)."""
-    return [(max(s, start), min(e, end)) for s, e in a if max(s, start) < min(e, end)]
+    return Runs((max(s, start), min(e, end)) for s, e in a if max(s, start) < min(e, end))
 
 
 def runs_bytes(a) -> int:

@@ -22,6 +22,7 @@ import os
 from .._native import kernels
 from ..errors import BadInput
 from ..integrity import BLOCK
+from ..runs import Runs
 
 MAX_FILE_BYTES = 256 << 20  # a DiskChangeInfo of millions of areas is far smaller
 MAX_AREAS = 16 << 20
@@ -39,11 +40,9 @@ def _int(value: object, what: str, path: str) -> int:
     return value
 
 
-Runs = list  # of (start, end) pairs: sorted, disjoint, block-aligned (an end may be the size)
-
-
 def load_changed_areas(path: str, size: int, block: int = BLOCK) -> Runs:
-    """The changed ranges of a disk of size bytes, as a list of (start, end) pairs.
+    """The changed ranges of a disk of size bytes: sorted, disjoint, block-aligned runs (an end
+    may be the size).
 
     Sorted, merged, rounded outward to block and clipped to size. The merging
     and the rest of the interval algebra below run in the native kernel
@@ -94,7 +93,7 @@ def load_changed_areas(path: str, size: int, block: int = BLOCK) -> Runs:
     return merge_runs(runs, size, block)
 
 
-def _fast_runs(areas: list, lo: int, hi: int) -> Runs | None:
+def _fast_runs(areas: list, lo: int, hi: int) -> list[tuple[int, int]] | None:
     """(start, end) runs of well-formed areas in one sweep, or None when any area is malformed
     (the per-area loop then says which and why)."""
     try:
@@ -118,7 +117,7 @@ def merge_runs(runs, size: int, block: int = BLOCK) -> Runs:
 
 def union_runs(a: Runs, b: Runs, size: int) -> Runs:
     """The union of two sets of sorted, disjoint, block-aligned runs."""
-    return kernels().merge_runs(list(a) + list(b), size, BLOCK)
+    return kernels().merge_runs(Runs.of(a) + b, size, BLOCK)
 
 
 def subtract_runs(a: Runs, b: Runs) -> Runs:
