@@ -22,15 +22,17 @@ import xxhash
 from ..integrity import BLOCK
 from ..errors import StateIOError
 from ..durable import why, write_atomic
+from ..runs import TYPECODE, Runs, wrap
 from .journal import JournalError
 
 MAGIC = b"TRRANGE1"
 _COUNT = struct.Struct("<Q")
 
 
-def write_ranges(path: str, ranges: list[tuple[int, int]]) -> str:
+def write_ranges(path: str, ranges: Runs | list[tuple[int, int]]) -> str:
     """Write ranges to path durably; return the xxh3-64 hex of the file body."""
-    flat = array.array("Q", (x for pair in ranges for x in pair))
+    flat = array.array("Q", ranges.flat if isinstance(ranges, Runs)
+                       else (x for pair in ranges for x in pair))
     if sys.byteorder != "little":
         flat.byteswap()
     body = MAGIC + _COUNT.pack(len(ranges)) + flat.tobytes()
@@ -43,7 +45,7 @@ def write_ranges(path: str, ranges: list[tuple[int, int]]) -> str:
     return check
 
 
-def read_ranges(path: str, size: int, check: str, count: int) -> list[tuple[int, int]]:
+def read_ranges(path: str, size: int, check: str, count: int) -> Runs:
     """The ranges written by write_ranges, validated against the journal's checksum and count."""
 
     def bad(why: str) -> JournalError:
@@ -62,11 +64,13 @@ def read_ranges(path: str, size: int, check: str, count: int) -> list[tuple[int,
         raise bad(f"{len(data)} bytes for {n} ranges, the journal says {count}")
     if xxhash.xxh3_64_hexdigest(data[:-8]) != check or data[-8:] != bytes.fromhex(check)[::-1]:
         raise bad("checksum mismatch")
-    flat = array.array("Q")
+    # Read as int64: an offset of 2**63 or more reads negative, which the check below refuses
+    # as it refused it past the disk.
+    flat = array.array(TYPECODE)
     flat.frombytes(data[head:-8])
     if sys.byteorder != "little":
         flat.byteswap()
-    ranges = list(zip(flat[0::2], flat[1::2]))
+    ranges = wrap(flat)
     prev = 0
     for s, e in ranges:
         if not prev <= s < e <= size or s % BLOCK or (e % BLOCK and e != size):
