@@ -49,17 +49,15 @@ class Runs:
     def __getitem__(self, i: slice) -> Runs: ...
 
     def __getitem__(self, i: int | slice) -> tuple[int, int] | Runs:
-        n = len(self)
         if isinstance(i, slice):
-            start, stop, step = i.indices(n)
+            start, stop, step = i.indices(len(self))
             if step == 1:
                 return wrap(self.flat[2 * start:2 * max(start, stop)])
             return Runs(list(self)[i])
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError("run index out of range")
-        return (self.flat[2 * i], self.flat[2 * i + 1])
+        # Run i is items 2i and 2i + 1, for a negative i too (-1: the last two); an i out of
+        # range puts 2i out of range (IndexError). A plan walks its runs one by one: no more.
+        flat = self.flat
+        return (flat[2 * i], flat[2 * i + 1])
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Runs):
