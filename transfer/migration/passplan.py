@@ -18,6 +18,7 @@ from typing import Any
 from ..aio import to_the_end
 from ..disks import Disk
 from ..integrity import POISON, Manifest
+from ..runs import Runs
 from ..state.records import PassState, State
 from ..errors import TargetRefused
 from ..tracking.areas import clip_runs, load_changed_areas, subtract_runs, union_runs
@@ -143,7 +144,7 @@ def check_suspects(st: State, plan: PassPlan) -> PassPlan:
         return plan
     if plan.compare or plan.ranges is None:
         return plan
-    starts = [a for a, _ in plan.ranges]
+    starts = Runs.of(plan.ranges).starts()
     outside = [o for o in suspects
                if (i := bisect.bisect_right(starts, o) - 1) < 0 or plan.ranges[i][1] <= o]
     if not outside:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..integrity import BLOCK
+from ..runs import Runs
 from ..tracking.areas import union_runs
 from .journal import Journal, JournalError
 from .ranges_file import read_ranges
@@ -193,11 +194,11 @@ _HANDLERS: dict[Any, Callable[[State, dict[str, Any], Bad], None]] = {
     "complete": _complete}
 
 
-def pending_ranges(st: State, size: int) -> list[tuple[int, int]]:
+def pending_ranges(st: State, size: int) -> Runs | list[tuple[int, int]]:
     """What the passes begun since the last read-back planned: the target ranges that may
     have been written and not read back since. A plan that is the whole disk, or whose ranges
     file is unusable or for another size, makes it the whole disk (read more, never less)."""
-    runs: list[tuple[int, int]] = []
+    runs: Runs | list[tuple[int, int]] = []
     for rec in st.pending:
         plan = rec["ranges"]
         if plan == "all" or rec["size"] != size:
@@ -207,5 +208,5 @@ def pending_ranges(st: State, size: int) -> list[tuple[int, int]]:
                               plan["count"])
         except JournalError:
             return [(0, size)]
-        runs = union_runs(runs, [(int(a), int(b)) for a, b in got], size)
+        runs = union_runs(runs, got, size)
     return runs
