@@ -47,8 +47,8 @@ cdef inline uint64_t _digit(const Run *r, int p) noexcept nogil:
 
 
 cdef int _sort(Run *buf, Py_ssize_t n) noexcept nogil:
-    """Sort buf as Python sorts (start, end) tuples: by start, then end. 0, or -1 when out of
-    memory. An LSD radix sort, a byte a pass, e's bytes then s's (each pass stable), a pass
+    """Sort buf (n >= 1 runs) as Python sorts (start, end) tuples: by start, then end. 0, or -1
+    when out of memory. An LSD radix sort, a byte a pass, e's bytes then s's (each pass stable), a pass
     skipped when all runs share its byte (the high bytes of offsets on a disk, the low ones of
     block-aligned runs): a few linear passes where qsort's calls through a pointer were most
     of a merge (bench kernels)."""

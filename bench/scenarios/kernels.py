@@ -246,8 +246,8 @@ def table(summary: dict[str, Any]) -> str:
 def bars(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per kernel and input: cython against its best peer (twin or baseline), the median of
     per-sample ratios peer time ÷ cython time. For the interval algebra the peers are the twin
-    and the drop-in numpy (lists in and out, as the engine's); numpy-arrays is shown, not barred:
-    it leaves out the conversions a drop-in pays."""
+    and the drop-in numpy (lists of pairs in and out; the engine's take the same lists and give
+    Runs); numpy-arrays is shown, not barred: it leaves out the conversions a drop-in pays."""
     out = []
     for kernel in KERNELS:
         engine = ENGINE[kernel]
