@@ -221,6 +221,25 @@ def test_migrate_catches_a_corrupting_target_before_the_stop(vm, nbdkit, tmp_pat
 # -- R-pending: a kill between a pass and its read-back
 
 
+def kill_pass_0_before_its_read_back(nbdkit, src: str, image: str, state, size: int) -> str:
+    """Run pass 0 of src onto a fresh target file served by nbdkit with slow reads (the delay
+    filter), SIGKILL it once its end record is journaled, before its read-back's verified
+    record, and stop that server; the socket path, for a server of the same address."""
+    with open(image, "wb") as f:
+        f.truncate(size)
+    slow = nbdkit("file", image, "delay-read=4", filters=["delay"])
+    p = subprocess.Popen([sys.executable, "-m", "transfer.cli", "sync", src, slow.uri, "--state",
+                          str(state), "--checkpoint", "c0", "--progress", "none"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_record(state, p, ended_not_verified(0), "pass 0's end record")
+    finally:
+        p.kill()  # our own child
+        p.wait()
+    slow.stop()  # the same address, without the delay, for the reruns
+    return slow.sock
+
+
 def test_a_kill_before_the_read_back_leaves_it_to_the_rerun(nbdkit, tmp_path):
     """R-pending through the sync CLI: pass 0 is SIGKILLed once its end record is journaled and
     before its verified record (reads are slowed by nbdkit's delay filter); a block it wrote is
@@ -232,22 +251,11 @@ def test_a_kill_before_the_read_back_leaves_it_to_the_rerun(nbdkit, tmp_path):
     image = str(tmp_path / "dst.img")
     make_disk(src, size, 16)
     assert read_at(src, 3 * MiB, BLOCK) != bytes(BLOCK)
-    with open(image, "wb") as f:
-        f.truncate(size)
     write_areas(empty, size, [])
-    slow = nbdkit("file", image, "delay-read=4", filters=["delay"])
-    p = subprocess.Popen([sys.executable, "-m", "transfer.cli", "sync", src, slow.uri, "--state",
-                          str(state), "--checkpoint", "c0", "--progress", "none"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_record(state, p, ended_not_verified(0), "pass 0's end record")
-    finally:
-        p.kill()  # our own child
-        p.wait()
+    sock = kill_pass_0_before_its_read_back(nbdkit, src, image, state, size)
     assert ended_not_verified(0)(journal_records(state)), kinds(journal_records(state))
-    slow.stop()  # the same address, without the delay, for the reruns
     spoil(image, bad)
-    dst = Nbdkit(slow.sock, "file", image).start()
+    dst = Nbdkit(sock, "file", image).start()
     try:
         err = sync(src, dst.uri, state, "--changed-areas", str(empty), "--checkpoint", "c1",
                    "--final", expect=6)["stderr"]
@@ -272,25 +280,14 @@ def test_a_non_final_rerun_reads_back_what_the_killed_pass_left(nbdkit, tmp_path
     image = str(tmp_path / "dst.img")
     make_disk(src, size, 16)
     assert read_at(src, 6 * MiB, BLOCK) != bytes(BLOCK)
-    with open(image, "wb") as f:
-        f.truncate(size)
-    slow = nbdkit("file", image, "delay-read=4", filters=["delay"])
-    p = subprocess.Popen([sys.executable, "-m", "transfer.cli", "sync", src, slow.uri, "--state",
-                          str(state), "--checkpoint", "c0", "--progress", "none"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_record(state, p, ended_not_verified(0), "pass 0's end record")
-    finally:
-        p.kill()  # our own child
-        p.wait()
-    slow.stop()
+    sock = kill_pass_0_before_its_read_back(nbdkit, src, image, state, size)
     spoil(image, bad)
     with open(src, "r+b") as f:  # one change the next pass is told about
         f.seek(BLOCK)
         f.write(b"changed by the guest")
     one = write_areas(tmp_path / "one.json", size, [{"start": BLOCK, "length": 20}])
     empty = write_areas(tmp_path / "none.json", size, [])
-    dst = Nbdkit(slow.sock, "file", image).start()
+    dst = Nbdkit(sock, "file", image).start()
     try:
         p = subprocess.run([sys.executable, "-m", "transfer.cli", "sync", src, dst.uri, "--state",
                             str(state), "--changed-areas", one, "--checkpoint", "c1",
