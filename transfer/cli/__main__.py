@@ -1,7 +1,5 @@
 """python -m transfer.cli VERB ...: the console script `transfer`."""
 
-import sys
+from .main import entry
 
-from .main import main
-
-sys.exit(main())
+entry()
