@@ -100,10 +100,10 @@ class Live:
         os.makedirs(d)
         p = {name: os.path.join(d, name) for name in (
             "disk.img", "target.img", "state", "qmp.sock", "nbd.sock", "STOP", "STOPPED",
-            "READY", "guest.json", "guest.log", "window-start", "report.json", "migrate.out",
-            "migrate")}
+            "READY", "RELEASE", "guest.json", "guest.log", "window-start", "report.json",
+            "migrate.out", "migrate")}
         on_cutover = (f"sh -c 'touch {shlex.quote(p['STOP'])}; while [ ! -e "
-                      f"{shlex.quote(p['STOPPED'])} ]; do sleep 0.01; done'")
+                      f"{shlex.quote(p['STOPPED'])} ]; do sleep 0.001; done'")
         argv = [str(ENGINE), "migrate", p["target.img"], "--type", "live", "--qmp", p["qmp.sock"],
                 "--node", "disk0", "--state", p["state"], "--nbd-socket", p["nbd.sock"],
                 "--max-downtime", a.max_downtime, "--on-cutover", on_cutover,
@@ -130,7 +130,7 @@ class Live:
                          "--rate", str(rate_mib * MiB), "--pattern", a.pattern,
                          "--seed", str(seed), "--ready", p["READY"], "--stop", p["STOP"],
                          "--stopped", p["STOPPED"], "--summary", p["guest.json"],
-                         "--window-start", p["window-start"]],
+                         "--window-start", p["window-start"], "--release", p["RELEASE"]],
                         cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=glog,
                         stderr=glog)
                 deadline = time.monotonic() + 30
@@ -150,6 +150,7 @@ class Live:
                     stop_at = os.stat(p["STOP"]).st_mtime_ns / 1e9
                 else:
                     open(p["STOP"], "w").close()  # no cutover: stop the guest ourselves
+                open(p["RELEASE"], "w").close()
                 try:
                     guest.wait(timeout=60)
                 except subprocess.TimeoutExpired:
