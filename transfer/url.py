@@ -1,7 +1,9 @@
 """Disk addresses: parse what the user gave, and redact it for messages.
 
 A disk is named by an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://),
-by `null:` (a sink that discards writes) or by a local path. Messages, logs,
+by an images URL (https://HOST:PORT/images/TICKET, from `transfer serve` or an
+ovirt-imageio daemon; shown with the ticket hidden), by `null:` (a sink that
+discards writes), by `stream:FILE` (a frame stream in a file) or by a local path. Messages, logs,
 progress and reports only ever carry redact(url): the password in the
 userinfo and every query value except the socket path are replaced. A URI
 never carries TLS settings (tls-certificates=, tls-psk-file=, ...): they would
@@ -10,7 +12,10 @@ name local files on behalf of whoever wrote the URI (see transfer.tls).
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
+import socket
 import urllib.parse
 from dataclasses import dataclass
 
@@ -22,7 +27,7 @@ _PUBLIC_QUERY_KEYS = {"socket"}
 
 @dataclass(frozen=True)
 class Address:
-    kind: str  # "nbd", "local" or "null"
+    kind: str  # "nbd", "http", "local", "null" or "stream"
     url: str  # as given (may hold secrets: never print it)
     display: str  # redacted, for every message
 
@@ -71,14 +76,42 @@ def scrub(text: str, url: str) -> str:
     return text
 
 
+def is_loopback(host: str) -> bool:
+    """Every address host resolves to is a loopback one."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def _http(url: str) -> Address:
+    """An images URL: http(s)://HOST[:PORT]/images/TICKET; shown with its ticket hidden."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port
+    except ValueError as e:
+        raise BadInput(f"bad URL: {e}", disk=redact(url)) from None
+    m = re.fullmatch(r"(/.*)?/images/([A-Za-z0-9_-]+)", parts.path)
+    shown = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}" + (
+        f"{m.group(1) or ''}/images/***" if m else "/***")
+    if not parts.hostname or m is None or parts.query or parts.fragment or "@" in parts.netloc:
+        raise BadInput("an images URL is http(s)://HOST[:PORT]/images/TICKET", disk=shown)
+    return Address("http", url, shown)
+
+
 def parse(url: str) -> Address:
     """Classify url; raise BadInput naming what is wrong (without its secrets)."""
     if not isinstance(url, str) or not url:
         raise BadInput("empty disk address")
     if url == "null:":
         return Address("null", url, url)
+    if url.startswith("stream:") and "://" not in url:
+        return Address("stream", url, url)
     if "://" in url:
         scheme = url.split("://", 1)[0].lower()
+        if scheme in ("http", "https"):
+            return _http(url)
         shown = redact(url)
         if scheme not in NBD_SCHEMES:
             raise BadInput(

@@ -102,6 +102,7 @@ class Options:
     kernels: Kernels | None = None
     contexts: tuple[str, ...] = ()
     tls: Tls | None = None
+    compress: int | None = None  # a zstd level for what a kind encodes as frames, or None
 
 
 class Disk:
@@ -113,7 +114,8 @@ class Disk:
     """
 
     kind = "disk"
-    """One of "file", "block", "nbd", "null": for reports, identity and the engine's choices."""
+    """One of "file", "block", "nbd", "null", "stream": for reports, identity and the engine's
+    choices."""
     display: str
     """The address as shown in messages (url.Address.display: without its secrets)."""
     size: int | None

@@ -70,7 +70,7 @@ def incomplete(dst: Disk, e: TransferError) -> None:
     any other target is named incomplete in the error."""
     if dst.kind == "null" or "incomplete" in e.message:
         return
-    if dst.kind == "file" and dst.created:
+    if dst.kind in ("file", "stream") and dst.created:
         try:
             os.unlink(getattr(dst, "path"))
             e.message += "; the incomplete target file was removed"
@@ -84,29 +84,29 @@ async def copy_async(source: str, target: str, *, connections: int | None = None
                      in_flight: int | None = None, request_size: int | None = None,
                      target_is_zero: bool = False, force: bool = False, verify: bool = False,
                      manifest: str | None = None, timeout: float | None = None,
-                     retries: int = RETRIES,
-                     on_progress: Callable[[Progress], None] | None = None,
-                     native: str | None = None, tls: Tls | None = None) -> Report:
+                     retries: int = RETRIES, on_progress: Callable[[Progress], None] | None = None,
+                     native: str | None = None, tls: Tls | None = None,
+                     compress: str = "auto") -> Report:
     """Copy the whole disk at source onto target and return what was done.
 
-    source: an NBD URI or a local file or block device. target: the same, a
-    missing file (created at the source's size) or "null:". The target is
-    durable (flushed) when this returns. verify: read the target back (O_DIRECT
-    where local) and compare every block with the digests taken while copying;
-    a difference raises VerifyFailed. manifest: also write the per-block digests
-    to this file. timeout: seconds an NBD server may stay silent (handshake, or
-    reads in flight) before the copy fails (default 30 s to connect, 120 s
-    for replies). retries: how often one failed read (or a dropped connection)
+    source: an address (transfer.url). target: the same, a missing file (created
+    at the source's size), "stream:FILE" or "null:"; durable (flushed) when this
+    returns. verify: read the target back (O_DIRECT where local) and compare every
+    block with the digests taken while copying; a difference raises VerifyFailed.
+    manifest: also write the per-block digests to this file. timeout: seconds a
+    server may stay silent before the copy fails (NBD: 30 s to connect, 120 s for
+    replies). retries: how often one failed read (or a dropped connection)
     is tried again, with backoff, before the copy fails. tls: credentials for
     nbds:// disks, Tls(ca=...) or Tls(psk_file=...) (default: the operator's
     $TRANSFER_TLS_CA or $TRANSFER_TLS_PSK_FILE); an nbds:// disk without one
-    is refused, since libnbd would not verify the server (transfer.tls).
+    is refused, since libnbd would not verify the server (transfer.tls); https://
+    sources take a CA the same way. compress: auto, none or zstd[:LEVEL] (frames).
     """
     if timeout is not None and timeout <= 0:
         raise BadInput(f"timeout must be positive, not {timeout}")
     check_retries(retries)
     kernels = _native.kernels(native)
-    opening = partial(open_disk, timeout=timeout, kernels=kernels, tls=tls)
+    opening = partial(open_disk, timeout=timeout, kernels=kernels, tls=tls, compress=compress)
     src = await asyncio.to_thread(opening, source, "source")
     dst: Disk | None = None
     digests: Manifest | None = None
