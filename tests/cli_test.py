@@ -42,7 +42,8 @@ def test_help_documents_the_exit_codes():
 
 
 @pytest.mark.parametrize("source, needle", [
-    ("http://host/disk", "unsupported scheme 'http'"),
+    ("ftp://host/disk", "unsupported scheme 'ftp'"),
+    ("http://host/disk", "an images URL is http(s)://HOST[:PORT]/images/TICKET"),
     ("nbd+unix:///?socket=/nonexistent/x.sock", "socket /nonexistent/x.sock does not exist"),
     ("nbd+unix:///export", "needs ?socket=PATH"),
     ("/nonexistent/disk.img", "No such file or directory"),

@@ -1,0 +1,225 @@
+"""https://HOST:PORT/images/TICKET (and http:// on loopback): a source across a network hop.
+
+The server is `transfer serve` or an ovirt-imageio daemon; both speak the images API. At open:
+OPTIONS (its features), then GET .../extents?context=zero (the disk's size is where its last
+extent ends, as imageio's own client learns it). Each worker's Conn holds one HTTP/1.1
+connection. When the server lists "frames" (transfer serve), a read asks for the range as
+frames: zero blocks do not cross the wire, data comes compressed where it pays, and every
+block's digest is checked after decompression, in this thread, before the bytes are used (a
+mismatch raises SourceError: the pipeline reads again within its retry budget, then fails the
+copy naming the offset). Otherwise a read is one plain Range GET, its status, Content-Range and
+length checked.
+
+TLS: the server's certificate is verified against --tls-ca (a CA file; default
+$TRANSFER_TLS_CA) and its host name, never "trust anything"; with a directory holding
+client-cert.pem and client-key.pem, those are presented (mutual TLS). The ticket is a
+secret: messages show the URL as https://HOST:PORT/images/***.
+"""
+
+from __future__ import annotations
+
+import bisect
+import http.client
+import json
+import os
+import ssl
+import urllib.parse
+from typing import Any
+
+from .. import _native
+from ..errors import BadInput, ConnectionLost, SourceError, TransferError
+from ..ranges import STATE_HOLE, STATE_ZERO, Extent
+from ..stream import codec
+from ..stream import frames as f
+from ..tls import Tls, resolve
+from ..url import Address, is_loopback
+from .base import Conn, Disk, Options
+
+MAX_CONNECTIONS = 4
+MAX_EXTENTS_BYTES = 64 << 20  # an extents answer larger than this is refused
+
+
+def opener(addr: Address, role: str, options: Options) -> Disk:
+    if role != "source":
+        raise BadInput("an https:// disk is a source only (transfer serve exports read-only)",
+                       disk=addr.display, kind=role)
+    return HttpDisk(addr, options)
+
+
+class HttpDisk(Disk):
+    kind = "http"
+    can_extents = True
+
+    def __init__(self, addr: Address, options: Options) -> None:
+        self.display = addr.display
+        parts = urllib.parse.urlsplit(addr.url)
+        self.scheme, self.host, self.port = parts.scheme, parts.hostname or "", parts.port
+        self.path = parts.path
+        if self.scheme == "http" and not is_loopback(self.host):
+            raise BadInput("plain http:// only to a loopback address: the ticket and the data "
+                           "would cross the network in the clear (use https://)",
+                           disk=self.display, kind="source")
+        self.timeout = options.timeout or 60.0
+        self.kernels = options.kernels or _native.kernels()
+        self.level = options.compress
+        self.ssl = _context(resolve(options.tls)) if self.scheme == "https" else None
+        c = self.connection()
+        try:
+            opts = json.loads(self._get(c, "OPTIONS", self.path, 200, 1 << 20))
+            self.features = set(opts.get("features", [])) if isinstance(opts, dict) else set()
+            self.max_connections = max(1, min(MAX_CONNECTIONS, int(opts.get("max_readers", 1))))
+            self.extents_list = self._load_extents(c)
+        except TransferError:
+            raise
+        except (ValueError, TypeError, AttributeError, KeyError) as e:
+            raise SourceError(f"the server's answer is not what the images API gives: {e}",
+                              disk=self.display) from None
+        finally:
+            c.close()
+        self.size = self.extents_list[-1][0] + self.extents_list[-1][1]
+        self.starts = [e[0] for e in self.extents_list]
+
+    def connection(self) -> http.client.HTTPConnection:
+        if self.ssl is not None:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
+                                               context=self.ssl)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def _get(self, c: http.client.HTTPConnection, method: str, path: str, status: int,
+             limit: int, headers: dict[str, str] | None = None) -> bytes:
+        try:
+            c.request(method, path, headers=headers or {})
+            r = c.getresponse()
+            body = r.read(limit + 1)
+        except ssl.SSLError as e:
+            raise BadInput(f"TLS: {e.reason or e}", disk=self.display, kind="source") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise SourceError(f"{method} failed: {e}", disk=self.display) from None
+        if r.status == 403:
+            raise BadInput("the server refused the ticket (unknown or expired)",
+                           disk=self.display, kind="source")
+        if r.status != status or len(body) > limit:
+            raise SourceError(f"{method} answered {r.status} {r.reason}", disk=self.display)
+        return body
+
+    def _load_extents(self, c: http.client.HTTPConnection) -> list[Extent]:
+        raw = json.loads(self._get(c, "GET", self.path + "/extents?context=zero", 200,
+                                   MAX_EXTENTS_BYTES))
+        out: list[Extent] = []
+        pos = 0
+        for e in raw:
+            start, length = int(e["start"]), int(e["length"])
+            if start != pos or length <= 0:
+                raise ValueError(f"extents not contiguous at {pos}")
+            flags = (STATE_ZERO if e.get("zero") else 0) | (STATE_HOLE if e.get("hole") else 0)
+            out.append((start, length, flags))
+            pos += length
+        if not out:
+            raise ValueError("no extents: an empty disk")
+        return out
+
+    def connect(self) -> Conn | None:
+        return HttpConn(self)
+
+    def identities(self) -> set[tuple]:
+        return {("http", self.host, self.port, self.path)}
+
+    def data_bytes(self) -> int:
+        return sum(n for _, n, fl in self.extents_list if not fl & STATE_ZERO)
+
+
+def _context(tls: Tls) -> ssl.SSLContext:
+    """Verify the server's certificate and host name against the given CA only; present a
+    client certificate where the CA directory holds one."""
+    if not tls.ca:
+        raise BadInput("an https:// source needs the server's CA: --tls-ca FILE (or "
+                       "$TRANSFER_TLS_CA)", kind="source")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, host names checked
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    directory = os.path.isdir(tls.ca)
+    try:
+        ctx.load_verify_locations(os.path.join(tls.ca, "ca-cert.pem") if directory else tls.ca)
+        cert = os.path.join(tls.ca, "client-cert.pem")
+        if directory and os.path.exists(cert):
+            ctx.load_cert_chain(cert, os.path.join(tls.ca, "client-key.pem"))
+    except (OSError, ssl.SSLError) as e:
+        raise BadInput(f"cannot load the TLS CA or client certificate: {e}",
+                       kind="source") from None
+    return ctx
+
+
+class HttpConn(Conn):
+    def __init__(self, disk: HttpDisk) -> None:
+        self.disk = disk
+        self.c = disk.connection()
+        self.hasher = codec.kernel_hasher(disk.kernels)
+        self._done: list[tuple[Any, BaseException | None]] = []
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        d, end = self.disk, offset + length
+        i = max(bisect.bisect_right(d.starts, offset) - 1, 0)
+        out: list[Extent] = []
+        while i < len(d.extents_list) and d.extents_list[i][0] < end:
+            s, n, fl = d.extents_list[i]
+            a, b = max(s, offset), min(s + n, end)
+            if b > a:
+                out.append((a, b - a, fl))
+            i += 1
+        return out
+
+    def start_read(self, view: memoryview, offset: int, tag: Any) -> None:
+        try:
+            self._read(view, offset)
+            self._done.append((tag, None))
+        except SourceError as e:
+            self._done.append((tag, e))
+
+    def _read(self, view: memoryview, offset: int) -> None:
+        d = self.disk
+        frames = "frames" in d.features and offset % f.BLOCK == 0 and (
+            (offset + len(view)) % f.BLOCK == 0 or offset + len(view) == d.size)
+        headers = {"Range": f"bytes={offset}-{offset + len(view) - 1}"}
+        if frames:
+            headers["Accept"] = f.MEDIA_TYPE
+            headers["X-Transfer-Compress"] = "none" if d.level is None else f"zstd:{d.level}"
+        try:
+            self.c.request("GET", d.path, headers=headers)
+            r = self.c.getresponse()
+            if frames:
+                self._check(r, 200, offset, None)
+                size = codec.receive(r.read, offset, view, f"server {d.display}", self.hasher)
+                if size != d.size or r.read(1):
+                    raise SourceError("the frames answer does not fit the disk",
+                                      disk=d.display, offset=offset)
+            else:
+                self._check(r, 206, offset, len(view))
+                if r.readinto(view) != len(view) or r.read(1):
+                    raise ConnectionLost("the answer ended early", disk=d.display,
+                                         offset=offset)
+        except (OSError, http.client.HTTPException) as e:
+            self.c.close()
+            raise ConnectionLost(f"reading failed: {e}", disk=d.display, offset=offset) from None
+        except SourceError:
+            self.c.close()  # the rest of that answer is unread: a new connection next time
+            raise
+
+    def _check(self, r: http.client.HTTPResponse, status: int, offset: int,
+               length: int | None) -> None:
+        d = self.disk
+        if r.status != status:
+            raise SourceError(f"GET answered {r.status} {r.reason}", disk=d.display,
+                              offset=offset)
+        if length is not None:
+            want = f"bytes {offset}-{offset + length - 1}/"
+            if not r.getheader("Content-Range", "").startswith(want) or int(
+                    r.getheader("Content-Length", "-1")) != length:
+                raise SourceError("the answer's Content-Range or length is not the range "
+                                  "asked for", disk=d.display, offset=offset)
+
+    def reap(self) -> list[tuple[Any, BaseException | None]]:
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> None:
+        self.c.close()
+

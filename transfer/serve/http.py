@@ -1,0 +1,276 @@
+"""`transfer serve`'s HTTP(S) server: the ovirt-imageio images API, read-only, plus frames.
+
+    OPTIONS /images/TICKET                 {"features": [...], "max_readers": N, ...}
+    GET /images/TICKET        Range: bytes=A-B     the bytes (206), one range per request
+    GET /images/TICKET/extents?context=zero       [{"start", "length", "zero", "hole"}, ...]
+    GET /images/TICKET  Accept: application/x-transfer-frames, Range: bytes=A-B
+                      X-Transfer-Compress: none|zstd:LEVEL     the range as frames (200)
+
+The frames answer is the engine's own, asked for by its client when OPTIONS lists "frames":
+zero blocks and holes as zero frames, data blocks hashed (xxh3-128 per 64 KiB) and compressed
+where it pays (transfer.stream). Its range starts on a block and ends on one or at the disk's
+end, at most MAX_FRAMES_RANGE long (the answer is built in memory: bounded per connection).
+
+Bounds: at most max_clients connections (one more is answered 503 and closed), an idle or
+stalled connection is dropped after CLIENT_TIMEOUT, request lines and headers are limited by
+http.server (64 KiB, 100 headers), a byte range by the disk. A bad request gets a 4xx and a log
+line on stderr; the ticket never appears in either (paths are logged as /images/***).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+import sys
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from .. import _native
+from ..errors import TransferError
+from ..ranges import STATE_HOLE, STATE_ZERO
+from ..stream import codec
+from ..stream import frames as f
+from .exports import Export, Exports
+
+CLIENT_TIMEOUT = 60.0  # seconds a connection may stay idle, or stall mid-request
+MAX_FRAMES_RANGE = 32 << 20
+CHUNK = 1 << 20  # bytes read from the source per step of a plain GET
+EXTENTS_STEP = 1 << 30
+MAX_READERS = 8
+_RANGE = re.compile(r"bytes=(\d{1,19})-(\d{1,19})")
+
+
+class HttpError(Exception):
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = False  # server_close() waits for the responses in flight
+    request_queue_size = 128
+
+    def __init__(self, addr: tuple[str, int], exports: Exports, tls: ssl.SSLContext | None,
+                 max_clients: int, kernels: _native.Kernels) -> None:
+        self.exports, self.tls, self.kernels = exports, tls, kernels
+        self.slots = threading.BoundedSemaphore(max_clients)
+        super().__init__(addr, Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                b"Connection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            log(f"{client_address[0]}: refused, {self.slots._initial_value} clients already")
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log(f"{client_address[0]}: {sys.exc_info()[1]!r}")  # never a traceback
+
+
+def log(message: str) -> None:
+    print(f"transfer serve: {message}", file=sys.stderr, flush=True)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "transfer-serve"
+    sys_version = ""
+    timeout = CLIENT_TIMEOUT
+    server: Server
+
+    def setup(self) -> None:
+        super().setup()
+        if self.server.tls is not None:  # the handshake here, in this thread, under timeout
+            self.request.settimeout(CLIENT_TIMEOUT)
+            self.connection = self.request = self.server.tls.wrap_socket(
+                self.request, server_side=True)
+            self.rfile = self.connection.makefile("rb", self.rbufsize)
+            self.wfile = self.connection.makefile("wb")
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        pass  # errors are logged; a line per request would be noise at this rate
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log(f"{self.client_address[0]}: " + _hide(format % args))
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None
+                   ) -> None:
+        self.close_connection = True
+        self.request_version = "HTTP/1.1"  # a request line too bad to parse: answer in 1.1
+        self._send(HTTPStatus(code), (message or HTTPStatus(code).phrase).encode() + b"\n",
+                   "text/plain")
+
+    def _send(self, status: HTTPStatus, body: bytes, ctype: str,
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _route(self) -> tuple[Export, str, dict[str, list[str]]]:
+        parts = urlsplit(self.path)
+        m = re.fullmatch(r"/images/([A-Za-z0-9_-]{1,128})(/extents|/checksum)?", parts.path)
+        if m is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, "no such resource (expected /images/TICKET)")
+        export = self.server.exports.find(m.group(1))
+        if export is None:
+            raise HttpError(HTTPStatus.FORBIDDEN, "unknown or expired ticket")
+        return export, m.group(2) or "", parse_qs(parts.query)
+
+    def _dispatch(self, method: str) -> None:
+        try:
+            export, what, query = self._route()
+            if method == "OPTIONS":
+                return self._options(export)
+            if what == "/extents":
+                return self._extents(export, query)
+            if what:
+                raise HttpError(HTTPStatus.NOT_IMPLEMENTED, "checksum is not served yet")
+            if f.MEDIA_TYPE in self.headers.get("Accept", ""):
+                return self._frames(export)
+            return self._bytes(export)
+        except HttpError as e:
+            self.log_message("%s %s: %d %s", method, self.path, e.status, e)
+            self.send_error(e.status, str(e))
+        except (TransferError, OSError) as e:
+            self.log_message("%s %s: %s", method, self.path, e)
+            self.send_error(HTTPStatus.INTERNAL_SERVER_ERROR, "reading the source failed")
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def _options(self, export: Export) -> None:
+        body = {"unix_socket": None, "features": ["extents", "frames"],
+                "max_readers": min(MAX_READERS, export.disk.max_connections), "max_writers": 0}
+        self._send(HTTPStatus.OK, json.dumps(body).encode(), "application/json",
+                   {"Allow": "OPTIONS,GET"})
+
+    def _range(self, export: Export) -> tuple[int, int]:
+        """The request's one byte range, [start, end); the whole disk without one."""
+        size = export.disk.size
+        text = self.headers.get("Range")
+        if text is None:
+            return 0, size
+        m = _RANGE.fullmatch(text.strip())
+        if m is None:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "Range must be one bytes=FIRST-LAST")
+        a, b = int(m.group(1)), int(m.group(2)) + 1
+        if not a < b <= size:
+            raise HttpError(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE,
+                            f"range outside the {size}-byte disk")
+        return a, b
+
+    def _bytes(self, export: Export) -> None:
+        a, b = self._range(export)
+        self.send_response(HTTPStatus.PARTIAL_CONTENT if "Range" in self.headers
+                           else HTTPStatus.OK)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(b - a))
+        if "Range" in self.headers:
+            self.send_header("Content-Range", f"bytes {a}-{b - 1}/{export.disk.size}")
+        self.end_headers()
+        buf = memoryview(bytearray(min(CHUNK, b - a)))
+        with export.conn() as conn:
+            for pos in range(a, b, CHUNK):
+                view = buf[:min(CHUNK, b - pos)]
+                export.read(conn, view, pos)
+                self.wfile.write(view)
+
+    def _frames(self, export: Export) -> None:
+        a, b = self._range(export)
+        size = export.disk.size
+        if a % f.BLOCK or (b % f.BLOCK and b != size) or b - a > MAX_FRAMES_RANGE:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "a frames range starts on a 64 KiB block, "
+                            f"ends on one or at the disk's end, at most {MAX_FRAMES_RANGE} bytes")
+        level = codec.parse_compress(self.headers.get("X-Transfer-Compress", "auto"))
+        k = self.server.kernels
+        enc = codec.Encoder(level, codec.kernel_hasher(k))
+        parts = [f.pack_header(size)]
+        buf = memoryview(bytearray(b - a))
+        with export.conn() as conn:
+            pos = a
+            for start, end in _data_blocks(conn.extents(a, b - a), a, b):
+                if start > pos:  # holes and zero extents: no bytes on the wire
+                    parts.append(f.pack_frame(f.ZERO, pos, start - pos))
+                view = buf[start - a:end - a]
+                export.read(conn, view, start)
+                for p in range(0, end - start, f.MAX_FRAME):
+                    parts += enc.chunk(view[p:p + f.MAX_FRAME], start + p,
+                                       codec.kernel_zero_flags(k))
+                pos = end
+            if pos < b:
+                parts.append(f.pack_frame(f.ZERO, pos, b - pos))
+        parts.append(f.pack_frame(f.END, b, 0))
+        body = b"".join(parts)
+        self._send(HTTPStatus.OK, body, f.MEDIA_TYPE)
+
+    def _extents(self, export: Export, query: dict[str, list[str]]) -> None:
+        context = query.get("context", ["zero"])[0]
+        if context != "zero":
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no {context!r} extents here (zero only)")
+        out: list[dict[str, Any]] = []
+        size = export.disk.size
+        with export.conn() as conn:
+            for pos in range(0, size, EXTENTS_STEP):
+                for start, length, flags in conn.extents(pos, min(EXTENTS_STEP, size - pos)):
+                    zero, hole = bool(flags & STATE_ZERO), bool(flags & STATE_HOLE)
+                    last = out[-1] if out else None
+                    if last and last["zero"] == zero and last["hole"] == hole:
+                        last["length"] += length
+                    else:
+                        out.append({"start": start, "length": length, "zero": zero,
+                                    "hole": hole})
+        self._send(HTTPStatus.OK, json.dumps(out).encode(), "application/json")
+
+
+def _data_blocks(extents: list[tuple[int, int, int]], a: int, b: int) -> list[list[int]]:
+    """The data extents widened to whole blocks (frames are block-aligned), merged, inside
+    [a, b): a block that holds any data is read and sent whole."""
+    out: list[list[int]] = []
+    for start, length, flags in extents:
+        if flags & STATE_ZERO:  # holes read as zeroes too
+            continue
+        s = max(a, start // f.BLOCK * f.BLOCK)
+        e = min(b, -(-(start + length) // f.BLOCK) * f.BLOCK)
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        elif e > s:
+            out.append([s, e])
+    return out
+
+
+def _hide(text: str) -> str:
+    """text with any ticket in an /images/ path replaced."""
+    return re.sub(r"/images/[A-Za-z0-9_-]+", "/images/***", text)
+
+
+def tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(client_ca)
+    return ctx
