@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -269,14 +270,24 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path, image, serv
     assert r.returncode in (2, 3) and "Traceback" not in r.stderr
 
 
-class FlippingRelay:
-    """A TCP proxy to port that flips one byte of every answer at body offset `at`."""
+class Relay:
+    """A TCP proxy to 127.0.0.1:port, in threads. On each answer stream (server to client):
+    flip: flip the byte at that offset of every connection; cut: close the first connection
+    after that many bytes; stall: hold the first connection silent after that many bytes (until
+    release is set); rate: bytes per second at most. passed: bytes forwarded so far."""
 
-    def __init__(self, port: int, at: int) -> None:
-        self.port, self.at = port, at
+    def __init__(self, port: int, *, flip: int | None = None, cut: int | None = None,
+                 rate: float | None = None, stall: int | None = None) -> None:
+        self.port, self.flip, self.cut, self.rate, self.stall = port, flip, cut, rate, stall
+        self.stalls = 0
+        self.release = threading.Event()
         self.sock = socket.create_server(("127.0.0.1", 0))
-        self.flipped = 0
+        self.flipped = self.cuts = self.passed = 0
+        self.moved = threading.Condition()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, url: str) -> str:
+        return url.replace(f":{self.port}/", f":{self.sock.getsockname()[1]}/")
 
     def _accept(self) -> None:
         while True:
@@ -284,32 +295,60 @@ class FlippingRelay:
                 c, _ = self.sock.accept()
             except OSError:
                 return
-            s = socket.create_connection(("127.0.0.1", self.port))
+            try:
+                s = socket.create_connection(("127.0.0.1", self.port))
+            except OSError:  # the server is down: so is this connection
+                c.close()
+                continue
             threading.Thread(target=self._pipe, args=(c, s, False), daemon=True).start()
             threading.Thread(target=self._pipe, args=(s, c, True), daemon=True).start()
 
-    def _pipe(self, a: socket.socket, b: socket.socket, flip: bool) -> None:
-        seen = 0
+    def _pipe(self, a: socket.socket, b: socket.socket, answers: bool) -> None:
+        seen, began = 0, time.monotonic()
         try:
-            while data := a.recv(65536):
-                if flip and seen <= self.at < seen + len(data):
-                    data = bytearray(data)
-                    data[self.at - seen] ^= 0x01
-                    self.flipped += 1
+            while data := a.recv(16384):
+                if answers:
+                    data = self._meddle(bytearray(data), seen)
+                    if data is None:
+                        return
+                    if self.rate:  # the event loop of a slow link: wait until it is due
+                        time.sleep(max(0.0, began + (seen + len(data)) / self.rate
+                                       - time.monotonic()))
                 seen += len(data)
                 b.sendall(data)
+                if answers:
+                    with self.moved:
+                        self.passed += len(data)
+                        self.moved.notify_all()
         except OSError:
             pass
         finally:
             a.close()
             b.close()
 
+    def _meddle(self, data: bytearray, seen: int) -> bytearray | None:
+        if self.flip is not None and seen <= self.flip < seen + len(data):
+            data[self.flip - seen] ^= 0x01
+            self.flipped += 1
+        if self.cut is not None and not self.cuts and seen + len(data) > self.cut:
+            self.cuts += 1
+            return None
+        if self.stall is not None and not self.stalls and seen + len(data) > self.stall:
+            self.stalls += 1
+            self.release.wait()
+            return None
+        return data
+
+    def wait_passed(self, n: int) -> None:
+        with self.moved:
+            assert self.moved.wait_for(lambda: self.passed >= n, timeout=60)
+
 
 def test_a_byte_flipped_in_transit_is_caught(tmp_path, image, serve):
     s = serve(str(image), "--listen", "127.0.0.1:0")
     port = int(s.url.split(":")[2].split("/")[0])
-    relay = FlippingRelay(port, at=300_000)  # inside the first big answer's frames
-    url = s.url.replace(f":{port}/", f":{relay.sock.getsockname()[1]}/")
+    relay = Relay(port, flip=300_000)  # inside the first big answer's frames
+    url = relay.url(s.url)
     out = tmp_path / "out.img"
     r = run_cli("copy", url, str(out), "--request-size", "4M", "--connections", "1")
     assert relay.flipped >= 1
@@ -317,6 +356,70 @@ def test_a_byte_flipped_in_transit_is_caught(tmp_path, image, serve):
     assert "offset" in r.stderr and not out.exists()
     relay.sock.close()
 
+
+
+def _port(url: str) -> int:
+    return int(url.split(":")[2].split("/")[0])
+
+
+def test_a_connection_dropped_mid_answer_is_read_again(tmp_path, image, serve):
+    s = serve(str(image), "--listen", "127.0.0.1:0")
+    relay = Relay(_port(s.url), cut=200_000)
+    out = tmp_path / "out.img"
+    r = run_cli("copy", relay.url(s.url), str(out), "--report", str(tmp_path / "r.json"),
+                "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert relay.cuts == 1 and out.read_bytes() == image.read_bytes()
+    assert json.loads((tmp_path / "r.json").read_text())["retries"] >= 1
+
+
+def test_a_restarted_server_is_reconnected(tmp_path, image, serve):
+    tickets = tmp_path / "tickets"
+    s = serve(str(image), "--listen", "127.0.0.1:0", "--ticket-file", str(tickets))
+    relay = Relay(_port(s.url), rate=400_000)  # slow enough to restart serve mid-copy
+    out = tmp_path / "out.img"
+    copy = subprocess.Popen([sys.executable, "-m", "transfer.cli", "copy", relay.url(s.url),
+                             str(out), "--progress", "none", "--connections", "1"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        relay.wait_passed(300_000)
+        s.proc.kill()  # our own child: a crash, not a clean stop
+        s.proc.wait()
+        again = serve(str(image), "--listen", f"127.0.0.1:{_port(s.url)}", "--ticket-file",
+                      str(tickets))
+        assert again.url == s.url  # the same ticket: the client's URL still works
+        _, err = copy.communicate(timeout=120)
+    finally:
+        if copy.poll() is None:
+            copy.kill()
+            copy.wait()
+    assert copy.returncode == 0, err
+    assert out.read_bytes() == image.read_bytes()
+
+
+def test_a_server_stalled_mid_answer_hits_the_timeout_then_is_read_again(tmp_path, image,
+                                                                        serve):
+    s = serve(str(image), "--listen", "127.0.0.1:0")
+    relay = Relay(_port(s.url), stall=150_000)
+    out = tmp_path / "out.img"
+    try:
+        r = run_cli("copy", relay.url(s.url), str(out), "--timeout", "1", "--progress", "none")
+    finally:
+        relay.release.set()
+    assert r.returncode == 0, r.stderr
+    assert relay.stalls == 1 and out.read_bytes() == image.read_bytes()
+
+
+def test_a_stalled_server_hits_the_timeout(tmp_path, image):
+    quiet = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does), never answers
+    try:
+        url = f"http://127.0.0.1:{quiet.getsockname()[1]}/images/{'A' * 43}"
+        t = time.monotonic()
+        r = run_cli("copy", url, str(tmp_path / "o.img"), "--timeout", "1")
+        assert r.returncode == 3 and "timed out" in r.stderr
+        assert time.monotonic() - t < 30
+    finally:
+        quiet.close()
 
 
 def _ask(port: int, raw: bytes) -> bytes:
@@ -345,3 +448,31 @@ def test_hostile_requests_get_4xx_and_a_cap_on_clients(image, serve):
     logs = s.stop()
     assert "Traceback" not in logs and "refused, 2 clients already" in logs
     assert path.rsplit("/", 1)[1] not in logs
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+
+def test_a_thousand_idle_connections_leave_memory_bounded(tmp_path, image, serve):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    s = serve(str(image), "--listen", "127.0.0.1:0")
+    before = _rss_kib(s.proc.pid)
+    idle = []
+    try:
+        for _ in range(1000):
+            idle.append(socket.create_connection(("127.0.0.1", _port(s.url))))
+        idle[-1].settimeout(30)
+        assert idle[-1].recv(100).startswith(b"HTTP/1.1 503")  # past the cap: told at once
+        grown = _rss_kib(s.proc.pid) - before
+        assert grown < 64 * 1024, f"serve grew {grown} KiB with 1,000 idle connections"
+    finally:
+        for c in idle:
+            c.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    r = run_cli("checksum", s.url)  # the slots come back: the server is not stalled
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in s.stop()

@@ -29,7 +29,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--client-ca", metavar="FILE",
                    help="require client certificates signed by this CA (mutual TLS)")
     s.add_argument("--ticket-file", metavar="FILE",
-                   help="also write the hand-over lines to FILE (mode 0600)")
+                   help="also write the hand-over lines to FILE (mode 0600); a serve "
+                        "restarted with the same FILE and SOURCEs keeps their tickets until "
+                        "they expire (--ticket-ttl after FILE was written)")
     s.add_argument("--ticket-ttl", type=float, default=DEFAULT_TTL, metavar="SECONDS",
                    help=f"seconds a ticket is valid; default {DEFAULT_TTL:g}")
     s.add_argument("--max-clients", type=int, default=MAX_CLIENTS, metavar="N",

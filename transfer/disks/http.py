@@ -206,6 +206,9 @@ class HttpConn(Conn):
     def _check(self, r: http.client.HTTPResponse, status: int, offset: int,
                length: int | None) -> None:
         d = self.disk
+        if r.status == 403:  # expired or revoked meanwhile: reading again will not help
+            raise BadInput("the server refused the ticket (unknown or expired)",
+                           disk=d.display, kind="source")
         if r.status != status:
             raise SourceError(f"GET answered {r.status} {r.reason}", disk=d.display,
                               offset=offset)

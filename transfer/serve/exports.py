@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import os
 import queue
+import re
 import secrets
 import threading
 import time
@@ -86,6 +87,29 @@ class Exports:
         e = Export(ticket, disk, time.time() + self.ttl)
         self.by_ticket[ticket] = e
         return e
+
+    def resume(self, path: str) -> bool:
+        """Take the tickets of an earlier serve from its ticket file, when it exported the
+        same sources in the same order and its tickets have not expired (they expire --ticket-
+        ttl after the file was written): a restarted serve keeps its clients' URLs."""
+        try:
+            with open(path) as fh:
+                lines = [line.split(" ", 1) for line in fh.read().splitlines()]
+            written = os.stat(path).st_mtime
+        except (OSError, UnicodeDecodeError):
+            return False
+        exports = list(self.by_ticket.values())
+        if (len(lines) != len(exports) or written + self.ttl <= time.time()
+                or any(len(p) != 2 or p[1] != e.display for p, e in zip(lines, exports))):
+            return False
+        tickets = [p[0].rsplit("/images/", 1)[-1] for p in lines]
+        if not all(re.fullmatch(r"[A-Za-z0-9_-]{32,128}", t) for t in tickets):
+            return False
+        self.by_ticket = {}
+        for t, e in zip(tickets, exports):
+            e.ticket, e.expires = t, written + self.ttl
+            self.by_ticket[t] = e
+        return True
 
     def find(self, ticket: str) -> Export | None:
         """The live export of ticket; None for an unknown or expired one (compared in

@@ -45,6 +45,7 @@ def serve(sources: list[str], listen: str, *, cert: str | None = None, key: str 
     try:
         for s in sources:
             exports.add(s, **options)
+        resumed = bool(ticket_file) and exports.resume(ticket_file)
         try:
             server = Server((host, port), exports, tls, max_clients, _native.kernels())
         except OSError as e:
@@ -54,7 +55,7 @@ def serve(sources: list[str], listen: str, *, cert: str | None = None, key: str 
         shown = f"[{host}]" if ":" in host else host
         lines = [f"{scheme}://{shown}:{bound}/images/{e.ticket} {e.display}"
                  for e in exports.by_ticket.values()]
-        if ticket_file:
+        if ticket_file and not resumed:  # (resumed: the file stays, its time the tickets')
             write_ticket_file(ticket_file, lines)
         print("\n".join(lines), flush=True)
         _run(server, ready, lines)
