@@ -326,13 +326,6 @@ def test_imageio_client_downloads_from_transfer_serve(tmp_path, image, serve, pk
     assert "Traceback" not in logs and s.url.rsplit("/", 1)[1] not in logs
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transfer serve answers a raw source's sparse areas as \"hole\": true, which to imageio "
-    "means unallocated in this layer, read from the backing chain (ovirt_imageio/_internal/"
-    "nbd.py Extent.hole, extent.py ZeroExtent: raw images never report holes): its client "
-    "leaves them unallocated over a backing file, which shows through. The fix, \"hole\": "
-    "false always (transfer/serve/http.py _extents), fails tests/hop_test.py::"
-    "test_the_images_api_as_an_imageio_client_uses_it, which asserts a hole"))
 def test_imageio_client_downloads_onto_a_backing_file(tmp_path, image, serve, pki):
     """download(backing_file=) zeroes zero extents, skips holes (client/_api.py download,
     _io.py _copy_data with zero=True, hole=False): a hole must hold what the backing holds."""
