@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import operator
 import os
 import platform
 import shutil
@@ -28,8 +29,20 @@ def say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
+def say_engine(prov: dict[str, Any], *peers: str) -> None:
+    """The run's engine, its peers' versions (provenance keys) and the machine, on stdout."""
+    say(f"engine {prov['engine_commit']} (fingerprint {prov['engine_fingerprint']}), "
+        + "".join(f"{prov[k]}, " for k in peers)
+        + f"kernel {prov['kernel']}, {prov['cpu_model']} x {prov['nproc']}")
+
+
 def fmt(x: float | None, spec: str) -> str:
     return "–" if x is None else format(x, spec)
+
+
+def invalid_text(problems: list[str]) -> str:
+    """What ends a run's progress line when the run is invalid."""
+    return "  INVALID: " + "; ".join(problems) if problems else ""
 
 
 def size_text(n: int) -> str:
@@ -41,6 +54,11 @@ def size_text(n: int) -> str:
 
 def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
+
+
+def median_of(rows: list[dict[str, Any]], key: str, kind: Any = (int, float)) -> float | None:
+    """The median of the rows' key where it is a number of that kind (None without any)."""
+    return median([r[key] for r in rows if isinstance(r.get(key), kind)])
 
 
 def stats(xs: list[float], digits: int = 9) -> dict[str, Any]:
@@ -63,11 +81,40 @@ def tool_stats(good: list[dict[str, Any]], every: list[dict[str, Any]]) -> dict[
                                         if r.get("server_maxrss_mib") is not None), default=None)}
 
 
-def paired(a: list[float | None], b: list[float | None]) -> dict[str, Any]:
-    """a[i] / b[i] pair by pair (pairs with a None left out): the median and every pair."""
-    pairs = [x / y for x, y in zip(a, b) if x is not None and y]
-    return {"median": round(statistics.median(pairs), 4) if pairs else None,
-            "pairs": [round(p, 4) for p in pairs]}
+def rep_stats(timed: list[dict[str, Any]], warmups: list[dict[str, Any]], per_gib: float,
+              **gib: float | None) -> dict[str, Any]:
+    """tool_stats of a tool's timed runs and warm-ups, and: how many reps (valid ones), whether
+    there were warm-ups and all were valid, NAME_gib_per_s of the median wall for each NAME=GiB
+    given, and the median client, server and other CPU seconds per per_gib GiB."""
+    good = [r for r in timed if r["valid"]]
+    out = tool_stats(good, timed + warmups)
+    med = out["wall_s_median"]
+    out.update(reps=len(timed), valid_reps=len(good),
+               warmup_valid=bool(warmups) and all(r["valid"] for r in warmups))
+    out |= {f"{k}_gib_per_s": round(g / med, 4) if med and g is not None else None
+            for k, g in gib.items()}
+    for k in ("client", "server", "other"):
+        m = median([r[f"{k}_cpu_s"] for r in good])
+        out[f"{k}_cpu_s_per_gib"] = None if m is None else round(m / per_gib, 4)
+    return out
+
+
+def paired(a: list[float | None], b: list[float | None], f: Any = operator.truediv,
+           spread: bool = False) -> dict[str, Any]:
+    """f(a[i], b[i]) pair by pair (pairs with a None left out): the median (with spread the min
+    and max too) and every pair."""
+    pairs = [f(x, y) for x, y in zip(a, b) if x is not None and y]
+    out = {"median": round(statistics.median(pairs), 4) if pairs else None,
+           "pairs": [round(p, 4) for p in pairs]}
+    if spread:
+        out.update(min=round(min(pairs), 4) if pairs else None,
+                   max=round(max(pairs), 4) if pairs else None)
+    return out
+
+
+def walls(runs: list[dict[str, Any]]) -> list[float | None]:
+    """The runs' walls, None for an invalid one: what paired() pairs, rep by rep."""
+    return [r["wall_s"] if r["valid"] else None for r in runs]
 
 
 def md_table(head: str, rows: list[str]) -> str:

@@ -120,9 +120,13 @@ def latest_runs(directory: str, include_reduced: bool = False) -> dict[str, Run]
 
 # ---------------------------------------------------------------- markdown
 
-def order(d: dict[str, Any], names: Any) -> dict[str, Any]:
-    """The JSON lines are written with sort_keys: put the tools back in the scenario's order."""
-    return {k: d[k] for k in names if k in d} | {k: v for k, v in d.items() if k not in names}
+def summaries_of(run: Run) -> list[dict[str, Any]]:
+    """The run's summary lines, their tools back in the scenario's order (its TOOLS): the JSON
+    lines are written with sort_keys."""
+    names = getattr(module(run.scenario), "TOOLS", ())
+    return [dict(s, tools={k: s["tools"][k] for k in names if k in s["tools"]}
+                 | {k: v for k, v in s["tools"].items() if k not in names})
+            if "tools" in s else s for s in run.of_type("summary")]
 
 
 def scenario_table(run: Run) -> str:
@@ -131,7 +135,7 @@ def scenario_table(run: Run) -> str:
     mod = module(run.scenario)
     if hasattr(mod, "report_table"):
         return mod.report_table(run)
-    return mod.table(run.of_type("summary")[-1])
+    return mod.table(summaries_of(run)[-1])
 
 
 def bar_lines(run: Run) -> list[str]:
