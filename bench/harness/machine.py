@@ -4,6 +4,7 @@ the wait for an idle machine, the engine's fingerprint and commit, and the prove
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import operator
@@ -255,13 +256,10 @@ def drop_caches() -> None:
 
 def proc_peak_rss_mib(pid: int) -> float | None:
     """A live process's peak resident memory (VmHWM), from /proc."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError, IndexError):
-        pass
+    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
     return None
 
 
@@ -312,10 +310,8 @@ def engine_fingerprint() -> str:
             if "__pycache__" in p.parts or not p.is_file():
                 continue
             h.update(str(p.relative_to(ROOT)).encode() + b"\0")
-            try:
+            with contextlib.suppress(OSError):
                 h.update(p.read_bytes())
-            except OSError:
-                pass
     return h.hexdigest()[:16]
 
 
@@ -333,19 +329,12 @@ def provenance(workdir: str, image: dict[str, Any] | None = None, workload: str 
     """The engine's commit and fingerprint, the peers' versions, kernel, CPU, memory, Python and
     the work directory's filesystem; with the image the scenario copies, or a workload described
     instead (kernels, overhead); extra keys on top."""
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    mem = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem = int(f.readline().split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    cpu, mem = "unknown", None
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f
+                    if line.startswith("model name")), cpu)
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) * 1024
     prov = {
         "engine_commit": engine_commit(),
         "engine_fingerprint": engine_fingerprint(),

@@ -65,11 +65,8 @@ def spawn_and_reap(argv: list[str], stdout: str, log: str, rss_file: str, timeou
             proc.returncode = os.waitstatus_to_exitcode(status)
         raise
     maxrss = None
-    try:
-        with open(rss_file) as f:
-            maxrss = int(f.read().split()[-1])  # KiB; a line before it tells a failure
-    except (OSError, ValueError, IndexError):
-        pass
+    with contextlib.suppress(OSError, ValueError, IndexError), open(rss_file) as f:
+        maxrss = int(f.read().split()[-1])  # KiB; a line before it tells a failure
     return proc.returncode, usage, timed_out, maxrss
 
 

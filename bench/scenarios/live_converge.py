@@ -13,6 +13,7 @@ barred: bench/README.md, "live-converge".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -197,10 +198,8 @@ class Live:
                 guest.kill()  # our own child, still running after a failure
                 guest.wait()
             for name in ("disk.img", "target.img"):
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(p[name])
-                except OSError:
-                    pass
             if not a.keep:
                 shutil.rmtree(d, ignore_errors=True)
         self.ctx.record(rec, problems, True, notes)
@@ -268,11 +267,8 @@ class Live:
                   log.get("passes") or []]
         m = re.search(r"predicted downtime (\S+) s", stderr)
         pred = None
-        if m:
-            try:
-                pred = float(m.group(1))
-            except ValueError:
-                pass
+        with contextlib.suppress(ValueError):
+            pred = float(m.group(1)) if m else None
         if "not converging" not in stderr:
             notes.append("exit 7 without the 'not converging' message")
         if "Traceback" in stderr:

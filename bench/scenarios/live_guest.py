@@ -14,6 +14,7 @@ engine for CPU, which the harness measures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -98,11 +99,8 @@ def main(argv: list[str]) -> int:
         time.sleep(POLL)
     window = None
     if a.window_start:
-        try:
-            with open(a.window_start) as f:
-                window = (float(f.read().strip()), stop_seen or stopped)
-        except (OSError, ValueError):
-            pass
+        with contextlib.suppress(OSError, ValueError), open(a.window_start) as f:
+            window = (float(f.read().strip()), stop_seen or stopped)
     s = summarize(log, a.rate, stop_seen, stopped, window)
     ru = resource.getrusage(resource.RUSAGE_SELF)
     s["cpu_s"] = round(ru.ru_utime + ru.ru_stime, 3)
