@@ -145,38 +145,32 @@ class Source:
 # ---------------------------------------------------------------- the loop device
 
 class LoopDevice:
-    """A loop device over a sparse backing file, attached by us and detached by its own path."""
+    """A loop device over a sparse backing file, attached by us (with) and detached by its own
+    path: only if it is still ours."""
 
     def __init__(self, backing: str, size: int) -> None:
         self.backing = os.path.realpath(backing)
         self.size = size
-        self.dev: str | None = None
 
-    def attach(self) -> str:
+    def __enter__(self) -> LoopDevice:
         with open(self.backing, "wb") as f:
             f.truncate(self.size)
-        out = subprocess.run(["losetup", "-f", "--show", self.backing], capture_output=True,
-                             text=True, check=True)
-        self.dev = out.stdout.strip()
-        return self.dev
+        self.dev = subprocess.run(["losetup", "-f", "--show", self.backing], capture_output=True,
+                                  text=True, check=True).stdout.strip()
+        say(f"loop device {self.dev} over {self.backing}")
+        return self
 
     def reset(self) -> None:
         """Every run starts from the same state: the device discarded (reads zeroes, all holes)."""
-        assert self.dev is not None
         subprocess.run(["blkdiscard", self.dev], check=True, capture_output=True)
 
-    def detach(self) -> None:
-        if self.dev is None:
-            return
-        name = os.path.basename(self.dev)
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
-                ours = os.path.realpath(f.read().strip()) == self.backing
-        except OSError:
-            ours = False
+    def __exit__(self, *exc: object) -> None:
+        ours = False
+        with contextlib.suppress(OSError), open(
+                f"/sys/block/{os.path.basename(self.dev)}/loop/backing_file") as f:
+            ours = os.path.realpath(f.read().strip()) == self.backing
         if ours:
             subprocess.run(["losetup", "-d", self.dev], capture_output=True, check=False)
-        self.dev = None
 
 
 # ---------------------------------------------------------------- one run
@@ -210,7 +204,7 @@ class Bench:
             return "null:"
         if target == "file":
             return self.file_target
-        assert self.loop is not None and self.loop.dev is not None
+        assert self.loop is not None
         return self.loop.dev
 
     def prepare(self, target: str) -> None:
@@ -656,14 +650,12 @@ def run(ctx: Context) -> Outcome:
     say_engine(prov, "nbdcopy", "qemu_img", "nbdkit", "qemu_nbd")
     summaries: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    loop = None
     # The case that gets --reps (the others --reps-rest): the one the issue's bars are about
     # when it is run, else the first listed.
     main_case = PRIMARY if PRIMARY in sources else a.cases[0].key
-    try:
-        if any("loop" in case_targets(a, c) for c in a.cases):
-            loop = LoopDevice(os.path.join(ctx.workdir, "loop-backing.img"), a.size)
-            say(f"loop device {loop.attach()} over {loop.backing}")
+    with (LoopDevice(os.path.join(ctx.workdir, "loop-backing.img"), a.size)
+          if any("loop" in case_targets(a, c) for c in a.cases)
+          else contextlib.nullcontext()) as loop:
         for case in a.cases:
             if case.cache == "dropped":
                 try:
@@ -675,9 +667,6 @@ def run(ctx: Context) -> Outcome:
                     continue
             reps = a.reps if case.key == main_case else a.reps_rest
             summaries += run_case(Bench(ctx, case, sources[case.key], reps, loop))
-    finally:
-        if loop is not None:
-            loop.detach()
     best = [{"case": s["case"], "target": s["target"], **s["best_peer"]}
             for s in summaries if s.get("best_peer")]
     text = [f"cold-copy: {size_text(a.size)} images, seed {a.seed}, cases "
