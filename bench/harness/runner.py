@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import glob
 import json
 import os
@@ -122,14 +121,6 @@ def reproduce(scenario: str, *options: str) -> str:
                      *options])
 
 
-def out_path(scenario: str, given: str | None) -> str:
-    """--out FILE, else bench/out/SCENARIO-<time>.jsonl; its directory made."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = given or str(ROOT / "bench" / "out" / f"{scenario}-{stamp}.jsonl")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return path
-
-
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt inside the block, so `with` and `finally` clean up."""
@@ -193,7 +184,8 @@ def main(mod: ModuleType, argv: list[str]) -> int:
         print(f"{mod.NAME}: missing " + ", ".join(missing), file=sys.stderr)
         return 2
     started = time.time()
-    path = out_path(mod.NAME, a.out)
+    path = a.out  # python -m bench gives every scenario its --out
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     workdir, made = _workdir(mod, a)
     command = mod.reproduce_command(a)
     try:
