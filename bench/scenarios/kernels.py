@@ -426,28 +426,24 @@ def plot(run: Run, png: str) -> None:
     engine's, the median of per-sample ratios) above each peer's bar. Runs from before the
     interval algebra (GiB/s only, cython the engine) plot their two panels."""
     plt = pyplot()
-    s = next(iter(run.of_type("summary")), None)
-    rows = (s or {}).get("rows") or []
+    s = run.of_type("summary")[0]  # a plot is made of a run with a summary
+    rows = s.get("rows") or []
     kernels = [k for k in KERNELS if any(r["kernel"] == k for r in rows)] or list(KERNELS)
     fig, axes = plt.subplots(1, len(kernels), figsize=(5.2 * len(kernels), 4.8), squeeze=False)
     colors = plt.get_cmap("tab10")
     for ax, kernel in zip(axes[0], kernels):
         # What the run itself says (an older run's engine may differ from today's), else today's.
-        impls = list(dict.fromkeys(r["impl"] for r in rows if r["kernel"] == kernel)) \
-            or list(KERNELS[kernel])
-        inputs = list(dict.fromkeys(r["buffer"] for r in rows if r["kernel"] == kernel)) \
-            or list(INPUTS[kernel])
-        engine = next((r["impl"] for r in rows if r["kernel"] == kernel and r.get("engine")),
-                      ENGINE[kernel])
-        unit = next((r["unit"] for r in rows if r["kernel"] == kernel and r.get("unit")),
-                    "GiB/s")
+        mine = [r for r in rows if r["kernel"] == kernel]
+        impls = list(dict.fromkeys(r["impl"] for r in mine)) or list(KERNELS[kernel])
+        inputs = list(dict.fromkeys(r["buffer"] for r in mine)) or list(INPUTS[kernel])
+        engine = next((r["impl"] for r in mine if r.get("engine")), ENGINE[kernel])
+        unit = next((r["unit"] for r in mine if r.get("unit")), "GiB/s")
         shown = {impl + (" (engine)" if impl == engine else ""): impl for impl in impls}
 
-        def value(inp: str, name: str, kernel: str = kernel, engine: str = engine
-                  ) -> tuple[float, float, float, str] | None:
+        def value(inp: str, name: str, mine: Rows = mine, engine: str = engine,
+                  shown: dict[str, str] = shown) -> tuple[float, float, float, str] | None:
             impl = shown[name]
-            r = next((r for r in rows if r["kernel"] == kernel and r["buffer"] == inp
-                      and r["impl"] == impl), None)
+            r = next((r for r in mine if r["buffer"] == inp and r["impl"] == impl), None)
             rate = r and r.get("per_s", r.get("gib_per_s"))
             if not r or not rate:
                 return None
@@ -466,8 +462,7 @@ def plot(run: Run, png: str) -> None:
         ax.set_xlabel("input (numbers: engine ÷ this, per-sample medians)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    size = (s or {}).get("size") or 0
-    what = f"{size / MiB:g} MiB buffers, 64 KiB blocks"
-    if (s or {}).get("areas"):
+    what = f"{(s.get('size') or 0) / MiB:g} MiB buffers, 64 KiB blocks"
+    if s.get("areas"):
         what += f"; {s['areas']:,} areas on a {_disk_text(s)} disk"
     save(plt, fig, png, title(run, what))

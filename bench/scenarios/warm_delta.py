@@ -165,16 +165,15 @@ def dirty_round(path: str, areas_path: str, size: int, rng: np.random.Generator,
         lens_list = _cluster_lengths(n_dirty, rng)
     elif layout != "scattered":
         raise ValueError(layout)
-    if lens_list:
-        for n in lens_list:
-            for _ in range(1000):
-                first = int(rng.integers(0, n_blocks - n + 1))
-                # keep a free block either side, so clusters never merge into one another
-                lo, hi = max(0, first - 1), min(n_blocks, first + n + 1)
-                if not taken[lo:hi].any():
-                    taken[first:first + n] = True
-                    clusters.append((first, n))
-                    break
+    for n in lens_list:
+        for _ in range(1000):
+            first = int(rng.integers(0, n_blocks - n + 1))
+            # keep a free block either side, so clusters never merge into one another
+            lo, hi = max(0, first - 1), min(n_blocks, first + n + 1)
+            if not taken[lo:hi].any():
+                taken[first:first + n] = True
+                clusters.append((first, n))
+                break
     n_scattered = n_dirty - int(taken.sum())
     free = np.flatnonzero(~taken)
     scattered = np.sort(rng.choice(free, size=n_scattered, replace=False))
@@ -219,13 +218,10 @@ def dirty_round(path: str, areas_path: str, size: int, rng: np.random.Generator,
     areas = [areas[i] for i in order.tolist()]
 
     t = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY)
-    try:
+    with open(path, "r+b", buffering=0) as f:
         for off, length in writes:
-            os.pwrite(fd, rng.bytes(length), off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            os.pwrite(f.fileno(), rng.bytes(length), off)
+        os.fsync(f.fileno())
     write_s = time.perf_counter() - t
     write_areas(areas_path, size, areas)
     runs = block_runs(taken)  # expected after merging and rounding to blocks: the dirty blocks
@@ -548,13 +544,6 @@ def summarize(w: Warm, plan: dict[str, Any] | None) -> dict[str, Any]:
             "plan": plan, "provenance": w.ctx.prov}
 
 
-def _audit_cell(t: dict[str, Any]) -> str:
-    """The tracker audit's median milliseconds and median share of the run's wall."""
-    if t.get("audit_s_median") is None:
-        return "–"
-    return f"{t['audit_s_median'] * 1000:.1f} ({t['audit_share_median'] * 100:.1f} %)"
-
-
 def table(s: dict[str, Any]) -> str:
     head = ("| tool | median s (min–max) | ÷ full pass (min–max) | ÷ nbdcopy | own s "
             "| audit ms (÷ wall) | bytes read MiB | CPU-s client | CPU-s server "
@@ -575,11 +564,14 @@ def table(s: dict[str, Any]) -> str:
         med = (f"{t['wall_s_median']:.3f} ({t['wall_s_min']:.3f}–{t['wall_s_max']:.3f})"
                if t["wall_s_median"] is not None else "–")
         check = "ok" if t["valid"] == t["runs"] else "FAIL"
+        # the tracker audit's median milliseconds and median share of the run's wall
+        audit = ("–" if t.get("audit_s_median") is None else
+                 f"{t['audit_s_median'] * 1000:.1f} ({t['audit_share_median'] * 100:.1f} %)")
         rf = {"full": "1.000", "nbdcopy": "–", "pass0": "–"}.get(tool) or over_full(tool)
         rn = {"nbdcopy": 1.0, "pass0": None}.get(
             tool, (s.get(f"{tool}_over_nbdcopy") or {}).get("median"))
         lines.append(f"| {NAMES.get(tool, tool)} | {med} | {rf} | {fmt(rn, '.3f')} | "
-                     f"{fmt(t['own_seconds_median'], '.3f')} | {_audit_cell(t)} | "
+                     f"{fmt(t['own_seconds_median'], '.3f')} | {audit} | "
                      f"{fmt(t['bytes_read_median'] and t['bytes_read_median'] / MiB, '.1f')} | "
                      f"{fmt(t['client_cpu_s_median'], '.2f')} | "
                      f"{fmt(t['server_cpu_s_median'], '.2f')} | "
