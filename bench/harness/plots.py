@@ -150,7 +150,8 @@ def draw_svg(panels: list[Panel], title: str) -> str:
     PW, PH, L, T, GAP = 330, 280, 70, 70, 90
     W = L + len(panels) * (PW + GAP)
     el = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="420" '
-          'font-family="sans-serif" font-size="12">', f'<rect width="{W}" height="420" fill="white"/>',
+          'font-family="sans-serif" font-size="12">',
+          f'<rect width="{W}" height="420" fill="white"/>',
           f'<text x="{W / 2}" y="24" text-anchor="middle" font-size="15">{_esc(title)}</text>']
     for i, p in enumerate(panels):
         x0, y0 = L + i * (PW + GAP), T

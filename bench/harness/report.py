@@ -174,7 +174,8 @@ def provenance_lines(run: Run) -> list[str]:
                             if k != "engine_commit" and not isinstance(v, (dict, list)))]
     # kernels, overhead: a workload, no image; cold-copy (and live-converge's size axis): an
     # image per kind (size)
-    images = {f" `{k}`": im for k, im in (p.get("images") or {}).items()} or {"": p.get("image") or {}}
+    images = ({f" `{k}`": im for k, im in (p.get("images") or {}).items()}
+              or {"": p.get("image") or {}})
     workload = [f"- workload: {p['workload']}"] if p.get("workload") else [
         (f"- image{k}: {fmt(im.get('size') and im['size'] / GiB, 'g')} GiB, seed "
          f"{im.get('seed', '?')}, {fmt(im.get('alloc_bytes') and im['alloc_bytes'] / GiB, '.2f')}"

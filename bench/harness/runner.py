@@ -117,8 +117,8 @@ def defaults(a: argparse.Namespace, **full_and_quick: tuple[Any, Any]) -> None:
 
 
 def reproduce(scenario: str, *options: str) -> str:
-    return " ".join(["cd", shlex.quote(str(ROOT)), "&&", ".venv/bin/python", "-m", "bench", scenario,
-                     *options])
+    return " ".join(["cd", shlex.quote(str(ROOT)), "&&", ".venv/bin/python", "-m", "bench",
+                     scenario, *options])
 
 
 @contextlib.contextmanager

@@ -82,7 +82,7 @@ COPY_FIELDS = ("seconds", "bytes_copied", "bytes_zeroed", "bytes_skipped", "byte
 class Tool:
     """One measured command: the targets it runs against and what it tells about itself."""
     targets: tuple[str, ...] = TARGETS
-    engine: bool = False        # an engine command (.venv/bin/transfer): its fingerprint is recorded
+    engine: bool = False        # an engine command (.venv/bin/transfer): fingerprint recorded
     result: str | None = None   # where its JSON result is: "report" (--report R) or "stdout"
     fields: tuple[str, ...] = ()  # the result's fields kept in the run's JSON line
     expect: tuple[tuple[str, Any], ...] = ()  # result fields checked on every run

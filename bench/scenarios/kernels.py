@@ -76,7 +76,7 @@ INTERVAL_PEERS = ("python", "numpy")  # the interval algebra's barred peers: the
 BENCH_FILE = "bench/scenarios/kernels_bench.py"
 
 
-# ---------------------------------------------------------------- pytest plugin (-p bench.scenarios.kernels)
+# -------------------------------------------------- pytest plugin (-p bench.scenarios.kernels)
 
 def pytest_addoption(parser: Any) -> None:
     """The kernels_bench.py options, when pytest loads this module with -p

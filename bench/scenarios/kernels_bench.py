@@ -5,7 +5,8 @@ By hand (options default to the scenario's full run; `-p bench.scenarios.kernels
 --kernels-* options and a commit-info hook that never writes the git index):
 
     cd /work/main && .venv/bin/python -m pytest bench/scenarios/kernels_bench.py \\
-        -p bench.scenarios.kernels -p no:cacheprovider --benchmark-disable-gc [--kernels-reps 5] [--benchmark-json FILE]
+        -p bench.scenarios.kernels -p no:cacheprovider --benchmark-disable-gc \\
+        [--kernels-reps 5] [--benchmark-json FILE]
 
 The file's name matches no `python_files` pattern: plain `python -m pytest` never collects it.
 One test, test_kernel, parametrized over steps: per kernel and input, `--kernels-reps` rounds of

@@ -424,7 +424,8 @@ class Warm:
             if not isinstance(self.pass_no, int):
                 self.pass_no = 0
         checks: dict[str, Any] = {}
-        if code == 0 and tool != "startup" and (check_file or tool in ("pass0", *DELTAS, "restore")):
+        if code == 0 and tool != "startup" and (
+                check_file or tool in ("pass0", *DELTAS, "restore")):
             path = self.full_target if tool in ("full", "nbdcopy") else self.target
             t = time.perf_counter()
             got = file_digest(path)
