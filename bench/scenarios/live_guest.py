@@ -20,6 +20,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import nbd
 
@@ -28,11 +29,6 @@ from transfer.demo.workload import GuestWriter
 BLOCK = 64 * 1024  # the dirty bitmap's granularity on a raw file (qemu's default)
 POLL = 0.005
 STOP_POLL = 0.001  # the stop's reaction, part of the measured downtime: as quick as a QMP stop
-
-
-def _touch(path: str) -> None:
-    with open(path, "a"):
-        pass
 
 
 def summarize(log: list, rate: float, stop_seen: float | None, stopped: float,
@@ -84,7 +80,7 @@ def main(argv: list[str]) -> int:
     try:
         while not w.log and w.alive():
             time.sleep(POLL)
-        _touch(a.ready)
+        Path(a.ready).touch()
         while not os.path.exists(a.stop):
             if not w.alive():  # the writer failed: stop() raises its error
                 break
@@ -94,7 +90,7 @@ def main(argv: list[str]) -> int:
         log = w.stop()
     finally:
         stopped = time.time()
-        _touch(a.stopped)
+        Path(a.stopped).touch()
     while a.release and not os.path.exists(a.release):
         time.sleep(POLL)
     window = None
