@@ -1,1 +1,1 @@
-"""Benchmarks of the transfer engine against nbdcopy and qemu-img, run side by side (bench/README.md)."""
+"""Benchmarks of the transfer engine beside nbdcopy and qemu-img, in one run (bench/README.md)."""

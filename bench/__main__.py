@@ -31,52 +31,33 @@ class Usage(Exception):
     pass
 
 
-def _take_value(args: list[str], i: int, name: str) -> tuple[str, int]:
-    """The value of option `name` at args[i] (`--name V` or `--name=V`), and the next index."""
-    if args[i].startswith(name + "="):
-        return args[i].split("=", 1)[1], i + 1
-    if i + 1 >= len(args):
-        raise Usage(f"{name} needs a value")
-    return args[i + 1], i + 2
-
-
 def parse(argv: list[str]) -> tuple[str, bool, list[tuple[str, list[str]]]]:
     """(out dir, quick, [(scenario, its own options)]). Harness options come before the first
     scenario name (--quick anywhere); every scenario name starts a new group."""
     out = str(DEFAULT_OUT)
     quick = False
     groups: list[tuple[str, list[str]]] = []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
+    args = iter(argv)
+    for a in args:
         if a in SCENARIOS:
             if any(name == a for name, _ in groups):
                 raise Usage(f"scenario {a!r} given twice")
             groups.append((a, []))
-            i += 1
         elif a == "--quick":
             quick = True
-            i += 1
         elif groups:
             groups[-1][1].append(a)
-            i += 1
-        elif a == "--out" or a.startswith("--out="):
-            out, i = _take_value(argv, i, "--out")
+        elif a.startswith("--out="):
+            out = a.split("=", 1)[1]
+        elif a == "--out":
+            out = next(args, None) or ""
+            if not out:
+                raise Usage("--out needs a value")
         else:
             raise Usage(f"unknown scenario or option {a!r}; scenarios: {', '.join(SCENARIOS)}")
     if not groups:
         groups = [(name, []) for name in SCENARIOS]
     return out, quick, groups
-
-
-def _own_out(args: list[str]) -> str | None:
-    """A scenario's own --out FILE among its options, if any."""
-    for i, a in enumerate(args):
-        if a == "--out" and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith("--out="):
-            return a.split("=", 1)[1]
-    return None
 
 
 def _stamp() -> str:
@@ -95,17 +76,16 @@ def run(argv: list[str]) -> int:
         args = args + (["--quick"] if quick else [])
         if "-h" in args or "--help" in args:
             return runner.main(modules[name], args)  # argparse prints the help and exits 0
-        modules[name].parse_args(args)  # bad options: argparse exits 2 before anything runs
-        plans.append((name, args))
+        # bad options: argparse exits 2 before anything runs; --out: the scenario's own file
+        plans.append((name, args, modules[name].parse_args(args).out))
     os.makedirs(out_dir, exist_ok=True)
     stamp = _stamp()
     done = {}
     missing: dict[str, str] = {}
     worst = 0
-    for name, args in plans:
+    for name, args, path in plans:
         if len(plans) > 1:
             print(f"== {name}", flush=True)
-        path = _own_out(args)
         if path is None:
             path = os.path.join(out_dir, f"{name}-{_stamp()}.jsonl")
             n = 1

@@ -87,6 +87,7 @@ def _live_run(size: int, rate: float, measured: float | None, predicted: float) 
 def test_live_converge_size_axis_bars_take_exit_7_at_the_largest_size_as_a_result():
     from types import SimpleNamespace
 
+    from bench.harness.runner import bar_line
     from bench.scenarios import live_converge as lc
     a = lc.parse_args(["--sizes", "4G,1G,16G"])
     assert a.size_list == [1 << 30, 4 << 30, 16 << 30] and a.rate_list == [4.0]
@@ -100,7 +101,7 @@ def test_live_converge_size_axis_bars_take_exit_7_at_the_largest_size_as_a_resul
         s = lc.summarize(live, a.size_list, a.rate_list)
         table = lc.table(s)
         assert "downtime at the largest size ÷ at the smallest" in table
-        assert all(lc.bar_line(b) for b in lc.bars(s))
+        assert all(bar_line(b, lc.bar_value(b)) for b in lc.bars(s))
         return {b["kind"]: b for b in lc.bars(s) if b["kind"] != "prediction"}
 
     seven = bars(_live_run(16 << 30, 4.0, None, 6.2))

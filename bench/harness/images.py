@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -57,10 +58,8 @@ def prepare_image(workdir: str, a: argparse.Namespace, kind: str = "mixed"
             return image, meta
     except (OSError, ValueError):
         pass
-    try:  # a qcow2 copy of an older image would be served for this one
+    with contextlib.suppress(FileNotFoundError):  # else a qcow2 copy of an older image is served
         os.unlink(os.path.join(workdir, f"{image_stem(kind)}.qcow2"))
-    except FileNotFoundError:
-        pass
     t = time.perf_counter()
     if kind == "mixed":
         say(f"making the {size_text(a.size)} mixed image, seed {a.seed}, half allocated ...")

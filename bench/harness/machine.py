@@ -4,8 +4,10 @@ the wait for an idle machine, the engine's fingerprint and commit, and the prove
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import operator
 import os
 import platform
 import shutil
@@ -28,8 +30,20 @@ def say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
+def say_engine(prov: dict[str, Any], *peers: str) -> None:
+    """The run's engine, its peers' versions (provenance keys) and the machine, on stdout."""
+    say(f"engine {prov['engine_commit']} (fingerprint {prov['engine_fingerprint']}), "
+        + "".join(f"{prov[k]}, " for k in peers)
+        + f"kernel {prov['kernel']}, {prov['cpu_model']} x {prov['nproc']}")
+
+
 def fmt(x: float | None, spec: str) -> str:
     return "–" if x is None else format(x, spec)
+
+
+def invalid_text(problems: list[str]) -> str:
+    """What ends a run's progress line when the run is invalid."""
+    return "  INVALID: " + "; ".join(problems) if problems else ""
 
 
 def size_text(n: int) -> str:
@@ -41,6 +55,11 @@ def size_text(n: int) -> str:
 
 def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
+
+
+def median_of(rows: list[dict[str, Any]], key: str, kind: Any = (int, float)) -> float | None:
+    """The median of the rows' key where it is a number of that kind (None without any)."""
+    return median([r[key] for r in rows if isinstance(r.get(key), kind)])
 
 
 def stats(xs: list[float], digits: int = 9) -> dict[str, Any]:
@@ -63,11 +82,40 @@ def tool_stats(good: list[dict[str, Any]], every: list[dict[str, Any]]) -> dict[
                                         if r.get("server_maxrss_mib") is not None), default=None)}
 
 
-def paired(a: list[float | None], b: list[float | None]) -> dict[str, Any]:
-    """a[i] / b[i] pair by pair (pairs with a None left out): the median and every pair."""
-    pairs = [x / y for x, y in zip(a, b) if x is not None and y]
-    return {"median": round(statistics.median(pairs), 4) if pairs else None,
-            "pairs": [round(p, 4) for p in pairs]}
+def rep_stats(timed: list[dict[str, Any]], warmups: list[dict[str, Any]], per_gib: float,
+              **gib: float | None) -> dict[str, Any]:
+    """tool_stats of a tool's timed runs and warm-ups, and: how many reps (valid ones), whether
+    there were warm-ups and all were valid, NAME_gib_per_s of the median wall for each NAME=GiB
+    given, and the median client, server and other CPU seconds per per_gib GiB."""
+    good = [r for r in timed if r["valid"]]
+    out = tool_stats(good, timed + warmups)
+    med = out["wall_s_median"]
+    out.update(reps=len(timed), valid_reps=len(good),
+               warmup_valid=bool(warmups) and all(r["valid"] for r in warmups))
+    out |= {f"{k}_gib_per_s": round(g / med, 4) if med and g is not None else None
+            for k, g in gib.items()}
+    for k in ("client", "server", "other"):
+        m = median([r[f"{k}_cpu_s"] for r in good])
+        out[f"{k}_cpu_s_per_gib"] = None if m is None else round(m / per_gib, 4)
+    return out
+
+
+def paired(a: list[float | None], b: list[float | None], f: Any = operator.truediv,
+           spread: bool = False) -> dict[str, Any]:
+    """f(a[i], b[i]) pair by pair (pairs with a None left out): the median (with spread the min
+    and max too) and every pair."""
+    pairs = [f(x, y) for x, y in zip(a, b) if x is not None and y]
+    out = {"median": round(statistics.median(pairs), 4) if pairs else None,
+           "pairs": [round(p, 4) for p in pairs]}
+    if spread:
+        out.update(min=round(min(pairs), 4) if pairs else None,
+                   max=round(max(pairs), 4) if pairs else None)
+    return out
+
+
+def walls(runs: list[dict[str, Any]]) -> list[float | None]:
+    """The runs' walls, None for an invalid one: what paired() pairs, rep by rep."""
+    return [r["wall_s"] if r["valid"] else None for r in runs]
 
 
 def md_table(head: str, rows: list[str]) -> str:
@@ -208,13 +256,10 @@ def drop_caches() -> None:
 
 def proc_peak_rss_mib(pid: int) -> float | None:
     """A live process's peak resident memory (VmHWM), from /proc."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError, IndexError):
-        pass
+    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
     return None
 
 
@@ -265,10 +310,8 @@ def engine_fingerprint() -> str:
             if "__pycache__" in p.parts or not p.is_file():
                 continue
             h.update(str(p.relative_to(ROOT)).encode() + b"\0")
-            try:
+            with contextlib.suppress(OSError):
                 h.update(p.read_bytes())
-            except OSError:
-                pass
     return h.hexdigest()[:16]
 
 
@@ -286,19 +329,12 @@ def provenance(workdir: str, image: dict[str, Any] | None = None, workload: str 
     """The engine's commit and fingerprint, the peers' versions, kernel, CPU, memory, Python and
     the work directory's filesystem; with the image the scenario copies, or a workload described
     instead (kernels, overhead); extra keys on top."""
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    mem = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem = int(f.readline().split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    cpu, mem = "unknown", None
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f
+                    if line.startswith("model name")), cpu)
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) * 1024
     prov = {
         "engine_commit": engine_commit(),
         "engine_fingerprint": engine_fingerprint(),

@@ -11,6 +11,7 @@ process's) CPU from /proc, and the rest of the machine's busy time meanwhile. On
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -64,11 +65,8 @@ def spawn_and_reap(argv: list[str], stdout: str, log: str, rss_file: str, timeou
             proc.returncode = os.waitstatus_to_exitcode(status)
         raise
     maxrss = None
-    try:
-        with open(rss_file) as f:
-            maxrss = int(f.read().split()[-1])  # KiB; a line before it tells a failure
-    except (OSError, ValueError, IndexError):
-        pass
+    with contextlib.suppress(OSError, ValueError, IndexError), open(rss_file) as f:
+        maxrss = int(f.read().split()[-1])  # KiB; a line before it tells a failure
     return proc.returncode, usage, timed_out, maxrss
 
 
@@ -125,6 +123,23 @@ def measure(argv: list[str], files: str, timeout: float, *, server_pid: int | No
         **{f"{name}_cpu_s": None if x is None else round(x, 3) for name, x in sides.items()},
     })
     return rec
+
+
+def measured(rec: dict[str, Any], argv: Callable[[str], list[str]], files: str, timeout: float,
+             server: Any = None, result: str | None = None, **kw: Any
+             ) -> tuple[list[str], dict[str, Any]]:
+    """A scenario's run of a tool: rec gains one measured run of argv(URI) against server, a
+    fresh one started for it (None: no server, URI ""; keywords: measure()'s); its problems
+    (failed()) and, when it exited 0, its JSON result (result: a report it writes, deleted
+    first, or FILES.out; None: none)."""
+    if result and os.path.exists(result):
+        os.unlink(result)
+    with server or contextlib.nullcontext() as srv:
+        rec.update(measure(argv(srv.uri if srv else ""), files, timeout,
+                           server_pid=srv.pid if srv else None, **kw))
+    problems = failed(rec, files)
+    data = json_result(result, problems, rec["tool"]) if result and rec["exit"] == 0 else {}
+    return problems, data
 
 
 def failed(rec: dict[str, Any], files: str, ok: tuple[int, ...] = (0,)) -> list[str]:

@@ -4,6 +4,7 @@ described as Panels (live-converge's) is drawn both as a PNG and, without matplo
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,11 +13,7 @@ NO_MATPLOTLIB = "plots skipped: matplotlib not installed"
 
 
 def matplotlib_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401  (only whether it is there)
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def pyplot() -> Any:
@@ -39,10 +36,10 @@ def save(plt: Any, fig: Any, png: str, suptitle: str) -> None:
     plt.close(fig)
 
 
-def bar_groups(ax: Any, groups: list[str], series: list[str], value: Any, colors: Any,
-               capsize: int = 3, fontsize: int = 7) -> None:
+def bar_groups(ax: Any, groups: list[Any], series: list[str], value: Any, colors: Any,
+               capsize: int = 3, fontsize: int = 7, ytext: int = 2) -> None:
     """Bars side by side per group, a color per series: value(group, series) is None (no bar)
-    or (height, low whisker, high whisker, label above it)."""
+    or (height, low whisker, high whisker, label above it, ytext points up)."""
     width = 0.8 / max(1, len(series))
     for i, name in enumerate(series):
         xs, ys, lo, hi, labels = [], [], [], [], []
@@ -60,7 +57,7 @@ def bar_groups(ax: Any, groups: list[str], series: list[str], value: Any, colors
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=capsize, label=name, color=colors(i))
         for x, y, top, text in zip(xs, ys, hi, labels):
             if text:  # above the whisker
-                ax.annotate(text, (x, y + top), textcoords="offset points", xytext=(0, 2),
+                ax.annotate(text, (x, y + top), textcoords="offset points", xytext=(0, ytext),
                             ha="center", fontsize=fontsize)
 
 
@@ -153,7 +150,8 @@ def draw_svg(panels: list[Panel], title: str) -> str:
     PW, PH, L, T, GAP = 330, 280, 70, 70, 90
     W = L + len(panels) * (PW + GAP)
     el = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="420" '
-          'font-family="sans-serif" font-size="12">', f'<rect width="{W}" height="420" fill="white"/>',
+          'font-family="sans-serif" font-size="12">',
+          f'<rect width="{W}" height="420" fill="white"/>',
           f'<text x="{W / 2}" y="24" text-anchor="middle" font-size="15">{_esc(title)}</text>']
     for i, p in enumerate(panels):
         x0, y0 = L + i * (PW + GAP), T

@@ -120,9 +120,13 @@ def latest_runs(directory: str, include_reduced: bool = False) -> dict[str, Run]
 
 # ---------------------------------------------------------------- markdown
 
-def order(d: dict[str, Any], names: Any) -> dict[str, Any]:
-    """The JSON lines are written with sort_keys: put the tools back in the scenario's order."""
-    return {k: d[k] for k in names if k in d} | {k: v for k, v in d.items() if k not in names}
+def summaries_of(run: Run) -> list[dict[str, Any]]:
+    """The run's summary lines, their tools back in the scenario's order (its TOOLS): the JSON
+    lines are written with sort_keys."""
+    names = getattr(module(run.scenario), "TOOLS", ())
+    return [dict(s, tools={k: s["tools"][k] for k in names if k in s["tools"]}
+                 | {k: v for k, v in s["tools"].items() if k not in names})
+            if "tools" in s else s for s in run.of_type("summary")]
 
 
 def scenario_table(run: Run) -> str:
@@ -131,7 +135,7 @@ def scenario_table(run: Run) -> str:
     mod = module(run.scenario)
     if hasattr(mod, "report_table"):
         return mod.report_table(run)
-    return mod.table(run.of_type("summary")[-1])
+    return mod.table(summaries_of(run)[-1])
 
 
 def bar_lines(run: Run) -> list[str]:
@@ -159,7 +163,6 @@ def peer_bars(run: Run) -> list[tuple[str, str, float | None]]:
 
 def provenance_lines(run: Run) -> list[str]:
     p = run.provenance
-    image = p.get("image") or {}
     peers = [p[k] for k in ("nbdcopy", "qemu_img", "nbdkit", "qemu_nbd", "qemu_storage_daemon")
              if p.get(k)]
     peers += [f"{k}: `{v}`" for k, v in (p.get("tuned") or {}).items()]
@@ -169,19 +172,14 @@ def provenance_lines(run: Run) -> list[str]:
         return [f"- engine commit `{p.get('engine_commit', '?')}`; "
                 + ", ".join(f"{k} {v}" for k, v in p.items()
                             if k != "engine_commit" and not isinstance(v, (dict, list)))]
-    alloc = image.get("alloc_bytes")
-    if p.get("workload"):  # kernels, overhead: no image
-        workload = [f"- workload: {p['workload']}"]
-    elif p.get("images"):  # cold-copy: an image per kind
-        workload = [(f"- image `{kind}`: {fmt(im.get('size') and im['size'] / GiB, 'g')} GiB, "
-                     f"seed {im.get('seed', '?')}, "
-                     f"{fmt(im.get('alloc_bytes') and im['alloc_bytes'] / GiB, '.2f')} GiB "
-                     f"allocated, digest `{im.get('digest', '?')}`")
-                    for kind, im in p["images"].items()]
-    else:
-        workload = [(f"- image: {fmt(image.get('size') and image['size'] / GiB, 'g')} GiB, "
-                     f"seed {image.get('seed', '?')}, {fmt(alloc and alloc / GiB, '.2f')}"
-                     f" GiB allocated, digest `{image.get('digest', '?')}`")]
+    # kernels, overhead: a workload, no image; cold-copy (and live-converge's size axis): an
+    # image per kind (size)
+    images = ({f" `{k}`": im for k, im in (p.get("images") or {}).items()}
+              or {"": p.get("image") or {}})
+    workload = [f"- workload: {p['workload']}"] if p.get("workload") else [
+        (f"- image{k}: {fmt(im.get('size') and im['size'] / GiB, 'g')} GiB, seed "
+         f"{im.get('seed', '?')}, {fmt(im.get('alloc_bytes') and im['alloc_bytes'] / GiB, '.2f')}"
+         f" GiB allocated, digest `{im.get('digest', '?')}`") for k, im in images.items()]
     return [
         (f"- engine commit `{p.get('engine_commit', '?')}` (fingerprint "
          f"`{p.get('engine_fingerprint', '?')}`)"),

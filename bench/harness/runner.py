@@ -6,12 +6,14 @@ A scenario is a module (bench/scenarios/) with:
   parse_args(argv)         its options (argparse: bad ones exit 2 before anything runs)
   reproduce_command(a)     the command that runs it again with these options
   preflight(a)             what the machine lacks to run it (a list; empty: go)
-  run(ctx) -> Outcome      the measuring: records through ctx.emit, the verdict's content back
+  run(ctx) -> Outcome      the measuring: ctx.prov set, records through ctx.emit and ctx.record,
+                           the verdict's content back
   table(summary), plot(run, png)
                            its part of the markdown summary and its PNG (harness/report.py),
-                           from the JSON lines alone; optional: report_table(run) (default:
-                           table of the last summary), report_notes(run) (default: the
-                           verdict's notes), best_peer_rows(run) (default: report.peer_bars)
+                           from the JSON lines alone; optional: TOOLS (the order its summaries'
+                           tools are shown in), report_table(run) (default: table of the last
+                           summary), report_notes(run) (default: the verdict's notes),
+                           best_peer_rows(run) (default: report.peer_bars)
   bar_value(b)             optional: a bar's value as text (default: its value, its format)
   WORKDIR, CLEANUP         optional: False for no work directory; the names (globs) run() leaves
                            in a --workdir given by the user, removed at the end without --keep
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import glob
 import json
 import os
@@ -51,41 +52,44 @@ class Abort(Exception):
 
 @dataclass
 class Outcome:
-    """What a scenario's run() found: the verdict's content and what to print after it."""
-    valid: bool
+    """What a scenario's run() found: the verdict's content and what to print after it. The run
+    is valid when valid is and every record of ctx.record is."""
     bars: list[dict[str, Any]]
-    prov: dict[str, Any]
-    runs: list[dict[str, Any]] = field(default_factory=list)  # their engine_fingerprint
     text: list[str] = field(default_factory=list)  # printed once the JSON lines are written
     verdict: dict[str, Any] = field(default_factory=dict)  # more fields of the verdict line
+    valid: bool = True
     invalid: str = "a run failed or a correctness check failed"
 
 
 class Context:
-    """What run() gets: the options, the work directory, the JSON lines."""
+    """What run() gets: the options, the work directory, the JSON lines; what it keeps: the
+    provenance (every record carries it) and the run records."""
 
     def __init__(self, a: argparse.Namespace, out: TextIO, path: str, workdir: str) -> None:
         self.a = a
         self.out = out
         self.path = path
         self.workdir = workdir
+        self.prov: dict[str, Any] = {}
+        self.runs: list[dict[str, Any]] = []
 
     def emit(self, record: dict[str, Any]) -> None:
         self.out.write(json.dumps(record, sort_keys=True) + "\n")
         self.out.flush()
 
-    def record(self, runs: list[dict[str, Any]], rec: dict[str, Any], problems: list[str],
-               prov: dict[str, Any], engine: bool, notes: list[str] | None = None) -> None:
+    def record(self, rec: dict[str, Any], problems: list[str], engine: bool,
+               notes: list[str] | None = None) -> dict[str, Any]:
         """A run's record finished: valid when it has no problems (notes: what the engine said
         that it should not, not fatal), the provenance, and for an engine run the engine's
-        fingerprint now (edits during the run show); emitted and kept in runs."""
-        rec.update(valid=not problems, problems=problems, provenance=prov)
+        fingerprint now (edits during the run show); emitted, kept in runs and returned."""
+        rec.update(valid=not problems, problems=problems, provenance=self.prov)
         if engine:
             rec["engine_fingerprint"] = engine_fingerprint()
         if notes is not None:
             rec["notes"] = notes
         self.emit(rec)
-        runs.append(rec)
+        self.runs.append(rec)
+        return rec
 
 
 def parser(scenario: str, description: str, quick: str, workdir: str | None = None
@@ -113,16 +117,8 @@ def defaults(a: argparse.Namespace, **full_and_quick: tuple[Any, Any]) -> None:
 
 
 def reproduce(scenario: str, *options: str) -> str:
-    return " ".join(["cd", shlex.quote(str(ROOT)), "&&", ".venv/bin/python", "-m", "bench", scenario,
-                     *options])
-
-
-def out_path(scenario: str, given: str | None) -> str:
-    """--out FILE, else bench/out/SCENARIO-<time>.jsonl; its directory made."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = given or str(ROOT / "bench" / "out" / f"{scenario}-{stamp}.jsonl")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return path
+    return " ".join(["cd", shlex.quote(str(ROOT)), "&&", ".venv/bin/python", "-m", "bench",
+                     scenario, *options])
 
 
 @contextlib.contextmanager
@@ -138,10 +134,8 @@ def sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def bar_line(b: dict[str, Any], value: str | None = None) -> str:
+def bar_line(b: dict[str, Any], value: str) -> str:
     """A bar on stdout: met / MISSED / n/a, its name and its value."""
-    if value is None:
-        value = fmt(b.get("value"), b.get("format", ".2f"))
     if b["met"] is None:
         return f"  n/a    {b['bar']}: {b.get('why') or value}"
     return f"  {'met   ' if b['met'] else 'MISSED'} {b['bar']}: {value}"
@@ -190,30 +184,32 @@ def main(mod: ModuleType, argv: list[str]) -> int:
         print(f"{mod.NAME}: missing " + ", ".join(missing), file=sys.stderr)
         return 2
     started = time.time()
-    path = out_path(mod.NAME, a.out)
+    path = a.out  # python -m bench gives every scenario its --out
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     workdir, made = _workdir(mod, a)
     command = mod.reproduce_command(a)
     try:
         with sigterm_interrupts(), open(path, "w") as f:
             ctx = Context(a, f, path, workdir)
             o = mod.run(ctx)
-            fps = fingerprints(o.prov.get("engine_fingerprint", ""), o.runs)
+            fps = fingerprints(ctx.prov.get("engine_fingerprint", ""), ctx.runs)
             duration = time.time() - started
-            ctx.emit({"type": "verdict", "scenario": mod.NAME, "valid": o.valid, "bars": o.bars,
+            valid = o.valid and all(r["valid"] for r in ctx.runs)
+            ctx.emit({"type": "verdict", "scenario": mod.NAME, "valid": valid, "bars": o.bars,
                       "duration_s": round(duration, 1), "engine_changed_during_run": len(fps) > 1,
-                      "engine_fingerprints": fps, "command": command, "provenance": o.prov,
+                      "engine_fingerprints": fps, "command": command, "provenance": ctx.prov,
                       **o.verdict})
         say()
         for line in o.text:
             say(line)
         say()
         for b in o.bars:
-            say(mod.bar_line(b) if hasattr(mod, "bar_line") else bar_line(b, bar_value(mod, b)))
+            say(bar_line(b, bar_value(mod, b)))
         if len(fps) > 1:
             say(f"WARNING: the engine's files changed during the run ({len(fps)} versions: "
                 f"{', '.join(fps)}); each engine run's JSON line has its engine_fingerprint")
         code = 0
-        if not o.valid:
+        if not valid:
             say(f"INVALID: {o.invalid} (see 'problems' in the JSON lines)")
             code = 1
         elif a.require_bars and any(b["met"] is False for b in o.bars):

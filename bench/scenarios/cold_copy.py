@@ -10,11 +10,11 @@ output: bench/README.md, "cold-copy".
 from __future__ import annotations
 
 import argparse
+import contextlib
+import operator
 import os
-import statistics
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,19 +31,23 @@ from ..harness.machine import (
     cmd_output,
     drop_caches,
     fmt,
+    invalid_text,
     md_table,
     median,
     missing_programs,
+    paired,
     provenance,
+    rep_stats,
     resident_text,
     say,
+    say_engine,
     size_text,
-    tool_stats,
+    walls,
     warm_cache,
 )
-from ..harness.measure import cost_text, failed, json_result, measure
+from ..harness.measure import cost_text, measured
 from ..harness.plots import bar_groups, pyplot, save, title
-from ..harness.report import Run, order
+from ..harness.report import Run, summaries_of
 from ..harness.runner import Context, Outcome, defaults, parser, reproduce
 
 NAME = "cold-copy"
@@ -78,7 +82,7 @@ COPY_FIELDS = ("seconds", "bytes_copied", "bytes_zeroed", "bytes_skipped", "byte
 class Tool:
     """One measured command: the targets it runs against and what it tells about itself."""
     targets: tuple[str, ...] = TARGETS
-    engine: bool = False        # an engine command (.venv/bin/transfer): its fingerprint is recorded
+    engine: bool = False        # an engine command (.venv/bin/transfer): fingerprint recorded
     result: str | None = None   # where its JSON result is: "report" (--report R) or "stdout"
     fields: tuple[str, ...] = ()  # the result's fields kept in the run's JSON line
     expect: tuple[tuple[str, Any], ...] = ()  # result fields checked on every run
@@ -134,82 +138,62 @@ class Source:
     the server reads (the raw image, or its qcow2 copy for qemu-nbd) and what is known of it."""
     image: str
     served: str
-    size: int
     alloc: int
     digest: str
-    info: dict[str, Any]
 
 
 # ---------------------------------------------------------------- the loop device
 
 class LoopDevice:
-    """A loop device over a sparse backing file, attached by us and detached by its own path."""
+    """A loop device over a sparse backing file, attached by us (with) and detached by its own
+    path: only if it is still ours."""
 
     def __init__(self, backing: str, size: int) -> None:
         self.backing = os.path.realpath(backing)
         self.size = size
-        self.dev: str | None = None
 
-    def attach(self) -> str:
+    def __enter__(self) -> LoopDevice:
         with open(self.backing, "wb") as f:
             f.truncate(self.size)
-        out = subprocess.run(["losetup", "-f", "--show", self.backing], capture_output=True,
-                             text=True, check=True)
-        self.dev = out.stdout.strip()
-        return self.dev
+        self.dev = subprocess.run(["losetup", "-f", "--show", self.backing], capture_output=True,
+                                  text=True, check=True).stdout.strip()
+        say(f"loop device {self.dev} over {self.backing}")
+        return self
 
     def reset(self) -> None:
         """Every run starts from the same state: the device discarded (reads zeroes, all holes)."""
-        assert self.dev is not None
         subprocess.run(["blkdiscard", self.dev], check=True, capture_output=True)
 
-    def detach(self) -> None:
-        if self.dev is None:
-            return
-        name = os.path.basename(self.dev)
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
-                ours = os.path.realpath(f.read().strip()) == self.backing
-        except OSError:
-            ours = False
+    def __exit__(self, *exc: object) -> None:
+        ours = False
+        with contextlib.suppress(OSError), open(
+                f"/sys/block/{os.path.basename(self.dev)}/loop/backing_file") as f:
+            ours = os.path.realpath(f.read().strip()) == self.backing
         if ours:
             subprocess.run(["losetup", "-d", self.dev], capture_output=True, check=False)
-        self.dev = None
 
 
 # ---------------------------------------------------------------- one run
 
+@dataclass
 class Bench:
-    """The runs of one scenario run: the case the next runs are of, the targets, the records."""
+    """The runs of one case (its source, the reps of each tool) to the targets."""
+    ctx: Context
+    case: Case
+    src: Source
+    reps: int
+    loop: LoopDevice | None
 
-    def __init__(self, ctx: Context, prov: dict[str, Any]) -> None:
-        self.ctx = ctx
-        self.workdir = ctx.workdir
-        self.size = ctx.a.size
-        self.prov = prov
-        self.sock = os.path.join(self.workdir, "nbd.sock")
-        self.file_target = os.path.join(self.workdir, "target.img")
-        self.loop: LoopDevice | None = None
+    def __post_init__(self) -> None:
+        self.size = self.ctx.a.size
+        self.sock = os.path.join(self.ctx.workdir, "nbd.sock")
+        self.file_target = os.path.join(self.ctx.workdir, "target.img")
         self.timeout = max(120.0, 60.0 * self.size / GiB)
-        self.runs: list[dict[str, Any]] = []
-        self.case = Case("mixed", "nbdkit")
-        self.src: Source | None = None
-        self.reps = ctx.a.reps
-
-    def use(self, case: Case, src: Source, reps: int) -> None:
-        """The case the next runs are of."""
-        self.case, self.src, self.reps = case, src, reps
-
-    @property
-    def alloc(self) -> int:
-        assert self.src is not None
-        return self.src.alloc
 
     def server(self) -> Server:
         """A fresh server for one run: nbdkit's file plugin on the raw image, or qemu-nbd on
         its qcow2 copy (--shared=0: any number of clients, so every tool gets the connections
         it asks for; read-only, so it advertises multi-conn)."""
-        assert self.src is not None
         if self.case.server == "nbdkit":
             return Nbdkit(self.sock, "file", self.src.served, readonly=True)
         return QemuNbd(self.sock, self.src.served, fmt="qcow2", readonly=True,
@@ -220,21 +204,16 @@ class Bench:
             return "null:"
         if target == "file":
             return self.file_target
-        assert self.loop is not None and self.loop.dev is not None
+        assert self.loop is not None
         return self.loop.dev
 
     def prepare(self, target: str) -> None:
         """The same starting state for every tool: an empty sparse file, or a discarded device."""
         if target == "file":
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.file_target)
-            except FileNotFoundError:
-                pass
-            fd = os.open(self.file_target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.ftruncate(fd, self.size)
-            finally:
-                os.close(fd)
+            with open(self.file_target, "xb") as f:  # created anew, not by the tool
+                f.truncate(self.size)
         elif target == "loop":
             assert self.loop is not None
             self.loop.reset()
@@ -269,59 +248,43 @@ class Bench:
             os.close(fd)
 
     def run(self, tool: str, target: str, rep: int | None) -> dict[str, Any]:
-        """One timed run; rep None is the warm-up, which is also checked for correctness."""
-        assert self.src is not None
+        """One timed run; rep None is the warm-up, which is also checked for correctness: the
+        engine's own JSON result (the copy report, or checksum's stdout) kept as engine_report,
+        its expected fields checked, and on the warm-up its digest and the target."""
         spec = TOOLS[tool]
-        warmup = rep is None
-        report = os.path.join(self.workdir, "report.json")
-        files = os.path.join(self.workdir, "child")
-        if os.path.exists(report):
-            os.unlink(report)
+        report = os.path.join(self.ctx.workdir, "report.json")
+        files = os.path.join(self.ctx.workdir, "child")
         self.prepare(target)
         rec: dict[str, Any] = {"type": "run", "scenario": NAME, "case": self.case.key,
                                "image": self.case.image, "server": self.case.server,
                                "cache": self.case.cache, "target": target, "tool": tool,
-                               "rep": rep, "warmup": warmup}
+                               "rep": rep, "warmup": rep is None}
         if self.case.cache == "dropped":
             # Outside the timed region: the source is read from the disk, not from memory.
             drop_caches()
             rec["source_cache_resident_bytes"] = cache_resident(self.src.served)
         after = (lambda: self.fsync_target(target)) if (
             tool.startswith("qemu-img") and target != "null") else None
-        with self.server() as server:
-            rec.update(measure(self.argv(tool, target, server.uri, report), files, self.timeout,
-                               server_pid=server.pid, after=after))
-        rec["alloc_gib_per_s"] = round(self.alloc / GiB / rec["wall_s"], 4)
+        result = report if spec.result == "report" else files + ".out" if spec.result else None
+        problems, data = measured(rec, lambda uri: self.argv(tool, target, uri, report), files,
+                                  self.timeout, self.server(), result, after=after)
+        rec["alloc_gib_per_s"] = round(self.src.alloc / GiB / rec["wall_s"], 4)
         rec["virtual_gib_per_s"] = round(self.size / GiB / rec["wall_s"], 4)
-        problems = failed(rec, files)
         if spec.result and rec["exit"] == 0:
-            problems += self.check_result(rec, spec, report if spec.result == "report"
-                                          else files + ".out")
-        if warmup and rec["exit"] == 0:
+            rec["engine_report"] = {k: data.get(k) for k in spec.fields}
+            problems += [f"{tool}: {k} is {data.get(k)!r}, expected {v!r}"
+                         for k, v in spec.expect if data.get(k) != v]
+            if rep is None and data.get("digest") != self.src.digest:
+                problems.append(f"{tool} digest {data.get('digest')} != image digest "
+                                f"{self.src.digest}")
+        if rep is None and rec["exit"] == 0:
             problems += self.check_target(rec, target)
-        self.ctx.record(self.runs, rec, problems, self.prov, spec.engine)
-        say(self.run_line(rec))
+        say(self.run_line(self.ctx.record(rec, problems, spec.engine)))
         return rec
-
-    def check_result(self, rec: dict[str, Any], spec: Tool, path: str) -> list[str]:
-        """The engine's own JSON result kept as engine_report (the copy report, or checksum's
-        stdout), its expected fields checked, and on the warm-up its digest."""
-        tool = rec["tool"]
-        problems: list[str] = []
-        data = json_result(path, problems, tool)
-        rec["engine_report"] = {k: data.get(k) for k in spec.fields}
-        problems += [f"{tool}: {k} is {data.get(k)!r}, expected {v!r}"
-                     for k, v in spec.expect if data.get(k) != v]
-        assert self.src is not None
-        if rec["warmup"] and data.get("digest") != self.src.digest:
-            problems.append(f"{tool} digest {data.get('digest')} != image digest "
-                            f"{self.src.digest}")
-        return problems
 
     def check_target(self, rec: dict[str, Any], target: str) -> list[str]:
         """The warm-up's target against the raw image (qemu-img compare), and the engine's
         digest against the image's."""
-        assert self.src is not None
         checks: dict[str, Any] = {}
         problems = []
         if target != "null":
@@ -348,65 +311,32 @@ class Bench:
             extra = f", engine's own {result['seconds']:.2f} s"
         if result.get("verify_seconds") is not None and result.get("verify_bytes_read") is not None:
             extra += (f" (verify {result['verify_seconds']:.2f} s, read back "
-                      f"{result['verify_bytes_read'] / self.alloc:.3f} × allocated)")
+                      f"{result['verify_bytes_read'] / self.src.alloc:.3f} × allocated)")
         if rec["post_sync_s"]:
             extra += f", fsync {rec['post_sync_s']:.2f} s"
         return (f"  {rec['target']:4} {rec['tool']:14} {label:9} {rec['wall_s']:7.2f} s  "
                 f"{rec['alloc_gib_per_s']:5.2f} GiB/s  {cost_text(rec)} (server "
-                f"{fmt(rec['server_maxrss_mib'], '.0f')}){extra}"
-                + ("" if rec["valid"] else "  INVALID: " + "; ".join(rec["problems"])))
+                f"{fmt(rec['server_maxrss_mib'], '.0f')}){extra}" + invalid_text(rec["problems"]))
 
 
 # ---------------------------------------------------------------- summaries
 
-def _paired(reps: dict[str, list[dict[str, Any]]], a: str, b: str,
-            f: Callable[[float, float], float]) -> dict[str, Any] | None:
-    """f(wall of a, wall of b) pair by pair (rep i of a against rep i of b, both valid): the
-    median and every pair; None when a or b was not run."""
-    if a not in reps or b not in reps:
-        return None
-    walls_b = {r["rep"]: r["wall_s"] for r in reps[b] if r["valid"]}
-    pairs = [f(r["wall_s"], walls_b[r["rep"]]) for r in reps[a]
-             if r["valid"] and r["rep"] in walls_b]
-    return {"median": round(statistics.median(pairs), 4) if pairs else None,
-            "pairs": [round(x, 4) for x in pairs]}
-
-
-def _ratio(x: float, y: float) -> float:
-    return x / y
-
-
-def _difference(x: float, y: float) -> float:
-    return x - y
-
-
 def summarize(bench: Bench, target: str, tools: list[str], resident: int | None
               ) -> dict[str, Any]:
-    alloc_gib = bench.alloc / GiB
+    """Per tool its medians, rates and CPU per allocated GiB; the engine against each peer (and
+    checksum against nbdcopy, engine-verify against the engine) rep by rep."""
+    alloc, alloc_gib = bench.src.alloc, bench.src.alloc / GiB
     per_tool: dict[str, Any] = {}
     case = bench.case.key
-    mine = [r for r in bench.runs if r["case"] == case and r["target"] == target]
+    mine = [r for r in bench.ctx.runs if r["case"] == case and r["target"] == target]
     reps = {t: [r for r in mine if r["tool"] == t and not r["warmup"]] for t in tools}
     for tool in tools:
         runs = reps[tool]
         good = [r for r in runs if r["valid"]]
         warm = [r for r in mine if r["tool"] == tool and r["warmup"]]
-        s: dict[str, Any] = tool_stats(good, runs + warm)
-        med = s["wall_s_median"]
-        cpu = median([r["client_cpu_s"] for r in good])
-        srv = median([r["server_cpu_s"] for r in good])
-        other = median([r["other_cpu_s"] for r in good])
+        s = rep_stats(runs, warm, alloc_gib, alloc=alloc_gib, virtual=bench.size / GiB)
         checked = [r for r in warm if r.get("checks")]
-        s.update({
-            "reps": len(runs), "valid_reps": len(good),
-            "warmup_valid": all(r["valid"] for r in warm) and bool(warm),
-            "checked": bool(checked and (checked[0]["checks"])),
-            "alloc_gib_per_s": round(alloc_gib / med, 4) if med else None,
-            "virtual_gib_per_s": round(bench.size / GiB / med, 4) if med else None,
-            "client_cpu_s_per_gib": round(cpu / alloc_gib, 4) if cpu is not None else None,
-            "server_cpu_s_per_gib": round(srv / alloc_gib, 4) if srv is not None else None,
-            "other_cpu_s_per_gib": round(other / alloc_gib, 4) if other is not None else None,
-        })
+        s["checked"] = bool(checked and (checked[0]["checks"]))
         if TOOLS[tool].result:
             s["engine_own_seconds_median"] = median(
                 [r["engine_report"]["seconds"] for r in good if "engine_report" in r])
@@ -420,38 +350,40 @@ def summarize(bench: Bench, target: str, tools: list[str], resident: int | None
         if tool.startswith("qemu-img") and target != "null":
             s["post_sync_s_median"] = median([r["post_sync_s"] for r in good])
         per_tool[tool] = s
+
+    def pair(a: str, b: str, f: Any = operator.truediv) -> dict[str, Any] | None:
+        """f(wall of a, wall of b) rep by rep; None when a or b was not run."""
+        return paired(walls(reps[a]), walls(reps[b]), f) if a in reps and b in reps else None
+
     # engine ÷ peer throughput: peer wall / engine wall, rep by rep (engine-verify's is its cost).
-    ratios: dict[str, Any] = {}
-    for peer in tools:
-        r = _paired(reps, peer, "engine", _ratio) if peer != "engine" else None
-        if r is not None:
-            ratios[peer] = {"engine_over_peer_median": r["median"], "pairs": r["pairs"]}
+    ratios = {peer: {"engine_over_peer_median": r["median"], "pairs": r["pairs"]}
+              for peer in tools if peer != "engine" and (r := pair(peer, "engine"))}
     # The best peer: the one the engine is least ahead of (or most behind).
     best = min(((p, ratios[p]["engine_over_peer_median"]) for p in PEERS
                 if p in ratios and ratios[p]["engine_over_peer_median"] is not None),
                key=lambda x: x[1], default=None)
     summary = {"type": "summary", "scenario": "cold-copy", "case": case,
                "image": bench.case.image, "server": bench.case.server, "cache": bench.case.cache,
-               "target": target, "alloc_bytes": bench.alloc, "size": bench.size,
+               "target": target, "alloc_bytes": alloc, "size": bench.size,
                "image_cache_resident_bytes": resident, "tools": per_tool,
                "throughput_ratio": ratios,
                "best_peer": None if best is None else {"tool": best[0],
                                                        "engine_over_peer_median": best[1]},
-               "provenance": bench.prov}
+               "provenance": bench.ctx.prov}
     # checksum ÷ nbdcopy throughput: nbdcopy wall / checksum wall (the same allocated bytes).
-    checksum = _paired(reps, "nbdcopy", "checksum", _ratio)
+    checksum = pair("nbdcopy", "checksum")
     if checksum is not None:
         summary["checksum_over_nbdcopy"] = checksum
     if "engine-verify" in per_tool:
         v = per_tool["engine-verify"]
         read_back = v["verify_bytes_read_max"]
         summary["verify_cost"] = {
-            "wall_ratio": _paired(reps, "engine-verify", "engine", _ratio),
-            "extra_s": _paired(reps, "engine-verify", "engine", _difference),
+            "wall_ratio": pair("engine-verify", "engine"),
+            "extra_s": pair("engine-verify", "engine", operator.sub),
             "verify_seconds_median": v["verify_seconds_median"],
             "verify_bytes_read_max": read_back,
             "verify_bytes_read_over_alloc": None if read_back is None
-            else round(read_back / bench.alloc, 4),
+            else round(read_back / alloc, 4),
         }
     return summary
 
@@ -594,13 +526,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def main_case_of(a: argparse.Namespace) -> str:
-    """The case that gets --reps (the others --reps-rest): the one the issue's bars are about
-    when it is run, else the first listed."""
-    keys = [c.key for c in a.cases]
-    return PRIMARY if PRIMARY in keys else keys[0]
-
-
 def case_targets(a: argparse.Namespace, case: Case) -> list[str]:
     """The targets a case runs to: --targets, and of them only --dropped-targets when the
     cache is dropped."""
@@ -634,8 +559,7 @@ def source(workdir: str, case: Case, a: argparse.Namespace, metas: dict[str, Any
     image, meta = prepare_image(workdir, a, case.image)
     metas[case.image] = meta
     served = prepare_qcow2(image) if case.server == "qemu-nbd" else image
-    return Source(image=image, served=served, size=a.size, alloc=meta["alloc_bytes"],
-                  digest=meta["digest"], info=image_info(meta))
+    return Source(image, served, meta["alloc_bytes"], meta["digest"])
 
 
 def notes(s: dict[str, Any]) -> list[str]:
@@ -674,11 +598,10 @@ def notes(s: dict[str, Any]) -> list[str]:
     return out
 
 
-def run_case(bench: Bench, case: Case, src: Source, reps: int) -> list[dict[str, Any]]:
+def run_case(bench: Bench) -> list[dict[str, Any]]:
     """Every target of the case: a warm-up per tool, then the reps interleaved; a summary per
     target (emitted and returned)."""
-    a = bench.ctx.a
-    bench.use(case, src, reps)
+    a, case, src = bench.ctx.a, bench.case, bench.src
     if case.cache == "dropped":
         state = "dropped before every run"
     else:
@@ -699,9 +622,9 @@ def run_case(bench: Bench, case: Case, src: Source, reps: int) -> list[dict[str,
             # warm-up's compare (another 4 GiB file) may have pushed it out.
             warm_cache(src.served)
         resident = cache_resident(src.served)
-        say(f"  target {target}: warm-up and check, then {reps} interleaved reps "
+        say(f"  target {target}: warm-up and check, then {bench.reps} interleaved reps "
             f"of {', '.join(tools)}")
-        for rep in (None, *range(reps)):
+        for rep in (None, *range(bench.reps)):
             for tool in tools:
                 bench.run(tool, target, rep)
         if target == "file" and os.path.exists(bench.file_target):
@@ -718,23 +641,21 @@ def run(ctx: Context) -> Outcome:
     # The images first, so the provenance names them all and no run waits on a make.
     sources = {c.key: source(ctx.workdir, c, a, metas) for c in a.cases}
     first = metas.get("mixed") or next(iter(metas.values()))
-    prov = provenance(ctx.workdir, image_info(first),
-                      images={k: image_info(m) for k, m in metas.items()},
-                      qemu_nbd=cmd_output(["qemu-nbd", "--version"]).splitlines()[0],
-                      cache=", ".join(f"{c.key}: {c.cache}" for c in a.cases),
-                      tuned={"nbdcopy-tuned": " ".join(NBDCOPY_TUNED),
-                             "qemu-img-tuned": " ".join(QEMU_IMG_TUNED)})
-    say(f"engine {prov['engine_commit']} (fingerprint {prov['engine_fingerprint']}), "
-        f"{prov['nbdcopy']}, {prov['qemu_img']}, {prov['nbdkit']}, {prov['qemu_nbd']}, "
-        f"kernel {prov['kernel']}, {prov['cpu_model']} x {prov['nproc']}")
+    prov = ctx.prov = provenance(
+        ctx.workdir, image_info(first), images={k: image_info(m) for k, m in metas.items()},
+        qemu_nbd=cmd_output(["qemu-nbd", "--version"]).splitlines()[0],
+        cache=", ".join(f"{c.key}: {c.cache}" for c in a.cases),
+        tuned={"nbdcopy-tuned": " ".join(NBDCOPY_TUNED),
+               "qemu-img-tuned": " ".join(QEMU_IMG_TUNED)})
+    say_engine(prov, "nbdcopy", "qemu_img", "nbdkit", "qemu_nbd")
     summaries: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    bench = Bench(ctx, prov)
-    main_case = main_case_of(a)
-    try:
-        if any("loop" in case_targets(a, c) for c in a.cases):
-            bench.loop = LoopDevice(os.path.join(ctx.workdir, "loop-backing.img"), a.size)
-            say(f"loop device {bench.loop.attach()} over {bench.loop.backing}")
+    # The case that gets --reps (the others --reps-rest): the one the issue's bars are about
+    # when it is run, else the first listed.
+    main_case = PRIMARY if PRIMARY in sources else a.cases[0].key
+    with (LoopDevice(os.path.join(ctx.workdir, "loop-backing.img"), a.size)
+          if any("loop" in case_targets(a, c) for c in a.cases)
+          else contextlib.nullcontext()) as loop:
         for case in a.cases:
             if case.cache == "dropped":
                 try:
@@ -745,10 +666,7 @@ def run(ctx: Context) -> Outcome:
                     skipped.append({"case": case.key, "why": why})
                     continue
             reps = a.reps if case.key == main_case else a.reps_rest
-            summaries += run_case(bench, case, sources[case.key], reps)
-    finally:
-        if bench.loop is not None:
-            bench.loop.detach()
+            summaries += run_case(Bench(ctx, case, sources[case.key], reps, loop))
     best = [{"case": s["case"], "target": s["target"], **s["best_peer"]}
             for s in summaries if s.get("best_peer")]
     text = [f"cold-copy: {size_text(a.size)} images, seed {a.seed}, cases "
@@ -763,22 +681,17 @@ def run(ctx: Context) -> Outcome:
     text += [f"  {n}" for s in summaries for n in notes(s)]
     text += ["", best_peer_table(summaries), ""]
     text += [f"  skipped {sk['case']}: {sk['why']}" for sk in skipped]
-    return Outcome(all(r["valid"] for r in bench.runs), bars(summaries), prov, bench.runs, text,
-                   {"best_peer": best, "skipped": skipped})
+    return Outcome(bars(summaries), text, {"best_peer": best, "skipped": skipped})
 
 
 # ---------------------------------------------------------------- the report
 
-def ordered(run: Run) -> list[dict[str, Any]]:
-    return [dict(s, tools=order(s["tools"], TOOLS)) for s in run.of_type("summary")]
-
-
 def report_table(run: Run) -> str:
-    return table(ordered(run))
+    return table(summaries_of(run))
 
 
 def report_notes(run: Run) -> list[str]:
-    summaries = ordered(run)
+    summaries = summaries_of(run)
     out = [f"- {n}" for s in summaries for n in notes(s)]
     if any(s.get("best_peer") for s in summaries):
         out += ["", ("The engine against each peer, per case and target (median of per-rep "

@@ -4,9 +4,7 @@ pure-Python twin and a baseline, timed by pytest-benchmark.
 kernels_bench.py holds the inputs, the implementations (KERNELS, in their interleaving order) and
 the cross-checks; this module runs it with pytest in a child process (and is its pytest plugin,
 `-p bench.scenarios.kernels`), turns pytest-benchmark's JSON into the JSON lines, and makes the
-table, bars and plot. Bars, per kernel and input: cython ÷ best peer ≥ 1, the median of
-per-sample peer time ÷ cython time (for the interval algebra, of the twin and the drop-in numpy
-only). The inputs and the method: bench/README.md, "kernels".
+table, bars and plot. The inputs, the method and the bars: bench/README.md, "kernels".
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ import platform
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +34,7 @@ from ..harness.machine import (
     cmd_output,
     engine_commit,
     fmt,
+    invalid_text,
     md_table,
     paired,
     provenance,
@@ -46,14 +46,13 @@ from ..harness.plots import bar_groups, pyplot, save, title
 from ..harness.report import Run
 from ..harness.runner import Context, Outcome, defaults, parser, reproduce
 
-NAME = SCENARIO = "kernels"
+NAME = "kernels"
 WORKDIR = False  # the inputs live in memory
-TiB = 1 << 40
 DEFAULT_SIZE = 64 * MiB
 QUICK_SIZE = 4 * MiB
 DEFAULT_AREAS = 100_000
 QUICK_AREAS = 10_000
-DEFAULT_DISK = TiB
+DEFAULT_DISK = 1 << 40
 BUFFERS = ("random", "half-zero")
 # Per kernel: its implementations in the interleaving order, the engine's first.
 KERNELS: dict[str, tuple[str, ...]] = {
@@ -77,7 +76,7 @@ INTERVAL_PEERS = ("python", "numpy")  # the interval algebra's barred peers: the
 BENCH_FILE = "bench/scenarios/kernels_bench.py"
 
 
-# ---------------------------------------------------------------- pytest plugin (-p bench.scenarios.kernels)
+# -------------------------------------------------- pytest plugin (-p bench.scenarios.kernels)
 
 def pytest_addoption(parser: Any) -> None:
     """The kernels_bench.py options, when pytest loads this module with -p
@@ -126,17 +125,23 @@ def run_pytest(a: argparse.Namespace, json_path: str) -> tuple[int, str]:
     return p.returncode, p.stdout + p.stderr
 
 
-def records_of(doc: dict[str, Any], reps: int) -> list[dict[str, Any]]:
-    """One record per kernel, input and implementation from pytest-benchmark's JSON: every
-    round's per-call seconds (stats.data: one per benchmark, in round order) and round 0's
-    cross-check."""
+Rows = list[dict[str, Any]]
+
+
+def records_of(doc: dict[str, Any], reps: int) -> tuple[Rows, Rows]:
+    """From pytest-benchmark's JSON: a record per kernel, input and implementation (every round's
+    per-call seconds, stats.data: one per benchmark, in round order; round 0's cross-check), and
+    the summary's row of each, with its ratios pair by pair: the twin's time ÷ its time (how many
+    times faster than the pure-Python twin) and its time ÷ the engine's (how many times slower
+    than the engine's kernel; `cython_over_this` too for the compiled kernels, as before)."""
     by: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for b in doc.get("benchmarks") or []:
         x = b.get("extra_info") or {}
         by.setdefault((x.get("kernel"), x.get("input"), x.get("impl")), []).append(b)
-    records = []
+    records, rows = [], []
     for kernel, impls in KERNELS.items():
         for inp in INPUTS[kernel]:
+            group = {}
             for impl in impls:
                 found = sorted(by.get((kernel, inp, impl), []),
                                key=lambda b: b["extra_info"]["round"])
@@ -149,23 +154,40 @@ def records_of(doc: dict[str, Any], reps: int) -> list[dict[str, Any]]:
                     problems.append(f"{impl}: {len(seconds)} of {reps} samples")
                 x = found[0]["extra_info"] if found else {}
                 s = stats(seconds)
-                amount = x.get("amount")
+                amount, gib = x.get("amount"), UNIT[kernel] == "GiB/s"
                 rate = _rate(kernel, amount, s["median"])
-                rec = {
-                    "type": "run", "scenario": SCENARIO, "kernel": kernel, "buffer": inp,
+                group[impl] = rec = {
+                    "type": "run", "scenario": NAME, "kernel": kernel, "buffer": inp,
                     "impl": impl, "engine": impl == ENGINE[kernel], "block": BLOCK,
-                    "bytes": amount if UNIT[kernel] == "GiB/s" else None,
-                    "areas": amount if UNIT[kernel] != "GiB/s" else None,
+                    "bytes": amount if gib else None, "areas": amount if not gib else None,
                     "number": x.get("number"), "seconds": [round(t, 9) for t in seconds],
                     "seconds_stats": s, "unit": UNIT[kernel], "per_s": rate,
-                    "gib_per_s": rate if UNIT[kernel] == "GiB/s" else None,
+                    "gib_per_s": rate if gib else None,
                     "benchmarks": [b["name"] for b in found],
                     "valid": not problems, "problems": problems,
                 }
                 if first and first.get("input_info"):
                     rec["input_info"] = first["input_info"]
                 records.append(rec)
-    return records
+            engine = group[ENGINE[kernel]]["seconds"]
+            for impl, r in group.items():
+                s, gib = r["seconds_stats"], r["unit"] == "GiB/s"
+                amount = r["bytes"] if gib else r["areas"]
+                lo, hi = _rate(kernel, amount, s["max"]), _rate(kernel, amount, s["min"])
+                over_engine = paired(r["seconds"], engine)
+                rows.append({
+                    "kernel": kernel, "buffer": inp, "impl": impl, "engine": r["engine"],
+                    "bytes": r["bytes"], "areas": r["areas"], "number": r["number"],
+                    "seconds_median": s["median"], "seconds_min": s["min"],
+                    "seconds_max": s["max"], "unit": r["unit"], "per_s": r["per_s"],
+                    "per_s_min": lo, "per_s_max": hi, "gib_per_s": r["gib_per_s"],
+                    "gib_per_s_min": lo if gib else None, "gib_per_s_max": hi if gib else None,
+                    "over_twin": paired(group[TWIN]["seconds"], r["seconds"]),
+                    "engine_over_this": over_engine,
+                    "cython_over_this": over_engine if ENGINE[kernel] == "cython" else None,
+                    "valid": r["valid"],
+                })
+    return records, rows
 
 
 def _rate(kernel: str, amount: int | None, seconds: float | None) -> float | None:
@@ -174,41 +196,6 @@ def _rate(kernel: str, amount: int | None, seconds: float | None) -> float | Non
     if UNIT[kernel] == "GiB/s":
         return round(amount / GiB / seconds, 3)
     return round(amount / 1e6 / seconds, 4)
-
-
-def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per kernel, input and implementation, with its ratios pair by pair: the twin's
-    time ÷ its time (how many times faster than the pure-Python twin) and its time ÷ the engine's
-    (how many times slower than the engine's kernel; `cython_over_this` too for the compiled
-    kernels, as before)."""
-    rows = []
-    for kernel, names in KERNELS.items():
-        for inp in INPUTS[kernel]:
-            group = {r["impl"]: r for r in records
-                     if r["kernel"] == kernel and r["buffer"] == inp}
-            if not group:
-                continue
-            engine = group[ENGINE[kernel]]["seconds"]
-            for name in names:
-                r = group[name]
-                s = r["seconds_stats"]
-                amount = r["bytes"] if r["unit"] == "GiB/s" else r["areas"]
-                lo, hi = _rate(kernel, amount, s["max"]), _rate(kernel, amount, s["min"])
-                over_engine = paired(r["seconds"], engine)
-                rows.append({
-                    "kernel": kernel, "buffer": inp, "impl": name, "engine": r["engine"],
-                    "bytes": r["bytes"], "areas": r["areas"], "number": r["number"],
-                    "seconds_median": s["median"], "seconds_min": s["min"],
-                    "seconds_max": s["max"], "unit": r["unit"], "per_s": r["per_s"],
-                    "per_s_min": lo, "per_s_max": hi, "gib_per_s": r["gib_per_s"],
-                    "gib_per_s_min": lo if r["unit"] == "GiB/s" else None,
-                    "gib_per_s_max": hi if r["unit"] == "GiB/s" else None,
-                    "over_twin": paired(group[TWIN]["seconds"], r["seconds"]),
-                    "engine_over_this": over_engine,
-                    "cython_over_this": over_engine if ENGINE[kernel] == "cython" else None,
-                    "valid": r["valid"],
-                })
-    return rows
 
 
 def _time_text(x: float | None) -> str:
@@ -221,10 +208,6 @@ def _time_text(x: float | None) -> str:
     return f"{x:.2f} s"
 
 
-def median(ratio: dict[str, Any] | None) -> float | None:
-    return (ratio or {}).get("median")
-
-
 def table(summary: dict[str, Any]) -> str:
     head = ("| kernel | input | implementation | median per call (min–max) | throughput "
             "| × python twin | engine ÷ this | check |")
@@ -235,10 +218,10 @@ def table(summary: dict[str, Any]) -> str:
         unit = r.get("unit", "GiB/s")  # runs before the interval algebra: GiB/s only
         rate = r.get("per_s", r.get("gib_per_s"))
         engine = r.get("engine", r["impl"] == "cython")
-        ratio = median(r.get("engine_over_this") or r.get("cython_over_this"))
+        ratio = (r.get("engine_over_this") or r.get("cython_over_this") or {}).get("median")
         lines.append(f"| {r['kernel']} | {r['buffer']} | "
                      f"{r['impl']}{' (engine)' if engine else ''} | {t} | "
-                     f"{fmt(rate, '.2f')} {unit} | {fmt(median(r['over_twin']), '.2f')} | "
+                     f"{fmt(rate, '.2f')} {unit} | {fmt(r['over_twin']['median'], '.2f')} | "
                      f"{fmt(ratio, '.2f')} | {'ok' if r['valid'] else 'FAIL'} |")
     return md_table(head, lines)
 
@@ -283,7 +266,7 @@ def numpy_import_seconds(n: int) -> float | None:
 # ---------------------------------------------------------------- the scenario
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = parser(SCENARIO, "Time the native zero scan, block hash and interval algebra against "
+    p = parser(NAME, "Time the native zero scan, block hash and interval algebra against "
                          "their pure-Python twins and numpy / xxhash-loop baselines, with "
                          "pytest-benchmark.",
                "4 MiB buffers, 10,000 areas, 3 samples")
@@ -310,7 +293,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def reproduce_command(a: argparse.Namespace) -> str:
-    return reproduce(SCENARIO, "--size", size_text(a.size), "--seed", str(a.seed), "--reps",
+    return reproduce(NAME, "--size", size_text(a.size), "--seed", str(a.seed), "--reps",
                      str(a.reps), "--min-sample", f"{a.min_sample:g}", "--areas", str(a.areas),
                      "--disk", size_text(a.disk))
 
@@ -326,16 +309,10 @@ def preflight(a: argparse.Namespace) -> list[str]:
 
 
 def _cache_sizes() -> str:
-    base = "/sys/devices/system/cpu/cpu0/cache"
     out = []
     try:
-        for index in sorted(os.listdir(base)):
-            with open(f"{base}/{index}/level") as f:
-                level = f.read().strip()
-            with open(f"{base}/{index}/type") as f:
-                kind = f.read().strip()
-            with open(f"{base}/{index}/size") as f:
-                size = f.read().strip()
+        for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+            level, kind, size = ((index / n).read_text().strip() for n in ("level", "type", "size"))
             if kind != "Instruction":
                 out.append(f"L{level} {size}")
     except OSError:
@@ -343,30 +320,19 @@ def _cache_sizes() -> str:
     return ", ".join(out) or "unknown"
 
 
-def _machine_info(doc: dict[str, Any]) -> dict[str, Any]:
-    """pytest-benchmark's machine_info without the CPU's long flag list."""
-    info = dict(doc.get("machine_info") or {})
-    cpu = {k: v for k, v in (info.pop("cpu", None) or {}).items() if k != "flags"}
-    return info | ({"cpu": cpu} if cpu else {})
-
-
-def _say_record(rec: dict[str, Any]) -> None:
-    s = rec["seconds_stats"]
-    say(f"  {rec['kernel']:16} {rec['buffer']:9} {rec['impl']:12} "
-         f"{_time_text(s['median']):>10} per call (× {rec['number']}) "
-         f"{fmt(rec['per_s'], '9.2f')} {rec['unit']}"
-         + ("" if rec["valid"] else "  INVALID: " + "; ".join(rec["problems"])))
-
-
 def run(ctx: Context) -> Outcome:
+    import pytest  # there: preflight found pytest-benchmark
+
     a = ctx.a
     bench_json = os.path.splitext(ctx.path)[0] + ".pytest-benchmark.json"
     workload = (f"two {size_text(a.size)} buffers in memory (random; half its 64 KiB blocks "
                 f"zeroed); {a.areas:,} changed areas (scattered; clustered) and a previous "
                 f"plan on a {size_text(a.disk)} disk; seed {a.seed}")
-    prov = provenance(str(ROOT), workload=workload, cache=f"inputs in memory ({_cache_sizes()})",
-                      numpy=np.__version__, xxhash=xxhash.VERSION, machine=platform.machine())
-    say(f"{SCENARIO}: {workload}; {a.reps} interleaved samples of >= {a.min_sample:g} s "
+    prov = ctx.prov = provenance(str(ROOT), workload=workload,
+                                 cache=f"inputs in memory ({_cache_sizes()})",
+                                 numpy=np.__version__, xxhash=xxhash.VERSION,
+                                 machine=platform.machine())
+    say(f"{NAME}: {workload}; {a.reps} interleaved samples of >= {a.min_sample:g} s "
         f"per implementation, by pytest-benchmark; engine {prov['engine_commit']}")
     code, output = run_pytest(a, bench_json)
     try:
@@ -377,22 +343,26 @@ def run(ctx: Context) -> Outcome:
         output += f"\n(pytest-benchmark's JSON {bench_json}: {e})"
     if code != 0:
         tail = "\n".join(output.rstrip().splitlines()[-40:])
-        print(f"{SCENARIO}: pytest exited {code}; its output ends:\n{tail}", file=sys.stderr)
+        print(f"{NAME}: pytest exited {code}; its output ends:\n{tail}", file=sys.stderr)
     if code == 2 and not doc:  # interrupted
         raise KeyboardInterrupt
     import_s = numpy_import_seconds(1 if a.quick else 3)
-    prov.update(pytest_benchmark=doc.get("version"), pytest=_pytest_version(),
-                pytest_benchmark_machine_info=_machine_info(doc),
+    # pytest-benchmark's machine_info without the CPU's long flag list
+    info = dict(doc.get("machine_info") or {})
+    cpu = {k: v for k, v in (info.pop("cpu", None) or {}).items() if k != "flags"}
+    prov.update(pytest_benchmark=doc.get("version"), pytest=pytest.__version__,
+                pytest_benchmark_machine_info=info | ({"cpu": cpu} if cpu else {}),
                 pytest_benchmark_commit_info=doc.get("commit_info"))
-    records = records_of(doc, a.reps)
+    records, rows = records_of(doc, a.reps)
     for rec in records:
         rec["provenance"] = prov
         ctx.emit(rec)
-        _say_record(rec)
-    rows = summarize(records)
+        say(f"  {rec['kernel']:16} {rec['buffer']:9} {rec['impl']:12} "
+            f"{_time_text(rec['seconds_stats']['median']):>10} per call (× {rec['number']}) "
+            f"{fmt(rec['per_s'], '9.2f')} {rec['unit']}" + invalid_text(rec["problems"]))
     inputs = [{"input": r["buffer"]} | r["input_info"] for r in records
               if r.get("input_info") and r["engine"]]
-    summary = {"type": "summary", "scenario": SCENARIO, "size": a.size, "block": BLOCK,
+    summary = {"type": "summary", "scenario": NAME, "size": a.size, "block": BLOCK,
                "reps": a.reps, "min_sample": a.min_sample, "areas": a.areas,
                "disk": a.disk, "interval_inputs": inputs, "numpy_import_s": import_s,
                "pytest_benchmark": doc.get("version"),
@@ -410,18 +380,9 @@ def run(ctx: Context) -> Outcome:
     if import_s is not None:
         text.append(f"numpy's import in a fresh interpreter: {import_s * 1e3:.0f} ms (in no "
                     "sample)")
-    return Outcome(code == 0 and bool(records) and all(r["valid"] for r in records),
-                   bars(rows), prov, [], text,
-                   {"pytest_exit": code, "pytest_benchmark_json": bench_json},
+    return Outcome(bars(rows), text, {"pytest_exit": code, "pytest_benchmark_json": bench_json},
+                   code == 0 and bool(records) and all(r["valid"] for r in records),
                    "an implementation's output differs, or pytest failed")
-
-
-def _pytest_version() -> str | None:
-    try:
-        import pytest
-    except ImportError:
-        return None
-    return pytest.__version__
 
 
 # ---------------------------------------------------------------- the report
@@ -465,28 +426,24 @@ def plot(run: Run, png: str) -> None:
     engine's, the median of per-sample ratios) above each peer's bar. Runs from before the
     interval algebra (GiB/s only, cython the engine) plot their two panels."""
     plt = pyplot()
-    s = next(iter(run.of_type("summary")), None)
-    rows = (s or {}).get("rows") or []
+    s = run.of_type("summary")[0]  # a plot is made of a run with a summary
+    rows = s.get("rows") or []
     kernels = [k for k in KERNELS if any(r["kernel"] == k for r in rows)] or list(KERNELS)
     fig, axes = plt.subplots(1, len(kernels), figsize=(5.2 * len(kernels), 4.8), squeeze=False)
     colors = plt.get_cmap("tab10")
     for ax, kernel in zip(axes[0], kernels):
         # What the run itself says (an older run's engine may differ from today's), else today's.
-        impls = list(dict.fromkeys(r["impl"] for r in rows if r["kernel"] == kernel)) \
-            or list(KERNELS[kernel])
-        inputs = list(dict.fromkeys(r["buffer"] for r in rows if r["kernel"] == kernel)) \
-            or list(INPUTS[kernel])
-        engine = next((r["impl"] for r in rows if r["kernel"] == kernel and r.get("engine")),
-                      ENGINE[kernel])
-        unit = next((r["unit"] for r in rows if r["kernel"] == kernel and r.get("unit")),
-                    "GiB/s")
+        mine = [r for r in rows if r["kernel"] == kernel]
+        impls = list(dict.fromkeys(r["impl"] for r in mine)) or list(KERNELS[kernel])
+        inputs = list(dict.fromkeys(r["buffer"] for r in mine)) or list(INPUTS[kernel])
+        engine = next((r["impl"] for r in mine if r.get("engine")), ENGINE[kernel])
+        unit = next((r["unit"] for r in mine if r.get("unit")), "GiB/s")
         shown = {impl + (" (engine)" if impl == engine else ""): impl for impl in impls}
 
-        def value(inp: str, name: str, kernel: str = kernel, engine: str = engine
-                  ) -> tuple[float, float, float, str] | None:
+        def value(inp: str, name: str, mine: Rows = mine, engine: str = engine,
+                  shown: dict[str, str] = shown) -> tuple[float, float, float, str] | None:
             impl = shown[name]
-            r = next((r for r in rows if r["kernel"] == kernel and r["buffer"] == inp
-                      and r["impl"] == impl), None)
+            r = next((r for r in mine if r["buffer"] == inp and r["impl"] == impl), None)
             rate = r and r.get("per_s", r.get("gib_per_s"))
             if not r or not rate:
                 return None
@@ -505,8 +462,7 @@ def plot(run: Run, png: str) -> None:
         ax.set_xlabel("input (numbers: engine ÷ this, per-sample medians)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    size = (s or {}).get("size") or 0
-    what = f"{size / MiB:g} MiB buffers, 64 KiB blocks"
-    if (s or {}).get("areas"):
+    what = f"{(s.get('size') or 0) / MiB:g} MiB buffers, 64 KiB blocks"
+    if s.get("areas"):
         what += f"; {s['areas']:,} areas on a {_disk_text(s)} disk"
     save(plt, fig, png, title(run, what))

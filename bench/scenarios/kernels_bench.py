@@ -5,24 +5,25 @@ By hand (options default to the scenario's full run; `-p bench.scenarios.kernels
 --kernels-* options and a commit-info hook that never writes the git index):
 
     cd /work/main && .venv/bin/python -m pytest bench/scenarios/kernels_bench.py \\
-        -p bench.scenarios.kernels -p no:cacheprovider --benchmark-disable-gc [--kernels-reps 5] [--benchmark-json FILE]
+        -p bench.scenarios.kernels -p no:cacheprovider --benchmark-disable-gc \\
+        [--kernels-reps 5] [--benchmark-json FILE]
 
 The file's name matches no `python_files` pattern: plain `python -m pytest` never collects it.
-One test, test_kernel, parametrized over steps: per kernel, per input, `--kernels-reps` rounds of
-every implementation (round 0: A B C, round 1: A B C, ...), each step one benchmark in pedantic
-mode (rounds=1, iterations=`number`); a kernel and input's first step prepares it (Inputs.prepare).
-Its extra_info (kernel, input, impl, round, number, engine, amount, unit; round 0's `problems`) is
-what kernels.records_of reads. The method in full: bench/README.md, "kernels".
+One test, test_kernel, parametrized over steps: per kernel and input, `--kernels-reps` rounds of
+every implementation interleaved, each step one benchmark in pedantic mode (rounds=1,
+iterations=`number`), its extra_info what kernels.records_of reads. The method in full:
+bench/README.md, "kernels".
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,7 @@ def options(config: pytest.Config) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- zero scan and block hash
 
+@functools.lru_cache(maxsize=1)  # made on first use, kept for the session
 def make_buffers(size: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     random = np.frombuffer(bytearray(rng.bytes(size)), dtype=np.uint8)
@@ -295,16 +297,15 @@ def interval_expected(data: dict[str, Any]) -> tuple[Runs, Runs, Runs, int]:
 
 # ---------------------------------------------------------------- preparing and checking
 
-def sample(f: Callable[[], Any], number: int) -> float:
-    """Seconds per call of f, over number calls, the garbage collector off (calibration only:
-    the samples are pytest-benchmark's)."""
+def once(f: Callable[[], Any]) -> float:
+    """Seconds of one call of f, the garbage collector off (calibration only: the samples are
+    pytest-benchmark's)."""
     gc_was = gc.isenabled()
     gc.disable()
     try:
         t0 = time.perf_counter()
-        for _ in range(number):
-            f()
-        return (time.perf_counter() - t0) / number
+        f()
+        return time.perf_counter() - t0
     finally:
         if gc_was:
             gc.enable()
@@ -316,71 +317,52 @@ class Prepared:
     numbers: dict[str, int]
     problems: dict[str, list[str]]
     amount: int  # bytes of the buffer, or areas of the interval input
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any]
 
 
-class Inputs:
-    """The inputs, made on first use and kept for the session; each kernel and input prepared
-    once (the wait, the warm-up, the cross-check, the calibration)."""
-
-    def __init__(self, opts: dict[str, Any]) -> None:
-        self.opts = opts
-        self._buffers: dict[str, np.ndarray] | None = None
-        self._prepared: dict[tuple[str, str], Prepared] = {}
-
-    def buffers(self) -> dict[str, np.ndarray]:
-        if self._buffers is None:
-            self._buffers = make_buffers(self.opts["size"], self.opts["seed"])
-        return self._buffers
-
-    def prepare(self, kernel: str, inp: str) -> Prepared:
-        key = (kernel, inp)
-        if key in self._prepared:
-            return self._prepared[key]
-        self._prepared.clear()  # the previous kernel and input are done: free their inputs
-        names = KERNELS[kernel]
-        engine = ENGINE[kernel]
-        info: dict[str, Any] = {}
-        if kernel == "interval-algebra":
-            data = interval_input(inp, self.opts["areas"], self.opts["disk"], self.opts["seed"])
-            timed, result = interval_implementations(data)
-            amount = len(data["areas"])
-            info = {"disk": data["disk"], "areas": amount, "last_runs": len(data["last"]),
-                    "upto": data["upto"]}
-        else:
-            buf = self.buffers()[inp]
-            timed, result = buffer_implementations(kernel, buf)
-            amount = len(buf)
-        wait_quiet()  # other people's work on a shared machine is the main source of noise
-        results = {name: result(name) for name in names}  # the warm-up, and what each computed
-        problems: dict[str, list[str]] = {name: [] for name in names}
+@functools.lru_cache(maxsize=1)  # the previous kernel and input are done: their inputs freed
+def prepare(kernel: str, inp: str, size: int, seed: int, reps: int, min_sample: float,
+            areas: int, disk: int) -> Prepared:
+    """A kernel and input prepared once, with the options: its input, the wait, the warm-up,
+    the cross-check, the calibration."""
+    names, engine = KERNELS[kernel], ENGINE[kernel]
+    info: dict[str, Any] = {}
+    if kernel == "interval-algebra":
+        data = interval_input(inp, areas, disk, seed)
+        timed, result = interval_implementations(data)
+        amount = len(data["areas"])
+        info = {"disk": data["disk"], "areas": amount, "last_runs": len(data["last"]),
+                "upto": data["upto"]}
+    else:
+        buf = make_buffers(size, seed)[inp]
+        timed, result = buffer_implementations(kernel, buf)
+        amount = len(buf)
+    wait_quiet()  # other people's work on a shared machine is the main source of noise
+    results = {name: result(name) for name in names}  # the warm-up, and what each computed
+    problems: dict[str, list[str]] = {name: [] for name in names}
+    for name in names:
+        if results[name] != results[engine]:
+            problems[name].append(f"{name}'s output differs from {engine}'s")
+    if kernel == "zero-scan":
+        expected = amount // BLOCK // 2 if inp == "half-zero" else 0
         for name in names:
-            if results[name] != results[engine]:
-                problems[name].append(f"{name}'s output differs from {engine}'s")
-        if kernel == "zero-scan":
-            expected = amount // BLOCK // 2 if inp == "half-zero" else 0
-            for name in names:
-                if results[name].count(1) != expected:
-                    problems[name].append(f"{name} found {results[name].count(1)} zero blocks, "
-                                          f"expected {expected}")
-        elif kernel == "interval-algebra":
-            want = interval_expected(data)
-            what = ("merged areas", "areas beyond the last plan", "plan", "plan bytes")
-            for name in names:
-                for label, got, exp in zip(what, results[name], want):
-                    if got != exp:
-                        problems[name].append(f"{name}'s {label}: not what the block sets give")
-            new, grew, plan, delta = results[engine]
-            info.update(new_runs=len(new), grew_runs=len(grew), plan_runs=len(plan),
-                        plan_bytes=delta)
-        numbers = {}
+            if results[name].count(1) != expected:
+                problems[name].append(f"{name} found {results[name].count(1)} zero blocks, "
+                                      f"expected {expected}")
+    elif kernel == "interval-algebra":
+        want = interval_expected(data)
+        what = ("merged areas", "areas beyond the last plan", "plan", "plan bytes")
         for name in names:
-            one = sample(timed[name], 1)  # calibration: a sample lasts at least --min-sample
-            numbers[name] = max(1, min(100_000, math.ceil(self.opts["min_sample"]
-                                                          / max(one, 1e-9))))
-        prepared = Prepared(timed, numbers, problems, amount, info)
-        self._prepared[key] = prepared
-        return prepared
+            for label, got, exp in zip(what, results[name], want):
+                if got != exp:
+                    problems[name].append(f"{name}'s {label}: not what the block sets give")
+        new, grew, plan, delta = results[engine]
+        info.update(new_runs=len(new), grew_runs=len(grew), plan_runs=len(plan),
+                    plan_bytes=delta)
+    # calibration: a sample lasts at least --min-sample
+    numbers = {name: max(1, min(100_000, math.ceil(min_sample / max(once(timed[name]), 1e-9))))
+               for name in names}
+    return Prepared(timed, numbers, problems, amount, info)
 
 
 # ---------------------------------------------------------------- the benchmarks
@@ -399,13 +381,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
-def inputs(request: pytest.FixtureRequest) -> Inputs:
-    return Inputs(options(request.config))
+def opts(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return options(request.config)
 
 
-def test_kernel(benchmark: Any, inputs: Inputs, step: tuple[str, str, int, str]) -> None:
+def test_kernel(benchmark: Any, opts: dict[str, Any], step: tuple[str, str, int, str]) -> None:
     kernel, inp, rnd, impl = step
-    p = inputs.prepare(kernel, inp)
+    p = prepare(kernel, inp, **opts)
     benchmark.group = f"{kernel} {inp}"
     benchmark.extra_info.update(kernel=kernel, input=inp, impl=impl, round=rnd,
                                 number=p.numbers[impl], engine=impl == ENGINE[kernel],

@@ -13,6 +13,8 @@ barred: bench/README.md, "live-converge".
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -40,12 +42,14 @@ from ..harness.machine import (
     engine_env,
     engine_lacks,
     fmt,
+    invalid_text,
     loadavg,
     md_table,
     median,
     missing_programs,
     provenance,
     say,
+    say_engine,
     size_text,
     sparse_copy,
     wait_quiet,
@@ -56,9 +60,8 @@ from ..harness.plots import Panel, Series, draw_png, draw_svg
 from ..harness.plots import title as plot_title
 from ..harness.report import Run
 from ..harness.runner import Context, Outcome, defaults, parser, reproduce
-from ..harness.runner import bar_line as harness_bar_line
 
-NAME = SCENARIO = "live-converge"
+NAME = "live-converge"
 # What run() leaves in a --workdir given by the user (removed at the end without --keep).
 CLEANUP = ("source.img", "source.json", "run-*", "pycache")
 DEFAULT_SIZE = 2 * GiB
@@ -81,14 +84,14 @@ NOT_CONVERGING = 7
 # ---------------------------------------------------------------- one run
 
 class Live:
-    def __init__(self, ctx: Context, prov: dict[str, Any]) -> None:
+    """The migrations of one run (its options, provenance and records: the context's)."""
+
+    def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.args = ctx.a
-        self.workdir = workdir = ctx.workdir
-        self.prov = prov
-        self.runs: list[dict[str, Any]] = []
+        self.args, self.prov, self.runs = ctx.a, ctx.prov, ctx.runs
+        self.workdir = ctx.workdir
         self.nproc = len(os.sched_getaffinity(0))
-        self.env = engine_env(workdir)
+        self.env = engine_env(ctx.workdir)
 
     def run(self, size: int, image: str, rate_mib: float, rep: int, seed: int) -> dict[str, Any]:
         """One migration from scratch: image (of size bytes) copied to a fresh disk, a fresh
@@ -109,7 +112,7 @@ class Live:
                 "--max-downtime", a.max_downtime, "--on-cutover", on_cutover,
                 "--report", p["report.json"], "--progress", "none",
                 "--max-passes", str(a.max_passes)]
-        rec: dict[str, Any] = {"type": "run", "scenario": SCENARIO, "size": size,
+        rec: dict[str, Any] = {"type": "run", "scenario": NAME, "size": size,
                                "rate_mib_s": rate_mib, "rep": rep, "guest_seed": seed,
                                "pattern": a.pattern, "argv": argv}
         problems: list[str] = []
@@ -195,13 +198,11 @@ class Live:
                 guest.kill()  # our own child, still running after a failure
                 guest.wait()
             for name in ("disk.img", "target.img"):
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(p[name])
-                except OSError:
-                    pass
             if not a.keep:
                 shutil.rmtree(d, ignore_errors=True)
-        self.ctx.record(self.runs, rec, problems, self.prov, True, notes)
+        self.ctx.record(rec, problems, True, notes)
         say(run_line(rec))
         for n in notes:
             say(f"      note: {n}")
@@ -266,11 +267,8 @@ class Live:
                   log.get("passes") or []]
         m = re.search(r"predicted downtime (\S+) s", stderr)
         pred = None
-        if m:
-            try:
-                pred = float(m.group(1))
-            except ValueError:
-                pass
+        with contextlib.suppress(ValueError):
+            pred = float(m.group(1)) if m else None
         if "not converging" not in stderr:
             notes.append("exit 7 without the 'not converging' message")
         if "Traceback" in stderr:
@@ -364,9 +362,7 @@ def run_line(r: dict[str, Any]) -> str:
                 f"{r['wall_s']:.2f} s; {wrote}; {cpus}")
     else:
         body = f"exit {r.get('exit')}"
-    if r["problems"]:
-        body += "  INVALID: " + "; ".join(r["problems"])
-    return head + body
+    return head + body + invalid_text(r["problems"])
 
 
 def _mib_text(x: Any) -> str:
@@ -398,7 +394,7 @@ def summarize(live: Live, sizes: list[int], rates: list[float]) -> dict[str, Any
             groups.append(_group(size, rate, [r for r in live.runs
                                               if r["size"] == size and r["rate_mib_s"] == rate]))
     budget = parse_duration(live.args.max_downtime)
-    return {"type": "summary", "scenario": SCENARIO, "sizes": sizes, "max_downtime_s": budget,
+    return {"type": "summary", "scenario": NAME, "sizes": sizes, "max_downtime_s": budget,
             "rates": groups,
             "size_axis": _size_axis(groups, sizes, rates, budget) if len(sizes) > 1 else None,
             "provenance": live.prov}
@@ -492,26 +488,25 @@ def table(s: dict[str, Any]) -> str:
                                                                 "machine"))
         lines.append(
             f"| {size_text(x.get('size') or _sizes(s)[0])} | {x['rate_mib_s']:g} | "
-            f"{_span(x['guest_rate_mib_s'], '.1f')} | {_converged_text(x)} | "
-            f"{_span(x['precopy_passes'], '.0f')} | "
-            f"{_span([b / MiB for b in x['final_delta_bytes']], '.2f')} | "
-            f"{_predicted_text(x)} | {_span(x['measured_downtime_s'], '.2f')} | "
+            f"{_span(x['guest_rate_mib_s'], '.1f')} | {_cells(x)} | "
             f"{_span(x['pred_over_measured'], '.2f')} | {_span(x['engine_downtime_s'], '.2f')} | "
             f"{_span(x['wall_s'], '.1f')} | {cpu} | {fmt(x['engine_maxrss_mib'], '.0f')} / "
             f"{fmt(x.get('qsd_maxrss_mib'), '.0f')} | {x['verified']}/{x['converged']} |")
     return md_table(head, lines) + ("\n\n" + size_table(s) if s.get("size_axis") else "")
 
 
-def _converged_text(x: dict[str, Any]) -> str:
-    conv = f"{x['converged']}/{x['runs']}"
-    return conv + (f" ({x['not_converging']} exit 7)" if x["not_converging"] else "")
-
-
-def _predicted_text(x: dict[str, Any]) -> str:
-    """The converged runs' predictions; with none, the exit 7 runs' last one, marked so."""
+def _cells(x: dict[str, Any]) -> str:
+    """What both tables show of a size and rate: converged (exit 7 runs beside), passes, final
+    delta, predicted downtime (with no converged run, the exit 7 runs' last one, marked so) and
+    measured downtime."""
+    conv = f"{x['converged']}/{x['runs']}" + (f" ({x['not_converging']} exit 7)"
+                                             if x["not_converging"] else "")
+    predicted = _span(x["predicted_downtime_s"], ".2f")
     if not x["predicted_downtime_s"] and x.get("predicted_not_converging_s"):
-        return f"– (exit 7: {_span(x['predicted_not_converging_s'], '.2f')})"
-    return _span(x["predicted_downtime_s"], ".2f")
+        predicted = f"– (exit 7: {_span(x['predicted_not_converging_s'], '.2f')})"
+    return (f"{conv} | {_span(x['precopy_passes'], '.0f')} | "
+            f"{_span([b / MiB for b in x['final_delta_bytes']], '.2f')} | {predicted} | "
+            f"{_span(x['measured_downtime_s'], '.2f')}")
 
 
 def size_table(s: dict[str, Any]) -> str:
@@ -519,19 +514,13 @@ def size_table(s: dict[str, Any]) -> str:
     downtime (medians) and the measured downtime over the smallest size's at that rate; then
     per rate the line "downtime at the largest size ÷ at the smallest"."""
     sizes = _sizes(s)
-    head = ("| disk | guest MiB/s | converged | passes | final delta MiB | predicted downtime s "
-            "| measured downtime s | measured ÷ smallest disk's |")
-    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    lines = []
     for x in s["rates"]:
         base = next(median(g["measured_downtime_s"]) for g in s["rates"]
                     if g["size"] == sizes[0] and g["rate_mib_s"] == x["rate_mib_s"])
         m = median(x["measured_downtime_s"])
-        lines.append(
-            f"| {size_text(x['size'])} | {x['rate_mib_s']:g} | {_converged_text(x)} | "
-            f"{_span(x['precopy_passes'], '.0f')} | "
-            f"{_span([b / MiB for b in x['final_delta_bytes']], '.2f')} | "
-            f"{_predicted_text(x)} | {_span(x['measured_downtime_s'], '.2f')} | "
-            f"{fmt(m / base if m is not None and base else None, '.2f')} |")
+        lines.append(f"| {size_text(x['size'])} | {x['rate_mib_s']:g} | {_cells(x)} | "
+                     f"{fmt(m / base if m is not None and base else None, '.2f')} |")
     lines.append("")
     for ax in s["size_axis"]:
         small, large = size_text(ax["smallest"]), size_text(ax["largest"])
@@ -548,7 +537,8 @@ def size_table(s: dict[str, Any]) -> str:
                      f"{ax['rate_mib_s']:g} MiB/s): {value} (bar ≤ {BAR_SIZE_RATIO:g}); "
                      f"converged within the {s['max_downtime_s']:g} s budget at {large}: "
                      f"{ax['largest_within_budget']} of {ax['largest_runs']} runs")
-    return "\n".join(lines)
+    return md_table("| disk | guest MiB/s | converged | passes | final delta MiB | predicted "
+                    "downtime s | measured downtime s | measured ÷ smallest disk's |", lines)
 
 
 def runs_table(runs: list[dict[str, Any]]) -> str:
@@ -646,10 +636,6 @@ def bar_value(b: dict[str, Any]) -> str:
             f"{fmt(own and 100 * own, '.0f')} %)")
 
 
-def bar_line(b: dict[str, Any]) -> str:
-    return harness_bar_line(b, bar_value(b))
-
-
 # ---------------------------------------------------------------- the plot
 
 PALETTE = ("#1f77b4", "#2ca02c", "#ff7f0e", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -713,7 +699,7 @@ def panels(s: dict[str, Any], runs: list[dict[str, Any]]) -> list[Panel]:
 # ---------------------------------------------------------------- the scenario
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = parser(SCENARIO, "Live-migrate a qemu-storage-daemon disk while a guest writes to it "
+    p = parser(NAME, "Live-migrate a qemu-storage-daemon disk while a guest writes to it "
                          "at 1, 4, 16 and 64 MiB/s: passes until convergence, the final delta, "
                          "the predicted against the measured downtime.",
                "256 MiB disk, rates 1 and 16 MiB/s, 1 rep",
@@ -776,7 +762,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def reproduce_command(a: argparse.Namespace) -> str:
-    return reproduce(SCENARIO, "--sizes" if a.sizes is not None else "--size",
+    return reproduce(NAME, "--sizes" if a.sizes is not None else "--size",
                      ",".join(size_text(n) for n in a.size_list), "--seed", str(a.seed),
                      "--rates", ",".join(f"{r:g}" for r in a.rate_list), "--reps", str(a.reps),
                      "--pattern", a.pattern, "--guest-seed", str(a.guest_seed),
@@ -786,9 +772,7 @@ def reproduce_command(a: argparse.Namespace) -> str:
 
 def preflight(a: argparse.Namespace) -> list[str]:
     missing = missing_programs("qemu-storage-daemon")
-    try:
-        import nbd  # noqa: F401,PLC0415  (the guest writes through libnbd's Python binding)
-    except ImportError:
+    if importlib.util.find_spec("nbd") is None:  # the guest writes through libnbd's binding
         missing.append("the nbd Python module (Debian package python3-libnbd)")
     if ENGINE.exists():
         missing += engine_lacks("migrate", "--type", "--qmp", "--on-cutover", "--max-downtime",
@@ -812,7 +796,7 @@ def run(ctx: Context) -> Outcome:
 
     size_started = time.time()
     image = image_of(a.size_list[0])
-    prov = provenance(ctx.workdir, images[size_text(a.size_list[0])])
+    prov = ctx.prov = provenance(ctx.workdir, images[size_text(a.size_list[0])])
     if len(a.size_list) > 1:
         prov["images"] = images  # filled in as each size's image is made
     prov["qemu_storage_daemon"] = cmd_output(["qemu-storage-daemon",
@@ -821,10 +805,8 @@ def run(ctx: Context) -> Outcome:
                      "process": "bench.scenarios.live_guest "
                                 "(transfer.demo.workload.GuestWriter)"}
     prov["migrate"] = {"max_downtime": a.max_downtime, "max_passes": a.max_passes}
-    say(f"engine {prov['engine_commit']} (fingerprint {prov['engine_fingerprint']}), "
-        f"{prov['qemu_storage_daemon']}, kernel {prov['kernel']}, "
-        f"{prov['cpu_model']} x {prov['nproc']}")
-    live = Live(ctx, prov)
+    say_engine(prov, "qemu_storage_daemon")
+    live = Live(ctx)
     seconds = warm_bytecode(live.env, "transfer.cli, transfer.migration.migrate, transfer.api, "
                             "transfer.demo.workload, bench.scenarios.live_guest, nbd, numpy",
                             "migrate")
@@ -853,7 +835,7 @@ def run(ctx: Context) -> Outcome:
         f.write(draw_svg(panels(summary, live.runs), f"live-converge: {sizes_text} disk, guest "
                          f"{a.pattern}, --max-downtime {a.max_downtime}, {reps}, engine "
                          f"{prov['engine_commit']}, {os.path.basename(ctx.path)}"))
-    text = [f"{SCENARIO}: {sizes_text} raw disk{'s' if len(a.size_list) > 1 else ''} (image "
+    text = [f"{NAME}: {sizes_text} raw disk{'s' if len(a.size_list) > 1 else ''} (image "
             f"seed {a.seed}) in qemu-storage-daemon, guest {a.pattern} writes through NBD in "
             f"its own process, transfer migrate --type live --max-downtime {a.max_downtime}; "
             f"{reps} per {'size and ' if len(a.size_list) > 1 else ''}rate; engine "
@@ -866,8 +848,7 @@ def run(ctx: Context) -> Outcome:
             "all CPUs); verified: transfer verify of the daemon's disk against the target "
             "said equal.", "", runs_table(live.runs), "", f"plot: {plot_path}"]
     text += model_lines(live.runs)
-    return Outcome(all(r["valid"] for r in live.runs), bars(summary), prov, live.runs, text,
-                   {"size_seconds": size_seconds, "plot": plot_path})
+    return Outcome(bars(summary), text, {"size_seconds": size_seconds, "plot": plot_path})
 
 
 def model_lines(runs: list[dict[str, Any]]) -> list[str]:
@@ -913,7 +894,7 @@ def best_peer_rows(run: Run) -> list[tuple[str, str, Any]]:
 
 def plot(run: Run, png: str) -> None:
     """The panels (see panels()) of the run's summary and runs."""
-    s = next(iter(run.of_type("summary")), None) or {"size": 0}
+    s = run.of_type("summary")[0]  # a plot is made of a run with a summary
     sizes = ", ".join(f"{n / GiB:g}" for n in _sizes(s))
     rates = ", ".join(f"{x:g}" for x in sorted({g["rate_mib_s"] for g in s.get("rates", [])}))
     draw_png(panels(s, run.of_type("run")), png, plot_title(

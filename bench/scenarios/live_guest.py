@@ -14,11 +14,13 @@ engine for CPU, which the harness measures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import nbd
 
@@ -27,11 +29,6 @@ from transfer.demo.workload import GuestWriter
 BLOCK = 64 * 1024  # the dirty bitmap's granularity on a raw file (qemu's default)
 POLL = 0.005
 STOP_POLL = 0.001  # the stop's reaction, part of the measured downtime: as quick as a QMP stop
-
-
-def _touch(path: str) -> None:
-    with open(path, "a"):
-        pass
 
 
 def summarize(log: list, rate: float, stop_seen: float | None, stopped: float,
@@ -83,7 +80,7 @@ def main(argv: list[str]) -> int:
     try:
         while not w.log and w.alive():
             time.sleep(POLL)
-        _touch(a.ready)
+        Path(a.ready).touch()
         while not os.path.exists(a.stop):
             if not w.alive():  # the writer failed: stop() raises its error
                 break
@@ -93,16 +90,13 @@ def main(argv: list[str]) -> int:
         log = w.stop()
     finally:
         stopped = time.time()
-        _touch(a.stopped)
+        Path(a.stopped).touch()
     while a.release and not os.path.exists(a.release):
         time.sleep(POLL)
     window = None
     if a.window_start:
-        try:
-            with open(a.window_start) as f:
-                window = (float(f.read().strip()), stop_seen or stopped)
-        except (OSError, ValueError):
-            pass
+        with contextlib.suppress(OSError, ValueError), open(a.window_start) as f:
+            window = (float(f.read().strip()), stop_seen or stopped)
     s = summarize(log, a.rate, stop_seen, stopped, window)
     ru = resource.getrusage(resource.RUSAGE_SELF)
     s["cpu_s"] = round(ru.ru_utime + ru.ru_stime, 3)

@@ -24,21 +24,23 @@ from ..harness.machine import (
     MiB,
     cmd_output,
     fmt,
-    median,
+    invalid_text,
     md_table,
+    median,
     missing_programs,
     paired,
     provenance,
+    rep_stats,
     say,
     size_text,
-    tool_stats,
+    walls,
 )
-from ..harness.measure import cost_text, failed, json_result, measure
-from ..harness.plots import pyplot, save, title
+from ..harness.measure import cost_text, measured
+from ..harness.plots import bar_groups, pyplot, save, title
 from ..harness.report import Run
 from ..harness.runner import Context, Outcome, defaults, parser, reproduce
 
-NAME = SCENARIO = "overhead"
+NAME = "overhead"
 SOURCES = ("memory", "sparse-random")
 TOOLS = ("engine", "nbdcopy")
 DEFAULT_SIZE = 4 * GiB
@@ -86,22 +88,19 @@ def reference_digest(uri: str) -> str:
     return digest
 
 
-def run_one(ctx: Context, runs: list[dict[str, Any]], prov: dict[str, Any], source: str,
-            tool: str, rep: int | None, ref: dict[str, Any]) -> None:
+def run_one(ctx: Context, source: str, tool: str, rep: int | None, ref: dict[str, Any]) -> None:
     """One timed run against a fresh server; rep None is the warm-up, also checked."""
     a = ctx.a
     report, files = (os.path.join(ctx.workdir, n) for n in ("report.json", "child"))
-    if os.path.exists(report):
-        os.unlink(report)
-    with server_of(ctx, source) as server:
-        argv = ([str(ENGINE), "copy", server.uri, "null:", "--progress", "none", "--report",
-                 report] if tool == "engine" else ["nbdcopy", server.uri, "null:"])
-        rec = measure(argv, files, max(120.0, 60.0 * a.size / GiB), server_pid=server.pid)
-    rec.update({"type": "run", "scenario": SCENARIO, "source": source, "tool": tool, "rep": rep,
-                "warmup": rep is None, "virtual_gib_per_s": round(a.size / GiB / rec["wall_s"], 4)})
-    problems = failed(rec, files)
+    rec: dict[str, Any] = {"type": "run", "scenario": NAME, "source": source, "tool": tool,
+                           "rep": rep, "warmup": rep is None}
+    problems, data = measured(
+        rec, lambda uri: ([str(ENGINE), "copy", uri, "null:", "--progress", "none", "--report",
+                           report] if tool == "engine" else ["nbdcopy", uri, "null:"]),
+        files, max(120.0, 60.0 * a.size / GiB), server_of(ctx, source),
+        report if tool == "engine" else None)
+    rec["virtual_gib_per_s"] = round(a.size / GiB / rec["wall_s"], 4)
     if tool == "engine" and rec["exit"] == 0:
-        data = json_result(report, problems, "engine")
         rec["engine_report"] = {k: data.get(k) for k in REPORT_FIELDS}
         if rep is None:
             rec["checks"] = {"engine_digest": {"expected": ref["digest"],
@@ -109,14 +108,13 @@ def run_one(ctx: Context, runs: list[dict[str, Any]], prov: dict[str, Any], sour
             if data.get("digest") != ref["digest"]:
                 problems.append(f"engine digest {data.get('digest')} != reference "
                                 f"{ref['digest']}")
-    ctx.record(runs, rec, problems, prov, tool == "engine")
+    ctx.record(rec, problems, tool == "engine")
     own = (rec.get("engine_report") or {}).get("seconds")
     label = "warm-up" if rep is None else f"rep {rep + 1}/{a.reps}"
     say(f"  {source:13} {tool:7} {label:9} {rec['wall_s']:6.2f} s "
         f"{rec['virtual_gib_per_s']:6.2f} GiB/s  {cost_text(rec)} "
         f"(server {fmt(rec['server_maxrss_mib'], '.1f')})"
-        + ("" if own is None else f", engine's own {own:.2f} s")
-        + ("" if not problems else "  INVALID: " + "; ".join(problems)))
+        + ("" if own is None else f", engine's own {own:.2f} s") + invalid_text(problems))
 
 
 def server_of(ctx: Context, source: str) -> Nbdkit:
@@ -127,47 +125,31 @@ def server_of(ctx: Context, source: str) -> Nbdkit:
 def summarize_source(a: argparse.Namespace, runs: list[dict[str, Any]], source: str,
                      ref: dict[str, Any]) -> dict[str, Any]:
     gib = a.size / GiB
-    reps = {t: sorted((r for r in runs if r["source"] == source and r["tool"] == t
-                       and not r["warmup"]), key=lambda r: r["rep"]) for t in TOOLS}
+    mine = [r for r in runs if r["source"] == source]
+    reps = {t: sorted((r for r in mine if r["tool"] == t and not r["warmup"]),
+                      key=lambda r: r["rep"]) for t in TOOLS}
     tools: dict[str, Any] = {}
     for tool in TOOLS:
         good = [r for r in reps[tool] if r["valid"]]
-        every = [r for r in runs if r["source"] == source and r["tool"] == tool]
-        tools[tool] = tool_stats(good, every)
-        med = tools[tool]["wall_s_median"]
-        cpu = median([r["client_cpu_s"] for r in good])
-        srv = median([r["server_cpu_s"] for r in good])
-        tools[tool].update({
-            "reps": len(reps[tool]), "valid_reps": len(good),
-            "warmup_valid": any(r["warmup"] for r in every)
-            and all(r["valid"] for r in every if r["warmup"]),
-            "virtual_gib_per_s": round(gib / med, 4) if med else None,
-            "data_gib_per_s": round(ref["data_bytes"] / GiB / med, 4)
-            if med and ref["data_bytes"] else None,
-            "client_cpu_s_per_gib": None if cpu is None else round(cpu / gib, 4),
-            "server_cpu_s_per_gib": None if srv is None else round(srv / gib, 4),
-            "cpu_s_per_gib": None if cpu is None or srv is None else round((cpu + srv) / gib, 4),
-            "other_cpu_s_per_gib": median([r["other_cpu_s"] / gib for r in good]),
-        })
+        t = tools[tool] = rep_stats(reps[tool], [r for r in mine if r["tool"] == tool
+                                                 and r["warmup"]], gib, virtual=gib,
+                                    data=ref["data_bytes"] / GiB or None)
+        cpu, srv = (median([r[k] for r in good]) for k in ("client_cpu_s", "server_cpu_s"))
+        t["cpu_s_per_gib"] = None if cpu is None or srv is None else round((cpu + srv) / gib, 4)
+        t["other_cpu_s_per_gib"] = median([r["other_cpu_s"] / gib for r in good])
         if tool == "engine":
-            tools[tool]["engine_own_seconds_median"] = median(
+            t["engine_own_seconds_median"] = median(
                 [r["engine_report"]["seconds"] for r in good if r.get("engine_report")])
-            tools[tool]["bytes_read_median"] = median(
+            t["bytes_read_median"] = median(
                 [r["engine_report"]["bytes_read"] for r in good if r.get("engine_report")])
-
-    def column(tool: str, key: str) -> list[float | None]:
-        return [r[key] if r["valid"] else None for r in reps[tool]]
-
-    def cpu_column(tool: str) -> list[float | None]:
-        return [r["client_cpu_s"] + r["server_cpu_s"] if r["valid"] else None
-                for r in reps[tool]]
-
+    cpus = {t: [r["client_cpu_s"] + r["server_cpu_s"] if r["valid"] else None for r in reps[t]]
+            for t in TOOLS}
     return {
         "source": source, "plugin": plugin_args(source, a), "size": a.size,
         "data_bytes": ref["data_bytes"], "digest": ref["digest"], "tools": tools,
         # engine ÷ nbdcopy: nbdcopy's wall (CPU) ÷ the engine's, rep by rep (> 1: engine better).
-        "engine_over_nbdcopy": paired(column("nbdcopy", "wall_s"), column("engine", "wall_s")),
-        "cpu_engine_over_nbdcopy": paired(cpu_column("nbdcopy"), cpu_column("engine")),
+        "engine_over_nbdcopy": paired(walls(reps["nbdcopy"]), walls(reps["engine"])),
+        "cpu_engine_over_nbdcopy": paired(cpus["nbdcopy"], cpus["engine"]),
     }
 
 
@@ -230,7 +212,7 @@ def bars(summary: dict[str, Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- the scenario
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = parser(SCENARIO, "Copy an nbdkit memory and sparse-random disk to null: with the engine "
+    p = parser(NAME, "Copy an nbdkit memory and sparse-random disk to null: with the engine "
                          "and nbdcopy: the engine's overhead alone, no disk or slow server in the "
                          "way.", "256 MiB, 1 rep")
     p.add_argument("--size", type=parse_size, help="disk size (default 4G; 256M with --quick)")
@@ -258,7 +240,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def reproduce_command(a: argparse.Namespace) -> str:
-    return reproduce(SCENARIO, "--size", size_text(a.size), "--sources", ",".join(a.sources),
+    return reproduce(NAME, "--size", size_text(a.size), "--sources", ",".join(a.sources),
                      "--reps", str(a.reps), "--seed", str(a.seed), "--percent", str(a.percent),
                      *(["--random-content"] if a.random_content else []))
 
@@ -270,13 +252,12 @@ def preflight(a: argparse.Namespace) -> list[str]:
 def run(ctx: Context) -> Outcome:
     a = ctx.a
     workload = ", ".join(" ".join(plugin_args(s, a)) for s in a.sources)
-    prov = provenance(ctx.workdir, workload=f"nbdkit -r {workload}, to null:",
-                      cache="n/a (nbdkit serves from memory)",
-                      nbdinfo=cmd_output(["nbdinfo", "--version"]).splitlines()[0])
-    say(f"{SCENARIO}: nbdkit {workload} on a unix socket, fresh per run, copied to "
+    prov = ctx.prov = provenance(ctx.workdir, workload=f"nbdkit -r {workload}, to null:",
+                                 cache="n/a (nbdkit serves from memory)",
+                                 nbdinfo=cmd_output(["nbdinfo", "--version"]).splitlines()[0])
+    say(f"{NAME}: nbdkit {workload} on a unix socket, fresh per run, copied to "
         f"null:; warm-up and check, then {a.reps} interleaved reps of "
         f"{', '.join(TOOLS)}; engine {prov['engine_commit']}")
-    runs: list[dict[str, Any]] = []
     sources = []
     for source in a.sources:
         t = time.perf_counter()
@@ -286,9 +267,9 @@ def run(ctx: Context) -> Outcome:
             f"digest {ref['digest']} ({time.perf_counter() - t:.1f} s)")
         for rep in (None, *range(a.reps)):
             for tool in TOOLS:
-                run_one(ctx, runs, prov, source, tool, rep, ref)
-        sources.append(summarize_source(a, runs, source, ref))
-    summary = {"type": "summary", "scenario": SCENARIO, "size": a.size,
+                run_one(ctx, source, tool, rep, ref)
+        sources.append(summarize_source(a, ctx.runs, source, ref))
+    summary = {"type": "summary", "scenario": NAME, "size": a.size,
                "reps": a.reps, "sources": sources, "provenance": prov}
     ctx.emit(summary)
     text = [table(summary), "",
@@ -296,8 +277,8 @@ def run(ctx: Context) -> Outcome:
             "data bytes ÷ median wall; engine ÷ tool: median of per-rep tool wall ÷ engine wall "
             "(> 1: engine faster); CPU-s per virtual GiB, medians; server = nbdkit; peak RSS: "
             "the max over all runs, warm-up included."] + [f"  {n}" for n in notes(summary)]
-    return Outcome(all(r["valid"] for r in runs), bars(summary), prov, runs, text,
-                   {"notes": notes(summary)}, "a run failed or the engine's digest differs")
+    return Outcome(bars(summary), text, {"notes": notes(summary)},
+                   invalid="a run failed or the engine's digest differs")
 
 
 # ---------------------------------------------------------------- the report
@@ -306,32 +287,28 @@ def plot(run: Run, png: str) -> None:
     """Per source: GiB/s of the disk's virtual size (median wall, min–max whiskers), the engine
     beside nbdcopy with engine ÷ nbdcopy above; beside it client and server CPU-s per GiB."""
     plt = pyplot()
-    s = next(iter(run.of_type("summary")), None)
-    sources = (s or {}).get("sources") or []
+    s = run.of_type("summary")[0]  # a plot is made of a run with a summary
+    sources, colors = s["sources"], plt.get_cmap("tab10")
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
+
+    def value(src: dict[str, Any], tool: str) -> tuple[float, float, float, str] | None:
+        t = src["tools"].get(tool) or {}
+        if not t.get("wall_s_median"):
+            return None
+        gib, r = src["size"] / GiB, src["engine_over_nbdcopy"]["median"]
+        y = gib / t["wall_s_median"]
+        return (y, y - gib / t["wall_s_max"], gib / t["wall_s_min"] - y,
+                "" if tool == "engine" or r is None else f"{r:.2f}")
+
+    bar_groups(ax, sources, list(TOOLS), value, colors, fontsize=8, ytext=3)
     width = 0.8 / len(TOOLS)
-    colors = {"engine": "#1f77b4", "nbdcopy": "#ff7f0e"}
     for i, tool in enumerate(TOOLS):
-        xs, ys, lo, hi, cli, srv = [], [], [], [], [], []
-        for j, src in enumerate(sources):
-            t = src["tools"].get(tool) or {}
-            if not t.get("wall_s_median"):
-                continue
-            gib = src["size"] / GiB
-            xs.append(j + (i - (len(TOOLS) - 1) / 2) * width)
-            ys.append(gib / t["wall_s_median"])
-            lo.append(ys[-1] - gib / t["wall_s_max"])
-            hi.append(gib / t["wall_s_min"] - ys[-1])
-            cli.append(t["client_cpu_s_per_gib"] or 0)
-            srv.append(t["server_cpu_s_per_gib"] or 0)
-            if tool != "engine" and src["engine_over_nbdcopy"]["median"] is not None:
-                ax.annotate(f"{src['engine_over_nbdcopy']['median']:.2f}",
-                            (xs[-1], ys[-1] + hi[-1]), textcoords="offset points",
-                            xytext=(0, 3), ha="center", fontsize=8)
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=tool, color=colors[tool])
-        ax2.bar(xs, cli, width, label=f"{tool} client", color=colors[tool])
-        ax2.bar(xs, srv, width, bottom=cli, label=f"{tool}: nbdkit", color=colors[tool],
-                alpha=0.4, hatch="//")
+        shown = [(j, src["tools"][tool]) for j, src in enumerate(sources) if value(src, tool)]
+        xs = [j + (i - (len(TOOLS) - 1) / 2) * width for j, _ in shown]
+        cli = [t["client_cpu_s_per_gib"] or 0 for _, t in shown]
+        ax2.bar(xs, cli, width, label=f"{tool} client", color=colors(i))
+        ax2.bar(xs, [t["server_cpu_s_per_gib"] or 0 for _, t in shown], width, bottom=cli,
+                label=f"{tool}: nbdkit", color=colors(i), alpha=0.4, hatch="//")
     for a in (ax, ax2):
         a.set_xticks(range(len(sources)), [src["source"] for src in sources])
         a.grid(axis="y", alpha=0.3)
@@ -340,5 +317,5 @@ def plot(run: Run, png: str) -> None:
     ax.set_xlabel("source, to null: (numbers: engine ÷ nbdcopy, per-rep medians)")
     ax2.set_ylabel("CPU-s per virtual GiB (medians)")
     ax2.set_xlabel("source: client (solid) and nbdkit (hatched)")
-    size = (s or {}).get("size") or 0
-    save(plt, fig, png, title(run, f"{size / GiB:g} GiB from nbdkit to null:, engine overhead"))
+    save(plt, fig, png, title(run, f"{s['size'] / GiB:g} GiB from nbdkit to null:, engine "
+                                   "overhead"))

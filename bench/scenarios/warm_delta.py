@@ -42,26 +42,30 @@ from ..harness.machine import (
     engine_fingerprint,
     engine_lacks,
     fmt,
+    invalid_text,
     md_table,
     median,
+    median_of,
     missing_programs,
+    paired,
     provenance,
     resident_text,
     say,
+    say_engine,
     size_text,
-    tool_stats,
     sparse_copy,
+    tool_stats,
     wait_quiet,
+    walls,
     warm_bytecode,
     warm_cache,
 )
-from ..harness.measure import cost_text, failed, json_result, measure
+from ..harness.measure import cost_text, measured
 from ..harness.plots import pyplot, title
 from ..harness.report import Run
-from ..harness.report import order as tool_order
 from ..harness.runner import Abort, Context, Outcome, defaults, parser, reproduce
 
-NAME = SCENARIO = "warm-delta"
+NAME = "warm-delta"
 DEFAULT_SIZE = 4 * GiB
 QUICK_SIZE = 512 * MiB
 DIRTY_FRACTION = 0.01
@@ -106,6 +110,21 @@ REPORT_REQUIRED = ("pass", "checkpoint", "change_source", "delta_bytes", "second
 
 # ---------------------------------------------------------------- the private source
 
+def write_areas(path: str, size: int, areas: list[tuple[int, int]]) -> None:
+    """A changed-areas file (vSphere DiskChangeInfo JSON) listing (start, length) areas."""
+    with open(path, "w") as f:
+        json.dump({"startOffset": 0, "length": size,
+                   "changedArea": [{"start": s, "length": n} for s, n in areas]}, f)
+
+
+def block_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """The (start, end) bytes of each run of blocks set in mask."""
+    blocks = np.flatnonzero(mask)
+    breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
+    return [(int(r[0]) * BLOCK, (int(r[-1]) + 1) * BLOCK)
+            for r in np.split(blocks, breaks) if len(r)]
+
+
 def _cluster_lengths(budget: int, rng: np.random.Generator) -> list[int]:
     """Run lengths in blocks, each 2-8 MiB, adding up to budget blocks (the last one trimmed;
     a remainder under 2 blocks joins the run before it)."""
@@ -146,16 +165,15 @@ def dirty_round(path: str, areas_path: str, size: int, rng: np.random.Generator,
         lens_list = _cluster_lengths(n_dirty, rng)
     elif layout != "scattered":
         raise ValueError(layout)
-    if lens_list:
-        for n in lens_list:
-            for _ in range(1000):
-                first = int(rng.integers(0, n_blocks - n + 1))
-                # keep a free block either side, so clusters never merge into one another
-                lo, hi = max(0, first - 1), min(n_blocks, first + n + 1)
-                if not taken[lo:hi].any():
-                    taken[first:first + n] = True
-                    clusters.append((first, n))
-                    break
+    for n in lens_list:
+        for _ in range(1000):
+            first = int(rng.integers(0, n_blocks - n + 1))
+            # keep a free block either side, so clusters never merge into one another
+            lo, hi = max(0, first - 1), min(n_blocks, first + n + 1)
+            if not taken[lo:hi].any():
+                taken[first:first + n] = True
+                clusters.append((first, n))
+                break
     n_scattered = n_dirty - int(taken.sum())
     free = np.flatnonzero(~taken)
     scattered = np.sort(rng.choice(free, size=n_scattered, replace=False))
@@ -200,22 +218,13 @@ def dirty_round(path: str, areas_path: str, size: int, rng: np.random.Generator,
     areas = [areas[i] for i in order.tolist()]
 
     t = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY)
-    try:
+    with open(path, "r+b", buffering=0) as f:
         for off, length in writes:
-            os.pwrite(fd, rng.bytes(length), off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            os.pwrite(f.fileno(), rng.bytes(length), off)
+        os.fsync(f.fileno())
     write_s = time.perf_counter() - t
-    doc = {"startOffset": 0, "length": size,
-           "changedArea": [{"start": s, "length": n} for s, n in areas]}
-    with open(areas_path, "w") as f:
-        json.dump(doc, f)
-    # Expected after merging and rounding to blocks: exactly the dirty blocks.
-    blocks = np.flatnonzero(taken)
-    breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
-    runs = [(int(r[0]) * BLOCK, (int(r[-1]) + 1) * BLOCK) for r in np.split(blocks, breaks)]
+    write_areas(areas_path, size, areas)
+    runs = block_runs(taken)  # expected after merging and rounding to blocks: the dirty blocks
     return {"layout": layout, "fraction": fraction,
             "blocks": int(taken.sum()), "block_fraction": round(float(taken.sum()) / n_blocks, 5),
             "bytes_expected": int(taken.sum()) * BLOCK, "bytes_written": sum(n for _, n in writes),
@@ -251,11 +260,7 @@ def make_plan_areas(path: str, size: int, n: int, seed: int) -> dict[str, Any]:
     starts, lengths = starts[keep], lengths[keep]
     order = rng.permutation(len(starts))
     starts, lengths = starts[order], lengths[order]
-    doc = {"startOffset": 0, "length": size,
-           "changedArea": [{"start": s, "length": ln}
-                           for s, ln in zip(starts.tolist(), lengths.tolist())]}
-    with open(path, "w") as f:
-        json.dump(doc, f)
+    write_areas(path, size, list(zip(starts.tolist(), lengths.tolist())))
     return {"areas": len(starts), "size": size, "listed_bytes": int(lengths.sum()),
             "file_bytes": os.path.getsize(path), "seed": seed}
 
@@ -311,25 +316,24 @@ def plan_benchmark(path: str, size: int, reps: int) -> dict[str, Any]:
                                 f"ranges {merged}")
             if not ordered:
                 problems.append("the plan's requests overlap or go backwards")
+    times = {"total_s": totals, "load_s": loads, "plan_s": plans}
     return {"available": True, "reps": reps, **info,
-            "total_s": [round(x, 4) for x in totals], "load_s": [round(x, 4) for x in loads],
-            "plan_s": [round(x, 4) for x in plans],
-            "total_s_best": round(min(totals), 4),
-            "total_s_median": round(statistics.median(totals), 4),
-            "load_s_median": round(statistics.median(loads), 4),
-            "plan_s_median": round(statistics.median(plans), 4), "idle_wait_s": waited,
-            "problems": problems}
+            **{k: [round(x, 4) for x in v] for k, v in times.items()},
+            **{f"{k}_median": round(statistics.median(v), 4) for k, v in times.items()},
+            "total_s_best": round(min(totals), 4), "idle_wait_s": waited, "problems": problems}
 
 
 # ---------------------------------------------------------------- the passes
 
 class Warm:
-    def __init__(self, ctx: Context, prov: dict[str, Any]) -> None:
+    """The passes of one run: pass 0 and the deltas on the migration's target and state, the full
+    passes and nbdcopy on their own target, the private source they all copy."""
+
+    def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.args = ctx.a
         self.workdir = workdir = ctx.workdir
         self.size = ctx.a.size
-        self.prov = prov
         self.source = os.path.join(workdir, "warm-source.img")
         self.sock = os.path.join(workdir, "warm-nbd.sock")
         self.target = os.path.join(workdir, "warm-target.img")         # pass 0, then the deltas
@@ -338,13 +342,31 @@ class Warm:
         self.full_state = os.path.join(workdir, "warm-full-state")
         self.report = os.path.join(workdir, "warm-report.json")
         self.timeout = max(120.0, 60.0 * self.size / GiB)
-        self.runs: list[dict[str, Any]] = []
         self.dirties: list[dict[str, Any]] = []
         self.pass_no = 0   # the last pass made on self.state
         self.empty_areas = os.path.join(workdir, "warm-areas-empty.json")
-        with open(self.empty_areas, "w") as f:
-            json.dump({"startOffset": 0, "length": self.size, "changedArea": []}, f)
+        write_areas(self.empty_areas, self.size, [])
         self.env = engine_env(workdir)
+        for path in (self.target, self.full_target):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        for d in (self.state, self.full_state):
+            shutil.rmtree(d, ignore_errors=True)
+
+    def dirty(self, kind: str, rnd: int, rng: np.random.Generator, fraction: float,
+              layout: str = "mixed") -> tuple[str, dict[str, Any], float]:
+        """Dirty the source for a pass of this kind (dirty_round), its record emitted: the
+        changed-areas file, the record, the seconds it took with the source's digest."""
+        areas = os.path.join(self.workdir, f"warm-areas-{rnd + 1}"
+                             + ("" if kind == "delta" else f"-{kind}") + ".json")
+        t = time.perf_counter()
+        d = dirty_round(self.source, areas, self.size, rng, fraction, layout)
+        d.update(type="dirty", scenario=NAME, round=rnd, kind=kind,
+                 source_digest=file_digest(self.source))
+        self.dirties.append(d)
+        self.ctx.emit({**{k: v for k, v in d.items() if k != "expected_runs"},
+                       "provenance": self.ctx.prov})
+        return areas, d, time.perf_counter() - t
 
     def argv(self, tool: str, uri: str, areas: str | None) -> list[str]:
         if tool == "nbdcopy":
@@ -365,42 +387,29 @@ class Warm:
                     "--checkpoint", "c0", *common]
         raise ValueError(tool)
 
-    def prepare(self, tool: str) -> None:
-        for path in (self.report,):
-            if os.path.exists(path):
-                os.unlink(path)
-        if tool in ("full", "nbdcopy"):
-            # a full pass from scratch: no state, no target (the engine and nbdcopy create it)
-            shutil.rmtree(self.full_state, ignore_errors=True)
-            if os.path.exists(self.full_target):
-                os.unlink(self.full_target)
-        os.sync()  # nothing of the previous run (or the dirtying) left to write back
-
     def run(self, tool: str, rnd: int, rep: int | None, *, areas: str | None = None,
             dirty: dict[str, Any] | None = None, src_digest: str, check_file: bool
             ) -> dict[str, Any]:
         """One timed run. rep None: a warm-up. check_file: the target's digest against the
         source's (always for the passes on the migration's target: pass0, the deltas, restore)."""
-        warmup = rep is None
-        label = ("warm-up" if warmup else f"rep {rep + 1}/{self.args.reps}")
+        if tool in ("full", "nbdcopy"):
+            # a full pass from scratch: no state, no target (the engine and nbdcopy create it)
+            shutil.rmtree(self.full_state, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.full_target)
+        os.sync()  # nothing of the previous run (or the dirtying) left to write back
         files = os.path.join(self.workdir, "warm-child")
-        self.prepare(tool)
         engine = tool != "nbdcopy"
         has_report = engine and tool != "startup"
-        serving = (contextlib.nullcontext() if tool == "startup"
-                   else Nbdkit(self.sock, "file", self.source, readonly=True))
-        with serving as server:
-            rec = measure(self.argv(tool, server.uri if server else "", areas), files,
-                          self.timeout, server_pid=server.pid if server else None,
-                          env=self.env if engine else None)
-        rec.update({"type": "run", "scenario": SCENARIO, "tool": tool, "round": rnd, "rep": rep,
-                    "warmup": warmup})
+        rec: dict[str, Any] = {"type": "run", "scenario": NAME, "tool": tool, "round": rnd,
+                               "rep": rep, "warmup": rep is None}
+        problems, report = measured(  # problems: the run cannot be trusted (exit, data)
+            rec, lambda uri: self.argv(tool, uri, areas), files, self.timeout,
+            None if tool == "startup" else Nbdkit(self.sock, "file", self.source, readonly=True),
+            self.report if has_report else None, env=self.env if engine else None)
         code, wall = rec["exit"], rec["wall_s"]
-        problems = failed(rec, files)  # the run cannot be trusted: exit, data
         notes: list[str] = []          # the report says something unexpected
-        report: dict[str, Any] = {}
         if has_report and code == 0:
-            report = json_result(self.report, problems, tool)
             # every scalar field of the report (lists and objects left out)
             rec["engine_report"] = {k: v for k, v in report.items()
                                     if v is None or isinstance(v, (bool, int, float, str))}
@@ -415,7 +424,8 @@ class Warm:
             if not isinstance(self.pass_no, int):
                 self.pass_no = 0
         checks: dict[str, Any] = {}
-        if code == 0 and tool != "startup" and (check_file or tool in ("pass0", *DELTAS, "restore")):
+        if code == 0 and tool != "startup" and (
+                check_file or tool in ("pass0", *DELTAS, "restore")):
             path = self.full_target if tool in ("full", "nbdcopy") else self.target
             t = time.perf_counter()
             got = file_digest(path)
@@ -433,7 +443,7 @@ class Warm:
             problems.append(f"{tool}: reported digest {report.get('digest')} != the source's "
                             f"{src_digest}")
         rec["checks"] = checks
-        self.ctx.record(self.runs, rec, problems, self.prov, engine, notes)
+        self.ctx.record(rec, problems, engine, notes)
         extra = ""
         if report.get("seconds") is not None:
             extra = f", own {report['seconds']:.2f} s"
@@ -443,8 +453,9 @@ class Warm:
                       f"{_mib(report.get('delta_bytes'))}, read {_mib(report.get('bytes_read'))}, "
                       f"copied {_mib(report.get('bytes_copied'))}, zeroed "
                       f"{_mib(report.get('bytes_zeroed'))} MiB")
+        label = "warm-up" if rep is None else f"rep {rep + 1}/{self.args.reps}"
         say(f"  {tool:8} {label:9} {wall:7.2f} s  {cost_text(rec)}{extra}"
-             + ("" if not problems else "  INVALID: " + "; ".join(problems)))
+            + invalid_text(problems))
         for n in notes:
             say(f"           note: {n}")
         return rec
@@ -499,18 +510,6 @@ def _first_difference(a: str, b: str) -> int | None:
 
 # ---------------------------------------------------------------- summary
 
-def _paired(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
-    """wall of a / wall of b, round by round (both valid, not warm-up): median and pairs."""
-    walls_b = {r["round"]: r["wall_s"] for r in runs if r["tool"] == b and r["valid"]
-               and not r["warmup"]}
-    pairs = [r["wall_s"] / walls_b[r["round"]] for r in runs
-             if r["tool"] == a and r["valid"] and not r["warmup"] and r["round"] in walls_b]
-    return {"median": round(statistics.median(pairs), 4) if pairs else None,
-            "min": round(min(pairs), 4) if pairs else None,
-            "max": round(max(pairs), 4) if pairs else None,
-            "pairs": [round(x, 4) for x in pairs]}
-
-
 RATIOS = (*DELTAS, "empty", "startup")  # shown over the full pass and over nbdcopy
 NAMES = {"pass0": "pass0 (once)", "empty": "empty (0 areas)", "startup": "startup (--help)",
          "delta": "delta (1 % mixed)", "delta1-scattered": "delta 1 % scattered",
@@ -519,41 +518,31 @@ NAMES = {"pass0": "pass0 (once)", "empty": "empty (0 areas)", "startup": "startu
 
 
 def summarize(w: Warm, plan: dict[str, Any] | None) -> dict[str, Any]:
+    """Per tool its medians; per pair of RATIOS and the full pass or nbdcopy, round by round, the
+    wall of the one over the other's (and the full pass's over nbdcopy's)."""
     tools: dict[str, Any] = {}
+    timed_of = {}
     for tool in TOOLS:
-        runs = [r for r in w.runs if r["tool"] == tool]
-        timed = [r for r in runs if not r["warmup"]]
+        runs = [r for r in w.ctx.runs if r["tool"] == tool]
+        timed = timed_of[tool] = [r for r in runs if not r["warmup"]]
         good = [r for r in (timed or runs) if r["valid"]]  # pass0 has only its warm-up run
         rep = [r.get("engine_report", {}) for r in good]
+        shares = [r["audit_share"] for r in good if r.get("audit_share") is not None]
         tools[tool] = tool_stats(good, runs) | {
             "runs": len(runs), "timed": len(timed), "valid": sum(r["valid"] for r in runs),
-            "own_seconds_median": median([x["seconds"] for x in rep
-                                           if isinstance(x.get("seconds"), (int, float))]),
-            "client_cpu_s_median": median([r["client_cpu_s"] for r in good]),
-            "server_cpu_s_median": median([r["server_cpu_s"] for r in good]),
-            "bytes_read_median": median([x["bytes_read"] for x in rep
-                                          if isinstance(x.get("bytes_read"), int)]),
-            "delta_bytes_median": median([x["delta_bytes"] for x in rep
-                                           if isinstance(x.get("delta_bytes"), int)]),
-            "audit_s_median": median([r["audit"]["seconds"] for r in good if r.get("audit")]),
-            "audit_share_median": median([r["audit_share"] for r in good
-                                           if r.get("audit_share") is not None]),
-            "audit_share_max": max((r["audit_share"] for r in good
-                                    if r.get("audit_share") is not None), default=None),
+            "own_seconds_median": median_of(rep, "seconds"),
+            "client_cpu_s_median": median_of(good, "client_cpu_s"),
+            "server_cpu_s_median": median_of(good, "server_cpu_s"),
+            "bytes_read_median": median_of(rep, "bytes_read", int),
+            "delta_bytes_median": median_of(rep, "delta_bytes", int),
+            "audit_s_median": median_of([r["audit"] for r in good if r.get("audit")], "seconds"),
+            "audit_share_median": median(shares), "audit_share_max": max(shares, default=None),
         }
-    ratios = {f"{t}_over_{peer}": _paired(w.runs, t, peer)
-              for t in RATIOS for peer in ("full", "nbdcopy")}
-    ratios["full_over_nbdcopy"] = _paired(w.runs, "full", "nbdcopy")
-    return {"type": "summary", "scenario": SCENARIO, "size": w.size, "tools": tools, **ratios,
+    ratios = {f"{t}_over_{peer}": paired(walls(timed_of[t]), walls(timed_of[peer]), spread=True)
+              for t in (*RATIOS, "full") for peer in ("full", "nbdcopy") if t != peer}
+    return {"type": "summary", "scenario": NAME, "size": w.size, "tools": tools, **ratios,
             "dirty": [{k: v for k, v in d.items() if k != "expected_runs"} for d in w.dirties],
-            "plan": plan, "provenance": w.prov}
-
-
-def _audit_cell(t: dict[str, Any]) -> str:
-    """The tracker audit's median milliseconds and median share of the run's wall."""
-    if t.get("audit_s_median") is None:
-        return "–"
-    return f"{t['audit_s_median'] * 1000:.1f} ({t['audit_share_median'] * 100:.1f} %)"
+            "plan": plan, "provenance": w.ctx.prov}
 
 
 def table(s: dict[str, Any]) -> str:
@@ -576,11 +565,14 @@ def table(s: dict[str, Any]) -> str:
         med = (f"{t['wall_s_median']:.3f} ({t['wall_s_min']:.3f}–{t['wall_s_max']:.3f})"
                if t["wall_s_median"] is not None else "–")
         check = "ok" if t["valid"] == t["runs"] else "FAIL"
+        # the tracker audit's median milliseconds and median share of the run's wall
+        audit = ("–" if t.get("audit_s_median") is None else
+                 f"{t['audit_s_median'] * 1000:.1f} ({t['audit_share_median'] * 100:.1f} %)")
         rf = {"full": "1.000", "nbdcopy": "–", "pass0": "–"}.get(tool) or over_full(tool)
         rn = {"nbdcopy": 1.0, "pass0": None}.get(
             tool, (s.get(f"{tool}_over_nbdcopy") or {}).get("median"))
         lines.append(f"| {NAMES.get(tool, tool)} | {med} | {rf} | {fmt(rn, '.3f')} | "
-                     f"{fmt(t['own_seconds_median'], '.3f')} | {_audit_cell(t)} | "
+                     f"{fmt(t['own_seconds_median'], '.3f')} | {audit} | "
                      f"{fmt(t['bytes_read_median'] and t['bytes_read_median'] / MiB, '.1f')} | "
                      f"{fmt(t['client_cpu_s_median'], '.2f')} | "
                      f"{fmt(t['server_cpu_s_median'], '.2f')} | "
@@ -615,7 +607,7 @@ def bars(s: dict[str, Any] | None, plan: dict[str, Any] | None) -> list[dict[str
 # ---------------------------------------------------------------- the scenario
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = parser(SCENARIO, "Time transfer sync delta passes over 1 %% (mixed, scattered, "
+    p = parser(NAME, "Time transfer sync delta passes over 1 %% (mixed, scattered, "
                          "clustered) and 10 %% (scattered, clustered) of a synthetic disk's "
                          "blocks against a full pass and nbdcopy, and time planning a "
                          "100,000-area changed-areas file.",
@@ -668,7 +660,7 @@ def reproduce_command(a: argparse.Namespace) -> str:
         parts += ["--kinds", ",".join(a.kinds) or "none"]
     parts += ["--plan-only"] if a.plan_only else []
     parts += ["--no-plan"] if a.no_plan else []
-    return reproduce(SCENARIO, *parts)
+    return reproduce(NAME, *parts)
 
 
 def preflight(a: argparse.Namespace) -> list[str]:
@@ -678,20 +670,6 @@ def preflight(a: argparse.Namespace) -> list[str]:
     if ENGINE.exists():
         missing += engine_lacks("sync", "--state", "--changed-areas", "--checkpoint", "--report")
     return missing
-
-
-def _print_plan(plan: dict[str, Any]) -> None:
-    if not plan.get("available"):
-        say(f"  planning: unavailable: {plan.get('problem')}")
-        return
-    say(f"  planning {plan['areas']:,} areas ({plan['file_bytes'] / MiB:.1f} MiB of JSON, "
-         f"{size_text(plan['size'])} disk) -> {plan['ranges']:,} merged ranges, "
-         f"{plan['ranges_bytes'] / GiB:.2f} GiB, {plan['requests']:,} requests "
-         f"({plan['fetch_calls']:,} fetch calls): load + plan best {plan['total_s_best']:.3f} s, "
-         f"median {plan['total_s_median']:.3f} s (load {plan['load_s_median']:.3f} + plan "
-         f"{plan['plan_s_median']:.3f}); every rep: "
-         f"{', '.join(f'{x:.3f}' for x in plan['total_s'])}"
-         + ("" if not plan["problems"] else "  PROBLEM: " + "; ".join(plan["problems"])))
 
 
 def measure_plan(ctx: Context) -> dict[str, Any] | None:
@@ -706,13 +684,23 @@ def measure_plan(ctx: Context) -> dict[str, Any] | None:
         f"written in {time.perf_counter() - t:.1f} s; {a.plan_reps} reps in process")
     plan = {**made, **plan_benchmark(path, a.plan_size, a.plan_reps)}
     os.unlink(path)
-    _print_plan(plan)
+    if not plan.get("available"):
+        say(f"  planning: unavailable: {plan.get('problem')}")
+        return plan
+    say(f"  planning {plan['areas']:,} areas ({plan['file_bytes'] / MiB:.1f} MiB of JSON, "
+        f"{size_text(plan['size'])} disk) -> {plan['ranges']:,} merged ranges, "
+        f"{plan['ranges_bytes'] / GiB:.2f} GiB, {plan['requests']:,} requests "
+        f"({plan['fetch_calls']:,} fetch calls): load + plan best {plan['total_s_best']:.3f} s, "
+        f"median {plan['total_s_median']:.3f} s (load {plan['load_s_median']:.3f} + plan "
+        f"{plan['plan_s_median']:.3f}); every rep: "
+        f"{', '.join(f'{x:.3f}' for x in plan['total_s'])}"
+        + ("" if not plan["problems"] else "  PROBLEM: " + "; ".join(plan["problems"])))
     return plan
 
 
-def private_source(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+def private_source(ctx: Context) -> dict[str, Any]:
     """The bench image copied to warm-source.img (holes kept), hot in the page cache; the
-    image's metadata and the provenance."""
+    provenance set; the image's metadata."""
     a = ctx.a
     image, meta = prepare_image(ctx.workdir, a)
     w_src = os.path.join(ctx.workdir, "warm-source.img")
@@ -726,14 +714,12 @@ def private_source(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
     say(f"private copy {w_src} in {time.perf_counter() - t:.1f} s (holes kept), hot in "
         f"the page cache (fincore: {resident_text(w_src)} resident); "
         f"allocated {alloc / MiB:.0f} MiB of {a.size / MiB:.0f} MiB")
-    prov = provenance(ctx.workdir, image_info(meta), dirty={
+    ctx.prov = provenance(ctx.workdir, image_info(meta), dirty={
         "fraction": a.dirty, "seed": a.dirty_seed, "cluster_share": CLUSTER_SHARE,
         "clusters": CLUSTERS, "cluster_bytes": [CLUSTER_MIN, CLUSTER_MAX],
         "kinds": {k: {"fraction": KINDS[k][0], "layout": KINDS[k][1]} for k in a.kinds}})
-    say(f"engine {prov['engine_commit']} (fingerprint {prov['engine_fingerprint']}), "
-        f"{prov['nbdcopy']}, {prov['nbdkit']}, kernel {prov['kernel']}, "
-        f"{prov['cpu_model']} x {prov['nproc']}")
-    return meta, prov
+    say_engine(ctx.prov, "nbdcopy", "nbdkit")
+    return meta
 
 
 def one_round(w: Warm, rnd: int, rng: np.random.Generator,
@@ -741,21 +727,14 @@ def one_round(w: Warm, rnd: int, rng: np.random.Generator,
     """Dirty, delta, empty, the other kinds (and restore), full, nbdcopy, startup."""
     a = w.args
     rep = None if rnd == 0 else rnd - 1
-    areas = os.path.join(w.workdir, f"warm-areas-{rnd + 1}.json")
-    t = time.perf_counter()
-    dirty = dirty_round(w.source, areas, a.size, rng, a.dirty)
-    src_digest = file_digest(w.source)
-    dirty.update({"type": "dirty", "scenario": SCENARIO, "round": rnd,
-                  "kind": "delta", "source_digest": src_digest})
-    w.dirties.append(dirty)
-    w.ctx.emit({**{k: v for k, v in dirty.items() if k != "expected_runs"}, "provenance": w.prov})
+    areas, dirty, seconds = w.dirty("delta", rnd, rng, a.dirty)
+    src_digest = dirty["source_digest"]
     cl = ", ".join(f"{c['length'] / MiB:.1f}" for c in dirty["clusters"])
     say(f" round {rnd} ({'warm-up' if rep is None else f'rep {rep + 1}'}): dirtied "
         f"{dirty['blocks']} blocks ({dirty['bytes_expected'] / MiB:.1f} MiB: "
         f"{dirty['scattered_blocks']} scattered of which {dirty['partial_blocks']} "
         f"partly, {len(dirty['clusters'])} clusters of "
-        f"{cl} MiB) listed as {dirty['areas']} areas, in "
-        f"{time.perf_counter() - t:.1f} s with the digest")
+        f"{cl} MiB) listed as {dirty['areas']} areas, in {seconds:.1f} s with the digest")
     w.run("delta", rnd, rep, areas=areas, dirty=dirty, src_digest=src_digest, check_file=True)
     if rnd:
         os.unlink(os.path.join(w.workdir, f"warm-areas-{rnd}.json"))
@@ -772,19 +751,14 @@ def run(ctx: Context) -> Outcome:
     a = ctx.a
     plan = measure_plan(ctx)
     if a.plan_only:
-        prov = {"engine_commit": engine_commit(), "engine_fingerprint": engine_fingerprint()}
+        ctx.prov = {"engine_commit": engine_commit(), "engine_fingerprint": engine_fingerprint()}
         if plan is not None:
-            ctx.emit({"type": "plan", "scenario": SCENARIO, **plan, "provenance": prov})
-        return Outcome(True, bars(None, plan), prov)
-    meta, prov = private_source(ctx)
-    w = Warm(ctx, prov)
-    for p in (w.target, w.full_target):
-        if os.path.exists(p):
-            os.unlink(p)
-    for d in (w.state, w.full_state):
-        shutil.rmtree(d, ignore_errors=True)
+            ctx.emit({"type": "plan", "scenario": NAME, **plan, "provenance": ctx.prov})
+        return Outcome(bars(None, plan))
+    meta = private_source(ctx)
     if plan is not None:
-        w.ctx.emit({"type": "plan", "scenario": SCENARIO, **plan, "provenance": prov})
+        ctx.emit({"type": "plan", "scenario": NAME, **plan, "provenance": ctx.prov})
+    w = Warm(ctx)
     rng = np.random.default_rng([a.dirty_seed, a.seed])
     # one generator per kind (by its place in KINDS): the same blocks whichever are run
     krngs = {k: np.random.default_rng([a.dirty_seed, a.seed, i + 1]) for i, k in enumerate(KINDS)}
@@ -798,17 +772,16 @@ def run(ctx: Context) -> Outcome:
         + "".join(f"dirty + {k}, " for k in a.kinds)
         + ("restore (untimed), " if a.kinds else "")
         + "full pass (fresh state), nbdcopy, startup (sync --help)")
-    w.run("pass0", 0, None, src_digest=meta["digest"], check_file=True)
-    if not w.runs[-1]["valid"]:
+    if not w.run("pass0", 0, None, src_digest=meta["digest"], check_file=True)["valid"]:
         raise Abort("pass 0 failed; no delta can follow it")
     for rnd in range(a.reps + 1):
         one_round(w, rnd, rng, krngs)
     summary = summarize(w, plan)
-    w.ctx.emit(summary)
-    notes = sorted({n for r in w.runs for n in r["notes"]})
-    text = [f"{SCENARIO}: {size_text(a.size)} image (seed {a.seed}), {a.dirty:.1%} of its "
+    ctx.emit(summary)
+    notes = sorted({n for r in ctx.runs for n in r["notes"]})
+    text = [f"{NAME}: {size_text(a.size)} image (seed {a.seed}), {a.dirty:.1%} of its "
             f"64 KiB blocks dirtied per round, {rounds} after a warm-up, nbdkit file plugin "
-            f"on a unix socket, page cache hot; engine {prov['engine_commit']}", "",
+            f"on a unix socket, page cache hot; engine {ctx.prov['engine_commit']}", "",
             table(summary), "",
             "Wall: spawn to exit (interpreter start, planning, copy, flush, journal commit). "
             "÷ full pass / ÷ nbdcopy: medians of per-round wall ratios (the row's wall over "
@@ -826,8 +799,8 @@ def run(ctx: Context) -> Outcome:
                     f"{td['wall_s_median'] - te['wall_s_median']:.3f} s for "
                     f"{(td['delta_bytes_median'] or 0) / MiB:.1f} MiB")
     text += [f"  note (sync report): {n}" for n in notes]
-    valid = all(r["valid"] for r in w.runs) and not (plan and plan.get("problems"))
-    return Outcome(valid, bars(summary, plan), prov, w.runs, text, {"notes": notes})
+    return Outcome(bars(summary, plan), text, {"notes": notes},
+                   valid=not (plan and plan.get("problems")))
 
 
 def delta_kinds(w: Warm, a: argparse.Namespace, rnd: int, rep: int | None,
@@ -838,60 +811,42 @@ def delta_kinds(w: Warm, a: argparse.Namespace, rnd: int, rep: int | None,
     so the full pass and nbdcopy, and the next round, see the source the mixed delta alone left
     (the source does not fill up with the 10 % kinds' random bytes round after round). last: the
     last round, after which no pass is made on the migration's target: no restore pass."""
-    src = w.source
     snap = os.path.join(w.workdir, "warm-source-round.img")
-    sparse_copy(src, snap)
+    sparse_copy(w.source, snap)
     changed = np.zeros(w.size // BLOCK, dtype=bool)
     for kind in a.kinds:
-        fraction, layout = KINDS[kind]
-        areas = os.path.join(w.workdir, f"warm-areas-{rnd + 1}-{kind}.json")
-        t = time.perf_counter()
-        dirty = dirty_round(src, areas, w.size, krngs[kind], fraction, layout)
-        digest = file_digest(src)
-        dirty.update({"type": "dirty", "scenario": SCENARIO, "round": rnd, "kind": kind,
-                      "source_digest": digest})
-        w.dirties.append(dirty)
-        w.ctx.emit({**{k: v for k, v in dirty.items() if k != "expected_runs"},
-                "provenance": w.prov})
+        areas, dirty, seconds = w.dirty(kind, rnd, krngs[kind], *KINDS[kind])
         for start, end in dirty["expected_runs"]:
             changed[start // BLOCK:end // BLOCK] = True
         say(f" {kind}: dirtied {dirty['blocks']} blocks ({dirty['bytes_expected'] / MiB:.1f} "
-             f"MiB: {dirty['scattered_blocks']} scattered, {len(dirty['clusters'])} clusters) "
-             f"listed as {dirty['areas']} areas in {dirty['runs']} runs, in "
-             f"{time.perf_counter() - t:.1f} s with the digest")
-        w.run(kind, rnd, rep, areas=areas, dirty=dirty, src_digest=digest, check_file=True)
+            f"MiB: {dirty['scattered_blocks']} scattered, {len(dirty['clusters'])} clusters) "
+            f"listed as {dirty['areas']} areas in {dirty['runs']} runs, in "
+            f"{seconds:.1f} s with the digest")
+        w.run(kind, rnd, rep, areas=areas, dirty=dirty, src_digest=dirty["source_digest"],
+              check_file=True)
         os.unlink(areas)
     t = time.perf_counter()
-    sparse_copy(snap, src)
+    sparse_copy(snap, w.source)
     os.unlink(snap)
     # put back wrongly, the restore pass's target check fails, and the full pass's reported
     # digest (checked against the source's before the kinds) too
-    warm_cache(src)
-    blocks = np.flatnonzero(changed)
-    breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
-    runs = [(int(r[0]) * BLOCK, (int(r[-1]) + 1 - int(r[0])) * BLOCK)
-            for r in np.split(blocks, breaks) if len(r)]
-    say(f" restore: source put back ({len(blocks)} blocks in {len(runs)} runs) in "
-         f"{time.perf_counter() - t:.1f} s; "
-         + ("the last round: no pass follows on the target" if last
-            else "an untimed pass brings the target back"))
+    warm_cache(w.source)
+    runs = block_runs(changed)
+    blocks = int(changed.sum())
+    say(f" restore: source put back ({blocks} blocks in {len(runs)} runs) in "
+        f"{time.perf_counter() - t:.1f} s; "
+        + ("the last round: no pass follows on the target" if last
+           else "an untimed pass brings the target back"))
     if last:
         return
     areas = os.path.join(w.workdir, "warm-areas-restore.json")
-    with open(areas, "w") as f:
-        json.dump({"startOffset": 0, "length": w.size,
-                   "changedArea": [{"start": s, "length": n} for s, n in runs]}, f)
+    write_areas(areas, w.size, [(start, end - start) for start, end in runs])
     w.run("restore", rnd, rep, areas=areas, src_digest=src_digest, check_file=True,
-          dirty={"bytes_expected": len(blocks) * BLOCK, "blocks": len(blocks)})
+          dirty={"bytes_expected": blocks * BLOCK, "blocks": blocks})
     os.unlink(areas)
 
 
 # ---------------------------------------------------------------- the report
-
-def report_table(run: Run) -> str:
-    s = run.of_type("summary")[-1]
-    return table(dict(s, tools=tool_order(s["tools"], TOOLS)))
-
 
 def report_notes(run: Run) -> list[str]:
     out = []
@@ -924,33 +879,28 @@ def plot(run: Run, png: str) -> None:
     1 % / 10 % scattered / clustered kinds) beside the full pass and nbdcopy's full copy; each
     one's ratio to the full pass, and the bar in the title."""
     plt = pyplot()
-    s = next(iter(run.of_type("summary")), None)
-    n_bars = len([t for t in TOOLS if s and s["tools"].get(t, {}).get("wall_s_median")
-                  is not None])
-    fig, ax = plt.subplots(figsize=(9, max(4.5, 1.2 + 0.42 * n_bars)))
-    if s is None:
-        ax.text(0.5, 0.5, "no summary (planning only?)", ha="center")
-    else:
-        tools = [t for t in TOOLS if s["tools"].get(t, {}).get("wall_s_median") is not None]
-        ys = [s["tools"][t]["wall_s_median"] for t in tools]
-        lo = [y - s["tools"][t]["wall_s_min"] for t, y in zip(tools, ys)]
-        hi = [s["tools"][t]["wall_s_max"] - y for t, y in zip(tools, ys)]
-        colors = ["#ff7f0e" if t in ("nbdcopy",) else "#1f77b4" for t in tools]
-        ax.barh(range(len(tools)), ys, xerr=[lo, hi], capsize=3, color=colors)
-        ax.set_yticks(range(len(tools)), [NAMES.get(t, t) for t in tools])
-        ax.invert_yaxis()
-        for k, (t, y, right) in enumerate(zip(tools, ys, hi)):
-            r = s.get(f"{t}_over_full", {}).get("median")
-            ax.annotate(f"{y:.3f} s" + (f"  ({r:.3f} × full)" if r is not None else ""),
-                        (y + right, k), textcoords="offset points", xytext=(6, -3), fontsize=8)
-        ax.set_xlabel("wall seconds, spawn to reaping (median; whiskers min–max)")
-        d = s.get("delta_over_full", {}).get("median")
-        ax.set_xlim(0, max(ys) * 1.35 if ys else 1)
-        ax.grid(axis="x", alpha=0.3)
-        frac = (run.provenance.get("dirty") or {}).get("fraction")
-        ax.set_title(title(run, f"{s['size'] / GiB:g} GiB, {fmt(frac and 100 * frac, 'g')} % "
-                                 f"dirty; delta ÷ full = {fmt(d, '.3f')} (bar ≤ "
-                                 f"{BAR_DELTA_OVER_FULL:g})"), fontsize=10)
+    s = run.of_type("summary")[0]  # a plot is made of a run with a summary
+    tools = [t for t in TOOLS if s["tools"].get(t, {}).get("wall_s_median") is not None]
+    fig, ax = plt.subplots(figsize=(9, max(4.5, 1.2 + 0.42 * len(tools))))
+    ys = [s["tools"][t]["wall_s_median"] for t in tools]
+    lo = [y - s["tools"][t]["wall_s_min"] for t, y in zip(tools, ys)]
+    hi = [s["tools"][t]["wall_s_max"] - y for t, y in zip(tools, ys)]
+    colors = ["#ff7f0e" if t in ("nbdcopy",) else "#1f77b4" for t in tools]
+    ax.barh(range(len(tools)), ys, xerr=[lo, hi], capsize=3, color=colors)
+    ax.set_yticks(range(len(tools)), [NAMES.get(t, t) for t in tools])
+    ax.invert_yaxis()
+    for k, (t, y, right) in enumerate(zip(tools, ys, hi)):
+        r = s.get(f"{t}_over_full", {}).get("median")
+        ax.annotate(f"{y:.3f} s" + (f"  ({r:.3f} × full)" if r is not None else ""),
+                    (y + right, k), textcoords="offset points", xytext=(6, -3), fontsize=8)
+    ax.set_xlabel("wall seconds, spawn to reaping (median; whiskers min–max)")
+    d = s.get("delta_over_full", {}).get("median")
+    ax.set_xlim(0, max(ys) * 1.35 if ys else 1)
+    ax.grid(axis="x", alpha=0.3)
+    frac = (run.provenance.get("dirty") or {}).get("fraction")
+    ax.set_title(title(run, f"{s['size'] / GiB:g} GiB, {fmt(frac and 100 * frac, 'g')} % "
+                             f"dirty; delta ÷ full = {fmt(d, '.3f')} (bar ≤ "
+                             f"{BAR_DELTA_OVER_FULL:g})"), fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
