@@ -477,3 +477,45 @@ def test_a_thousand_idle_connections_leave_memory_bounded(tmp_path, image, serve
     r = run_cli("checksum", s.url)  # the slots come back: the server is not stalled
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in s.stop()
+
+
+def test_a_bitmap_sync_pass_over_the_hop(tmp_path, serve):
+    """Pass 0 reads the whole disk through serve; then the guest writes, and pass 1 (the final
+    one) reads only what qemu's bitmap b1 names, through serve --dirty-bitmap b1."""
+    from .sync_test import (check_equal, make_disk, qcow2_with_bitmap, qemu_io_writes, raw_of,
+                            sync)
+    from transfer.demo.servers import QemuNbd
+    size = 32 * MiB
+    raw, image = str(tmp_path / "base.raw"), str(tmp_path / "d.qcow2")
+    dst, state, tickets = str(tmp_path / "dst.img"), tmp_path / "state", tmp_path / "tickets"
+    make_disk(raw, size, 3)
+    qcow2_with_bitmap(image, size, raw)
+    sock = str(tmp_path / "qemu-nbd.sock")
+    q = QemuNbd(sock, image).start()
+    try:
+        s = serve(q.uri, "--listen", "127.0.0.1:0", "--ticket-file", str(tickets))
+        r = sync(s.url, dst, state, "--checkpoint", "b0")
+        s.stop()
+    finally:
+        q.stop()
+    assert r["pass"] == 0
+    touched = qemu_io_writes(image, 7, size)
+    subprocess.run(["qemu-img", "bitmap", "--disable", image, "b1"], check=True)
+    q = QemuNbd(sock, image, options=["-B", "b1"]).start()
+    try:  # the same port and ticket file: the same URL, so the state's binding holds
+        s2 = serve(q.uri, "--listen", f"127.0.0.1:{_port(s.url)}", "--ticket-file", str(tickets),
+                   "--dirty-bitmap", "b1")
+        assert s2.url == s.url
+        r = sync(s2.url, dst, state, "--dirty-bitmap", "b1", "--checkpoint", "b1", "--final")
+        s2.stop()
+    finally:
+        q.stop()
+    assert r["change_source"] == "dirty bitmap b1" and r["fallback"] is None, r
+    assert r["delta_bytes"] == len(touched) * 64 * 1024
+    assert r["complete"]
+    check_equal(raw_of(image, str(tmp_path / "now.raw")), dst, size, r)
+
+
+def test_serve_refuses_a_bitmap_the_source_lacks(tmp_path, image):
+    r = run_cli("serve", str(image), "--listen", "127.0.0.1:0", "--dirty-bitmap", "b1")
+    assert r.returncode == 2 and "does not offer the dirty bitmap 'b1'" in r.stderr

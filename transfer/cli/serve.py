@@ -37,6 +37,10 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--max-clients", type=int, default=MAX_CLIENTS, metavar="N",
                    help=f"connections served at once; more are answered 503; default "
                         f"{MAX_CLIENTS}")
+    s.add_argument("--dirty-bitmap", metavar="NAME",
+                   help="also answer extents?context=dirty from this qemu dirty bitmap (the "
+                        "SOURCEs are NBD exports offering it): sync --dirty-bitmap on the "
+                        "other side")
     s.add_argument("--insecure", action="store_true",
                    help="allow plain HTTP on an address that is not loopback")
     s.set_defaults(handler=cmd_serve)
@@ -48,4 +52,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.sources, args.listen, cert=args.tls_cert, key=args.tls_key,
                  client_ca=args.client_ca, ticket_file=args.ticket_file,
                  ticket_ttl=args.ticket_ttl, insecure=args.insecure,
-                 max_clients=args.max_clients, timeout=args.timeout, tls=options.tls_of(args))
+                 max_clients=args.max_clients, dirty_bitmap=args.dirty_bitmap,
+                 timeout=args.timeout, tls=options.tls_of(args))

@@ -69,6 +69,7 @@ class HttpDisk(Disk):
             self.features = set(opts.get("features", [])) if isinstance(opts, dict) else set()
             self.max_connections = max(1, min(MAX_CONNECTIONS, int(opts.get("max_readers", 1))))
             self.extents_list = self._load_extents(c)
+            self.negotiated, self.dirty = self._load_dirty(c, options.contexts)
         except TransferError:
             raise
         except (ValueError, TypeError, AttributeError, KeyError) as e:
@@ -118,6 +119,38 @@ class HttpDisk(Disk):
             raise ValueError("no extents: an empty disk")
         return out
 
+    def _load_dirty(self, c: http.client.HTTPConnection, contexts: tuple[str, ...]
+                    ) -> tuple[set[str], list[Extent]]:
+        """A dirty bitmap's context asked for (sync --dirty-bitmap): the server's
+        extents?context=dirty, flag 1 where dirty; not negotiated when the server has none
+        (404: serve without --dirty-bitmap), so the tracker falls back and says why."""
+        wanted = [x for x in contexts if x.startswith("qemu:dirty-bitmap:")]
+        if not wanted:
+            return set(), []
+        try:
+            raw = json.loads(self._get(c, "GET", self.path + "/extents?context=dirty", 200,
+                                       MAX_EXTENTS_BYTES))
+        except SourceError as e:
+            if "404" in e.message:
+                return set(), []
+            raise
+        out: list[Extent] = []
+        for e in raw:
+            start, length = int(e["start"]), int(e["length"])
+            if start != (out[-1][0] + out[-1][1] if out else 0) or length <= 0:
+                raise ValueError(f"dirty extents not contiguous at {start}")
+            out.append((start, length, 1 if e["dirty"] else 0))
+        if not out or out[-1][0] + out[-1][1] != self.extents_list[-1][0] + self.extents_list[
+                -1][1]:
+            raise ValueError("the dirty extents do not cover the disk")
+        return set(wanted), out
+
+    def context_extents(self, context: str, offset: int, length: int) -> list[Extent] | None:
+        """The dirty extents at [offset, offset + length) (the one context served)."""
+        if context not in self.negotiated:
+            return None
+        return _clip(self.dirty, [e[0] for e in self.dirty], offset, offset + length)
+
     def connect(self) -> Conn | None:
         return HttpConn(self)
 
@@ -148,6 +181,19 @@ def _context(tls: Tls) -> ssl.SSLContext:
     return ctx
 
 
+def _clip(extents: list[Extent], starts: list[int], offset: int, end: int) -> list[Extent]:
+    """The contiguous extents (starts: their offsets) that meet [offset, end), clipped to it."""
+    i = max(bisect.bisect_right(starts, offset) - 1, 0)
+    out: list[Extent] = []
+    while i < len(extents) and extents[i][0] < end:
+        s, n, fl = extents[i]
+        a, b = max(s, offset), min(s + n, end)
+        if b > a:
+            out.append((a, b - a, fl))
+        i += 1
+    return out
+
+
 class HttpConn(Conn):
     def __init__(self, disk: HttpDisk) -> None:
         self.disk = disk
@@ -156,16 +202,7 @@ class HttpConn(Conn):
         self._done: list[tuple[Any, BaseException | None]] = []
 
     def extents(self, offset: int, length: int) -> list[Extent]:
-        d, end = self.disk, offset + length
-        i = max(bisect.bisect_right(d.starts, offset) - 1, 0)
-        out: list[Extent] = []
-        while i < len(d.extents_list) and d.extents_list[i][0] < end:
-            s, n, fl = d.extents_list[i]
-            a, b = max(s, offset), min(s + n, end)
-            if b > a:
-                out.append((a, b - a, fl))
-            i += 1
-        return out
+        return _clip(self.disk.extents_list, self.disk.starts, offset, offset + length)
 
     def start_read(self, view: memoryview, offset: int, tag: Any) -> None:
         try:

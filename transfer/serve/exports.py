@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from ..disks import Conn, Disk, open_disk
 from ..errors import BadInput, SourceError
+from ..tracking.bitmap import context_name
 
 READ_TIMEOUT = 60.0  # seconds a request waits for one of the export's connections
 
@@ -33,6 +34,7 @@ class Export:
     expires: float
     pool: queue.LifoQueue = field(default_factory=queue.LifoQueue)
     made: int = 0
+    dirty: str | None = None  # the NBD metadata context of --dirty-bitmap
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -81,10 +83,19 @@ class Exports:
         self.ttl = ttl
         self.by_ticket: dict[str, Export] = {}
 
-    def add(self, source: str, **options: Any) -> Export:
+    def add(self, source: str, dirty_bitmap: str | None = None, **options: Any) -> Export:
+        """Open source; with dirty_bitmap, its NBD server must offer that bitmap."""
+        context = None
+        if dirty_bitmap is not None:
+            context = context_name(dirty_bitmap)
+            options["contexts"] = (context,)
         disk = open_disk(source, "source", **options)
+        if context is not None and context not in getattr(disk, "negotiated", ()):
+            disk.close()
+            raise BadInput(f"the source does not offer the dirty bitmap {dirty_bitmap!r} "
+                           f"(an NBD export with it, e.g. qemu-nbd -B NAME)", disk=disk.display)
         ticket = secrets.token_urlsafe(32)
-        e = Export(ticket, disk, time.time() + self.ttl)
+        e = Export(ticket, disk, time.time() + self.ttl, dirty=context)
         self.by_ticket[ticket] = e
         return e
 

@@ -1,6 +1,7 @@
 """`transfer serve`'s HTTP(S) server: the ovirt-imageio images API, read-only, plus frames.
 
     OPTIONS /images/TICKET                 {"features": [...], "max_readers": N, ...}
+    GET /images/TICKET/extents?context=dirty      with --dirty-bitmap NAME over an NBD source
     GET /images/TICKET        Range: bytes=A-B     the bytes (206), one range per request
     GET /images/TICKET/extents?context=zero       [{"start", "length", "zero", "hole"}, ...]
     GET /images/TICKET  Accept: application/x-transfer-frames, Range: bytes=A-B
@@ -228,8 +229,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _extents(self, export: Export, query: dict[str, list[str]]) -> None:
         context = query.get("context", ["zero"])[0]
+        if context == "dirty" and export.dirty is not None:
+            return self._dirty(export)
         if context != "zero":
-            raise HttpError(HTTPStatus.NOT_FOUND, f"no {context!r} extents here (zero only)")
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no {context!r} extents here (zero, and "
+                            "dirty with --dirty-bitmap)")
         out: list[dict[str, Any]] = []
         size = export.disk.size
         with export.conn() as conn:
@@ -245,6 +249,28 @@ class Handler(BaseHTTPRequestHandler):
                         # skips holes; a sparse area of our source reads as zeroes
                         out.append({"start": start, "length": length, "zero": zero,
                                     "hole": False})
+        self._send(HTTPStatus.OK, json.dumps(out).encode(), "application/json")
+
+
+    def _dirty(self, export: Export) -> None:
+        """The dirty bitmap's extents, as imageio gives them: {start, length, dirty, zero}.
+        The NBD disk answers a context on its spare handle: one request at a time."""
+        out: list[dict[str, Any]] = []
+        size, pos = export.disk.size, 0
+        with export.lock:
+            while pos < size:
+                extents = export.disk.context_extents(export.dirty, pos, size - pos)
+                if not extents:
+                    raise HttpError(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                    "the source sent no dirty bitmap extents")
+                for start, length, flags in extents:
+                    dirty = bool(flags & 1)  # qemu:dirty-bitmap: flag 1, dirty
+                    if out and out[-1]["dirty"] == dirty:
+                        out[-1]["length"] += length
+                    else:
+                        out.append({"start": start, "length": length, "dirty": dirty,
+                                    "zero": False})
+                pos = extents[-1][0] + extents[-1][1]
         self._send(HTTPStatus.OK, json.dumps(out).encode(), "application/json")
 
 

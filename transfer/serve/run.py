@@ -25,7 +25,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 def serve(sources: list[str], listen: str, *, cert: str | None = None, key: str | None = None,
           client_ca: str | None = None, ticket_file: str | None = None,
           ticket_ttl: float = DEFAULT_TTL, insecure: bool = False,
-          max_clients: int = MAX_CLIENTS, ready: Any = None, **options: Any) -> int:
+          max_clients: int = MAX_CLIENTS, ready: Any = None, dirty_bitmap: str | None = None,
+          **options: Any) -> int:
     """Serve until a signal; 0. ready(urls), when given, is called once listening."""
     host, port = parse_listen(listen)
     if (cert is None) != (key is None):
@@ -44,7 +45,7 @@ def serve(sources: list[str], listen: str, *, cert: str | None = None, key: str 
     exports = Exports(ticket_ttl)
     try:
         for s in sources:
-            exports.add(s, **options)
+            exports.add(s, dirty_bitmap, **options)
         resumed = bool(ticket_file) and exports.resume(ticket_file)
         try:
             server = Server((host, port), exports, tls, max_clients, _native.kernels())

@@ -39,12 +39,13 @@ def dirty_ranges(disk, name: str, block: int = BLOCK):
     """The dirty ranges of an NBD source as (start, end) pairs, rounded outward to block.
 
     disk: an NbdDisk opened with contexts=(context_name(name),), before the
-    copy connects (its spare handle answers).
+    copy connects (its spare handle answers), or an https:// disk of a serve
+    --dirty-bitmap NAME (transfer.disks.http: the server's dirty extents).
     """
     from .areas import merge_runs
 
     ctx = context_name(name)
-    if getattr(disk, "kind", None) != "nbd":
+    if not hasattr(disk, "context_extents"):  # NBD, or https:// from serve --dirty-bitmap
         raise TrackingUnavailable(f"the source is a {disk.kind}, which has no dirty bitmaps")
     if ctx not in disk.negotiated:
         raise TrackingUnavailable(f"the server does not offer the dirty bitmap {name!r} "
