@@ -519,3 +519,17 @@ def test_a_bitmap_sync_pass_over_the_hop(tmp_path, serve):
 def test_serve_refuses_a_bitmap_the_source_lacks(tmp_path, image):
     r = run_cli("serve", str(image), "--listen", "127.0.0.1:0", "--dirty-bitmap", "b1")
     assert r.returncode == 2 and "does not offer the dirty bitmap 'b1'" in r.stderr
+
+
+def test_auto_compresses_only_where_the_link_is_the_bottleneck():
+    fast, slow = codec.Auto(1), codec.Auto(1)
+    assert fast.choose() == 1  # nothing measured yet: compress, and learn what it costs
+    encoded = f"{4 * MiB} {MiB} 0.0125"  # 4 MiB compressed 4x at 320 MiB/s
+    fast.observe(MiB, MiB / (2000 * MiB), encoded)  # a 2 GB/s link: raw is quicker
+    slow.observe(MiB, MiB / (12 * MiB), encoded)  # 100 Mbit/s: compressing pays
+    fast_choices = [fast.choose() for _ in range(32)]
+    assert fast_choices.count(None) == 30 and fast_choices.count(1) == 2  # raw, probing
+    assert [slow.choose() for _ in range(32)] == [1] * 32
+    shrinks_not = codec.Auto(3)
+    shrinks_not.observe(MiB, MiB / (12 * MiB), f"{4 * MiB} {4 * MiB} 0.0125")
+    assert shrinks_not.choose() is None  # a slow link, but the data does not shrink

@@ -38,8 +38,10 @@ def add_parser(sub: Any) -> None:
                    help="read the target back (bypassing the page cache) and compare every block "
                         "with the digests taken while copying; a difference exits 6")
     c.add_argument("--compress", default="auto", metavar="auto|none|zstd[:LEVEL]",
-                   help="stream:FILE targets: compress data frames with zstd (auto: level 1); "
-                        "a frame that does not shrink is kept raw; default auto")
+                   help="frames (stream:FILE targets, https:// sources from transfer serve): "
+                        "compress data with zstd; auto: level 1, over https only while the link "
+                        "is the bottleneck; a frame that does not shrink is kept raw; default "
+                        "auto")
     c.add_argument("--manifest", metavar="FILE",
                    help="write the per-block digests (16 bytes per 64 KiB) to FILE")
     c.set_defaults(handler=cmd_copy)

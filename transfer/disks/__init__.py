@@ -43,7 +43,7 @@ def open_disk(url: str, role: str, *, direct: bool = False, timeout: float | Non
     level = parse_compress(compress)
     module = importlib.import_module(OPENERS[addr.kind], __name__)
     options = Options(direct=direct, timeout=timeout, kernels=kernels, contexts=contexts, tls=tls,
-                      compress=level)
+                      compress=level, compress_auto=compress == "auto")
     return module.opener(addr, role, options)
 
 

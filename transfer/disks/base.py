@@ -103,6 +103,7 @@ class Options:
     contexts: tuple[str, ...] = ()
     tls: Tls | None = None
     compress: int | None = None  # a zstd level for what a kind encodes as frames, or None
+    compress_auto: bool = False  # --compress auto: the kind may choose per request
 
 
 class Disk:

@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import ssl
+import time
 import urllib.parse
 from typing import Any
 
@@ -61,7 +62,7 @@ class HttpDisk(Disk):
                            disk=self.display, kind="source")
         self.timeout = options.timeout or 60.0
         self.kernels = options.kernels or _native.kernels()
-        self.level = options.compress
+        self.level, self.auto = options.compress, options.compress_auto
         self.ssl = _context(resolve(options.tls)) if self.scheme == "https" else None
         c = self.connection()
         try:
@@ -199,6 +200,7 @@ class HttpConn(Conn):
         self.disk = disk
         self.c = disk.connection()
         self.hasher = codec.kernel_hasher(disk.kernels)
+        self.auto = codec.Auto(disk.level) if disk.auto and disk.level is not None else None
         self._done: list[tuple[Any, BaseException | None]] = []
 
     def extents(self, offset: int, length: int) -> list[Extent]:
@@ -217,17 +219,15 @@ class HttpConn(Conn):
             (offset + len(view)) % f.BLOCK == 0 or offset + len(view) == d.size)
         headers = {"Range": f"bytes={offset}-{offset + len(view) - 1}"}
         if frames:
+            level = self.auto.choose() if self.auto is not None else d.level
             headers["Accept"] = f.MEDIA_TYPE
-            headers["X-Transfer-Compress"] = "none" if d.level is None else f"zstd:{d.level}"
+            headers["X-Transfer-Compress"] = "none" if level is None else f"zstd:{level}"
         try:
             self.c.request("GET", d.path, headers=headers)
             r = self.c.getresponse()
             if frames:
                 self._check(r, 200, offset, None)
-                size = codec.receive(r.read, offset, view, f"server {d.display}", self.hasher)
-                if size != d.size or r.read(1):
-                    raise SourceError("the frames answer does not fit the disk",
-                                      disk=d.display, offset=offset)
+                self._frames(r, view, offset)
             else:
                 self._check(r, 206, offset, len(view))
                 if r.readinto(view) != len(view) or r.read(1):
@@ -239,6 +239,24 @@ class HttpConn(Conn):
         except SourceError:
             self.c.close()  # the rest of that answer is unread: a new connection next time
             raise
+
+    def _frames(self, r: http.client.HTTPResponse, view: memoryview, offset: int) -> None:
+        """A frames answer into view, timing the reads (for --compress auto)."""
+        d, spent = self.disk, 0.0
+
+        def read(n: int) -> bytes:
+            nonlocal spent
+            t = time.perf_counter()
+            b = r.read(n)
+            spent += time.perf_counter() - t
+            return b
+        size = codec.receive(read, offset, view, f"server {d.display}", self.hasher)
+        if size != d.size or r.read(1):
+            raise SourceError("the frames answer does not fit the disk", disk=d.display,
+                              offset=offset)
+        if self.auto is not None:
+            self.auto.observe(int(r.getheader("Content-Length", "0")), spent,
+                              r.getheader("X-Transfer-Encoded"))
 
     def _check(self, r: http.client.HTTPResponse, status: int, offset: int,
                length: int | None) -> None:
