@@ -6,6 +6,7 @@ prints; the relay that corrupts a byte in transit is a real TCP proxy in a threa
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -173,7 +174,8 @@ def test_stream_file_cut_or_corrupted_is_refused(tmp_path, image):
     at = raw.index(b"a disk of text")  # a raw payload's byte
     bad[at + 5] ^= 1
     (tmp_path / "bad.frames").write_bytes(bytes(bad))
-    r = run_cli("copy", f"stream:{tmp_path / 'bad.frames'}", str(tmp_path / "o2.img"))
+    r = run_cli("copy", f"stream:{tmp_path / 'bad.frames'}", str(tmp_path / "o2.img"),
+                "--retries", "1")
     assert r.returncode == 3 and "digest" in r.stderr and "offset" in r.stderr
     assert not (tmp_path / "o2.img").exists()
 
@@ -323,9 +325,11 @@ class Relay:
                         self.moved.notify_all()
         except OSError:
             pass
-        finally:
-            a.close()
-            b.close()
+        finally:  # shutdown first: a close alone leaves the other pipe's recv() holding the
+            for x in (a, b):  # socket open, and the client would wait for its timeout
+                with contextlib.suppress(OSError):
+                    x.shutdown(socket.SHUT_RDWR)
+                x.close()
 
     def _meddle(self, data: bytearray, seen: int) -> bytearray | None:
         if self.flip is not None and seen <= self.flip < seen + len(data):
@@ -351,7 +355,8 @@ def test_a_byte_flipped_in_transit_is_caught(tmp_path, image, serve):
     relay = Relay(port, flip=300_000)  # inside the first big answer's frames
     url = relay.url(s.url)
     out = tmp_path / "out.img"
-    r = run_cli("copy", url, str(out), "--request-size", "4M", "--connections", "1")
+    r = run_cli("copy", url, str(out), "--request-size", "4M", "--connections", "1",
+                "--retries", "2")  # read again twice, then fail: every answer is flipped
     assert relay.flipped >= 1
     assert r.returncode == 3, r.stderr  # never exit 0 with different data
     assert "offset" in r.stderr and not out.exists()
