@@ -134,6 +134,9 @@ class Disk:
     once the target said it supports no other."""
     created = False
     """create() made the target in this run (a failed copy removes it)."""
+    shape: tuple[int, int, int] | None = None
+    """As a source: the (connections, requests in flight, request size) it is best read
+    with, when the pipeline's defaults (tuned for NBD) are not."""
 
     def create(self, size: int) -> None:
         """Make the target that open_disk found missing (size None), at size."""

@@ -30,7 +30,10 @@ def shape(src: Disk, connections: int | None, in_flight: int | None,
            request_size: int | None) -> tuple[int, int, int]:
     multi = src.max_connections > 1
     size_default, flight_default = MULTI_CONN_REQUEST if multi else SINGLE_CONN_REQUEST
-    connections = DEFAULT_CONNECTIONS if connections is None else connections
+    conns_default = DEFAULT_CONNECTIONS
+    if src.shape is not None:  # the disk knows better (a request per round trip: https://)
+        conns_default, flight_default, size_default = src.shape
+    connections = conns_default if connections is None else connections
     request_size = size_default if request_size is None else request_size
     in_flight = flight_default if in_flight is None else in_flight
     if connections < 1:

@@ -93,6 +93,10 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "transfer-serve"
     sys_version = ""
     timeout = CLIENT_TIMEOUT
+    # The headers and the body are two writes: with Nagle's algorithm the body of a small
+    # answer waits for the client's delayed ACK of the headers, 40 ms here (measured: every
+    # all-zero frames answer, 112 bytes, took 40 ms on loopback).
+    disable_nagle_algorithm = True
     server: Server
 
     def setup(self) -> None:
