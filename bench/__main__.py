@@ -22,7 +22,7 @@ from .harness import runner
 from .harness.machine import ROOT
 from .harness.plots import NO_MATPLOTLIB, matplotlib_available
 from .harness.report import load_run, write_results, write_run_summary
-from .scenarios import SCENARIOS, module
+from .scenarios import NAMED, SCENARIOS, module
 
 DEFAULT_OUT = ROOT / "bench" / "out"
 
@@ -39,7 +39,7 @@ def parse(argv: list[str]) -> tuple[str, bool, list[tuple[str, list[str]]]]:
     groups: list[tuple[str, list[str]]] = []
     args = iter(argv)
     for a in args:
-        if a in SCENARIOS:
+        if a in SCENARIOS or a in NAMED:
             if any(name == a for name, _ in groups):
                 raise Usage(f"scenario {a!r} given twice")
             groups.append((a, []))

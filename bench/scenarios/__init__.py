@@ -13,7 +13,10 @@ SCENARIOS = {
     "kernels": "bench.scenarios.kernels",
     "overhead": "bench.scenarios.overhead",
 }
+# Run only when named (`python -m bench network`): it needs root for network namespaces, the
+# network for its Debian image once, and tens of minutes on its slowest link.
+NAMED = {"network": "bench.scenarios.network"}
 
 
 def module(name: str) -> ModuleType:
-    return importlib.import_module(SCENARIOS[name])
+    return importlib.import_module({**SCENARIOS, **NAMED}[name])
