@@ -529,12 +529,16 @@ def test_serve_refuses_a_bitmap_the_source_lacks(tmp_path, image):
 def test_auto_compresses_only_where_the_link_is_the_bottleneck():
     fast, slow = codec.Auto(1), codec.Auto(1)
     assert fast.choose() == 1  # nothing measured yet: compress, and learn what it costs
-    encoded = f"{4 * MiB} {MiB} 0.0125"  # 4 MiB compressed 4x at 320 MiB/s
-    fast.observe(MiB, MiB / (2000 * MiB), encoded)  # a 2 GB/s link: raw is quicker
-    slow.observe(MiB, MiB / (12 * MiB), encoded)  # 100 Mbit/s: compressing pays
+    encoded = f"{4 * MiB} {MiB} 0.0125 0.02"  # 4 MiB compressed 4x at 320 MiB/s
+    fast.observe(MiB, 0.02 + MiB / (2000 * MiB), encoded)  # a 2 GB/s link: raw is quicker
+    slow.observe(MiB, 0.02 + MiB / (12 * MiB), encoded)  # 100 Mbit/s: compressing pays
     fast_choices = [fast.choose() for _ in range(32)]
     assert fast_choices.count(None) == 30 and fast_choices.count(1) == 2  # raw, probing
     assert [slow.choose() for _ in range(32)] == [1] * 32
-    shrinks_not = codec.Auto(3)
-    shrinks_not.observe(MiB, MiB / (12 * MiB), f"{4 * MiB} {4 * MiB} 0.0125")
-    assert shrinks_not.choose() is None  # a slow link, but the data does not shrink
+    shrinks_not = codec.Auto(3)  # a link at 0.6x the compression speed, data that does not
+    for _ in range(5):  # shrink (the ratio is an average: one answer does not decide)
+        shrinks_not.observe(MiB, MiB / (200 * MiB), f"{4 * MiB} {4 * MiB} 0.0125 0")
+    assert shrinks_not.choose() is None
+    slowest = codec.Auto(1)  # far below the compression speed: zstd whatever the last ratio
+    slowest.observe(MiB, MiB / (12 * MiB), f"{4 * MiB} {4 * MiB} 0.0125 0")
+    assert slowest.choose() == 1

@@ -228,11 +228,12 @@ class HttpConn(Conn):
             headers["Accept"] = f.MEDIA_TYPE
             headers["X-Transfer-Compress"] = "none" if level is None else f"zstd:{level}"
         try:
+            asked = time.perf_counter()
             self.c.request("GET", d.path, headers=headers)
             r = self.c.getresponse()
             if frames:
                 self._check(r, 200, offset, None)
-                self._frames(r, view, offset)
+                self._frames(r, view, offset, asked)
             else:
                 self._check(r, 206, offset, len(view))
                 if r.readinto(view) != len(view) or r.read(1):
@@ -245,8 +246,10 @@ class HttpConn(Conn):
             self.c.close()  # the rest of that answer is unread: a new connection next time
             raise
 
-    def _frames(self, r: http.client.HTTPResponse, view: memoryview, offset: int) -> None:
-        """A frames answer into view, timing the reads (for --compress auto)."""
+    def _frames(self, r: http.client.HTTPResponse, view: memoryview, offset: int,
+                asked: float) -> None:
+        """A frames answer into view; for --compress auto, the time since it was asked for
+        less the time decoding (what is not spent in reads)."""
         d, spent = self.disk, 0.0
 
         def read(n: int) -> bytes:
@@ -255,7 +258,10 @@ class HttpConn(Conn):
             b = r.read(n)
             spent += time.perf_counter() - t
             return b
+        began = time.perf_counter()
         size = codec.receive(read, offset, view, f"server {d.display}", self.hasher)
+        decoding = time.perf_counter() - began - spent
+        spent = time.perf_counter() - asked - decoding
         if size != d.size or r.read(1):
             raise SourceError("the frames answer does not fit the disk", disk=d.display,
                               offset=offset)

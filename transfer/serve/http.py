@@ -25,6 +25,7 @@ import re
 import ssl
 import sys
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -42,7 +43,8 @@ MAX_FRAMES_RANGE = 32 << 20
 CHUNK = 1 << 20  # bytes read from the source per step of a plain GET
 EXTENTS_STEP = 1 << 30
 MAX_READERS = 8
-ENCODE_HEADER = "X-Transfer-Encoded"  # data bytes, their payload bytes, seconds compressing
+# data bytes, their payload bytes, seconds compressing, seconds building the whole answer
+ENCODE_HEADER = "X-Transfer-Encoded"
 _RANGE = re.compile(r"bytes=(\d{1,19})-(\d{1,19})")
 
 
@@ -210,6 +212,7 @@ class Handler(BaseHTTPRequestHandler):
         if a % f.BLOCK or (b % f.BLOCK and b != size) or b - a > MAX_FRAMES_RANGE:
             raise HttpError(HTTPStatus.BAD_REQUEST, "a frames range starts on a 64 KiB block, "
                             f"ends on one or at the disk's end, at most {MAX_FRAMES_RANGE} bytes")
+        began = time.perf_counter()
         level = codec.parse_compress(self.headers.get("X-Transfer-Compress", "auto"))
         k = self.server.kernels
         enc = codec.Encoder(level, codec.kernel_hasher(k))
@@ -231,7 +234,8 @@ class Handler(BaseHTTPRequestHandler):
         parts.append(f.pack_frame(f.END, b, 0))
         body = b"".join(parts)  # what compressing cost: the client's --compress auto weighs it
         self._send(HTTPStatus.OK, body, f.MEDIA_TYPE,
-                   {ENCODE_HEADER: f"{enc.plain} {enc.sent} {enc.seconds:.6f}"})
+                   {ENCODE_HEADER: f"{enc.plain} {enc.sent} {enc.seconds:.6f} "
+                                   f"{time.perf_counter() - began:.6f}"})
 
     def _extents(self, export: Export, query: dict[str, list[str]]) -> None:
         context = query.get("context", ["zero"])[0]

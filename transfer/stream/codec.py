@@ -23,6 +23,7 @@ from ..errors import BadInput
 from . import frames as f
 from .frames import FrameError
 
+SLOW_LINK = 0.5  # a link below half the compression speed: always ask for zstd (Auto)
 SHRINK = 0.97  # a compressed payload must be this much smaller than the plain bytes, or raw
 DEFAULT_LEVEL = 1
 
@@ -51,8 +52,10 @@ class Auto:
     Sending L plain bytes raw takes L/B over a link of B bytes/s; compressed, L/C to compress
     (C: the sender's speed, from its answer's X-Transfer-Encoded) and L/(rB) to send (r: the
     ratio). Compression pays when B < C (1 - 1/r): on a slow link, with data that shrinks.
-    B is measured from the time spent reading answers (decoding excluded). Every PROBE-th
-    request asks for compression anyway, so C and r follow the data while it goes raw.
+    B is an answer's bytes over its time from request to last byte, less the sender's time
+    building it and ours decoding it (the read time alone would flatter the link: most of an
+    answer already waits in the socket buffer when it is read). Every PROBE-th request asks
+    for compression anyway, so C and r follow the data while it goes raw.
     """
 
     PROBE = 16
@@ -62,26 +65,30 @@ class Auto:
         self.level = level
         self.link: float | None = None
         self.speed: float | None = None
-        self.ratio = 1.0
+        self.ratio = 2.0  # until measured (an EWMA: one incompressible answer does not decide)
         self.n = 0
 
     def choose(self) -> int | None:
         self.n += 1
         if self.link is None or self.speed is None or self.n % self.PROBE == 0:
             return self.level
+        if self.link < self.speed * SLOW_LINK:  # the sender's shrink check keeps what does
+            return self.level  # not compress raw; the data's ratio changes request by request
         return self.level if self.link < self.speed * (1 - 1 / self.ratio) else None
 
     def observe(self, wire: int, seconds: float, encoded: str | None) -> None:
-        """An answer: its body bytes, the seconds spent reading it, the sender's header."""
-        if wire >= self.MIN_SAMPLE and seconds > 0:
-            b = wire / seconds
-            self.link = b if self.link is None else 0.7 * self.link + 0.3 * b
+        """An answer: its body bytes, the seconds from request to its end less our decoding,
+        the sender's header (data, payload, compressing and building seconds)."""
         try:
-            plain, packed, spent = (float(x) for x in (encoded or "").split())
+            plain, packed, spent, built = (float(x) for x in (encoded or "").split())
         except ValueError:
             return
+        if wire >= self.MIN_SAMPLE and seconds - built > 0:
+            b = wire / (seconds - built)
+            self.link = b if self.link is None else 0.7 * self.link + 0.3 * b
         if plain >= self.MIN_SAMPLE and packed > 0 and spent > 0:
-            self.speed, self.ratio = plain / spent, max(plain / packed, 1.0)
+            self.speed = plain / spent
+            self.ratio = 0.7 * self.ratio + 0.3 * max(plain / packed, 1.0)
 
 
 class Encoder:
