@@ -61,6 +61,7 @@ class Server(ThreadingHTTPServer):
     def __init__(self, addr: tuple[str, int], exports: Exports, tls: ssl.SSLContext | None,
                  max_clients: int, kernels: _native.Kernels) -> None:
         self.exports, self.tls, self.kernels = exports, tls, kernels
+        self.max_clients = max_clients
         self.slots = threading.BoundedSemaphore(max_clients)
         super().__init__(addr, Handler)
 
@@ -72,7 +73,7 @@ class Server(ThreadingHTTPServer):
             except OSError:
                 pass
             self.shutdown_request(request)
-            log(f"{client_address[0]}: refused, {self.slots._initial_value} clients already")
+            log(f"{client_address[0]}: refused, {self.max_clients} clients already")
             return
         super().process_request(request, client_address)
 
@@ -145,6 +146,7 @@ class Handler(BaseHTTPRequestHandler):
         return export, m.group(2) or "", parse_qs(parts.query)
 
     def _dispatch(self, method: str) -> None:
+        self.body_started = False
         try:
             export, what, query = self._route()
             if method == "OPTIONS":
@@ -161,6 +163,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(e.status, str(e))
         except (TransferError, OSError) as e:
             self.log_message("%s %s: %s", method, self.path, e)
+            if self.body_started:  # an answer cut short, never an error page inside a body:
+                self.close_connection = True  # the client sees fewer bytes than announced
+                return
             self.send_error(HTTPStatus.INTERNAL_SERVER_ERROR, "reading the source failed")
 
     def do_OPTIONS(self) -> None:
@@ -199,6 +204,7 @@ class Handler(BaseHTTPRequestHandler):
         if "Range" in self.headers:
             self.send_header("Content-Range", f"bytes {a}-{b - 1}/{export.disk.size}")
         self.end_headers()
+        self.body_started = True
         buf = memoryview(bytearray(min(CHUNK, b - a)))
         with export.conn() as conn:
             for pos in range(a, b, CHUNK):
