@@ -233,10 +233,12 @@ def test_unknown_or_expired_ticket_is_a_clear_refusal(tmp_path, image, serve):
     wrong = s.url[:-6] + "AAAAAA"
     r = run_cli("copy", wrong, str(tmp_path / "o.img"))
     assert r.returncode == 2 and "ticket" in r.stderr and "AAAAAA" not in r.stderr
+    deadline = time.monotonic() + 60  # a guard, not a measurement: the TTL is 0.5 s
     while True:  # the event: the server says the ticket expired
         r = run_cli("checksum", s.url)
         if r.returncode != 0:
             break
+        assert time.monotonic() < deadline, "the ticket never expired"
     assert r.returncode == 2 and "unknown or expired" in r.stderr
 
 

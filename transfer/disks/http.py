@@ -67,7 +67,10 @@ class HttpDisk(Disk):
         self.ssl = _context(resolve(options.tls)) if self.scheme == "https" else None
         c = self.connection()
         try:
-            opts = json.loads(self._get(c, "OPTIONS", self.path, 200, 1 << 20))
+            body = self._get(c, "OPTIONS", self.path, 200, 1 << 20)
+            if body is None:
+                raise SourceError("OPTIONS answered 404: not an images URL", disk=self.display)
+            opts = json.loads(body)
             self.features = set(opts.get("features", [])) if isinstance(opts, dict) else set()
             self.max_connections = max(1, min(MAX_CONNECTIONS, int(opts.get("max_readers", 1))))
             self.extents_list = self._load_extents(c)
@@ -85,6 +88,7 @@ class HttpDisk(Disk):
         # holds 1.25 MB; 4 x 4 MiB in flight is enough for 100 ms there)
         self.shape = (min(4, self.max_connections), 2, REQUEST_SIZE)
         self.starts = [e[0] for e in self.extents_list]
+        self.dirty_starts = [e[0] for e in self.dirty]
 
     def connection(self) -> http.client.HTTPConnection:
         if self.ssl is not None:
@@ -93,7 +97,8 @@ class HttpDisk(Disk):
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
     def _get(self, c: http.client.HTTPConnection, method: str, path: str, status: int,
-             limit: int, headers: dict[str, str] | None = None) -> bytes:
+             limit: int, headers: dict[str, str] | None = None) -> bytes | None:
+        """The answer's body; None for a 404 (a resource this server does not have)."""
         try:
             c.request(method, path, headers=headers or {})
             r = c.getresponse()
@@ -105,25 +110,24 @@ class HttpDisk(Disk):
         if r.status == 403:
             raise BadInput("the server refused the ticket (unknown or expired)",
                            disk=self.display, kind="source")
+        if r.status == 404:
+            return None
         if r.status != status or len(body) > limit:
             raise SourceError(f"{method} answered {r.status} {r.reason}", disk=self.display)
         return body
 
+    def _extents_of(self, c: http.client.HTTPConnection, context: str) -> list[dict] | None:
+        """GET extents?context=...: its list, None when the server has none of that context."""
+        body = self._get(c, "GET", f"{self.path}/extents?context={context}", 200,
+                         MAX_EXTENTS_BYTES)
+        return None if body is None else json.loads(body)
+
     def _load_extents(self, c: http.client.HTTPConnection) -> list[Extent]:
-        raw = json.loads(self._get(c, "GET", self.path + "/extents?context=zero", 200,
-                                   MAX_EXTENTS_BYTES))
-        out: list[Extent] = []
-        pos = 0
-        for e in raw:
-            start, length = int(e["start"]), int(e["length"])
-            if start != pos or length <= 0:
-                raise ValueError(f"extents not contiguous at {pos}")
-            flags = (STATE_ZERO if e.get("zero") else 0) | (STATE_HOLE if e.get("hole") else 0)
-            out.append((start, length, flags))
-            pos += length
-        if not out:
-            raise ValueError("no extents: an empty disk")
-        return out
+        raw = self._extents_of(c, "zero")
+        if raw is None:
+            raise ValueError("no extents (GET .../extents answered 404)")
+        return _contiguous(raw, lambda e: (STATE_ZERO if e.get("zero") else 0)
+                           | (STATE_HOLE if e.get("hole") else 0))
 
     def _load_dirty(self, c: http.client.HTTPConnection, contexts: tuple[str, ...]
                     ) -> tuple[set[str], list[Extent]]:
@@ -131,23 +135,12 @@ class HttpDisk(Disk):
         extents?context=dirty, flag 1 where dirty; not negotiated when the server has none
         (404: serve without --dirty-bitmap), so the tracker falls back and says why."""
         wanted = [x for x in contexts if x.startswith("qemu:dirty-bitmap:")]
-        if not wanted:
+        raw = self._extents_of(c, "dirty") if wanted else None
+        if raw is None:
             return set(), []
-        try:
-            raw = json.loads(self._get(c, "GET", self.path + "/extents?context=dirty", 200,
-                                       MAX_EXTENTS_BYTES))
-        except SourceError as e:
-            if "404" in e.message:
-                return set(), []
-            raise
-        out: list[Extent] = []
-        for e in raw:
-            start, length = int(e["start"]), int(e["length"])
-            if start != (out[-1][0] + out[-1][1] if out else 0) or length <= 0:
-                raise ValueError(f"dirty extents not contiguous at {start}")
-            out.append((start, length, 1 if e["dirty"] else 0))
-        if not out or out[-1][0] + out[-1][1] != self.extents_list[-1][0] + self.extents_list[
-                -1][1]:
+        out = _contiguous(raw, lambda e: 1 if e["dirty"] else 0)
+        last, disk = out[-1], self.extents_list[-1]
+        if last[0] + last[1] != disk[0] + disk[1]:
             raise ValueError("the dirty extents do not cover the disk")
         return set(wanted), out
 
@@ -155,7 +148,7 @@ class HttpDisk(Disk):
         """The dirty extents at [offset, offset + length) (the one context served)."""
         if context not in self.negotiated:
             return None
-        return _clip(self.dirty, [e[0] for e in self.dirty], offset, offset + length)
+        return _clip(self.dirty, self.dirty_starts, offset, offset + length)
 
     def connect(self) -> Conn | None:
         return HttpConn(self)
@@ -185,6 +178,22 @@ def _context(tls: Tls) -> ssl.SSLContext:
         raise BadInput(f"cannot load the TLS CA or client certificate: {e}",
                        kind="source") from None
     return ctx
+
+
+def _contiguous(raw: list[dict], flags: Any) -> list[Extent]:
+    """An extents answer ([{start, length, ...}] from 0, each where the last ended, none
+    empty) as extents, flags(entry) their flags; ValueError otherwise."""
+    out: list[Extent] = []
+    pos = 0
+    for e in raw:
+        start, length = int(e["start"]), int(e["length"])
+        if start != pos or length <= 0:
+            raise ValueError(f"extents not contiguous at {pos}")
+        out.append((start, length, flags(e)))
+        pos += length
+    if not out:
+        raise ValueError("no extents: an empty disk")
+    return out
 
 
 def _clip(extents: list[Extent], starts: list[int], offset: int, end: int) -> list[Extent]:

@@ -255,18 +255,12 @@ class Handler(BaseHTTPRequestHandler):
         with export.conn() as conn:
             for pos in range(0, size, EXTENTS_STEP):
                 for start, length, flags in conn.extents(pos, min(EXTENTS_STEP, size - pos)):
-                    zero = bool(flags & STATE_ZERO)
-                    last = out[-1] if out else None
-                    if last and last["zero"] == zero:
-                        last["length"] += length
-                    else:  # "hole" is always false: to imageio a hole is an area of this
-                        # layer that the backing chain shows through (its nbd.py Extent.hole;
-                        # raw images never have one), and its download onto a backing file
-                        # skips holes; a sparse area of our source reads as zeroes
-                        out.append({"start": start, "length": length, "zero": zero,
-                                    "hole": False})
+                    # "hole" is always false: to imageio a hole is an area of this layer that
+                    # the backing chain shows through (its nbd.py Extent.hole; raw images
+                    # never have one), and its download onto a backing file skips holes; a
+                    # sparse area of our source reads as zeroes
+                    _merge(out, start, length, zero=bool(flags & STATE_ZERO), hole=False)
         self._send(HTTPStatus.OK, json.dumps(out).encode(), "application/json")
-
 
     def _dirty(self, export: Export) -> None:
         """The dirty bitmap's extents, as imageio gives them: {start, length, dirty, zero}.
@@ -279,15 +273,18 @@ class Handler(BaseHTTPRequestHandler):
                 if not extents:
                     raise HttpError(HTTPStatus.INTERNAL_SERVER_ERROR,
                                     "the source sent no dirty bitmap extents")
-                for start, length, flags in extents:
-                    dirty = bool(flags & 1)  # qemu:dirty-bitmap: flag 1, dirty
-                    if out and out[-1]["dirty"] == dirty:
-                        out[-1]["length"] += length
-                    else:
-                        out.append({"start": start, "length": length, "dirty": dirty,
-                                    "zero": False})
+                for start, length, flags in extents:  # qemu:dirty-bitmap: flag 1, dirty
+                    _merge(out, start, length, dirty=bool(flags & 1), zero=False)
                 pos = extents[-1][0] + extents[-1][1]
         self._send(HTTPStatus.OK, json.dumps(out).encode(), "application/json")
+
+
+def _merge(out: list[dict[str, Any]], start: int, length: int, **flags: bool) -> None:
+    """Append an extent to imageio's list, or lengthen the last one when its flags match."""
+    if out and all(out[-1][k] == v for k, v in flags.items()):
+        out[-1]["length"] += length
+    else:
+        out.append({"start": start, "length": length, **flags})
 
 
 def _data_blocks(extents: list[tuple[int, int, int]], a: int, b: int) -> list[list[int]]:
