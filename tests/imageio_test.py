@@ -24,6 +24,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -387,3 +388,54 @@ def test_imageio_daemon_proxies_transfer_serve(tmp_path, image, serve, daemon, p
     assert read_through(daemon, transfer_id)
     daemon.control_request("DELETE", url.rsplit("/", 1)[1])
     assert "Traceback" not in s.stop()
+
+
+# -- imageio's checksum, computed by transfer serve and by imageio itself
+
+
+def _get_json(url: str, ca: Path, path_suffix: str) -> tuple[int, Any]:
+    u = urllib.parse.urlsplit(url)
+    c = http.client.HTTPSConnection(u.hostname, u.port, timeout=60,
+                                    context=ssl.create_default_context(cafile=str(ca)))
+    try:
+        c.request("GET", u.path + path_suffix)
+        r = c.getresponse()
+        body = r.read()
+        return r.status, (json.loads(body) if r.status == 200 else body.decode())
+    finally:
+        c.close()
+
+
+def test_serve_checksum_equals_imageio_client_and_daemon(tmp_path, image, serve, daemon, pki):
+    """GET …/checksum from transfer serve equals imageio's own checksum of the same bytes, by
+    its client (client.checksum through qemu-nbd) and by its daemon (file:// ticket), for the
+    default blake2b and 4 MiB blocks, a smaller block, and a non-blake2 algorithm."""
+    require("qemu-nbd")
+    size = -(-image.stat().st_size // 512) * 512  # imageio's client reads through qemu-nbd
+    disk = _padded(image, tmp_path / "padded.img", size)
+    s = _https_serve(serve, disk, pki)
+    url, _ = daemon.add_ticket(f"file://{disk}", size)
+    ca = pki["ca"]
+    status, algos = _get_json(s.url, ca, "/checksum/algorithms")
+    assert status == 200 and {"blake2b", "sha256"} <= set(algos["algorithms"])
+    for query, kw in (("", {}), ("?block_size=1048576", {"block_size": 1 << 20}),
+                      ("?algorithm=sha256&block_size=2097152",
+                       {"algorithm": "sha256", "block_size": 2 << 20})):
+        status, ours = _get_json(s.url, ca, "/checksum" + query)
+        assert status == 200, ours
+        assert ours == imageio_client.checksum(str(disk), **kw)
+        status, theirs = _get_json(url, ca, "/checksum" + query)
+        assert status == 200 and ours == theirs
+    # a changed byte changes it: the digests are of the bytes, not of the extents
+    with open(disk, "r+b") as fh:
+        fh.seek(6 << 20)
+        fh.write(b"A")
+    status, changed = _get_json(s.url, ca, "/checksum")
+    assert status == 200 and changed == imageio_client.checksum(str(disk)) != ours
+    for bad in ("?block_size=4097", "?block_size=1024", "?block_size=x",
+                "?block_size=99999999999999", "?algorithm=shake_128", "?algorithm=../x"):
+        status, body = _get_json(s.url, ca, "/checksum" + bad)
+        assert status == 400, (bad, body)
+    daemon.control_request("DELETE", url.rsplit("/", 1)[1])
+    logs = s.stop()
+    assert "Traceback" not in logs and s.url.rsplit("/", 1)[1] not in logs

@@ -4,6 +4,8 @@
     GET /images/TICKET/extents?context=dirty      with --dirty-bitmap NAME over an NBD source
     GET /images/TICKET        Range: bytes=A-B     the bytes (206), one range per request
     GET /images/TICKET/extents?context=zero       [{"start", "length", "zero", "hole"}, ...]
+    GET /images/TICKET/checksum?algorithm=A&block_size=N    {"checksum", "algorithm", "block_size"}
+    GET /images/TICKET/checksum/algorithms                  {"algorithms": [...]}
     GET /images/TICKET  Accept: application/x-transfer-frames, Range: bytes=A-B
                       X-Transfer-Compress: none|zstd:LEVEL     the range as frames (200)
 
@@ -20,6 +22,7 @@ line on stderr; the ticket never appears in either (paths are logged as /images/
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import ssl
@@ -46,6 +49,12 @@ MAX_READERS = 8
 # data bytes, their payload bytes, seconds compressing, seconds building the whole answer
 ENCODE_HEADER = "X-Transfer-Encoded"
 _RANGE = re.compile(r"bytes=(\d{1,19})-(\d{1,19})")
+# imageio's checksum: a hash of the per-block hashes, blake2b (32-byte digests) of 4 MiB blocks
+# by default; block sizes and algorithms limited as imageio limits them (shake_* left out: they
+# need a length to give a digest, and imageio answers them with a 500)
+CHECKSUM_BLOCK = 4 << 20
+CHECKSUM_BLOCKS = (CHECKSUM_BLOCK // 4, CHECKSUM_BLOCK * 4)
+CHECKSUM_ALGORITHMS = sorted(a for a in hashlib.algorithms_guaranteed if not a.startswith("shake"))
 
 
 class HttpError(Exception):
@@ -137,7 +146,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self) -> tuple[Export, str, dict[str, list[str]]]:
         parts = urlsplit(self.path)
-        m = re.fullmatch(r"/images/([A-Za-z0-9_-]{1,128})(/extents|/checksum)?", parts.path)
+        m = re.fullmatch(r"/images/([A-Za-z0-9_-]{1,128})(/extents|/checksum|/checksum/algorithms)?", parts.path)
         if m is None:
             raise HttpError(HTTPStatus.NOT_FOUND, "no such resource (expected /images/TICKET)")
         export = self.server.exports.find(m.group(1))
@@ -153,8 +162,10 @@ class Handler(BaseHTTPRequestHandler):
                 return self._options(export)
             if what == "/extents":
                 return self._extents(export, query)
+            if what == "/checksum":
+                return self._checksum(export, query)
             if what:
-                raise HttpError(HTTPStatus.NOT_IMPLEMENTED, "checksum is not served yet")
+                return self._json({"algorithms": CHECKSUM_ALGORITHMS})
             if f.MEDIA_TYPE in self.headers.get("Accept", ""):
                 return self._frames(export)
             return self._bytes(export)
@@ -175,7 +186,7 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("GET")
 
     def _options(self, export: Export) -> None:
-        body = {"unix_socket": None, "features": ["extents", "frames"],
+        body = {"unix_socket": None, "features": ["checksum", "extents", "frames"],
                 "max_readers": min(MAX_READERS, export.disk.max_connections), "max_writers": 0}
         self._send(HTTPStatus.OK, json.dumps(body).encode(), "application/json",
                    {"Allow": "OPTIONS,GET"})
@@ -243,6 +254,50 @@ class Handler(BaseHTTPRequestHandler):
                    {ENCODE_HEADER: f"{enc.plain} {enc.sent} {enc.seconds:.6f} "
                                    f"{time.perf_counter() - began:.6f}"})
 
+    def _json(self, body: Any) -> None:
+        self._send(HTTPStatus.OK, json.dumps(body).encode(), "application/json")
+
+    def _checksum(self, export: Export, query: dict[str, list[str]]) -> None:
+        """imageio's checksum (its blkhash): each block_size block hashed, a zero block by the
+        hash of as many zero bytes, and those digests hashed in order. The source's zero
+        extents spare reading and hashing zero blocks; the result does not depend on them."""
+        algorithm = query.get("algorithm", ["blake2b"])[0]
+        if algorithm not in CHECKSUM_ALGORITHMS:
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"unknown algorithm {algorithm[:40]!r}; "
+                            "GET …/checksum/algorithms lists them")
+        text = query.get("block_size", [str(CHECKSUM_BLOCK)])[0]
+        bs = int(text) if text.isdigit() and len(text) < 12 else 0
+        if not CHECKSUM_BLOCKS[0] <= bs <= CHECKSUM_BLOCKS[1] or bs % 4096:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "block_size must be a multiple of 4096 "
+                            f"from {CHECKSUM_BLOCKS[0]} to {CHECKSUM_BLOCKS[1]}")
+        digest_size = {"digest_size": 32} if algorithm.startswith("blake2") else {}
+
+        def make(data: Any = b"") -> Any:
+            return hashlib.new(algorithm, data, **digest_size)
+        total, zeros = make(), {}
+        size = export.disk.size
+        buf = memoryview(bytearray(bs))
+        with export.conn() as conn:
+            zero_runs: list[dict[str, Any]] = []
+            for pos in range(0, size, EXTENTS_STEP):
+                for start, length, flags in conn.extents(pos, min(EXTENTS_STEP, size - pos)):
+                    _merge(zero_runs, start, length, zero=bool(flags & STATE_ZERO))
+            zero_runs = [(r["start"], r["start"] + r["length"]) for r in zero_runs if r["zero"]]
+            i = 0
+            for pos in range(0, size, bs):
+                n = min(bs, size - pos)
+                while i < len(zero_runs) and zero_runs[i][1] <= pos:
+                    i += 1
+                if i < len(zero_runs) and zero_runs[i][0] <= pos and pos + n <= zero_runs[i][1]:
+                    if n not in zeros:
+                        zeros[n] = make(bytes(n)).digest()
+                    total.update(zeros[n])
+                    continue
+                for p in range(0, n, CHUNK):
+                    export.read(conn, buf[p:min(n, p + CHUNK)], pos + p)
+                total.update(make(buf[:n]).digest())
+        self._json({"algorithm": algorithm, "block_size": bs, "checksum": total.hexdigest()})
+
     def _extents(self, export: Export, query: dict[str, list[str]]) -> None:
         context = query.get("context", ["zero"])[0]
         if context == "dirty" and export.dirty is not None:
@@ -260,7 +315,7 @@ class Handler(BaseHTTPRequestHandler):
                     # never have one), and its download onto a backing file skips holes; a
                     # sparse area of our source reads as zeroes
                     _merge(out, start, length, zero=bool(flags & STATE_ZERO), hole=False)
-        self._send(HTTPStatus.OK, json.dumps(out).encode(), "application/json")
+        self._json(out)
 
     def _dirty(self, export: Export) -> None:
         """The dirty bitmap's extents, as imageio gives them: {start, length, dirty, zero}.
@@ -276,7 +331,7 @@ class Handler(BaseHTTPRequestHandler):
                 for start, length, flags in extents:  # qemu:dirty-bitmap: flag 1, dirty
                     _merge(out, start, length, dirty=bool(flags & 1), zero=False)
                 pos = extents[-1][0] + extents[-1][1]
-        self._send(HTTPStatus.OK, json.dumps(out).encode(), "application/json")
+        self._json(out)
 
 
 def _merge(out: list[dict[str, Any]], start: int, length: int, **flags: bool) -> None:
