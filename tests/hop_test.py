@@ -100,7 +100,7 @@ def _stream(data: bytes, level: int | None = 1) -> bytes:
 
 def _receive(raw: bytes, size: int) -> bytes:
     out = bytearray(size)
-    codec.receive(io.BytesIO(raw).read, 0, memoryview(out), "test")
+    codec.receive(io.BytesIO(raw).readinto, 0, memoryview(out), "test")
     return bytes(out)
 
 

@@ -261,14 +261,14 @@ class HttpConn(Conn):
         less the time decoding (what is not spent in reads)."""
         d, spent = self.disk, 0.0
 
-        def read(n: int) -> bytes:
+        def readinto(buf: memoryview) -> int:
             nonlocal spent
             t = time.perf_counter()
-            b = r.read(n)
+            n = r.readinto(buf)
             spent += time.perf_counter() - t
-            return b
+            return n
         began = time.perf_counter()
-        size = codec.receive(read, offset, view, f"server {d.display}", self.hasher)
+        size = codec.receive(readinto, offset, view, f"server {d.display}", self.hasher)
         decoding = time.perf_counter() - began - spent
         spent = time.perf_counter() - asked - decoding
         if size != d.size or r.read(1):

@@ -49,6 +49,7 @@ MAX_READERS = 8
 # data bytes, their payload bytes, seconds compressing, seconds building the whole answer
 ENCODE_HEADER = "X-Transfer-Encoded"
 _RANGE = re.compile(r"bytes=(\d{1,19})-(\d{1,19})")
+_PATH = re.compile(r"/images/([A-Za-z0-9_-]{1,128})(/extents|/checksum|/checksum/algorithms)?")
 # imageio's checksum: a hash of the per-block hashes, blake2b (32-byte digests) of 4 MiB blocks
 # by default; block sizes and algorithms limited as imageio limits them (shake_* left out: they
 # need a length to give a digest, and imageio answers them with a 500)
@@ -146,7 +147,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self) -> tuple[Export, str, dict[str, list[str]]]:
         parts = urlsplit(self.path)
-        m = re.fullmatch(r"/images/([A-Za-z0-9_-]{1,128})(/extents|/checksum|/checksum/algorithms)?", parts.path)
+        m = _PATH.fullmatch(parts.path)
         if m is None:
             raise HttpError(HTTPStatus.NOT_FOUND, "no such resource (expected /images/TICKET)")
         export = self.server.exports.find(m.group(1))
@@ -223,6 +224,16 @@ class Handler(BaseHTTPRequestHandler):
                 export.read(conn, view, pos)
                 self.wfile.write(view)
 
+    def _scratch(self, name: str, n: int) -> memoryview:
+        """n bytes of a buffer this connection keeps across its requests: a fresh 32 MiB
+        bytearray per request is a fresh mmap, its every page faulted in again (bounded: one
+        read and one answer buffer of at most MAX_FRAMES_RANGE each per connection)."""
+        buf = self.__dict__.get(name)
+        if buf is None or len(buf) < n:
+            buf = memoryview(bytearray(n))
+            setattr(self, name, buf)
+        return buf[:n]
+
     def _frames(self, export: Export) -> None:
         a, b = self._range(export)
         size = export.disk.size
@@ -234,7 +245,7 @@ class Handler(BaseHTTPRequestHandler):
         k = self.server.kernels
         enc = codec.Encoder(level, codec.kernel_hasher(k))
         parts = [f.pack_header(size)]
-        buf = memoryview(bytearray(b - a))
+        buf = self._scratch("_read_buf", b - a)
         with export.conn() as conn:
             pos = a
             for start, end in _data_blocks(conn.extents(a, b - a), a, b):
@@ -249,7 +260,11 @@ class Handler(BaseHTTPRequestHandler):
             if pos < b:
                 parts.append(f.pack_frame(f.ZERO, pos, b - pos))
         parts.append(f.pack_frame(f.END, b, 0))
-        body = b"".join(parts)  # what compressing cost: the client's --compress auto weighs it
+        body = self._scratch("_body_buf", sum(len(p) for p in parts))
+        at = 0
+        for p in parts:
+            body[at:at + len(p)] = p
+            at += len(p)  # what compressing cost: the client's --compress auto weighs it
         self._send(HTTPStatus.OK, body, f.MEDIA_TYPE,
                    {ENCODE_HEADER: f"{enc.plain} {enc.sent} {enc.seconds:.6f} "
                                    f"{time.perf_counter() - began:.6f}"})

@@ -175,27 +175,43 @@ def kernel_zero_flags(kernels: Kernels) -> Callable[[memoryview], bytearray]:
     return flags
 
 
-def read_exact(read: Callable[[int], bytes], n: int, where: str) -> bytes:
-    """n bytes from read (a socket file's or a file's), or FrameError: the stream was cut."""
-    parts, got = [], 0
+def read_into(readinto: Callable[[memoryview], int], view: memoryview, where: str) -> None:
+    """Fill view from readinto (a socket file's or a file's), or FrameError: the stream was
+    cut."""
+    got, n = 0, len(view)
     while got < n:
-        b = read(n - got)
-        if not b:
+        k = readinto(view[got:])
+        if not k:
             raise FrameError(f"{where}: the stream ends after {got} of {n} bytes of a frame "
                              "(cut short)")
-        parts.append(b)
-        got += len(b)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+        got += k
 
 
-def receive(read: Callable[[int], bytes], start: int, out: memoryview, where: str,
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def fill_zero(view: memoryview) -> None:
+    """view's bytes set to zero, 1 MiB at a time (no allocation per frame)."""
+    zeros = _ZEROS
+    for p in range(0, len(view), len(zeros)):
+        n = min(len(zeros), len(view) - p)
+        view[p:p + n] = zeros[:n]
+
+
+def receive(readinto: Callable[[memoryview], int], start: int, out: memoryview, where: str,
             hasher: f.Hasher = f.block_digests) -> int:
     """A stream answering for [start, start + len(out)): its frames in order, contiguous,
-    ending in an end frame there, decoded into out. The disk size its header states."""
-    size = f.unpack_header(read_exact(read, f.HEADER.size, where), where)
+    ending in an end frame there, decoded into out. The disk size its header states.
+    A raw payload is read straight into out, and checked there before the caller sees it."""
+    head = memoryview(bytearray(f.HEADER.size))
+    read_into(readinto, head, where)
+    size = f.unpack_header(bytes(head), where)
+    head = memoryview(bytearray(f.FRAME.size))
+    scratch = memoryview(bytearray(0))
     pos, end = start, start + len(out)
     while True:
-        fr = f.unpack_frame(read_exact(read, f.FRAME.size, where), size, where)
+        read_into(readinto, head, where)
+        fr = f.unpack_frame(bytes(head), size, where)
         if fr.kind == f.END:
             if fr.offset != end or pos != end:
                 raise FrameError(f"{where}: the stream ends at {fr.offset}, having covered "
@@ -206,8 +222,16 @@ def receive(read: Callable[[int], bytes], start: int, out: memoryview, where: st
                              f"where {pos}-{end} was due", offset=pos)
         dst = out[pos - start:fr.end - start]
         if fr.kind == f.ZERO:
-            dst[:] = bytes(fr.length)
+            fill_zero(dst)
+        elif fr.codec == f.RAW:  # the digests, then the bytes where they belong
+            digests = memoryview(bytearray(f.digests_size(fr.length)))
+            read_into(readinto, digests, where)
+            read_into(readinto, dst, where)
+            f.check_digests(dst, bytes(digests), fr.offset, where, hasher)
         else:
-            decode_data(fr, memoryview(read_exact(read, fr.body, where)), dst, where, hasher)
+            if len(scratch) < fr.body:
+                scratch = memoryview(bytearray(fr.body))
+            read_into(readinto, scratch[:fr.body], where)
+            decode_data(fr, scratch[:fr.body], dst, where, hasher)
         pos = fr.end
 
