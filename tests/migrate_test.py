@@ -12,6 +12,7 @@ import bisect
 import datetime
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,6 +213,31 @@ def test_live_converges_within_the_budget(vm, tmp_path):
     assert r["passes"][-2]["predicted_downtime"] <= 3.0
     assert r["cutover"]["downtime"] > 0 and r["cutover"]["predicted_downtime"] is not None
     check_target(v, target, r)
+
+
+def test_live_counts_the_stop_estimate_before_the_first_cutover(vm, tmp_path):
+    """--stop-estimate: the VM's stop, which no pass can measure, is in every prediction
+    before the cutover; it can keep live from fitting the budget at all (exit 7)."""
+    v = vm(size=32 * MiB, seed=8, rate=1 * MiB, pattern="hotspot")
+    v.start_guest()
+    target, state, report = str(tmp_path / "t.img"), tmp_path / "st", tmp_path / "r.json"
+    p = subprocess.run(v.migrate_argv(target, state, "--type", "live", "--max-downtime", "3s",
+                                      "--stop-estimate", "2s", "--report", str(report)),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(report.read_text())
+    predictions = [x["predicted_downtime"] for x in r["passes"][1:-1]]
+    assert predictions and all(2.0 <= x <= 3.0 for x in predictions), predictions
+    assert r["cutover"]["stop_estimate"] == 2.0 and r["cutover"]["stop_seconds"] < 2.0
+    check_target(v, target, r)
+    v2 = vm(size=32 * MiB, seed=9, rate=1 * MiB, pattern="hotspot")
+    v2.start_guest()
+    p = subprocess.run(v2.migrate_argv(str(tmp_path / "t2.img"), tmp_path / "st2", "--type",
+                                       "live", "--max-downtime", "3s", "--stop-estimate", "10s",
+                                      "--max-passes", "6"),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 7 and "not converging" in p.stderr, p.stderr
+    assert float(re.search(r"predicted downtime (\S+) s", p.stderr).group(1)) >= 10.0
 
 
 def test_live_says_when_it_does_not_converge(vm, tmp_path):

@@ -92,6 +92,30 @@ class Live:
         self.workdir = ctx.workdir
         self.nproc = len(os.sched_getaffinity(0))
         self.env = engine_env(ctx.workdir)
+        self._stop_estimate: float | None = None
+
+    def stop_command(self, stop: str, stopped: str) -> str:
+        """The --on-cutover command: touch STOP, wait for the guest's STOPPED."""
+        return (f"sh -c 'touch {shlex.quote(stop)}; while [ ! -e {shlex.quote(stopped)} ]; "
+                "do sleep 0.001; done'")
+
+    def stop_estimate(self) -> float:
+        """What an orchestrator knows of its own stop before a cutover: the stop command
+        timed (median of 5) against a guest that has already stopped (its spawn and touch
+        and one test; the guest's reaction is not in it), passed as --stop-estimate."""
+        if self._stop_estimate is None:
+            d = os.path.join(self.workdir, "stop-estimate")
+            os.makedirs(d, exist_ok=True)
+            stopped = os.path.join(d, "STOPPED")
+            open(stopped, "w").close()
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                subprocess.run(self.stop_command(os.path.join(d, "STOP"), stopped), shell=True,
+                               check=True)
+                times.append(time.perf_counter() - t)
+            self._stop_estimate = round(median(times), 4)
+        return self._stop_estimate
 
     def run(self, size: int, image: str, rate_mib: float, rep: int, seed: int) -> dict[str, Any]:
         """One migration from scratch: image (of size bytes) copied to a fresh disk, a fresh
@@ -105,16 +129,17 @@ class Live:
             "disk.img", "target.img", "state", "qmp.sock", "nbd.sock", "STOP", "STOPPED",
             "READY", "RELEASE", "guest.json", "guest.log", "window-start", "report.json",
             "migrate.out", "migrate")}
-        on_cutover = (f"sh -c 'touch {shlex.quote(p['STOP'])}; while [ ! -e "
-                      f"{shlex.quote(p['STOPPED'])} ]; do sleep 0.001; done'")
+        on_cutover = self.stop_command(p["STOP"], p["STOPPED"])
         argv = [str(ENGINE), "migrate", p["target.img"], "--type", "live", "--qmp", p["qmp.sock"],
                 "--node", "disk0", "--state", p["state"], "--nbd-socket", p["nbd.sock"],
                 "--max-downtime", a.max_downtime, "--on-cutover", on_cutover,
+                "--stop-estimate", f"{self.stop_estimate() * 1000:.1f}ms",
                 "--report", p["report.json"], "--progress", "none",
                 "--max-passes", str(a.max_passes)]
         rec: dict[str, Any] = {"type": "run", "scenario": NAME, "size": size,
                                "rate_mib_s": rate_mib, "rep": rep, "guest_seed": seed,
-                               "pattern": a.pattern, "argv": argv}
+                               "pattern": a.pattern, "argv": argv,
+                               "stop_estimate_s": self.stop_estimate()}
         problems: list[str] = []
         notes: list[str] = []
         t = time.perf_counter()
@@ -775,7 +800,8 @@ def preflight(a: argparse.Namespace) -> list[str]:
     if importlib.util.find_spec("nbd") is None:  # the guest writes through libnbd's binding
         missing.append("the nbd Python module (Debian package python3-libnbd)")
     if ENGINE.exists():
-        missing += engine_lacks("migrate", "--type", "--qmp", "--on-cutover", "--max-downtime",
+        missing += engine_lacks("migrate", "--type", "--qmp", "--on-cutover", "--stop-estimate",
+                                "--max-downtime",
                                 "--report", "--nbd-socket", "--max-passes")
     return missing
 

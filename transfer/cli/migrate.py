@@ -48,6 +48,9 @@ def add_migrate_parser(sub: Any) -> None:
     m.add_argument("--on-cutover", metavar="CMD",
                    help="command that stops the VM; it must succeed before the final pass")
     m.add_argument("--cutover-timeout", default="5m", metavar="DURATION")
+    m.add_argument("--stop-estimate", default="0s", metavar="DURATION",
+                   help="how long --on-cutover takes to stop the VM, counted in the predicted "
+                        "downtime until a cutover has measured it (default 0s)")
     m.add_argument("--max-passes", type=int, default=100, metavar="N")
     m.set_defaults(handler=cmd_migrate)
 
@@ -74,7 +77,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             max_passes=args.max_passes, on_pass=lambda p: say(pass_line(p)),
             on_progress=make_renderer(args.progress) if args.progress in ("bar", "json")
             else None, source_id=args.source_id, audit_blocks=args.audit_blocks,
-            verify_source=args.verify == "source"))
+            verify_source=args.verify == "source",
+            stop_estimate=parse_duration(args.stop_estimate)))
     except TransferError as e:  # the passes so far and the VM's state, when it got that far
         if args.report and getattr(e, "report", None) is not None:
             write_report(args.report, {**e.report.to_dict(), "error": str(e),

@@ -74,6 +74,7 @@ class Plan:
     cutover_timeout: float
     max_passes: int
     verify_source: bool
+    stop_estimate: float = 0.0
 
 
 async def migrate_async(target: str, *, kind: str, qmp: str, node: str, state: str,
@@ -82,7 +83,7 @@ async def migrate_async(target: str, *, kind: str, qmp: str, node: str, state: s
                         on_cutover: str | None = None, cutover_timeout: float = 300.0,
                         max_passes: int = 100, on_pass: Callable[[PassInfo], None] | None = None,
                         on_progress: Callable | None = None, verify_source: bool = False,
-                        **sync_options: Any) -> MigrateReport:
+                        stop_estimate: float = 0.0, **sync_options: Any) -> MigrateReport:
     """Migrate the block node `node` of the qemu-storage-daemon at `qmp` onto target.
 
     Cancelled (or a pass interrupted), it raises Interrupted saying where it stopped and
@@ -90,14 +91,18 @@ async def migrate_async(target: str, *, kind: str, qmp: str, node: str, state: s
     so far, cutover["vm_stopped"] and cutover["on_cutover"] included). Run it again to resume.
     verify_source: the final pass also reads and hashes the whole source again (the VM is
     stopped: downtime that grows with the disk's data, and the prediction counts it).
+    stop_estimate: the seconds stopping the VM (on_cutover) is expected to take, counted in the
+    predicted downtime until a cutover has measured it (only the caller knows its stop before
+    the first one: a QMP stop takes milliseconds, a guest shutdown seconds).
     """
     if kind not in ("cold", "warm", "live"):
         raise BadInput(f"--type must be cold, warm or live, not {kind!r}")
-    if precopy_interval < 0 or max_downtime <= 0 or cutover_timeout <= 0:
+    if precopy_interval < 0 or max_downtime <= 0 or cutover_timeout <= 0 or stop_estimate < 0:
         raise BadInput("durations must be positive")
     when = parse_when(cutover) if cutover is not None else None
     plan = Plan(kind, node, qmp, nbd_socket, precopy_interval, when, cutover == "now",
-                max_downtime, on_cutover, cutover_timeout, max_passes, verify_source)
+                max_downtime, on_cutover, cutover_timeout, max_passes, verify_source,
+                stop_estimate)
     m = Migration(target, state, plan, on_pass=on_pass, on_progress=on_progress,
                   sync_options=sync_options)
     return await m.run()
@@ -118,6 +123,7 @@ class Migration:
         self.target, self.state, self.p = target, state, plan
         self.on_pass, self.on_progress, self.sync_options = on_pass, on_progress, sync_options
         self.model = Model()
+        self.model.stop_seconds = plan.stop_estimate  # until a cutover measures the stop
         self.sync_state = os.path.join(state, "sync")
         self.log_path = os.path.join(state, "migrate.json")
         self.signal_path = os.path.join(state, "cutover")
@@ -377,4 +383,5 @@ class Migration:
         if self.on_pass is not None:
             self.on_pass(info)
         return {"predicted_downtime": predicted, "downtime": round(downtime, 3),
-                "stop_seconds": round(stop, 3), "final_delta_bytes": info.delta_bytes}
+                "stop_seconds": round(stop, 3), "stop_estimate": self.p.stop_estimate,
+                "final_delta_bytes": info.delta_bytes}
