@@ -138,3 +138,15 @@ def test_the_check_finds_an_upward_import(tmp_path, monkeypatch):
                                 "transfer.state.records (state, layer 6)"]
     assert private_imports() == ["transfer/integrity/worse.py:1 imports "
                                  "transfer.state.records._HANDLERS"]
+
+
+def test_the_wheel_lists_every_package():
+    """pyproject.toml names the packages the wheel carries: each directory of transfer/ with an
+    __init__.py is one (transfer.serve and transfer.stream were once left out: an installed
+    wheel could not serve or read https://)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]
+                 ["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT.parent).parts) for p in ROOT.rglob("__init__.py")}
+    assert listed == found
