@@ -1,10 +1,11 @@
-"""network: a disk copied across a shaped link, by nbdcopy over NBD/TCP and by the engine.
+"""network: a disk copied across a shaped link: nbdcopy over NBD/TCP, imageio, the engine.
 
 Per link (10 Gbit/s; 1 Gbit/s with 10 ms RTT; 100 Mbit/s with 50 ms RTT): two fresh network
 namespaces joined by a veth pair shaped by tc tbf (bench/harness/netns.py), the servers in the
-source's (nbdkit serving the image over TCP, `transfer serve` over HTTPS), the clients in the
-target's, through a relay that delays each direction by half the RTT. Every tool copies to
-null: and each engine run's digest is checked against the image's. Measured: wall (spawn to
+source's (nbdkit serving the image over TCP, `transfer serve` and ovirt-imageio's daemon over
+HTTPS), the clients in the target's, through a relay that delays each direction by half the
+RTT. Every tool copies to null: (imageio's client, to a file in /dev/shm) and each copy's digest
+is checked against the image's. Measured: wall (spawn to
 reaping), bytes on the wire (the veth's counters, both directions), CPU-s per GiB of data on
 each side. Workloads: a Debian root filesystem image (mmdebstrap, ext4 in a partitioned 4 GiB
 raw disk, built once and cached) and the mixed synthetic image. Details: bench/README.md.
@@ -13,10 +14,15 @@ raw disk, built once and cached) and the mixed synthetic image. Details: bench/R
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
+import json
 import os
 import shutil
+import socket
 import subprocess
 import time
+import uuid
 from typing import Any
 
 from transfer.cli import parse_size
@@ -34,12 +40,20 @@ NAME = "network"
 WORKDIR = True
 LINKS = {"10g": (10_000_000_000, 0.0), "1g10": (1_000_000_000, 0.010),
          "100m50": (100_000_000, 0.050)}
-TOOLS = ("nbdcopy", "nbdcopy-tuned", "engine-nbd", "engine-hop")
-PEERS = ("nbdcopy", "nbdcopy-tuned")
+TOOLS = ("nbdcopy", "nbdcopy-tuned", "engine-nbd", "engine-hop", "imageio")  # imageio last:
+# its 4 GiB download into /dev/shm is freed after its run, outside the others' runs
+PEERS = ("nbdcopy", "nbdcopy-tuned")  # the bars' peers; the table also compares with imageio
 BARS = {"10g": 1.0, "1g10": 2.5, "100m50": 3.0}  # engine over the hop ÷ the best nbdcopy
 BAR_WIRE = 0.40  # at 1g10: the hop's bytes on the wire ÷ nbdcopy's
 CACHE = "/var/tmp/transfer-bench-cache"
-NBD_PORT, HOP_PORT, RELAY_NBD, RELAY_HOP = 10809, 54322, 20809, 24322
+IMAGEIO = os.path.join(os.path.dirname(PYTHON), "ovirt-imageio")  # the test extra installs it
+IMAGEIO_OUT = "/dev/shm/transfer-bench-imageio.raw"
+NBD_PORT, HOP_PORT, IMAGEIO_PORT = 10809, 54322, 54323
+RELAY = {NBD_PORT: 20809, HOP_PORT: 24322, IMAGEIO_PORT: 24323}
+# ovirt-imageio's client, as Forklift and CDI use it against an oVirt host: download() writes
+# through qemu-nbd, so into a sparse file in /dev/shm (the other tools write to null:)
+IMAGEIO_CLIENT = ("import sys; from ovirt_imageio import client; "
+                  "client.download(sys.argv[1], sys.argv[2], sys.argv[3], fmt='raw')")
 
 
 def debian_image(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -100,17 +114,24 @@ class Servers:
                                             certs["cert"], "--tls-key", certs["key"]], log,
                                  stdout=subprocess.PIPE)
         ticket = self.serve.stdout.readline().split()[0].rsplit("/", 1)[1]
-        nbd, hop = (SRC_IP, NBD_PORT), (SRC_IP, HOP_PORT)
+        self.imageio = self._start(link.src, [PYTHON, IMAGEIO, "--conf-dir",
+                                              imageio_conf(ctx.workdir, certs)], log)
+        # as on an oVirt host: the daemon reads the disk over NBD (here the same nbdkit)
+        imageio_ticket = add_imageio_ticket(ctx.workdir, f"nbd://{SRC_IP}:{NBD_PORT}/",
+                                            os.path.getsize(image))
+        host = {port: (SRC_IP, port) for port in RELAY}
         if rtt:
-            for port, (host, to) in ((RELAY_NBD, nbd), (RELAY_HOP, hop)):
+            for port, to in RELAY.items():
                 r = self._start(link.dst, [PYTHON, "-m",
                                            "bench.harness.netns", "relay", "--listen",
-                                           str(port), "--to", f"{host}:{to}", "--delay",
+                                           str(to), "--to", f"{SRC_IP}:{port}", "--delay",
                                            str(rtt / 2)], log, stdout=subprocess.PIPE)
                 r.stdout.readline()  # "ready"
-            nbd, hop = ("127.0.0.1", RELAY_NBD), ("localhost", RELAY_HOP)
-        self.nbd_uri = f"nbd://{nbd[0]}:{nbd[1]}"
+            host = {port: ("localhost", to) for port, to in RELAY.items()}
+        nbd, hop, imageio = host[NBD_PORT], host[HOP_PORT], host[IMAGEIO_PORT]
+        self.nbd_uri = f"nbd://{'127.0.0.1' if rtt else nbd[0]}:{nbd[1]}"
         self.hop_url = f"https://{hop[0]}:{hop[1]}/images/{ticket}"
+        self.imageio_url = f"https://{imageio[0]}:{imageio[1]}/images/{imageio_ticket}"
         self._wait_nbd()
 
     def _start(self, ns: str, argv: list[str], log: Any, **kw: Any) -> subprocess.Popen:
@@ -139,7 +160,46 @@ class Servers:
                 p.wait()
 
 
+def imageio_conf(workdir: str, certs: dict) -> str:
+    """ovirt-imageio's conf dir (its conf.d/*.conf override _internal/config.py): TLS with
+    the bench's certificate on the source's address, a control socket, INFO logs to stderr,
+    no systemd, no privilege drop (tests/imageio_test.py has the same, commented)."""
+    d = os.path.join(workdir, "imageio")
+    os.makedirs(os.path.join(d, "conf.d"), exist_ok=True)
+    with open(os.path.join(d, "conf.d", "50-bench.conf"), "w") as f:
+        f.write(f"[daemon]\nsystemd_enable = false\ndrop_privileges = false\n"
+                f"[tls]\nenable = true\nkey_file = {certs['key']}\ncert_file = {certs['cert']}\n"
+                f"ca_file = {certs['ca']}\n[remote]\nhost = {SRC_IP}\nport = {IMAGEIO_PORT}\n"
+                f"[local]\nenable = false\n[control]\ntransport = unix\n"
+                f"socket = {os.path.join(d, 'control.sock')}\n[handlers]\nkeys = stderr\n"
+                f"[logger_root]\nlevel = INFO\nhandlers = stderr\n")
+    return d
+
+
+def add_imageio_ticket(workdir: str, url: str, size: int) -> str:
+    """A read ticket for url through imageio's control socket, once it listens."""
+    tid = str(uuid.uuid4())
+    body = json.dumps({"uuid": tid, "size": size, "url": url,
+                       "timeout": 3600, "ops": ["read"], "transfer_id": "bench"})
+    for _ in range(300):
+        c = http.client.HTTPConnection("localhost", timeout=10)
+        c.sock = socket.socket(socket.AF_UNIX)
+        try:
+            c.sock.connect(os.path.join(workdir, "imageio", "control.sock"))
+            c.request("PUT", f"/tickets/{tid}", body=body,
+                      headers={"Content-Type": "application/json"})
+            if c.getresponse().status == 200:
+                return tid
+        except OSError:
+            time.sleep(0.1)
+        finally:
+            c.close()
+    raise RuntimeError("ovirt-imageio did not take a ticket on its control socket")
+
+
 def argv_of(tool: str, s: Servers, certs: dict, report: str) -> list[str]:
+    if tool == "imageio":
+        return [PYTHON, "-c", IMAGEIO_CLIENT, s.imageio_url, IMAGEIO_OUT, certs["ca"]]
     if tool == "nbdcopy":
         return ["nbdcopy", s.nbd_uri, "null:"]
     if tool == "nbdcopy-tuned":
@@ -157,7 +217,7 @@ def run_one(ctx: Context, link: Link, s: Servers, certs: dict, case: dict[str, A
         os.unlink(report)
     rec: dict[str, Any] = {"type": "run", "scenario": NAME, **case, "tool": tool, "rep": rep,
                            "warmup": False}
-    server = s.serve if tool == "engine-hop" else s.nbdkit
+    server = {"engine-hop": s.serve, "imageio": s.imageio}.get(tool, s.nbdkit)
     wire0, srv0 = link.wire_bytes(), proc_cpu_seconds(server.pid)
     rec.update(measure(link.exec(link.dst, argv_of(tool, s, certs, report)), files,
                        3600.0, wait=False))
@@ -168,7 +228,12 @@ def run_one(ctx: Context, link: Link, s: Servers, certs: dict, case: dict[str, A
         data = json_result(report, problems, tool)
         if data.get("digest") != case["digest"]:
             problems.append(f"digest {data.get('digest')} != the image's {case['digest']}")
-    ctx.record(rec, problems, tool.startswith("engine"))
+    if tool == "imageio":
+        if rec["exit"] == 0 and file_digest(IMAGEIO_OUT) != case["digest"]:
+            problems.append("imageio's download differs from the image")
+        with contextlib.suppress(OSError):
+            os.unlink(IMAGEIO_OUT)
+    ctx.record(rec, problems, tool.startswith("engine") or tool == "imageio")
     say(f"  {case['link']:7} {case['workload']:7} {tool:13} rep {rep + 1} "
         f"{rec['wall_s']:7.2f} s  wire {rec['wire_bytes'] / MiB:8.1f} MiB  cpu "
         f"{rec['client_cpu_s']:.2f} + server {rec['server_cpu_s']:.2f} s"
@@ -189,11 +254,11 @@ def summarize(runs: list[dict[str, Any]], case: dict[str, Any]) -> dict[str, Any
             "valid": f"{len(good)}/{sum(r['tool'] == tool for r in mine)}"}
     reps = {t: sorted((r for r in mine if r["tool"] == t), key=lambda r: r["rep"])
             for t in TOOLS}
-    over = {p: paired(walls(reps[p]), walls(reps["engine-hop"])) for p in PEERS}
+    over = {p: paired(walls(reps[p]), walls(reps["engine-hop"])) for p in (*PEERS, "imageio")}
     best = max(PEERS, key=lambda p: -(tools[p]["wall_s"] or float("inf")))
     wire = tools["engine-hop"]["wire_mib"], tools[best]["wire_mib"]
     return {**case, "tools": tools, "best_peer": best, "hop_over_best": over[best]["median"],
-            "hop_over_peer": {p: over[p]["median"] for p in PEERS},
+            "hop_over_peer": {p: o["median"] for p, o in over.items()},
             "wire_hop_over_best": None if None in wire or not wire[1] else wire[0] / wire[1]}
 
 
@@ -254,7 +319,7 @@ def reproduce_command(a: argparse.Namespace) -> str:
 
 
 def preflight(a: argparse.Namespace) -> list[str]:
-    need = ["ip", "tc", "nbdkit", "nbdcopy", "nbdinfo", "openssl"]
+    need = ["ip", "tc", "nbdkit", "nbdcopy", "nbdinfo", "openssl", "qemu-nbd", IMAGEIO]
     if "debian" in a.workloads:
         need += ["mmdebstrap", "sfdisk", "mkfs.ext4"]
     return missing_programs(*need)
