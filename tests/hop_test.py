@@ -7,6 +7,7 @@ prints; the relay that corrupts a byte in transit is a real TCP proxy in a threa
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import json
 import os
@@ -456,6 +457,30 @@ def test_hostile_requests_get_4xx_and_a_cap_on_clients(image, serve):
     logs = s.stop()
     assert "Traceback" not in logs and "refused, 2 clients already" in logs
     assert path.rsplit("/", 1)[1] not in logs
+
+
+def test_sigterm_closes_idle_connections_and_finishes_an_answer_in_flight(image, serve):
+    """A stop does not wait out CLIENT_TIMEOUT (60 s) on a keep-alive client between
+    requests: its connection is closed at once; an answer being sent is finished first."""
+    s = serve(str(image), "--listen", "127.0.0.1:0")
+    port, path = _port(s.url), s.url.split("/", 3)[3]
+    idle = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    idle.request("OPTIONS", "/" + path)
+    assert idle.getresponse().read()  # answered; the connection stays open (HTTP/1.1)
+    busy = socket.create_connection(("127.0.0.1", port), timeout=30)
+    busy.sendall(b"GET /" + path.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = busy.recv(65536)  # the answer is under way: 24 MiB, more than the socket buffers
+    assert got.startswith(b"HTTP/1.1 200")
+    s.proc.terminate()
+    assert idle.sock.recv(1) == b""  # closed by the server, not after 60 s
+    while chunk := busy.recv(1 << 20):
+        got += chunk
+    head, body = got.split(b"\r\n\r\n", 1)
+    assert body == image.read_bytes()  # the answer in flight was finished, then the end
+    idle.close()
+    busy.close()
+    _, err = s.proc.communicate(timeout=30)
+    assert s.proc.returncode == 0 and "finishing the responses in flight" in err, err
 
 
 def _rss_kib(pid: int) -> int:

@@ -26,11 +26,8 @@ import hashlib
 import json
 import re
 import ssl
-import sys
-import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,9 +36,9 @@ from ..errors import TransferError
 from ..ranges import STATE_ZERO
 from ..stream import codec
 from ..stream import frames as f
+from .conns import CLIENT_TIMEOUT, CappedServer, TrackedHandler, log
 from .exports import Export, Exports
 
-CLIENT_TIMEOUT = 60.0  # seconds a connection may stay idle, or stall mid-request
 MAX_FRAMES_RANGE = 32 << 20
 CHUNK = 1 << 20  # bytes read from the source per step of a plain GET
 EXTENTS_STEP = 1 << 30
@@ -64,48 +61,17 @@ class HttpError(Exception):
         self.status = status
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = False  # server_close() waits for the responses in flight
-    request_queue_size = 128
-
+class Server(CappedServer):
     def __init__(self, addr: tuple[str, int], exports: Exports, tls: ssl.SSLContext | None,
                  max_clients: int, kernels: _native.Kernels) -> None:
         self.exports, self.tls, self.kernels = exports, tls, kernels
-        self.max_clients = max_clients
-        self.slots = threading.BoundedSemaphore(max_clients)
-        super().__init__(addr, Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                b"Connection: close\r\n\r\n")
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            log(f"{client_address[0]}: refused, {self.max_clients} clients already")
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log(f"{client_address[0]}: {sys.exc_info()[1]!r}")  # never a traceback
+        super().__init__(addr, Handler, max_clients)
 
 
-def log(message: str) -> None:
-    print(f"transfer serve: {message}", file=sys.stderr, flush=True)
-
-
-class Handler(BaseHTTPRequestHandler):
+class Handler(TrackedHandler):
     protocol_version = "HTTP/1.1"
     server_version = "transfer-serve"
     sys_version = ""
-    timeout = CLIENT_TIMEOUT
     # The headers and the body are two writes: with Nagle's algorithm the body of a small
     # answer waits for the client's delayed ACK of the headers, 40 ms here (measured: every
     # all-zero frames answer, 112 bytes, took 40 ms on loopback).
@@ -116,8 +82,12 @@ class Handler(BaseHTTPRequestHandler):
         super().setup()
         if self.server.tls is not None:  # the handshake here, in this thread, under timeout
             self.request.settimeout(CLIENT_TIMEOUT)
-            self.connection = self.request = self.server.tls.wrap_socket(
-                self.request, server_side=True)
+            try:
+                self.connection = self.request = self.server.tls.wrap_socket(
+                    self.request, server_side=True)
+            except BaseException:  # no finish() follows a failed setup()
+                self.forget()
+                raise
             self.rfile = self.connection.makefile("rb", self.rbufsize)
             self.wfile = self.connection.makefile("wb")
 

@@ -12,7 +12,8 @@ from ..errors import BadInput
 from . import DEFAULT_TTL, MAX_CLIENTS
 from .exports import Exports, write_ticket_file
 from ..url import is_loopback
-from .http import Server, log, tls_context
+from .conns import log
+from .http import Server, tls_context
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -78,6 +79,7 @@ def _run(server: Server, ready: Any, lines: list[str]) -> None:
         log(f"serving {len(lines)} export(s)")
         server.serve_forever(poll_interval=0.2)
     finally:
+        server.drain()  # idle connections closed, the answers in flight finished or dropped
         server.server_close()  # waits for the handler threads
         for s, h in old.items():
             signal.signal(s, h)
