@@ -621,3 +621,35 @@ def test_the_disk_forms_are_checked_before_anything_runs(tmp_path, args, words):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and words in p.stderr, p.stderr
     assert not (tmp_path / "st").exists()
+
+
+def test_one_transaction_hands_every_disk_over():
+    """checkpoints.hand_over: pass k's bitmaps of all the VM's nodes in ONE QMP transaction
+    (bitmap k+1 added and bitmap k disabled on each), one hand-over time logged."""
+    from transfer.migration.checkpoints import Daemon, hand_over
+
+    class Monitor:  # what the daemon answers, and what it was asked
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, dict]] = []
+
+        async def bitmaps(self, node: str) -> dict:
+            return {"transfer-1": {"recording": True}}
+
+        async def execute(self, command: str, **arguments) -> None:
+            self.calls.append((command, arguments))
+
+    q = Monitor()
+    daemons = [Daemon(q, n, "qmp.sock", "st", "nbd.sock", f"transfer-src-{n}")  # type: ignore
+               for n in ("disk0", "disk1")]
+    log: dict = {"next": 1, "passes": [], "handover": {"0": 1.0}}
+    chosen = asyncio.run(hand_over(daemons, log, final=False, cold=False))
+    assert chosen == [("transfer-1", None), ("transfer-1", None)]
+    assert [c for c, _ in q.calls] == ["transaction"]
+    actions = [(a["type"], a["data"]["node"], a["data"]["name"])
+               for a in q.calls[0][1]["actions"]]
+    assert sorted(actions) == [
+        ("block-dirty-bitmap-add", "disk0", "transfer-2"),
+        ("block-dirty-bitmap-add", "disk1", "transfer-2"),
+        ("block-dirty-bitmap-disable", "disk0", "transfer-1"),
+        ("block-dirty-bitmap-disable", "disk1", "transfer-1")]
+    assert set(log["handover"]) == {"0", "1"}
