@@ -116,7 +116,7 @@ class VmDisk:
             raise named(e, self.node) from None
         try:
             if d.size is None:  # a file the first pass creates
-                where = os.path.dirname(os.path.abspath(self.target))
+                where = os.path.dirname(os.path.abspath(getattr(d, "path", self.target)))
                 if not os.path.isdir(where):
                     raise TargetRefused(f"disk {self.node}: the target's directory {where} "
                                         "does not exist", disk=self.target)
