@@ -524,6 +524,25 @@ def test_a_two_disk_vm_warm_migrates_with_one_stop(vm, tmp_path):
     check_disks(v, state, targets, r)
 
 
+def test_a_two_disk_vm_live_converges_on_the_vm_prediction(vm, tmp_path):
+    """Live over two disks: the prediction is the VM's (the same on both disks' entries of a
+    pass), it fits the budget before the one stop, and both disks end equal."""
+    v = vm(size=32 * MiB, seed=16, rate=1 * MiB, pattern="hotspot", disks=2)
+    v.start_guest()
+    targets, state, report = disk_targets(v, tmp_path), tmp_path / "st", tmp_path / "r.json"
+    p = subprocess.run(v.migrate_disks_argv(targets, state, "--type", "live", "--max-downtime",
+                                            "3s", "--report", str(report)),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(report.read_text())
+    assert r["converged"] is True and v.stops.read_text().splitlines() == ["stop"]
+    last = max(x["pass"] for x in r["passes"] if not x["final"])
+    predicted = {x["predicted_downtime"] for x in r["passes"] if x["pass"] == last}
+    assert len(predicted) == 1 and predicted.pop() <= 3.0
+    assert r["cutover"]["predicted_downtime"] is not None and r["cutover"]["downtime"] > 0
+    check_disks(v, state, targets, r)
+
+
 @pytest.mark.parametrize("when", ["cold", "warm", "at the cutover"])
 def test_a_refused_target_fails_the_vm_before_the_stop(vm, tmp_path, when):
     """The second disk's target is in a directory that does not exist (from the start, or
