@@ -8,7 +8,9 @@ covered by a pass that read after it (RELIABILITY.md C4).
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import contextlib
 import datetime
 import json
 import os
@@ -22,6 +24,7 @@ import time
 import pytest
 
 from transfer.demo.servers import QemuStorageDaemon
+from transfer.migration.migrate import migrate_async
 from transfer.state.journal import Journal
 from transfer.state.ranges_file import read_ranges
 from transfer.demo.synth import make_image
@@ -34,38 +37,55 @@ BLOCK = 64 * 1024
 
 
 class Vm:
-    """A daemon holding a raw disk, a guest writing to it, and the handshake --on-cutover
-    uses to stop the guest (it waits until the guest has stopped)."""
+    """A daemon holding raw disks (node disk0, and disk1... with disks=N), a guest writing to
+    each, and the handshake --on-cutover uses to stop the guest (it waits until the guest has
+    stopped; every run of it is counted in STOPS)."""
 
-    def __init__(self, tmp_path, *, size: int, seed: int, rate: float, pattern: str) -> None:
+    def __init__(self, tmp_path, *, size: int, seed: int, rate: float, pattern: str,
+                 disks: int = 1) -> None:
         require("qemu-storage-daemon")
         self.dir = tmp_path
-        self.image = str(tmp_path / "disk.raw")
-        make_image(self.image, size, seed)
+        self.nodes = [f"disk{i}" for i in range(disks)]
+        self.images = {n: str(tmp_path / (f"{n}.raw" if i else "disk.raw"))
+                       for i, n in enumerate(self.nodes)}
+        for i, n in enumerate(self.nodes):
+            make_image(self.images[n], size, seed + 100 * i)
+        self.image = self.images["disk0"]
         self.size = size
         self.qmp = str(tmp_path / "qmp.sock")
         self.nbd = str(tmp_path / "nbd.sock")
-        self.qsd = QemuStorageDaemon(self.nbd, self.image, qmp=self.qmp, fmt="raw")
+        self.qsd = QemuStorageDaemon(self.nbd, self.image, qmp=self.qmp, fmt="raw",
+                                     more=[(self.images[n], n) for n in self.nodes[1:]])
         self.qsd.start()
-        self.writer: GuestWriter | None = None
+        self.writers: dict[str, GuestWriter] = {}
         self.rate, self.pattern, self.seed = rate, pattern, seed
         self.stop_file, self.stopped_file = tmp_path / "STOP", tmp_path / "STOPPED"
-        self.on_cutover = (f"sh -c 'touch {self.stop_file}; while [ ! -e {self.stopped_file} ]; "
-                           "do sleep 0.01; done'")
-        self.log: list = []
+        self.stops = tmp_path / "STOPS"
+        self.on_cutover = (f"sh -c 'echo stop >> {self.stops}; touch {self.stop_file}; "
+                           f"while [ ! -e {self.stopped_file} ]; do sleep 0.01; done'")
+        self.logs: dict[str, list] = {}
         self.guest_error: Exception | None = None
 
-    def start_guest(self) -> None:
-        self.writer = GuestWriter(self.qsd.uri, rate=self.rate, pattern=self.pattern,
-                                  seed=self.seed).start()
+    @property
+    def writer(self) -> GuestWriter | None:
+        return self.writers.get("disk0")
 
-        writer = self.writer
+    @property
+    def log(self) -> list:
+        return self.logs.get("disk0", [])
+
+    def start_guest(self) -> None:
+        self.writers = {n: GuestWriter(self.qsd.uri_of(n), rate=self.rate, pattern=self.pattern,
+                                       seed=self.seed + 100 * i).start()
+                        for i, n in enumerate(self.nodes)}
+        writers = dict(self.writers)
 
         def watch() -> None:
             while not self.stop_file.exists():
                 time.sleep(0.01)
             try:
-                self.log = writer.stop()
+                for n, w in writers.items():
+                    self.logs[n] = w.stop()
             except Exception as e:  # the guest died with its disk (a test killed the daemon)
                 self.guest_error = e
             finally:
@@ -78,14 +98,21 @@ class Vm:
                 "--node", "disk0", "--state", str(state), "--nbd-socket", self.nbd,
                 "--on-cutover", self.on_cutover, "--progress", "none", *args]
 
-    def contents(self) -> str:
+    def migrate_disks_argv(self, targets: dict[str, str], state, *args: str) -> list[str]:
+        """The several-disk form: --disk NODE=TARGET for each."""
+        disks = [a for n, t in targets.items() for a in ("--disk", f"{n}={t}")]
+        return [sys.executable, "-m", "transfer.cli", "migrate", *disks, "--qmp", self.qmp,
+                "--state", str(state), "--nbd-socket", self.nbd, "--on-cutover",
+                self.on_cutover, "--progress", "none", *args]
+
+    def contents(self, node: str = "disk0") -> str:
         """The disk as the daemon holds it now (the guest must have stopped)."""
-        return export_to_file(self.qsd.uri, str(self.dir / "now.raw"))
+        return export_to_file(self.qsd.uri_of(node), str(self.dir / f"now-{node}.raw"))
 
     def close(self) -> None:
-        if self.writer is not None:
+        for w in self.writers.values():
             try:
-                self.writer.close()
+                w.close()
             except Exception:
                 pass  # the daemon may be gone already (a test killed it)
         self.qsd.stop()
@@ -126,13 +153,14 @@ def check_target(v: Vm, target: str, report: dict) -> None:
     assert expected_digest_of_file(target) == report["digest"]
 
 
-def check_c4(v: Vm, state) -> int:
-    """Every guest write is inside the planned ranges of a pass whose bitmap was created before
-    the write began (or of the full pass 0); returns how many writes were checked."""
+def check_c4(v: Vm, state, node: str = "disk0", sync: str = "sync") -> int:
+    """Every guest write to node is inside the planned ranges of a pass whose bitmap was
+    created before the write began (or of the full pass 0); returns how many writes were
+    checked. sync: the node's sync state under state (disks/NODE for a VM's disks)."""
     with open(state / "migrate.json") as f:
         handover = {int(k): t for k, t in json.load(f)["handover"].items()}
     plans: dict[int, list | None] = {}  # migrate pass -> planned ranges (None: everything)
-    with Journal.open(str(state / "sync" / "journal"), create=False) as j:
+    with Journal.open(str(state / sync / "journal"), create=False) as j:
         size = j.records[0]["size"]
         for rec in j.records:
             if rec["t"] != "begin":
@@ -142,19 +170,20 @@ def check_c4(v: Vm, state) -> int:
                 plans[k] = None
             else:
                 r = rec["ranges"]
-                got = read_ranges(str(state / "sync" / r["file"]), size, r["check"], r["count"])
+                got = read_ranges(str(state / sync / r["file"]), size, r["check"], r["count"])
                 if plans.get(k, []) is not None:
                     plans[k] = sorted((plans.get(k) or []) + got)
     times = [handover[k] for k in sorted(handover)]
-    assert v.log, "the guest wrote nothing"
-    for w in v.log:
+    log = v.logs.get(node)
+    assert log, "the guest wrote nothing"
+    for w in log:
         k = bisect.bisect_right(times, w.began) - 1  # bitmap k+1 was recording when w began
         covering = [plans[j] for j in plans if j >= k + 1 or (k < 0 and j == 0)]
         blocks = range(w.offset // BLOCK, (w.offset + w.length - 1) // BLOCK + 1)
         for b in blocks:
             assert any(p is None or any(s <= b * BLOCK < e for s, e in p) for p in covering), \
                 (w, k, b)
-    return len(v.log)
+    return len(log)
 
 
 @pytest.mark.slow
@@ -427,3 +456,219 @@ def test_migrate_verify_source_catches_a_write_no_bitmap_saw(vm, tmp_path):
     assert "a change tracker missed writes" in err and str(3 * MiB) in err, err
     with Journal.open(str(state / "sync" / "journal"), create=False) as j:
         assert j.records[-1]["t"] != "complete"
+
+
+# -- a VM with several disks (--disk NODE=TARGET, repeated): one transaction per pass, one stop
+
+
+def disk_targets(v: Vm, tmp_path) -> dict[str, str]:
+    return {n: str(tmp_path / f"t-{n}.img") for n in v.nodes}
+
+
+def check_disks(v: Vm, state, targets: dict[str, str], report: dict) -> None:
+    """Each target equals its disk as the daemon holds it, with the digest the report gives;
+    each disk's state is complete and was read back; every guest write is covered (C4)."""
+    assert [d["node"] for d in report["disks"]] == v.nodes
+    for d in report["disks"]:
+        node = d["node"]
+        assert d["target"] == targets[node] and d["size"] == v.size
+        compare(v.contents(node), targets[node], size=v.size)
+        assert expected_digest_of_file(targets[node]) == d["digest"]
+        with Journal.open(str(state / "disks" / node / "journal"), create=False) as j:
+            kinds = [r["t"] for r in j.records]
+        assert kinds[-1] == "complete" and "verified" in kinds, kinds
+        assert check_c4(v, state, node, f"disks/{node}") > 0
+
+
+def passes_by_number(report: dict) -> dict[int, set[str]]:
+    got: dict[int, set[str]] = {}
+    for x in report["passes"]:
+        got.setdefault(x["pass"], set()).add(x["disk"])
+    return got
+
+
+def cut_over(state) -> None:
+    subprocess.run([sys.executable, "-m", "transfer.cli", "cutover", "--state", str(state)],
+                   check=True)
+
+
+def test_a_two_disk_vm_warm_migrates_with_one_stop(vm, tmp_path):
+    """Through the CLI as a user runs it: two disks, the guest writing to both; passes over
+    both until `transfer cutover`, one --on-cutover run, both targets equal to their disks at
+    the stop, both read back, and one cutover record."""
+    v = vm(size=32 * MiB, seed=12, rate=2 * MiB, pattern="scattered", disks=2)
+    v.start_guest()
+    targets, state, report = disk_targets(v, tmp_path), tmp_path / "st", tmp_path / "r.json"
+    p = subprocess.Popen(v.migrate_disks_argv(targets, state, "--type", "warm",
+                                              "--precopy-interval", "0.3s", "--report",
+                                              str(report), "--progress", "bar"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_logged(state, p, 3)  # passes 0, 1 and 2 of both disks logged
+        cut_over(state)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    assert v.stops.read_text().splitlines() == ["stop"]  # the VM was stopped once
+    r = json.loads(report.read_text())
+    by_pass = passes_by_number(r)
+    assert len(by_pass) >= 4 and all(d == {"disk0", "disk1"} for d in by_pass.values()), by_pass
+    finals = [x for x in r["passes"] if x["final"]]
+    assert sorted(x["disk"] for x in finals) == ["disk0", "disk1"]
+    assert all(x["delta_bytes"] < v.size for x in r["passes"] if x["pass"] >= 1)
+    assert r["cutover"]["vm_stopped"] is True and r["cutover"]["downtime"] > 0
+    assert r["cutover"]["predicted_downtime"] is not None
+    assert r["size"] == 2 * v.size and r["node"] == "disk0,disk1"
+    assert "pass   1 disk1:" in err and "digests disk0 " in err, err
+    check_disks(v, state, targets, r)
+
+
+def test_a_two_disk_vm_live_converges_on_the_vm_prediction(vm, tmp_path):
+    """Live over two disks: the prediction is the VM's (the same on both disks' entries of a
+    pass), it fits the budget before the one stop, and both disks end equal."""
+    v = vm(size=32 * MiB, seed=16, rate=1 * MiB, pattern="hotspot", disks=2)
+    v.start_guest()
+    targets, state, report = disk_targets(v, tmp_path), tmp_path / "st", tmp_path / "r.json"
+    p = subprocess.run(v.migrate_disks_argv(targets, state, "--type", "live", "--max-downtime",
+                                            "3s", "--report", str(report)),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(report.read_text())
+    assert r["converged"] is True and v.stops.read_text().splitlines() == ["stop"]
+    last = max(x["pass"] for x in r["passes"] if not x["final"])
+    predicted = {x["predicted_downtime"] for x in r["passes"] if x["pass"] == last}
+    assert len(predicted) == 1 and predicted.pop() <= 3.0
+    assert r["cutover"]["predicted_downtime"] is not None and r["cutover"]["downtime"] > 0
+    check_disks(v, state, targets, r)
+
+
+@pytest.mark.parametrize("when", ["cold", "warm", "at the cutover"])
+def test_a_refused_target_fails_the_vm_before_the_stop(vm, tmp_path, when):
+    """The second disk's target is in a directory that does not exist (from the start, or
+    gone after pass 0): migrate exits non-zero naming that disk, and --on-cutover never ran:
+    the VM was not stopped for half its disks."""
+    v = vm(size=32 * MiB, seed=13, rate=1 * MiB, pattern="scattered", disks=2)
+    v.start_guest()
+    (tmp_path / "d1").mkdir()
+    targets = {"disk0": str(tmp_path / "t0.img"), "disk1": str(tmp_path / "d1" / "t1.img")}
+    state, report = tmp_path / "st", tmp_path / "r.json"
+    kind = "cold" if when == "cold" else "warm"
+    argv = v.migrate_disks_argv(targets, state, "--type", kind, "--report", str(report))
+    if when == "at the cutover":
+        p = subprocess.Popen(argv + ["--precopy-interval", "600s"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_logged(state, p, 1)  # pass 0 of both disks logged
+            (tmp_path / "d1").rename(tmp_path / "gone")
+            cut_over(state)
+            _, err = p.communicate(timeout=120)
+        finally:
+            p.kill()
+        code = p.returncode
+    else:
+        (tmp_path / "d1").rmdir()
+        done = subprocess.run(argv + ["--cutover", "now"], capture_output=True, text=True,
+                              timeout=120)
+        code, err = done.returncode, done.stderr
+    assert code != 0 and "disk disk1" in err and str(tmp_path / "d1") in err, err
+    assert "Traceback" not in err
+    assert not v.stop_file.exists() and not v.stops.exists()  # --on-cutover never ran
+    assert all(w.alive() for w in v.writers.values())  # the guest still writes
+    r = json.loads(report.read_text())
+    assert r["cutover"]["vm_stopped"] is False and "disk disk1" in r["error"]
+
+
+def test_a_two_disk_migration_killed_and_run_again_resumes(vm, tmp_path):
+    """SIGKILL once a later pass was logged (in the precopy wait, or with one disk's pass
+    committed and the other's not), then a cutover: each disk's sync state resumes, both
+    targets equal their disks and every guest write is covered."""
+    v = vm(size=32 * MiB, seed=15, rate=2 * MiB, pattern="hotspot", disks=2)
+    v.start_guest()
+    targets, state, report = disk_targets(v, tmp_path), tmp_path / "st", tmp_path / "r.json"
+    argv = v.migrate_disks_argv(targets, state, "--type", "warm", "--precopy-interval", "0.2s")
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_logged(state, p, 2)
+    finally:
+        p.kill()  # our own child
+        p.wait()
+        p.stderr.close()
+    p = subprocess.run(argv + ["--cutover", "now", "--report", str(report)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert v.stops.read_text().splitlines() == ["stop"]
+    r = json.loads(report.read_text())
+    assert all(d == {"disk0", "disk1"} for d in passes_by_number(r).values()), r["passes"]
+    check_disks(v, state, targets, r)
+
+
+def test_the_pass_gate_is_held_around_each_pass(vm, tmp_path):
+    """Python API: pass_gate(n_disks) is entered around each pass's copy, with one slot per
+    disk; the final pass's before the VM is stopped (no downtime spent waiting for slots)."""
+    v = vm(size=32 * MiB, seed=14, rate=1 * MiB, pattern="scattered", disks=2)
+    v.start_guest()
+    targets, state = disk_targets(v, tmp_path), tmp_path / "st"
+    events: list[tuple[str, int, bool]] = []
+
+    @contextlib.asynccontextmanager
+    async def gate(n: int):
+        events.append(("enter", n, v.stop_file.exists()))
+        try:
+            yield
+        finally:
+            events.append(("exit", n, v.stop_file.exists()))
+
+    r = asyncio.run(migrate_async(kind="warm", qmp=v.qmp, state=str(state),
+                                  disks=list(targets.items()), nbd_socket=v.nbd,
+                                  cutover="now", on_cutover=v.on_cutover, pass_gate=gate))
+    assert events == [("enter", 2, False), ("exit", 2, False),  # pass 0
+                      ("enter", 2, False), ("exit", 2, True)]  # the final pass, VM stopped
+    assert r.cutover["vm_stopped"] is True and len(r.passes) == 4
+    check_disks(v, state, targets, r.to_dict())
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--disk", "disk0"], "NODE=TARGET"),
+    (["t.img", "--node", "disk0", "--disk", "disk1=u.img"], "not both"),
+    (["--disk", "disk0=t.img", "--disk", "disk0=u.img"], "named twice"),
+    ([], "TARGET --node NODE"),
+])
+def test_the_disk_forms_are_checked_before_anything_runs(tmp_path, args, words):
+    p = subprocess.run([sys.executable, "-m", "transfer.cli", "migrate", "--qmp",
+                        str(tmp_path / "qmp.sock"), "--state", str(tmp_path / "st"), *args],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and words in p.stderr, p.stderr
+    assert not (tmp_path / "st").exists()
+
+
+def test_one_transaction_hands_every_disk_over():
+    """checkpoints.hand_over: pass k's bitmaps of all the VM's nodes in ONE QMP transaction
+    (bitmap k+1 added and bitmap k disabled on each), one hand-over time logged."""
+    from transfer.migration.checkpoints import Daemon, hand_over
+
+    class Monitor:  # what the daemon answers, and what it was asked
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, dict]] = []
+
+        async def bitmaps(self, node: str) -> dict:
+            return {"transfer-1": {"recording": True}}
+
+        async def execute(self, command: str, **arguments) -> None:
+            self.calls.append((command, arguments))
+
+    q = Monitor()
+    daemons = [Daemon(q, n, "qmp.sock", "st", "nbd.sock", f"transfer-src-{n}")  # type: ignore
+               for n in ("disk0", "disk1")]
+    log: dict = {"next": 1, "passes": [], "handover": {"0": 1.0}}
+    chosen = asyncio.run(hand_over(daemons, log, final=False, cold=False))
+    assert chosen == [("transfer-1", None), ("transfer-1", None)]
+    assert [c for c, _ in q.calls] == ["transaction"]
+    actions = [(a["type"], a["data"]["node"], a["data"]["name"])
+               for a in q.calls[0][1]["actions"]]
+    assert sorted(actions) == [
+        ("block-dirty-bitmap-add", "disk0", "transfer-2"),
+        ("block-dirty-bitmap-add", "disk1", "transfer-2"),
+        ("block-dirty-bitmap-disable", "disk0", "transfer-1"),
+        ("block-dirty-bitmap-disable", "disk1", "transfer-1")]
+    assert set(log["handover"]) == {"0", "1"}

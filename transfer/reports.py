@@ -144,10 +144,17 @@ class PassInfo(Serializable):
     predicted_downtime: float | None  # if cutover happened right after this pass
     final: bool = False
     note: str | None = None  # what else this pass did, in words (a merge of bitmaps, R3)
+    # the block node this pass copied (a VM's disks each have their passes); copy_rate,
+    # dirty_rate and predicted_downtime are the whole VM's (the disks share the bandwidth)
+    disk: str | None = None
 
 
 @dataclass
 class MigrateReport(Serializable):
+    """A migration of one disk, or of a VM's disks: target and node are then the disks'
+    joined with ",", size their sum, digest empty (each disk's is in disks), passes every
+    disk's (PassInfo.disk), cutover the VM's one stop and downtime."""
+
     type: str
     target: str
     node: str
@@ -157,3 +164,4 @@ class MigrateReport(Serializable):
     digest: str = ""
     converged: bool | None = None
     seconds: float = 0.0
+    disks: list[dict[str, Any]] = field(default_factory=list)  # node, target, size, digest

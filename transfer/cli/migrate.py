@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import TransferError
+from ..errors import BadInput, TransferError
 from ..observe import make_renderer
 from . import options
 from .output import cutover_line, pass_line, sayer, write_report
@@ -26,15 +26,22 @@ def add_migrate_parser(sub: Any) -> None:
                                        "pass's tracker audit checks a sample of it without "
                                        "downtime"),
                  options.report(), options.progress()],
-        description="Migrate the block node NODE of a running qemu-storage-daemon onto TARGET: "
+        description="Migrate the block node NODE of a running qemu-storage-daemon onto TARGET "
+                    "(or a VM's disks: --disk NODE=TARGET, repeated; one stop for all): "
                     "dirty bitmaps handed over atomically over QMP before each pass, passes "
                     "every --precopy-interval (warm) or back to back (live), a change-rate model "
                     "predicting the cutover downtime, then --on-cutover, the final pass and a "
                     "read-back verification. Run it again after a crash to resume.")
-    m.add_argument("target", metavar="TARGET", help="a file, block device or writable NBD URI")
+    m.add_argument("target", metavar="TARGET", nargs="?",
+                   help="a file, block device or writable NBD URI (with --node)")
     m.add_argument("--type", choices=("cold", "warm", "live"), default="warm", dest="kind")
     m.add_argument("--qmp", required=True, metavar="SOCKET", help="the daemon's QMP socket")
-    m.add_argument("--node", required=True, metavar="NODE", help="the block node to migrate")
+    m.add_argument("--node", metavar="NODE", help="the block node to migrate onto TARGET")
+    m.add_argument("--disk", action="append", metavar="NODE=TARGET", dest="disks",
+                   help="one disk of the VM, repeated for each (instead of TARGET --node): every "
+                        "pass hands all the nodes' bitmaps over in one QMP transaction and "
+                        "copies the disks side by side; every target is checked before the one "
+                        "stop; each disk's state is DIR/disks/NODE")
     m.add_argument("--nbd-socket", metavar="PATH",
                    help="the daemon's NBD server socket, when it already runs one (else one is "
                         "started in DIR)")
@@ -68,13 +75,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from ..units import parse_duration
 
     say = sayer(args.progress == "none")
+    target, node, disks = _disks(args)
+    several = disks is not None and len(disks) > 1  # a pass line then names its disk
     try:
         r = run(migrate_async(
-            args.target, kind=args.kind, qmp=args.qmp, node=args.node, state=args.state,
+            target, kind=args.kind, qmp=args.qmp, node=node, disks=disks, state=args.state,
             nbd_socket=args.nbd_socket, precopy_interval=parse_duration(args.precopy_interval),
             cutover=args.cutover, max_downtime=parse_duration(args.max_downtime),
             on_cutover=args.on_cutover, cutover_timeout=parse_duration(args.cutover_timeout),
-            max_passes=args.max_passes, on_pass=lambda p: say(pass_line(p)),
+            max_passes=args.max_passes, on_pass=lambda p: say(pass_line(p, several)),
             on_progress=make_renderer(args.progress) if args.progress in ("bar", "json")
             else None, source_id=args.source_id, audit_blocks=args.audit_blocks,
             verify_source=args.verify == "source",
@@ -88,6 +97,24 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         write_report(args.report, r.to_dict())
     say(cutover_line(r))
     return 0
+
+
+def _disks(args: argparse.Namespace) -> tuple[str | None, str | None,
+                                              list[tuple[str, str]] | None]:
+    """(TARGET, NODE, None) for the one-disk form, (None, None, pairs) for --disk."""
+    if args.disks:
+        if args.target is not None or args.node is not None:
+            raise BadInput("give TARGET --node NODE or --disk NODE=TARGET (repeated), not both")
+        pairs = []
+        for d in args.disks:
+            node, sep, target = d.partition("=")
+            if not sep or not node or not target:
+                raise BadInput(f"--disk takes NODE=TARGET, not {d!r}")
+            pairs.append((node, target))
+        return None, None, pairs
+    if args.target is None or args.node is None:
+        raise BadInput("give TARGET --node NODE, or --disk NODE=TARGET (repeated)")
+    return args.target, args.node, None
 
 
 def cmd_cutover(args: argparse.Namespace) -> int:

@@ -54,13 +54,15 @@ def sync_line(r: SyncReport) -> str:
             f"{human_bytes(r.bytes_unchanged)} in {r.seconds:.2f} s; digest {r.digest}{done}")
 
 
-def pass_line(p: PassInfo) -> str:
-    """One migrate pass, as it ends."""
+def pass_line(p: PassInfo, disk: bool = False) -> str:
+    """One migrate pass, as it ends; disk: name its disk (one of a VM's several)."""
     def rate(x: float | None) -> str:
         return "-" if x is None else human_bytes(x) + "/s"
 
     pred = "-" if p.predicted_downtime is None else f"{p.predicted_downtime:.2f} s"
-    return (f"pass {p.pass_:>3}{' final' if p.final else ''}: {human_bytes(p.delta_bytes):>10} "
+    node = f" {p.disk}" if disk and p.disk else ""
+    return (f"pass {p.pass_:>3}{node}{' final' if p.final else ''}: "
+            f"{human_bytes(p.delta_bytes):>10} "
             f"in {p.seconds:6.2f} s, copy {rate(p.copy_rate)}, guest dirties {rate(p.dirty_rate)}, "
             f"predicted downtime {pred}" + (f" [{p.fallback}]" if p.fallback else "")
             + (f" [{p.note}]" if p.note else ""))
@@ -69,7 +71,10 @@ def pass_line(p: PassInfo) -> str:
 def cutover_line(r: MigrateReport) -> str:
     """The end of a migration: its downtime, and the prediction's."""
     c = r.cutover
+    digest = f"digest {r.digest}"
+    if len(r.disks) > 1:  # a VM's disks: one downtime, a digest each
+        digest = "digests " + ", ".join(f"{d['node']} {d['digest']}" for d in r.disks)
     if c.get("predicted_downtime") is not None:
         return (f"cutover: downtime {c['downtime']:.2f} s (predicted "
-                f"{c['predicted_downtime']:.2f} s), digest {r.digest}")
-    return f"cutover: downtime {c.get('downtime', 0):.2f} s, digest {r.digest}"
+                f"{c['predicted_downtime']:.2f} s), {digest}")
+    return f"cutover: downtime {c.get('downtime', 0):.2f} s, {digest}"

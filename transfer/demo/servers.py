@@ -138,19 +138,31 @@ class QemuStorageDaemon(Server):
     program = "qemu-storage-daemon"
 
     def __init__(self, sock: str, image: str, *, qmp: str, fmt: str = "qcow2",
-                 node: str = "disk0", nbd: bool = True) -> None:
+                 node: str = "disk0", nbd: bool = True,
+                 more: Sequence[tuple[str, str]] = ()) -> None:
+        """more: further (image, node) pairs, the VM's other disks, each exported writable
+        as rw-NODE (uri_of(node))."""
         self.qmp = qmp
         self.node = node
         self.nbd = nbd  # False: no NBD server (a migration starts its own over QMP)
-        argv = ["qemu-storage-daemon",
-                "--blockdev", f"driver=file,filename={image},node-name={node}-file",
-                "--blockdev", f"driver={fmt},file={node}-file,node-name={node}"]
+        argv = ["qemu-storage-daemon"]
+        for img, name in [(image, node), *more]:
+            argv += ["--blockdev", f"driver=file,filename={img},node-name={name}-file",
+                     "--blockdev", f"driver={fmt},file={name}-file,node-name={name}"]
         if nbd:
             argv += ["--nbd-server", f"addr.type=unix,addr.path={sock}",
                      "--export", f"type=nbd,id=rw,node-name={node},writable=on,name=rw"]
+            for _, name in more:
+                argv += ["--export",
+                         f"type=nbd,id=rw-{name},node-name={name},writable=on,name=rw-{name}"]
         argv += ["--chardev", f"socket,path={qmp},server=on,wait=off,id=qmp0",
                  "--monitor", "chardev=qmp0"]
         super().__init__(argv, sock, export="rw")
+
+    def uri_of(self, node: str) -> str:
+        """The writable export of node (the first node's is `uri`)."""
+        export = "rw" if node == self.node else f"rw-{node}"
+        return f"nbd+unix:///{export}?socket={self.sock}"
 
     def start(self) -> "Server":
         if os.path.exists(self.qmp):

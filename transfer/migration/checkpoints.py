@@ -1,9 +1,11 @@
 """The qemu-storage-daemon side of a migration, over QMP: its NBD server, our read-only export
-of the node (with bitmap k for pass k), and the dirty bitmaps handed over before each pass.
+of each node (with bitmap k for pass k), and the dirty bitmaps handed over before each pass.
 
-Before every pass one QMP `transaction` adds dirty bitmap k+1 and disables bitmap k (pass 0
-adds bitmap 1 before it reads: R1), the node is exported read-only with bitmap k, and sync
-copies what it names; bitmap k is removed only after the pass committed and was logged. A
+Before every pass one QMP `transaction` adds dirty bitmap k+1 and disables bitmap k on every
+node of the VM together (pass 0 adds bitmap 1 before it reads: R1), so that all the disks'
+deltas are cut at the same instant; each node is exported read-only with its bitmap k under an
+export name of its own, and sync copies what it names; bitmap k is removed only after every
+disk's pass committed and the pass was logged (one durable write for all disks). A
 final pass merges bitmap k into k+1 when an earlier run handed over and died before it logged
 pass k (R3: B_k and B_k+1). A bitmap the daemon lost, or left inconsistent, makes a compare
 pass (R2). Every QMP exchange runs on a thread, to its end even when cancelled (Monitor): the
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import threading
 import time
 from typing import Any, Callable
 
@@ -29,12 +32,13 @@ Log = dict[str, Any]  # the migration's log: next pass, passes so far, hand-over
 
 
 class Daemon:
-    """One migration's view of the daemon holding `node` (QMP at qmp_path)."""
+    """One migration's view of the daemon holding `node` (QMP at qmp_path), exported as
+    `export` (one name per node: a VM's disks are exported side by side)."""
 
     def __init__(self, q: "Monitor", node: str, qmp_path: str, state: str,
-                 nbd_socket: str | None) -> None:
+                 nbd_socket: str | None, export: str = EXPORT) -> None:
         self.q, self.node, self.qmp_path, self.state = q, node, qmp_path, state
-        self.nbd_socket = nbd_socket
+        self.nbd_socket, self.export_name = nbd_socket, export
 
     async def nbd_server(self) -> None:
         """Start the daemon's NBD server on a socket in the state directory, unless the
@@ -54,41 +58,41 @@ class Daemon:
     async def export(self, bitmap: str | None) -> str:
         """Export the node read-only (with bitmap); its NBD URI."""
         await self.unexport()
-        args: dict[str, Any] = {"type": "nbd", "id": EXPORT, "node-name": self.node,
-                                "name": EXPORT, "writable": False}
+        name = self.export_name
+        args: dict[str, Any] = {"type": "nbd", "id": name, "node-name": self.node,
+                                "name": name, "writable": False}
         if bitmap:
             args["bitmaps"] = [bitmap]
         await self.q.execute("block-export-add", **args)
-        return f"nbd+unix:///{EXPORT}?socket={self.nbd_socket}"
+        return f"nbd+unix:///{name}?socket={self.nbd_socket}"
 
     async def unexport(self) -> None:
         """Remove our export (if any) and wait until it is gone: its name is then free."""
-        q = self.q
+        q, name = self.q, self.export_name
         exports = await q.execute("query-block-exports")
-        if not any(isinstance(e, dict) and e.get("id") == EXPORT for e in exports):
+        if not any(isinstance(e, dict) and e.get("id") == name for e in exports):
             return
         try:
-            await q.execute("block-export-del", id=EXPORT)
+            await q.execute("block-export-del", id=name)
         except QmpError:
             pass  # being deleted already
         deadline = time.monotonic() + 30
-        while any(isinstance(e, dict) and e.get("id") == EXPORT
+        while any(isinstance(e, dict) and e.get("id") == name
                   for e in await q.execute("query-block-exports")):
             if time.monotonic() > deadline:
                 raise SourceError("the daemon did not remove our NBD export within 30 s",
                                   disk=self.qmp_path)
             await asyncio.sleep(0.02)
 
-    async def merge_unlogged(self, log: Log, save: Callable[[Log], None],
-                             cold: bool) -> str | None:
+    async def merge_unlogged(self, k: int, cold: bool) -> str | None:
         """Before a final pass: if an earlier run handed over from bitmap k to k+1 and died
         before pass k was logged (before its sync began, during it, or after its commit), the
         target may lack what bitmap k names, and bitmap k+1 holds every write since the
         hand-over. R3: copy B_k and B_k+1. Bitmap k is merged into bitmap k+1 (the VM is
-        stopped: k+1 is the last; merging again is harmless) and the final pass runs as pass
-        k+1 under it, so that sync copies the union (with the tainted ranges of an unfinished
-        pass k). Returns a note for the report, or None when there was no such hand-over."""
-        k = log["next"]
+        stopped: k+1 is the last; merging again is harmless); merge_unlogged (the function)
+        then makes the final pass pass k+1, so that sync copies the union (with the tainted
+        ranges of an unfinished pass k). Returns a note for the report, or None when there
+        was no such hand-over."""
         cur, nxt = f"{PREFIX}{k}", f"{PREFIX}{k + 1}"
         bitmaps = await self.q.bitmaps(self.node)
         if cold or k == 0 or cur not in bitmaps or nxt not in bitmaps:
@@ -97,50 +101,32 @@ class Daemon:
             return None  # hand_over falls back to a compare pass (R2)
         await self.q.execute("block-dirty-bitmap-merge", node=self.node, target=nxt,
                              bitmaps=[cur])
-        # when the hand-over happened is unknown if the run died before logging it: now is
-        # later than it, which only makes the bitmaps look younger than they are
-        log["handover"].setdefault(str(k), time.time())
-        log["next"] = k + 1
-        save(log)  # from here pass k+1 holds the union; bitmap k may go (it is < next)
         return (f"pass {k} was not logged by an earlier run after its hand-over: bitmap {cur} "
                 f"was merged into {nxt}, which the final pass copies")
 
-    async def hand_over(self, log: Log, *, final: bool, cold: bool
-                        ) -> tuple[str | None, str | None]:
-        """Bitmaps for pass k = log["next"]: (the bitmap its sync copies, None for a full or
-        compare pass; why it fell back to a compare pass, or None). The hand-over time goes
-        into log["handover"]; the caller saves the log."""
-        k = log["next"]
+    async def plan_hand_over(self, k: int, *, final: bool, cold: bool
+                             ) -> tuple[list[dict[str, Any]], str | None, str | None]:
+        """Pass k's hand-over on this node: (the transaction actions it needs, the bitmap its
+        sync copies or None for a full or compare pass, why it fell back to a compare pass or
+        None). Our bitmaps below k are removed first."""
         cur, nxt = f"{PREFIX}{k}", f"{PREFIX}{k + 1}"
         bitmaps = await self._drop_stale(k)
         if cold:
-            return None, None
-        if k == 0:
-            if nxt not in bitmaps:  # R1 base case: recording before the first read
-                await self._add(nxt)
-            log["handover"]["0"] = log["handover"].get("0", time.time())
-            return None, None
+            return [], None, None
+        add = [] if nxt in bitmaps else [_action("add", self.node, nxt)]
+        if k == 0:  # R1 base case: recording before the first read
+            return add, None, None
         fallback = _unusable(bitmaps, cur, nxt, self.node, final)
         if fallback is not None:
-            if nxt not in bitmaps:
-                await self._add(nxt)
-            log["handover"][str(k)] = time.time()
-            return None, fallback
+            return add, None, fallback
         if nxt not in bitmaps and not final:
-            await self.q.execute("transaction", actions=[
-                {"type": "block-dirty-bitmap-add", "data": {"node": self.node, "name": nxt}},
-                {"type": "block-dirty-bitmap-disable", "data": {"node": self.node,
-                                                                "name": cur}}])
-        elif bitmaps[cur].get("recording"):  # final: the VM is stopped, nothing to hand to
-            await self.q.execute("block-dirty-bitmap-disable", node=self.node, name=cur)
-        log["handover"].setdefault(str(k), time.time())
-        return cur, None
+            return add + [_action("disable", self.node, cur)], cur, None
+        if bitmaps[cur].get("recording"):  # final: the VM is stopped, nothing to hand to
+            return [_action("disable", self.node, cur)], cur, None
+        return [], cur, None
 
     async def drop(self, bitmap: str) -> None:
         await self.q.execute("block-dirty-bitmap-remove", node=self.node, name=bitmap)
-
-    async def _add(self, bitmap: str) -> None:
-        await self.q.execute("block-dirty-bitmap-add", node=self.node, name=bitmap)
 
     async def _drop_stale(self, k: int) -> dict[str, dict[str, Any]]:
         """Remove our bitmaps below k (left by a run killed between its commit and their
@@ -151,6 +137,54 @@ class Daemon:
             if m and int(m.group(1)) < k:
                 await self.drop(name)
         return bitmaps
+
+
+async def merge_unlogged(daemons: list[Daemon], log: Log, save: Callable[[Log], None],
+                         cold: bool) -> dict[str, str]:
+    """Daemon.merge_unlogged on every node; if any merged, the final pass becomes pass k+1
+    (logged at once: from here pass k+1 holds the union, bitmap k may go). A node that did
+    not merge then finds no bitmap k+1 and compares (R2). Returns node -> note."""
+    k = log["next"]
+    notes = {}
+    for d in daemons:
+        note = await d.merge_unlogged(k, cold)
+        if note is not None:
+            notes[d.node] = note
+    if notes:
+        # when the hand-over happened is unknown if the run died before logging it: now is
+        # later than it, which only makes the bitmaps look younger than they are
+        log["handover"].setdefault(str(k), time.time())
+        log["next"] = k + 1
+        save(log)
+    return notes
+
+
+async def hand_over(daemons: list[Daemon], log: Log, *, final: bool, cold: bool
+                    ) -> list[tuple[str | None, str | None]]:
+    """Bitmaps for pass k = log["next"] on every node, in ONE QMP transaction (all disks'
+    deltas cut at the same instant): per node (the bitmap its sync copies, None for a full
+    or compare pass; why it fell back to a compare pass, or None). The hand-over time goes
+    into log["handover"]; the caller saves the log."""
+    k = log["next"]
+    actions: list[dict[str, Any]] = []
+    chosen = []
+    for d in daemons:
+        acts, bitmap, fallback = await d.plan_hand_over(k, final=final, cold=cold)
+        actions += acts
+        chosen.append((bitmap, fallback))
+    if cold:
+        return chosen
+    if actions:
+        await daemons[0].q.execute("transaction", actions=actions)
+    if any(fallback is not None for _, fallback in chosen):
+        log["handover"][str(k)] = time.time()  # the new bitmaps record from now
+    else:
+        log["handover"].setdefault(str(k), time.time())
+    return chosen
+
+
+def _action(verb: str, node: str, name: str) -> dict[str, Any]:
+    return {"type": f"block-dirty-bitmap-{verb}", "data": {"node": node, "name": name}}
 
 
 def _unusable(bitmaps: dict[str, dict[str, Any]], cur: str, nxt: str, node: str,
@@ -176,15 +210,20 @@ class Monitor:
 
     def __init__(self, q: Qmp) -> None:
         self.q = q
+        self.lock = threading.Lock()  # a VM's disks share the monitor: one exchange at a time
+
+    def _one(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return call(*args, **kwargs)
 
     async def execute(self, command: str, **arguments: Any) -> Any:
-        return await to_the_end(self.q.execute, command, **arguments)
+        return await to_the_end(self._one, self.q.execute, command, **arguments)
 
     async def node(self, name: str) -> dict[str, Any]:
-        return await to_the_end(self.q.node, name)
+        return await to_the_end(self._one, self.q.node, name)
 
     async def bitmaps(self, node: str) -> dict[str, dict[str, Any]]:
-        return await to_the_end(self.q.bitmaps, node)
+        return await to_the_end(self._one, self.q.bitmaps, node)
 
     def close(self) -> None:
         self.q.close()

@@ -12,6 +12,21 @@ still unverified (a pass killed before its read-back, blocks a read-back found w
 read-back rate, measured by pass 0's own read-back of everything it wrote (every pass reads
 back what it wrote, so this does not grow with the disk) + with --verify source, the source's
 data over the copy rate.
+
+A VM with several disks is one model, not one per disk: its disks' passes run side by side
+and share the copy bandwidth and the read-back, and it stops once. Each pass is folded in as
+one (transfer.migration.vmdisks.aggregate): the bytes planned, moved and read back summed
+over the disks, the copy's seconds the longest disk's copy and the read-back's the longest
+disk's read-back, so that the copy and read-back rates are the aggregate rates measured over
+parallel passes, and the dirty rate is the VM's (the disks' deltas summed, over the time the
+bitmaps recorded: one transaction hands all of them over at once). The prediction is then
+
+    downtime = stop + overhead + (D + S) / copy_rate + (U + D) / read_rate
+    D = dirty_rate * seconds since the last hand-over    (the final delta, summed over disks)
+    U = sum over disks of their unverified data, S = sum of their source data (--verify source)
+
+with one fixed overhead (one pass of the VM: one hand-over, the disks' exports, their syncs
+side by side) and one stop. With one disk every sum has one term: the formula above.
 """
 
 from __future__ import annotations
