@@ -2,21 +2,25 @@
 
 Before a run (and for `plan run --dry-run`), each disk with a `source:` is opened to read its
 extents (its allocated bytes: what a copy reads as data), and the largest unfinished disk of
-each host gives a short sample (SAMPLE bytes, read the way a copy reads) timed as the host's
-rate. A `qmp:` disk's size is not known before its migration exports it: it counts 0 bytes.
+each host gives a short sample timed as the host's rate: read from its start (again from the
+start at its end) for SAMPLE_SECONDS or SAMPLE_MAX bytes, the hosts at once, and the rate
+taken over the sample's second half (the first half pays the connection's start and a rate
+limiter's burst allowance). A `qmp:` disk's size is not known before its migration exports it: it counts 0 bytes.
 Finished disks are neither opened nor read: a resumed plan does not touch them.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..disks import open_disk
 from .schedule import Job, Vm, simulate
 from .spec import Plan
 
-SAMPLE = 2 << 20  # bytes read from one disk per host to time its rate
+SAMPLE_SECONDS = 0.6  # how long one disk per host is read to time its rate
+SAMPLE_MAX = 64 << 20  # and at most this many bytes
 SAMPLE_REQUEST = 256 << 10
 UNKNOWN_RATE = 100 << 20  # bytes/s assumed for a host with nothing to sample (a qmp disk)
 
@@ -38,30 +42,43 @@ def allocated(url: str, timeout: float | None = None) -> tuple[int, int]:
         disk.close()
 
 
-def sample_rate(url: str, size: int, nbytes: int = SAMPLE) -> float:
-    """Bytes per second reading the first nbytes of url (a few requests in flight)."""
+def sample_rate(url: str, size: int, seconds: float = SAMPLE_SECONDS,
+                most: int = SAMPLE_MAX) -> float:
+    """Bytes per second reading url from its start, over the second half of the sample."""
     disk = open_disk(url, "source")
     try:
         conn = disk.connect()
-        n = min(nbytes, size)
-        if conn is None or n <= 0:
+        if conn is None or size <= 0:
             return 0.0
-        buf = memoryview(bytearray(SAMPLE_REQUEST))
+        bufs = [memoryview(bytearray(SAMPLE_REQUEST)) for _ in range(4)]
         started = time.monotonic()
-        inflight, off = 0, 0
-        while off < n or inflight:
-            while off < n and inflight < 4:
-                conn.start_read(buf[:min(SAMPLE_REQUEST, n - off)], off, off)
-                off += SAMPLE_REQUEST
-                inflight += 1
-            for _, err in conn.reap():
-                inflight -= 1
+        done, pos, free = [], 0, list(range(4))  # (time, bytes so far) per completed read
+        total = 0
+        while time.monotonic() - started < seconds and total < most or len(free) < 4:
+            while free and time.monotonic() - started < seconds and total < most:
+                n = min(SAMPLE_REQUEST, size - pos)
+                i = free.pop()
+                conn.start_read(bufs[i][:n], pos, (i, n))
+                pos = (pos + n) % size
+            for (i, n), err in conn.reap():
                 if err is not None:
                     raise err
+                free.append(i)
+                total += n
+                done.append((time.monotonic(), total))
         conn.close()
-        return n / max(time.monotonic() - started, 1e-6)
+        return _second_half(done, started)
     finally:
         disk.close()
+
+
+def _second_half(done: list[tuple[float, int]], started: float) -> float:
+    if not done:
+        return 0.0
+    t_end, b_end = done[-1]
+    half = [(t, b) for t, b in done if t - started >= (t_end - started) / 2]
+    t0, b0 = half[0] if len(half) > 1 else (started, 0)
+    return (b_end - b0) / max(t_end - t0, 1e-6)
 
 
 def measure(plan: Plan, finished: set[tuple[str, str]], *, sample: bool = True) -> Measured:
@@ -79,10 +96,12 @@ def measure(plan: Plan, finished: set[tuple[str, str]], *, sample: bool = True) 
                 biggest[vm.host] = (m.sizes[key], d.source, m.sizes[key])
     for vm in plan.vms:
         m.rates.setdefault(vm.host, float(UNKNOWN_RATE))
-    for host, (_, url, size) in sorted(biggest.items()):
-        if sample:
-            m.rates[host] = sample_rate(url, size) or float(UNKNOWN_RATE)
-            m.sampled[host] = url
+    if sample and biggest:
+        with ThreadPoolExecutor(len(biggest)) as pool:  # the hosts at once: one sample's time
+            rates = pool.map(lambda b: sample_rate(b[1], b[2]), biggest.values())
+            for (host, (_, url, _)), rate in zip(biggest.items(), rates):
+                m.rates[host] = rate or float(UNKNOWN_RATE)
+                m.sampled[host] = url
     return m
 
 

@@ -65,6 +65,7 @@ class _PlanRun:
         self.prediction: dict[str, Any] = {}
         self.refreshed: float | None = None
         self.last_write = 0.0
+        self.last_shape: list = []
         self.crashed: BaseException | None = None
 
     async def go(self) -> dict[str, Any]:
@@ -162,10 +163,13 @@ class _PlanRun:
         self._write_status()
 
     def _write_status(self, force: bool = False) -> None:
+        """status.json again: at once when a disk's state or pass changed, else at most every
+        STATUS_EVERY seconds."""
         now = time.monotonic()
-        if not force and now - self.last_write < STATUS_EVERY:
+        shape = [(r.state, r.pass_) for r in self.rows.values()]
+        if not force and shape == self.last_shape and now - self.last_write < STATUS_EVERY:
             return
-        self.last_write = now
+        self.last_write, self.last_shape = now, shape
         self.refreshed = self._refresh()
         write_json(os.path.join(self.state, "status.json"), {
             "started": self.started, "updated": time.time(),
