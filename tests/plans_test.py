@@ -58,8 +58,12 @@ class Host:
         self.name, self.dir = name, tmp_path / name
         self.dir.mkdir()
         self.log = str(tmp_path / f"{name}.log")
+        # -t 1: one thread per connection. nbdkit 1.32.5 aborts (connections.c:402,
+        # raw_send_socket: Assertion `sock >= 0') about once in 20 runs when a client is
+        # killed while its requests sleep in the rate filter on several threads.
         self.start = lambda: nbdkit("file", f"dir={self.dir}", f"logfile={self.log}",
-                                    f"rate={rate}", filters=("log", "rate"))
+                                    f"rate={rate}", filters=("log", "rate"),
+                                    options=("-t", "1"))
         self.server = None
 
     def disk(self, name: str, size: int, seed: int) -> str:
@@ -171,7 +175,7 @@ def test_twelve_vms_on_three_hosts_killed_and_resumed(tmp_path, nbdkit):
 
     again = run_cli("plan", "run", plan, "--state", state, "--report", report,
                     "--progress", "none")
-    assert again.returncode == 0, again.stderr
+    assert again.returncode == 0, (again.stderr, [h.server.proc.poll() for h in hosts])
     r = json.load(open(report))
     assert r["done"] == len(disks) and r["failed"] == 0
     assert r["predicted_seconds"] > 0 and r["seconds"] > 0
@@ -351,3 +355,33 @@ def test_the_plans_limit_and_its_slots():
     t, es = simulate([vm(f"v{i}", f"h{i}", 100) for i in range(4)], {f"h{i}": 100.0
                                                                       for i in range(4)}, 2, 3)
     assert t == pytest.approx(2.0) and sorted(e.start for e in es) == [0, 0, 0, 1.0]
+
+
+def test_a_live_vm_through_its_qmp_socket(tmp_path):
+    """A live VM's disk (qmp: + node:) runs transfer.migration.migrate's whole migration on
+    its own state under the plan's; run again, the finished disk is not migrated again."""
+    require("qemu-storage-daemon")
+    from transfer.demo.servers import QemuStorageDaemon
+
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(2 * MiB) + bytes(2 * MiB))
+    qsd = QemuStorageDaemon(str(tmp_path / "unused.sock"), str(image),
+                            qmp=str(tmp_path / "qmp.sock"), fmt="raw", nbd=False).start()
+    try:
+        plan = tmp_path / "live.yaml"
+        target = tmp_path / "t.img"
+        plan.write_text(f"vms:\n  - name: app1\n    host: kvm2\n    type: live\n    disks:\n"
+                        f"      - qmp: {qsd.qmp}\n        node: disk0\n"
+                        f"        target: {target}\n")
+        state, report = str(tmp_path / "state"), str(tmp_path / "r.json")
+        for _ in range(2):
+            r = run_cli("plan", "run", str(plan), "--state", state, "--report", report,
+                        "--progress", "none")
+            assert r.returncode == 0, r.stderr
+        rep = json.load(open(report))
+        disk = rep["vms"][0]["disks"][0]
+        assert disk["state"] == "done" and disk["finished_before"]  # the second run skipped it
+        assert target.read_bytes() == image.read_bytes()
+        assert os.path.exists(os.path.join(state, "vms", "app1", "disk0", "sync", "journal"))
+    finally:
+        qsd.stop()

@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any, Callable
 
-from ..errors import TransferError
+from ..errors import Interrupted, TransferError
 from .measure import Measured, jobs, measure, predict
 from .schedule import Slots, Vm, admit, queues, simulate
 from .spec import Plan, VmSpec
@@ -139,6 +139,9 @@ class _PlanRun:
         try:
             await run_disk(vm, d, row, self.state, self)
             self.say(f"{vm.name}/{d.name}: done ({row.digest})")
+        except Interrupted:
+            row.state = "stopped"  # a signal: the disk's state resumes it in the next run
+            raise
         except TransferError as e:
             row.state, row.error, row.exit_code = "failed", str(e), e.exit_code
             self.say(f"{vm.name}/{d.name}: failed: {e}")

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..durable import write_atomic
 from ..errors import BadInput
-from ..state.journal import Journal
+from ..state.journal import Journal, JournalError
 from .spec import DiskSpec, VmSpec
 
 
@@ -52,8 +52,11 @@ def done_digest(state: str, vm: VmSpec, d: DiskSpec) -> str | None:
     path = os.path.join(sync_dir(state, vm, d), "journal")
     if not os.path.exists(path):
         return None
-    with Journal.open(path, create=False) as j:
-        last = j.records[-1] if j.records else {}
+    try:
+        with Journal.open(path, create=False) as j:
+            last = j.records[-1] if j.records else {}
+    except JournalError:  # in use: a pass is running on it (a dry run beside a run)
+        return None
     return str(last.get("digest", "")) if last.get("t") == "complete" else None
 
 
