@@ -385,3 +385,43 @@ def test_a_live_vm_through_its_qmp_socket(tmp_path):
         assert os.path.exists(os.path.join(state, "vms", "app1", "disk0", "sync", "journal"))
     finally:
         qsd.stop()
+
+
+def test_warm_vm_with_changes_files_cut_over_by_its_time(tmp_path, nbdkit):
+    """A VMware-like warm disk: a precopy pass with the first changes file, the final pass at
+    the VM's cutover time with the last; what changed in the source between passes is on the
+    target, and each pass is its own checkpoint in the disk's sync journal."""
+    h = Host(nbdkit, tmp_path, "esx7", rate="400M")
+    h.disk("w", 2 * MiB, 3)
+    h.server = h.start()
+    c1, c2 = tmp_path / "c1.json", tmp_path / "c2.json"
+    for c in (c1, c2):
+        c.write_text(json.dumps({"startOffset": 0, "length": 2 * MiB, "changedArea": []}))
+    cutover = datetime.utcfromtimestamp(time.time() + 3600).strftime("%Y-%m-%dT%H:%M:%SZ")
+    plan = tmp_path / "w.yaml"
+    plan.write_text(f"vms:\n  - name: w2\n    host: esx7\n    type: warm\n"
+                    f"    cutover: {cutover}\n    disks:\n"
+                    f"      - source: {h.uri('w')}\n        target: {tmp_path / 'w.img'}\n"
+                    f"        changes: [{c1}, {c2}]\n")
+    state = str(tmp_path / "state")
+    cmd = [sys.executable, "-m", "transfer.cli", "plan", "run", str(plan), "--state", state,
+           "--progress", "none"]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(d["state"] == "precopied" and d["pass"] == 1 for d in
+                             (status_of(state) or {"disks": []})["disks"]), "pass 1", proc=run)
+        with open(h.dir / "w", "r+b") as f:  # the guest writes; the last changes file says so
+            f.seek(MiB)
+            f.write(b"\x5a" * 4096)
+        c2.write_text(json.dumps({"startOffset": 0, "length": 2 * MiB,
+                                  "changedArea": [{"start": MiB, "length": 4096}]}))
+        assert run_cli("plan", "cutover", "--state", state).returncode == 0  # all warm VMs
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert (h.dir / "w").read_bytes() == (tmp_path / "w.img").read_bytes()
+    journal = open(os.path.join(state, "vms", "w2", "disk0", "journal"), "rb").read()
+    for checkpoint in (b"plan-0", b"plan-1", b"plan-final"):
+        assert checkpoint in journal
