@@ -179,6 +179,7 @@ def test_twelve_vms_on_three_hosts_killed_and_resumed(tmp_path, nbdkit):
     r = json.load(open(report))
     assert r["done"] == len(disks) and r["failed"] == 0
     assert r["predicted_seconds"] > 0 and r["seconds"] > 0
+    assert all(h["rate"] > 0 and h["measured_rate"] > 0 for h in r["hosts"].values())
     rows = {(vm["name"], d["disk"]): d for vm in r["vms"] for d in vm["disks"]}
     assert {k for k, d in rows.items() if d["finished_before"]} == finished
     for key, (h, export, target) in disks.items():
@@ -253,6 +254,10 @@ def test_conversion_verified_and_a_difference_fails(tmp_path, nbdkit):
         {"name": "c2", "host": "esx5", "type": "conversion",
          "disks": [{"source": h.uri("c2"), "target": str(bad)}]}]}))
     state = str(tmp_path / "state")
+    dry = run_cli("plan", "run", str(plan), "--dry-run")  # the schedule, as a person reads it
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.startswith("predicted: ") and "host esx5: " in dry.stdout
+    assert re.search(r"^\s+0\.0\s+\S+\s+esx5\s+c1/disk0\s", dry.stdout, re.M), dry.stdout
     r = run_cli("plan", "run", str(plan), "--state", state, "--report", str(tmp_path / "r.json"),
                 "--progress", "none")
     assert r.returncode == 6, r.stderr  # VerifyFailed's exit code

@@ -205,13 +205,25 @@ class _PlanRun:
                 vms[vm.name] = Vm(vm.name, vm.host, left)
         return round(simulate(vms.values(), rates, self.plan.per_host, self.plan.overall)[0], 3)
 
+    def _hosts(self) -> dict[str, Any]:
+        """The predicted hosts, each with its measured rate: the bytes its disks copied in
+        this run over the span from its first start to its last end."""
+        hosts = {h: dict(v) for h, v in (self.prediction.get("hosts") or {}).items()}
+        for host, h in hosts.items():
+            ran = [r for r in self.rows.values() if r.host == host and r.started is not None]
+            span = (max((r.started + r.seconds for r in ran), default=0.0)
+                    - min((r.started for r in ran), default=0.0))
+            copied = sum(r.total for r in ran if r.state == "done")
+            h["measured_rate"] = round(copied / span, 1) if ran and span > 0 else None
+        return hosts
+
     def _report(self) -> dict[str, Any]:
         rows = self.rows.values()
         failed = [r for r in rows if r.state == "failed"]
         return {"predicted_seconds": self.prediction.get("predicted_seconds"),
                 "seconds": round(time.time() - self.started, 3),
                 "limits": self.prediction.get("limits"),
-                "hosts": self.prediction.get("hosts"),
+                "hosts": self._hosts(),
                 "schedule": self.prediction.get("schedule"),
                 "vms": [{"name": vm.name, "host": vm.host, "type": vm.type,
                          "disks": [self.rows[(vm.name, d.name)].to_dict() for d in vm.disks]}
