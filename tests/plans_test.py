@@ -430,3 +430,26 @@ def test_warm_vm_with_changes_files_cut_over_by_its_time(tmp_path, nbdkit):
     journal = open(os.path.join(state, "vms", "w2", "disk0", "journal"), "rb").read()
     for checkpoint in (b"plan-0", b"plan-1", b"plan-final"):
         assert checkpoint in journal
+
+
+def test_sigterm_stops_the_plan_and_the_next_run_finishes_it(tmp_path, nbdkit):
+    h = Host(nbdkit, tmp_path, "esx3", rate="16M")
+    h.disk("s", 4 * MiB, 4)
+    h.server = h.start()
+    plan = tmp_path / "s.yaml"
+    plan.write_text(f"vms:\n  - name: s1\n    host: esx3\n    type: cold\n    disks:\n"
+                    f"      - source: {h.uri('s')}\n        target: {tmp_path / 's.img'}\n")
+    state = str(tmp_path / "state")
+    cmd = [sys.executable, "-m", "transfer.cli", "plan", "run", str(plan), "--state", state,
+           "--progress", "none"]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: any(d["state"] == "copying" and d["bytes"] > 0 for d in
+                         (status_of(state) or {"disks": []})["disks"]), "copying", proc=run)
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 5 and "Traceback" not in err, err
+    js = json.loads(run_cli("plan", "status", "--state", state, "--json").stdout)
+    assert [d["state"] for d in js["disks"]] == ["stopped"]
+    again = run_cli("plan", "run", str(plan), "--state", state, "--progress", "none")
+    assert again.returncode == 0, again.stderr
+    assert (h.dir / "s").read_bytes() == (tmp_path / "s.img").read_bytes()

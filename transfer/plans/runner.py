@@ -139,9 +139,8 @@ class _PlanRun:
         try:
             await run_disk(vm, d, row, self.state, self)
             self.say(f"{vm.name}/{d.name}: done ({row.digest})")
-        except Interrupted:
-            row.state = "stopped"  # a signal: the disk's state resumes it in the next run
-            raise
+        except Interrupted:  # a signal cancelled the run (which raises it): the disk's own
+            row.state = "stopped"  # state resumes it in the next run
         except TransferError as e:
             row.state, row.error, row.exit_code = "failed", str(e), e.exit_code
             self.say(f"{vm.name}/{d.name}: failed: {e}")
