@@ -67,6 +67,7 @@ class _PlanRun:
         self.last_write = 0.0
         self.last_shape: list = []
         self.crashed: BaseException | None = None
+        self.measure_seconds = 0.0  # reading extents and samples, before the prediction
 
     async def go(self) -> dict[str, Any]:
         done = await asyncio.to_thread(finished_disks, self.plan, self.state)
@@ -78,6 +79,7 @@ class _PlanRun:
                     row.digest = done[(vm.name, d.name)]
                 self.rows[(vm.name, d.name)] = row
         self.measured = await asyncio.to_thread(measure, self.plan, set(done))
+        self.measure_seconds = round(time.time() - self.started, 3)
         self.prediction = predict(self.plan, self.measured, set(done), self.started)
         for (v, d), row in self.rows.items():
             row.total = row.total or self.measured.bytes.get((v, d), 0)
@@ -221,6 +223,7 @@ class _PlanRun:
         failed = [r for r in rows if r.state == "failed"]
         return {"predicted_seconds": self.prediction.get("predicted_seconds"),
                 "seconds": round(time.time() - self.started, 3),
+                "measure_seconds": self.measure_seconds,  # in seconds, not in the prediction
                 "limits": self.prediction.get("limits"),
                 "hosts": self._hosts(),
                 "schedule": self.prediction.get("schedule"),
