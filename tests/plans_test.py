@@ -453,3 +453,37 @@ def test_sigterm_stops_the_plan_and_the_next_run_finishes_it(tmp_path, nbdkit):
     again = run_cli("plan", "run", str(plan), "--state", state, "--progress", "none")
     assert again.returncode == 0, again.stderr
     assert (h.dir / "s").read_bytes() == (tmp_path / "s.img").read_bytes()
+
+
+def test_a_warm_qmp_vm_cut_over_by_plan_cutover(tmp_path):
+    """A warm VM's disk over QMP: the migration's precopy pass, then `plan cutover` reaches
+    the migration through its own state's signal and it cuts over."""
+    require("qemu-storage-daemon")
+    from transfer.demo.servers import QemuStorageDaemon
+
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(MiB) + bytes(MiB))
+    qsd = QemuStorageDaemon(str(tmp_path / "unused.sock"), str(image),
+                            qmp=str(tmp_path / "qmp.sock"), fmt="raw", nbd=False).start()
+    run = None
+    try:
+        plan, target = tmp_path / "wq.yaml", tmp_path / "t.img"
+        plan.write_text(f"vms:\n  - name: db1\n    host: kvm1\n    type: warm\n    disks:\n"
+                        f"      - qmp: {qsd.qmp}\n        node: disk0\n"
+                        f"        target: {target}\n")
+        state = str(tmp_path / "state")
+        run = subprocess.Popen([sys.executable, "-m", "transfer.cli", "plan", "run", str(plan),
+                                "--state", state, "--progress", "none"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: any(d["pass"] == 0 for d in (status_of(state) or {"disks": []})
+                             ["disks"]), "the precopy pass", proc=run)
+        assert run_cli("plan", "cutover", "--state", state, "db1").returncode == 0
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+        assert target.read_bytes() == image.read_bytes()
+        js = json.loads(run_cli("plan", "status", "--state", state, "--json").stdout)
+        assert js["disks"][0]["state"] == "done" and js["disks"][0]["passes"] >= 2
+    finally:
+        if run is not None and run.poll() is None:
+            run.kill()
+        qsd.stop()
