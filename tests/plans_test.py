@@ -487,3 +487,33 @@ def test_a_warm_qmp_vm_cut_over_by_plan_cutover(tmp_path):
         if run is not None and run.poll() is None:
             run.kill()
         qsd.stop()
+
+
+def test_a_vm_with_more_disks_than_the_limit_runs_alone(tmp_path, nbdkit):
+    """maxInflightDisksPerHost 2, a VM of 3 disks: it starts once its host is idle, all three
+    at once, and nothing else reads on the host meanwhile (the host's own log)."""
+    h = Host(nbdkit, tmp_path, "esx4", rate="32M")
+    h.disk("small", 3 * MiB + MiB // 2, 1)  # the larger VM by bytes: LPT starts it first
+    for k in range(3):
+        h.disk(f"big{k}", MiB, 2 + k)
+    h.server = h.start()
+    disks = "".join(f"      - source: {h.uri(f'big{k}')}\n        target: {tmp_path / f'b{k}'}\n"
+                    for k in range(3))
+    plan = tmp_path / "alone.yaml"
+    plan.write_text(f"maxInflightDisksPerHost: 2\nvms:\n"
+                    f"  - name: big\n    host: esx4\n    type: cold\n    disks:\n{disks}"
+                    f"  - name: small\n    host: esx4\n    type: cold\n    disks:\n"
+                    f"      - source: {h.uri('small')}\n        target: {tmp_path / 's'}\n")
+    r = run_cli("plan", "run", str(plan), "--state", str(tmp_path / "state"), "--progress",
+                "none")
+    assert r.returncode == 0, r.stderr
+    reads = [c for c in h.connections() if c["reads"]]
+    small_end = max(c["close"] for c in reads if c["export"] == "small")
+    big_start = min(c["open"] for c in reads if c["export"].startswith("big"))
+    sample = min(c["open"] for c in reads)  # the rate sample (before anything copies)
+    copies = [c for c in reads if c["open"] > sample]
+    assert min(c["open"] for c in copies if c["export"] == "small") < big_start
+    assert small_end <= big_start
+    assert h.most_disks_at_once() == 3
+    for k in range(3):
+        assert (h.dir / f"big{k}").read_bytes() == (tmp_path / f"b{k}").read_bytes()
