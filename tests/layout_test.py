@@ -24,7 +24,7 @@ LAYERS = [
     {"tracking", "pipeline"},
     {"state", "serve"},
     {"migration"},
-    {"api"},
+    {"api", "plans"},
     {"demo"},
     {"cli"},
 ]

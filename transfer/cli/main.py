@@ -8,7 +8,7 @@ import sys
 import traceback
 
 from ..errors import Interrupted, TransferError
-from . import check, copy, demo, migrate, options, serve, sync
+from . import check, copy, demo, migrate, options, plan, serve, sync
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_parser(sub)
     migrate.add_migrate_parser(sub)
     migrate.add_cutover_parser(sub)
+    plan.add_parser(sub)
     serve.add_parser(sub)
     demo.add_parser(sub)
     return p
