@@ -15,7 +15,8 @@ SCENARIOS = {
 }
 # Run only when named (`python -m bench network`): it needs root for network namespaces, the
 # network for its Debian image once, and tens of minutes on its slowest link.
-NAMED = {"network": "bench.scenarios.network"}
+# plan-scale: minutes of rate-capped copies, and `transfer plan`.
+NAMED = {"network": "bench.scenarios.network", "plan-scale": "bench.scenarios.plan_scale"}
 
 
 def module(name: str) -> ModuleType:
