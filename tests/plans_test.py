@@ -517,3 +517,46 @@ def test_a_vm_with_more_disks_than_the_limit_runs_alone(tmp_path, nbdkit):
     assert h.most_disks_at_once() == 3
     for k in range(3):
         assert (h.dir / f"big{k}").read_bytes() == (tmp_path / f"b{k}").read_bytes()
+
+
+def test_warm_qmp_vms_give_their_slot_back_between_passes(tmp_path):
+    """Two warm VMs over QMP on one host limited to one disk in flight: the first's precopy
+    pass ends and, while it waits for its cutover, its slot lets the second make its own.
+    (Holding the slot for the whole migration, the second could not start before the first's
+    cutover, which is only asked for once both have precopied.)"""
+    require("qemu-storage-daemon")
+    from transfer.demo.servers import QemuStorageDaemon
+
+    daemons, lines = [], ["maxInflightDisksPerHost: 1", "vms:"]
+    try:
+        for name in ("db1", "db2"):
+            image = tmp_path / f"{name}.raw"
+            image.write_bytes(os.urandom(MiB) + bytes(MiB))
+            daemons.append(QemuStorageDaemon(
+                str(tmp_path / f"{name}-unused.sock"), str(image),
+                qmp=str(tmp_path / f"{name}-qmp.sock"), fmt="raw", nbd=False).start())
+            lines += [f"  - name: {name}", "    host: kvm1", "    type: warm", "    disks:",
+                      f"      - qmp: {daemons[-1].qmp}", "        node: disk0",
+                      f"        target: {tmp_path / (name + '.target')}"]
+        plan, state = tmp_path / "two.yaml", str(tmp_path / "state")
+        plan.write_text("\n".join(lines) + "\n")
+        run = subprocess.Popen([sys.executable, "-m", "transfer.cli", "plan", "run", str(plan),
+                                "--state", state, "--progress", "none"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: all(d["state"] == "precopied" for d in
+                                 (status_of(state) or {"disks": [{"state": "?"}]})["disks"]),
+                     "both VMs precopied before any cutover", proc=run)
+            assert run_cli("plan", "cutover", "--state", state).returncode == 0
+            out, err = run.communicate(timeout=120)
+            assert run.returncode == 0, err
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+        for name in ("db1", "db2"):
+            assert (tmp_path / f"{name}.target").read_bytes() == (
+                tmp_path / f"{name}.raw").read_bytes()
+    finally:
+        for q in daemons:
+            q.stop()

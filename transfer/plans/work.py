@@ -7,9 +7,9 @@
                 last, each its own checkpoint (plan-K); at the cutover (its time, or `transfer
                 plan cutover`) the final pass with the last changes file (none: --compare)
     warm, live  (qmp: + node:) transfer.migration.migrate.migrate_async on the disk's own state:
-                it runs its precopy passes and its cutover itself, so the disk holds its slot
-                for the whole call (a limitation: between its passes the slot is not given
-                back, as a disk of a `sync` warm VM gives it back)
+                it runs its precopy passes and its cutover itself; its pass_gate holds the
+                disk's slot around each pass and gives it back between them, as a `sync`
+                warm disk does
 
 A disk holds one slot of its host while it copies. The scheduler took the slot of its first
 pass when its VM started; `gate.release` gives it back, `gate.acquire` takes one for a later
@@ -19,11 +19,12 @@ pass (waiting for the host's limit).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, AsyncIterator, Protocol
 
 from ..errors import VerifyFailed
 from ..state.journal import Journal
@@ -102,7 +103,7 @@ async def run_disk(vm: VmSpec, d: DiskSpec, row: DiskRun, state: str, gate: Gate
         if vm.type == "conversion":
             await _verify(vm, d, row, state, gate)
         elif d.qmp is not None:
-            await _migrate(vm, d, row, state, gate)
+            await _migrate(vm, d, row, state, gate, slot)
         elif vm.type == "cold":
             await _sync(d, row, state, gate, final=True, checkpoint=None)
         else:
@@ -184,14 +185,27 @@ async def _wait_cutover(vm: VmSpec, state: str) -> None:
         await asyncio.sleep(POLL)
 
 
-async def _migrate(vm: VmSpec, d: DiskSpec, row: DiskRun, state: str, gate: Gate) -> None:
+async def _migrate(vm: VmSpec, d: DiskSpec, row: DiskRun, state: str, gate: Gate,
+                   slot: Slot) -> None:
     from ..migration.migrate import migrate_async
+
+    @contextlib.asynccontextmanager
+    async def copying(n_disks: int) -> AsyncIterator[None]:
+        """A pass of the migration holds the disk's slot; waiting between passes does not."""
+        await slot.take()
+        row.state = "copying"
+        gate.changed()
+        try:
+            yield
+        finally:
+            await slot.give()
+            gate.changed()
 
     def on_pass(p: Any) -> None:
         row.passes += 1
         row.pass_, row.predicted_downtime = p.pass_, p.predicted_downtime
         row.bytes, row.rate = p.bytes_copied, p.copy_rate or row.rate
-        row.state = "cutover" if p.final else "copying"
+        row.state = "cutover" if p.final else "precopied"  # (after the pass: see copying)
         gate.changed()
 
     when = None
@@ -199,5 +213,5 @@ async def _migrate(vm: VmSpec, d: DiskSpec, row: DiskRun, state: str, gate: Gate
         when = datetime.datetime.fromtimestamp(vm.cutover, datetime.timezone.utc).isoformat()
     r = await migrate_async(d.target, kind=vm.type, qmp=d.qmp, node=d.node,
                             state=disk_dir(state, vm.name, d.name), cutover=when,
-                            on_pass=on_pass, on_progress=row.progress(gate))
+                            on_pass=on_pass, on_progress=row.progress(gate), pass_gate=copying)
     row.digest = r.digest
