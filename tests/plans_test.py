@@ -560,3 +560,47 @@ def test_warm_qmp_vms_give_their_slot_back_between_passes(tmp_path):
     finally:
         for q in daemons:
             q.stop()
+
+
+def test_a_warm_vm_with_two_qmp_disks_is_one_migration(tmp_path):
+    """A warm VM whose disks are two nodes of one daemon: one migration moves both (its state
+    the VM's directory, each node's sync state under it), and `plan cutover` cuts both over."""
+    require("qemu-storage-daemon")
+    from transfer.demo.servers import QemuStorageDaemon
+
+    images = [tmp_path / "a.raw", tmp_path / "b.raw"]
+    for i, image in enumerate(images):
+        image.write_bytes(os.urandom((i + 1) * MiB) + bytes(MiB))
+    qsd = QemuStorageDaemon(str(tmp_path / "unused.sock"), str(images[0]),
+                            qmp=str(tmp_path / "qmp.sock"), fmt="raw", nbd=False,
+                            more=[(str(images[1]), "disk1")]).start()
+    run = None
+    try:
+        plan, state = tmp_path / "vm.yaml", str(tmp_path / "state")
+        plan.write_text("vms:\n  - name: db1\n    host: kvm1\n    type: warm\n    disks:\n"
+                        + "".join(f"      - qmp: {qsd.qmp}\n        node: disk{i}\n"
+                                  f"        target: {tmp_path / f't{i}.img'}\n" for i in (0, 1)))
+        run = subprocess.Popen([sys.executable, "-m", "transfer.cli", "plan", "run", str(plan),
+                                "--state", state, "--progress", "none"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: all(d["state"] == "precopied" for d in
+                             (status_of(state) or {"disks": [{"state": "?"}]})["disks"]),
+                 "both disks precopied", proc=run)
+        assert run_cli("plan", "cutover", "--state", state, "db1").returncode == 0
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+        for i, image in enumerate(images):
+            assert (tmp_path / f"t{i}.img").read_bytes() == image.read_bytes()
+        vm_dir = os.path.join(state, "vms", "db1")
+        log = json.load(open(os.path.join(vm_dir, "migrate.json")))
+        assert all(os.path.exists(os.path.join(vm_dir, "disks", f"disk{i}", "journal"))
+                   for i in (0, 1)), os.listdir(vm_dir)
+        assert log["next"] >= 2  # pass 0 and the final pass, each of both disks
+        js = json.loads(run_cli("plan", "status", "--state", state, "--json").stdout)
+        assert [d["state"] for d in js["disks"]] == ["done", "done"]
+        assert all(d["digest"] for d in js["disks"])
+    finally:
+        if run is not None and run.poll() is None:
+            run.kill()
+            run.wait()
+        qsd.stop()

@@ -19,8 +19,8 @@ from ..errors import Interrupted, TransferError
 from .measure import Measured, jobs, measure, predict
 from .schedule import Slots, Vm, admit, queues, simulate
 from .spec import Plan, VmSpec
-from .state import PlanLock, done_digest, write_json
-from .work import DiskRun, run_disk
+from .state import PlanLock, done_digest, one_migration, write_json
+from .work import DiskRun, run_disk, run_vm_migration
 
 STATUS_EVERY = 0.5  # seconds between rewrites of status.json while disks progress
 
@@ -133,8 +133,25 @@ class _PlanRun:
         """The VM's unfinished disks at once (their slots are taken)."""
         disks = [d for d in vm.disks if d.name in {j.disk for j in sched.jobs}]
         self.say(f"{vm.name}: starting {len(disks)} disk(s) on {vm.host}")
-        await asyncio.gather(*(self._disk(vm, d) for d in disks))
+        if one_migration(vm):
+            await self._vm_migration(vm, disks)
+        else:
+            await asyncio.gather(*(self._disk(vm, d) for d in disks))
         await self._notify()
+
+    async def _vm_migration(self, vm: VmSpec, disks: list) -> None:
+        rows = {d.name: self.rows[(vm.name, d.name)] for d in disks}
+        try:
+            await run_vm_migration(vm, rows, self.state, self)
+            self.say(f"{vm.name}: done, {len(rows)} disks in one migration")
+        except Interrupted:
+            for row in rows.values():
+                row.state = "stopped"
+        except TransferError as e:
+            for row in rows.values():
+                row.state, row.error, row.exit_code = "failed", str(e), e.exit_code
+            self.say(f"{vm.name}: failed: {e}")
+        self._write_status(force=True)
 
     async def _disk(self, vm: VmSpec, d) -> None:
         row = self.rows[(vm.name, d.name)]

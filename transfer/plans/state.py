@@ -7,6 +7,9 @@
                                   ranges), or a migration's (its sync state under sync/)
     DIR/vms/VM/DISK/done.json     a conversion disk's verification (it has no sync state)
     DIR/vms/VM/cutover            `plan cutover VM` asked a warm VM to cut over
+    DIR/vms/VM/disks/NODE/        a VM's disks migrated as one (one_migration): the VM's
+                                  directory is that migration's state, each node's sync
+                                  state under it
 
 A disk is done when its sync journal's last record is `complete` (its final pass read the
 target back and completed the state): the journal is the truth, never status.json. A
@@ -30,9 +33,19 @@ def disk_dir(state: str, vm: str, disk: str) -> str:
     return os.path.join(state, "vms", vm, disk)
 
 
+def one_migration(vm: VmSpec) -> bool:
+    """A warm or live VM whose disks are all nodes of one daemon: one migration moves them all
+    (one QMP transaction per pass, one cutover), its state the VM's own directory."""
+    daemons = {d.qmp for d in vm.disks}
+    return (vm.type in ("warm", "live") and len(vm.disks) > 1 and None not in daemons
+            and len(daemons) == 1)
+
+
 def sync_dir(state: str, vm: VmSpec, d: DiskSpec) -> str:
     """The directory whose journal says whether the disk is done: the sync state `sync` uses
-    directly, or the one a migration keeps under its own."""
+    directly, the one a migration keeps under its own, or a VM's migration's per node."""
+    if one_migration(vm):
+        return os.path.join(state, "vms", vm.name, "disks", str(d.node))
     base = disk_dir(state, vm.name, d.name)
     return os.path.join(base, "sync") if d.qmp is not None else base
 
@@ -142,5 +155,6 @@ def request_cutover(state: str, names: list[str]) -> list[str]:
         for d in movable[name]["disks"]:
             if d["qmp"] is not None:  # a migration waits for its own state's signal
                 sig = os.path.join(disk_dir(state, name, d["name"]), "cutover")
-                write_atomic(sig, b"cutover\n")
+                os.makedirs(os.path.dirname(sig), mode=0o700, exist_ok=True)  # not begun yet
+                write_atomic(sig, b"cutover\n")  # (one migration of the VM: cutover_path)
     return asked

@@ -215,3 +215,58 @@ async def _migrate(vm: VmSpec, d: DiskSpec, row: DiskRun, state: str, gate: Gate
                             state=disk_dir(state, vm.name, d.name), cutover=when,
                             on_pass=on_pass, on_progress=row.progress(gate), pass_gate=copying)
     row.digest = r.digest
+
+
+async def run_vm_migration(vm: VmSpec, rows: dict[str, DiskRun], state: str,
+                           gate: Gate) -> None:
+    """A VM's disks as one migration (state.one_migration): one transaction per pass, one
+    cutover. Each pass holds the slots of the VM's disks that still copy (the scheduler took
+    them when the VM started), none between passes."""
+    from ..migration.migrate import migrate_async
+
+    slots = [Slot(gate, vm.host) for _ in rows]
+    by_node = {d.node: rows[d.name] for d in vm.disks if d.name in rows}
+    started = time.monotonic()
+    for row in rows.values():
+        row.state, row.started = "copying", time.time()
+    gate.changed()
+
+    @contextlib.asynccontextmanager
+    async def copying(n_disks: int) -> AsyncIterator[None]:
+        for slot in slots:
+            await slot.take()
+        for row in rows.values():
+            row.state = "copying"
+        gate.changed()
+        try:
+            yield
+        finally:
+            for slot in slots:
+                await slot.give()
+            gate.changed()
+
+    def on_pass(p: Any) -> None:
+        row = by_node.get(getattr(p, "disk", None))
+        if row is not None:
+            row.passes += 1
+            row.pass_, row.predicted_downtime = p.pass_, p.predicted_downtime
+            row.bytes, row.rate = p.bytes_copied, p.copy_rate or row.rate
+            row.state = "cutover" if p.final else "precopied"
+            gate.changed()
+
+    when = None
+    if vm.cutover is not None:
+        when = datetime.datetime.fromtimestamp(vm.cutover, datetime.timezone.utc).isoformat()
+    try:
+        r = await migrate_async(kind=vm.type, qmp=str(vm.disks[0].qmp),
+                                disks=[(str(d.node), d.target) for d in vm.disks],
+                                state=os.path.dirname(cutover_path(state, vm.name)),
+                                cutover=when, on_pass=on_pass, pass_gate=copying)
+        digests = {x["node"]: x["digest"] for x in r.disks}
+        for node, row in by_node.items():
+            row.digest, row.state = digests.get(node), "done"
+    finally:
+        for row in rows.values():
+            row.seconds = round(row.seconds + time.monotonic() - started, 3)
+        for slot in slots:
+            await asyncio.shield(slot.give())
