@@ -185,35 +185,53 @@ async def _wait_cutover(vm: VmSpec, state: str) -> None:
         await asyncio.sleep(POLL)
 
 
+class Migrating:
+    """A migration's disks as its passes come (migrate_async's pass_gate and on_pass): each
+    pass holds their slots and none is held between passes; each disk's PassInfo (its node)
+    updates that disk's row."""
+
+    def __init__(self, rows: dict[str | None, DiskRun], slots: list[Slot], gate: Gate) -> None:
+        self.rows, self.slots, self.gate = rows, slots, gate
+
+    @contextlib.asynccontextmanager
+    async def copying(self, n_disks: int) -> AsyncIterator[None]:
+        for slot in self.slots:
+            await slot.take()
+        for row in self.rows.values():
+            row.state = "copying"
+        self.gate.changed()
+        try:
+            yield
+        finally:
+            for slot in self.slots:
+                await slot.give()
+            self.gate.changed()
+
+    def on_pass(self, p: Any) -> None:
+        row = self.rows.get(p.disk)
+        if row is not None:
+            row.passes += 1
+            row.pass_, row.predicted_downtime = p.pass_, p.predicted_downtime
+            row.bytes, row.rate = p.bytes_copied, p.copy_rate or row.rate
+            row.state = "cutover" if p.final else "precopied"  # (after the pass: copying)
+            self.gate.changed()
+
+
+def _cutover_at(vm: VmSpec) -> str | None:
+    if vm.cutover is None:
+        return None
+    return datetime.datetime.fromtimestamp(vm.cutover, datetime.timezone.utc).isoformat()
+
+
 async def _migrate(vm: VmSpec, d: DiskSpec, row: DiskRun, state: str, gate: Gate,
                    slot: Slot) -> None:
     from ..migration.migrate import migrate_async
 
-    @contextlib.asynccontextmanager
-    async def copying(n_disks: int) -> AsyncIterator[None]:
-        """A pass of the migration holds the disk's slot; waiting between passes does not."""
-        await slot.take()
-        row.state = "copying"
-        gate.changed()
-        try:
-            yield
-        finally:
-            await slot.give()
-            gate.changed()
-
-    def on_pass(p: Any) -> None:
-        row.passes += 1
-        row.pass_, row.predicted_downtime = p.pass_, p.predicted_downtime
-        row.bytes, row.rate = p.bytes_copied, p.copy_rate or row.rate
-        row.state = "cutover" if p.final else "precopied"  # (after the pass: see copying)
-        gate.changed()
-
-    when = None
-    if vm.cutover is not None:
-        when = datetime.datetime.fromtimestamp(vm.cutover, datetime.timezone.utc).isoformat()
+    m = Migrating({d.node: row}, [slot], gate)
     r = await migrate_async(d.target, kind=vm.type, qmp=d.qmp, node=d.node,
-                            state=disk_dir(state, vm.name, d.name), cutover=when,
-                            on_pass=on_pass, on_progress=row.progress(gate), pass_gate=copying)
+                            state=disk_dir(state, vm.name, d.name), cutover=_cutover_at(vm),
+                            on_pass=m.on_pass, on_progress=row.progress(gate),
+                            pass_gate=m.copying)
     row.digest = r.digest
 
 
@@ -225,45 +243,19 @@ async def run_vm_migration(vm: VmSpec, rows: dict[str, DiskRun], state: str,
     from ..migration.migrate import migrate_async
 
     slots = [Slot(gate, vm.host) for _ in rows]
-    by_node = {d.node: rows[d.name] for d in vm.disks if d.name in rows}
+    m = Migrating({d.node: rows[d.name] for d in vm.disks if d.name in rows}, slots, gate)
     started = time.monotonic()
     for row in rows.values():
         row.state, row.started = "copying", time.time()
     gate.changed()
-
-    @contextlib.asynccontextmanager
-    async def copying(n_disks: int) -> AsyncIterator[None]:
-        for slot in slots:
-            await slot.take()
-        for row in rows.values():
-            row.state = "copying"
-        gate.changed()
-        try:
-            yield
-        finally:
-            for slot in slots:
-                await slot.give()
-            gate.changed()
-
-    def on_pass(p: Any) -> None:
-        row = by_node.get(getattr(p, "disk", None))
-        if row is not None:
-            row.passes += 1
-            row.pass_, row.predicted_downtime = p.pass_, p.predicted_downtime
-            row.bytes, row.rate = p.bytes_copied, p.copy_rate or row.rate
-            row.state = "cutover" if p.final else "precopied"
-            gate.changed()
-
-    when = None
-    if vm.cutover is not None:
-        when = datetime.datetime.fromtimestamp(vm.cutover, datetime.timezone.utc).isoformat()
     try:
         r = await migrate_async(kind=vm.type, qmp=str(vm.disks[0].qmp),
                                 disks=[(str(d.node), d.target) for d in vm.disks],
                                 state=os.path.dirname(cutover_path(state, vm.name)),
-                                cutover=when, on_pass=on_pass, pass_gate=copying)
+                                cutover=_cutover_at(vm), on_pass=m.on_pass,
+                                pass_gate=m.copying)
         digests = {x["node"]: x["digest"] for x in r.disks}
-        for node, row in by_node.items():
+        for node, row in m.rows.items():
             row.digest, row.state = digests.get(node), "done"
     finally:
         for row in rows.values():
