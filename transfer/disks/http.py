@@ -37,8 +37,8 @@ from ..url import Address, is_loopback
 from .base import Conn, Disk, Options
 
 MAX_CONNECTIONS = 4
-MAX_EXTENTS_BYTES = 64 << 20
-REQUEST_SIZE = 4 << 20  # an extents answer larger than this is refused
+MAX_EXTENTS_BYTES = 64 << 20  # an extents answer larger than this is refused
+REQUEST_SIZE = 4 << 20  # bytes per GET (shape, below)
 
 
 def opener(addr: Address, role: str, options: Options) -> Disk:

@@ -6,12 +6,12 @@ it recorded; a pass is taken to last a fixed overhead plus what it moves over th
 plus what it reads back over the read-back rate, the copy rate coming from big passes (pass 0)
 and the overhead from the median remainder of the others (their whole wall in migrate: the QMP
 hand-over and export included); the predicted downtime if cutover happened now is the stop
-command's time (measured by the last cutover, else the caller's --stop-estimate, default 0) + overhead + the delta the guest has dirtied
-since the last hand-over over the copy rate + the final read-back: that delta and what is
-still unverified (a pass killed before its read-back, blocks a read-back found wrong) over the
-read-back rate, measured by pass 0's own read-back of everything it wrote (every pass reads
-back what it wrote, so this does not grow with the disk) + with --verify source, the source's
-data over the copy rate.
+command's time (measured by the last cutover, else the caller's --stop-estimate, default 0) +
+overhead + the delta the guest has dirtied since the last hand-over over the copy rate + the
+final read-back: that delta and what is still unverified (a pass killed before its read-back,
+blocks a read-back found wrong) over the read-back rate, measured by pass 0's own read-back
+of everything it wrote (every pass reads back what it wrote, so this does not grow with the
+disk) + with --verify source, the source's data over the copy rate.
 
 A VM with several disks is one model, not one per disk: its disks' passes run side by side
 and share the copy bandwidth and the read-back, and it stops once. Each pass is folded in as

@@ -263,11 +263,8 @@ class Handler(TrackedHandler):
         size = export.disk.size
         buf = memoryview(bytearray(bs))
         with export.conn() as conn:
-            zero_runs: list[dict[str, Any]] = []
-            for pos in range(0, size, EXTENTS_STEP):
-                for start, length, flags in conn.extents(pos, min(EXTENTS_STEP, size - pos)):
-                    _merge(zero_runs, start, length, zero=bool(flags & STATE_ZERO))
-            zero_runs = [(r["start"], r["start"] + r["length"]) for r in zero_runs if r["zero"]]
+            zero_runs = [(r["start"], r["start"] + r["length"])
+                         for r in _zero_extents(conn, size) if r["zero"]]
             i = 0
             for pos in range(0, size, bs):
                 n = min(bs, size - pos)
@@ -290,17 +287,12 @@ class Handler(TrackedHandler):
         if context != "zero":
             raise HttpError(HTTPStatus.NOT_FOUND, f"no {context!r} extents here (zero, and "
                             "dirty with --dirty-bitmap)")
-        out: list[dict[str, Any]] = []
-        size = export.disk.size
         with export.conn() as conn:
-            for pos in range(0, size, EXTENTS_STEP):
-                for start, length, flags in conn.extents(pos, min(EXTENTS_STEP, size - pos)):
-                    # "hole" is always false: to imageio a hole is an area of this layer that
-                    # the backing chain shows through (its nbd.py Extent.hole; raw images
-                    # never have one), and its download onto a backing file skips holes; a
-                    # sparse area of our source reads as zeroes
-                    _merge(out, start, length, zero=bool(flags & STATE_ZERO), hole=False)
-        self._json(out)
+            out = _zero_extents(conn, export.disk.size)
+        # "hole" is always false: to imageio a hole is an area of this layer that the backing
+        # chain shows through (its nbd.py Extent.hole; raw images never have one), and its
+        # download onto a backing file skips holes; a sparse area of our source reads as zeroes
+        self._json([{**r, "hole": False} for r in out])
 
     def _dirty(self, export: Export) -> None:
         """The dirty bitmap's extents, as imageio gives them: {start, length, dirty, zero}.
@@ -317,6 +309,16 @@ class Handler(TrackedHandler):
                     _merge(out, start, length, dirty=bool(flags & 1), zero=False)
                 pos = extents[-1][0] + extents[-1][1]
         self._json(out)
+
+
+def _zero_extents(conn: Any, size: int) -> list[dict[str, Any]]:
+    """The whole disk's extents as imageio lists them, {start, length, zero}, neighbours of
+    the same kind merged (asked for EXTENTS_STEP at a time)."""
+    out: list[dict[str, Any]] = []
+    for pos in range(0, size, EXTENTS_STEP):
+        for start, length, flags in conn.extents(pos, min(EXTENTS_STEP, size - pos)):
+            _merge(out, start, length, zero=bool(flags & STATE_ZERO))
+    return out
 
 
 def _merge(out: list[dict[str, Any]], start: int, length: int, **flags: bool) -> None:
