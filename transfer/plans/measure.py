@@ -6,7 +6,8 @@ each host gives a short sample timed as the host's rate: read from its start (ag
 start at its end) for SAMPLE_SECONDS or SAMPLE_MAX bytes, the hosts at once, and the rate
 taken over the sample's second half (the first half pays the connection's start and a rate
 limiter's burst allowance). A `qmp:` disk's size is not known before its migration exports
-it: it counts 0 bytes. Finished disks are neither opened nor read: a resumed plan does not touch them.
+it: it counts 0 bytes. Finished disks are neither opened nor read: a resumed plan does not
+touch them.
 """
 
 from __future__ import annotations
